@@ -1,0 +1,28 @@
+"""Make RecBole 1.2.1 run on today's numpy and torch. Every entry point imports this first.
+
+- numpy >= 2 removed the aliases RecBole's ``Config.compatibility_settings`` and metrics use
+  (RECBOLE_NOTES §8 row 1): put them back before the first ``Config``.
+- importing ``recbole.model.sequential_recommender.sine`` switches autograd anomaly mode on for the
+  whole process (§8 row 7), which makes training 2-3x slower: ``disable_anomaly_mode`` switches it off
+  and is called after every model lookup.
+- torch >= 2.6 loads checkpoints with ``weights_only=True``, which cannot unpickle RecBole's
+  checkpoints (they hold the ``Config``, §8 row 3): ``load_checkpoint`` loads our own trusted files.
+"""
+import numpy as np
+import torch
+
+for _alias, _value in {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}.items():
+    if not hasattr(np, _alias):
+        setattr(np, _alias, _value)
+
+
+def disable_anomaly_mode():
+    torch.autograd.set_detect_anomaly(False)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by RecBole's trainer (it pickles the Config, so not weights-only).
+
+    Only load files you trust: unpickling runs code.
+    """
+    return torch.load(path, map_location=map_location, weights_only=False)

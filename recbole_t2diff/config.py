@@ -1,0 +1,110 @@
+"""Config subclass and model registry: RecBole's, plus the models this package adds.
+
+RecBole only looks for models and their property files inside the ``recbole`` package. This
+``Config`` resolves model names through :func:`get_model` (our registry first, then RecBole's
+built-ins) and loads this package's property files with *internal* priority: they override
+RecBole's defaults, while user yaml files, ``config_dict`` and ``--key=value`` still override them.
+"""
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+from recbole_t2diff import compat
+from recbole_t2diff.errors import UsageError
+
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import get_model as recbole_get_model
+
+MODELS = {"T2Diff": "recbole_t2diff.model.t2diff:T2Diff"}
+
+# RecBole's own search order; its exlib models (LightGBM, XGBoost) are only imported when named,
+# because importing that package for an unknown name fails on a missing lightgbm instead.
+_BUILTIN_SUBMODULES = [
+    "general_recommender",
+    "context_aware_recommender",
+    "sequential_recommender",
+    "knowledge_aware_recommender",
+]
+_EXLIB_MODELS = {"lightgbm", "xgboost"}
+
+
+def properties_dir():
+    """The folder holding ``overall.yaml``, ``model/`` and ``dataset/``.
+
+    A wheel install ships it inside the package; a source checkout (editable install or
+    ``python run_recbole.py`` in the clone) has it at the repository's top level.
+    """
+    here = Path(__file__).resolve().parent
+    installed = here / "properties"
+    return installed if installed.is_dir() else here.parent / "properties"
+
+
+def get_model(name):
+    """Model class for ``name``: a T2Diff-package model or any RecBole built-in (e.g. ``SASRec``)."""
+    if not isinstance(name, str):
+        model_class = name
+    elif name in MODELS:
+        module, attr = MODELS[name].split(":")
+        model_class = getattr(importlib.import_module(module), attr)
+    elif name.lower() in _EXLIB_MODELS:
+        try:
+            model_class = recbole_get_model(name)
+        except ImportError as err:
+            raise UsageError(f"model '{name}' needs {err.name}: pip install {err.name}") from err
+    else:
+        model_class = _builtin_model(name)
+    compat.disable_anomaly_mode()
+    return model_class
+
+
+def _builtin_model(name):
+    for submodule in _BUILTIN_SUBMODULES:
+        module_path = f"recbole.model.{submodule}.{name.lower()}"
+        if importlib.util.find_spec(module_path) is None:
+            continue
+        module = importlib.import_module(module_path)
+        if hasattr(module, name):
+            return getattr(module, name)
+        spelled = [attr for attr in dir(module) if attr.lower() == name.lower()]
+        hint = f"did you mean --model={spelled[0]}?" if spelled else "check the spelling"
+        raise UsageError(f"unknown model '{name}': model names are case-sensitive, {hint}")
+    raise UsageError(
+        f"unknown model '{name}': use --model=T2Diff or the name of a RecBole built-in model "
+        "(e.g. SASRec, GRU4Rec, BERT4Rec, Caser, NARM)"
+    )
+
+
+class Config(RecBoleConfig):
+    """RecBole's Config, aware of this package's models and property files."""
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
+        for file in config_file_list or []:
+            if not os.path.isfile(file):
+                raise UsageError(f"config file '{file}' does not exist: check the path given to --config_files")
+        super().__init__(model, dataset, config_file_list, config_dict)
+        check = getattr(self.model_class, "check_config", None)
+        if check is not None:
+            check(self)
+
+    def _get_model_and_dataset(self, model, dataset):
+        model = model if model is not None else self.external_config_dict.get("model")
+        dataset = dataset if dataset is not None else self.external_config_dict.get("dataset")
+        if model is None:
+            raise UsageError("no model given: pass --model=NAME (e.g. --model=T2Diff)")
+        if dataset is None:
+            raise UsageError("no dataset given: pass --dataset=NAME (e.g. --dataset=ml-100k)")
+        return super()._get_model_and_dataset(get_model(model), dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        properties = properties_dir()
+        for file in [
+            properties / "overall.yaml",
+            properties / "model" / f"{model}.yaml",
+            properties / "dataset" / f"{dataset}.yaml",
+        ]:
+            if file.is_file():
+                loaded = self._update_internal_config_dict(str(file)) or {}
+                if file.parent.name == "dataset":
+                    self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]

@@ -1,0 +1,101 @@
+"""Gaussian diffusion over drift sequences: noise schedules, forward noising and reverse steps.
+
+Like a diffusers scheduler this object holds the maths and no network (spec §6, §10): ``add_noise``
+draws z_s ~ q(z_s | z_0), ``step`` takes one ancestral step of p(z_{s-1} | z_s, ẑ_0) for an
+x_0-predicting denoiser, and ``reverse_chain`` runs all T steps with a denoiser it is handed.
+Steps are 1-based, s ∈ {1..T}; index 0 of every table is the clean state (ᾱ_0 = 1).
+"""
+import numpy as np
+import torch
+from torch import nn
+
+from recbole_t2diff.errors import UsageError
+
+# (beta_a, beta_b) per schedule when the config leaves them at ~ (spec §6).
+SCHEDULE_DEFAULTS = {"exp": (0.01, 4.5), "linear": (0.02, 0.01), "log": (0.002, 0.1)}
+REVERSE_COEFS = ("ddpm", "official")
+
+
+def beta_schedule(name, n_steps, beta_a=None, beta_b=None):
+    """β_1..β_T in float64.
+
+    - ``exp``: a·exp(b·s/T) (the paper's schedule, official constants);
+    - ``linear``: a·s/T + b/s ("truncated linear");
+    - ``log``: A·ln(B·s) rising from β_1 = a to β_T = b.
+    """
+    if name not in SCHEDULE_DEFAULTS:
+        raise UsageError(f"unknown beta_schedule '{name}': use one of {', '.join(SCHEDULE_DEFAULTS)}")
+    default_a, default_b = SCHEDULE_DEFAULTS[name]
+    a = default_a if beta_a is None else float(beta_a)
+    b = default_b if beta_b is None else float(beta_b)
+    s = np.arange(1, n_steps + 1, dtype=np.float64)
+    if name == "exp":
+        betas = a * np.exp(b * s / n_steps)
+    elif name == "linear":
+        betas = a * s / n_steps + b / s
+    elif n_steps == 1:
+        betas = np.array([a])
+    else:
+        scale = (b - a) / np.log(n_steps)
+        betas = scale * np.log(np.exp(a / scale) * s)
+    if not np.all((betas > 0) & (betas < 1)):
+        raise UsageError(
+            f"beta_schedule '{name}' with beta_a={a}, beta_b={b}, n_steps={n_steps} gives betas in "
+            f"[{betas.min():.4g}, {betas.max():.4g}], outside (0, 1): choose other beta_a/beta_b"
+        )
+    return betas
+
+
+class GaussianDiffusion(nn.Module):
+    """Noise schedule and sampler for an x_0-predicting denoiser (no learnable parameters)."""
+
+    def __init__(self, n_steps, schedule="exp", beta_a=None, beta_b=None, reverse_coef="ddpm"):
+        super().__init__()
+        if reverse_coef not in REVERSE_COEFS:
+            raise UsageError(f"unknown reverse_coef '{reverse_coef}': use one of {', '.join(REVERSE_COEFS)}")
+        self.n_steps = n_steps
+        betas = np.concatenate([[0.0], beta_schedule(schedule, n_steps, beta_a, beta_b)])
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
+        # Index 0 is never a reverse step; 1 there keeps the divisions finite.
+        one_minus = np.where(np.arange(n_steps + 1) == 0, 1.0, 1.0 - alphas_cumprod)
+        posterior_variance = betas * (1.0 - prev) / one_minus  # β̃_s
+        coef_x0 = np.sqrt(prev) * betas / one_minus
+        if reverse_coef == "ddpm":  # DDPM posterior mean and std (paper Eq. 5-6)
+            coef_zs = np.sqrt(alphas) * (1.0 - prev) / one_minus
+            sigma = np.sqrt(posterior_variance)
+        else:  # the official code: sqrt(ᾱ_s) for sqrt(α_s), β̃_s for its square root (spec §16.5)
+            coef_zs = np.sqrt(alphas_cumprod) * (1.0 - prev) / one_minus
+            sigma = posterior_variance
+        tables = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "posterior_variance": posterior_variance,
+            "coef_x0": coef_x0,
+            "coef_zs": coef_zs,
+            "sigma": sigma,
+        }
+        for name, table in tables.items():
+            self.register_buffer(name, torch.tensor(table, dtype=torch.float32), persistent=False)
+
+    def add_noise(self, z0, s, noise):
+        """z_s = sqrt(ᾱ_s)·z_0 + sqrt(1-ᾱ_s)·ε for per-sample steps ``s`` [B] (1-based)."""
+        alpha_bar = self.alphas_cumprod[s].view(-1, *([1] * (z0.dim() - 1)))
+        return alpha_bar.sqrt() * z0 + (1.0 - alpha_bar).sqrt() * noise
+
+    def step(self, z0_hat, z_s, s, noise):
+        """z_{s-1} from z_s and the denoiser's ẑ_0 at step ``s`` (an int); at s = 1 it returns ẑ_0."""
+        return self.coef_x0[s] * z0_hat + self.coef_zs[s] * z_s + self.sigma[s] * noise
+
+    def reverse_chain(self, denoise, z_T, draw_noise):
+        """Ancestral sampling from z_T down to z_0.
+
+        ``denoise(z_s, s)`` returns ẑ_0; ``draw_noise(shape)`` returns standard normal noise, so
+        the caller decides which random generator the chain uses.
+        """
+        z = z_T
+        for s in range(self.n_steps, 0, -1):
+            z0_hat = denoise(z, s)
+            z = z0_hat if s == 1 else self.step(z0_hat, z, s, draw_noise(z.shape))
+        return z

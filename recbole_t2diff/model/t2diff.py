@@ -1,0 +1,278 @@
+"""T2Diff: a two-tower matcher whose user tower carries cross-interaction through diffusion.
+
+Wang et al., "Unleashing the Potential of Two-Tower Models: Diffusion-Based Cross-Interaction for
+Large-Scale Matching", WWW 2025. The user tower (Fig. 2):
+
+1. drift preparation: z_0 = [x_2..x_L ; x_next] - [x_1..x_L], the temporal drift of the history;
+2. diffusion: a 1-D U-Net reconstructs z_0 from noise, conditioned on the history; the generated
+   next item is x̂ = x_L + ẑ_0[L] (training: one-step estimate from the noised true drift;
+   inference: the T-step reverse chain, which never sees the target);
+3. mixed attention: self-attention over the last ``session_len`` items plus x̂ gives h_s, target
+   attention of h_s over the older history gives h_l, and e_u = [h_l ; h_s].
+
+The item tower is e_i = LN(ELU(W·x_i)) and the score is e_u·e_i, so item vectors stay precomputable.
+Every knob is documented in ``properties/model/T2Diff.yaml``; the maths is in ``T2DIFF_SPEC.md``.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole.model.abstract_recommender import SequentialRecommender
+
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.model.attention import SessionEncoder, TargetAttention, masked_mean
+from recbole_t2diff.model.diffusion import REVERSE_COEFS, GaussianDiffusion, beta_schedule
+from recbole_t2diff.model.unet import PADDINGS, STEP_EMBEDDINGS, Denoiser
+
+DIFF_LOSSES = ("l2norm", "mse")
+DIFF_LOSS_POSITIONS = ("all", "valid", "last")
+
+
+def realign(item_seq, item_seq_len):
+    """RecBole's left-aligned, end-padded lists -> right-aligned ids (most recent item last) and mask."""
+    length = item_seq.size(1)
+    source = torch.arange(length, device=item_seq.device)[None, :] - (length - item_seq_len[:, None])
+    valid = source >= 0
+    return item_seq.gather(1, source.clamp(min=0)) * valid, valid
+
+
+def _integer(config, key, minimum):
+    value = config[key]
+    if value is None or float(value) != int(float(value)) or int(float(value)) < minimum:
+        raise UsageError(f"invalid T2Diff setting {key}={value}: it must be an integer >= {minimum}")
+    return int(float(value))
+
+
+def _one_of(config, key, choices):
+    if config[key] not in choices:
+        raise UsageError(f"invalid T2Diff setting {key}={config[key]}: use one of {', '.join(choices)}")
+    return config[key]
+
+
+class T2Diff(SequentialRecommender):
+    """T2Diff as a RecBole sequential model, trained with full-softmax CE + λ·diffusion loss."""
+
+    @classmethod
+    def check_config(cls, config):
+        """Reject invalid knobs before any data is loaded, with a one-line fix."""
+        max_len = _integer(config, "MAX_ITEM_LIST_LENGTH", 2)
+        session_len = _integer(config, "session_len", 1)
+        if session_len >= max_len:
+            raise UsageError(
+                f"invalid T2Diff setting session_len={session_len}: it must be smaller than "
+                f"MAX_ITEM_LIST_LENGTH={max_len} so that an older history remains; lower session_len or raise MAX_ITEM_LIST_LENGTH"
+            )
+        d = _integer(config, "embedding_size", 2)
+        heads = _integer(config, "n_heads", 1)
+        if d % heads:
+            raise UsageError(f"invalid T2Diff setting n_heads={heads}: it must divide embedding_size={d}")
+        levels = _integer(config, "unet_levels", 1)
+        mult = config["unet_mult"]
+        if not isinstance(mult, (list, tuple)) or len(mult) < levels or any(int(m) < 1 for m in mult):
+            raise UsageError(f"invalid T2Diff setting unet_mult={mult}: give at least unet_levels={levels} positive integers")
+        if int(mult[0]) != 1 and not config["unet_out_proj"]:
+            raise UsageError(f"invalid T2Diff setting unet_mult={mult}: the first factor must be 1 unless unet_out_proj is true")
+        beta_schedule(config["beta_schedule"], _integer(config, "n_steps", 1), config["beta_a"], config["beta_b"])
+        _integer(config, "infer_samples", 1)
+        _one_of(config, "reverse_coef", REVERSE_COEFS)
+        _one_of(config, "unet_padding", PADDINGS)
+        _one_of(config, "step_emb", STEP_EMBEDDINGS)
+        _one_of(config, "diff_loss", DIFF_LOSSES)
+        _one_of(config, "diff_loss_positions", DIFF_LOSS_POSITIONS)
+        if config["loss_type"] != "CE":
+            raise UsageError(f"invalid T2Diff setting loss_type={config['loss_type']}: T2Diff trains with a full softmax, set loss_type: CE")
+        if float(config["lambda_diff"]) < 0:
+            raise UsageError(f"invalid T2Diff setting lambda_diff={config['lambda_diff']}: it must be >= 0")
+        if config["category_field"] is not None and not 0 < _integer(config, "category_dim", 1) < d:
+            raise UsageError(f"invalid T2Diff setting category_dim={config['category_dim']}: it must lie between 0 and embedding_size={d}")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.check_config(config)
+        d = self.embedding_size = int(config["embedding_size"])
+        self.session_len = int(config["session_len"])
+        self.use_diffusion = config["use_diffusion"]
+        self.use_drift = config["use_drift"]
+        self.use_target_attention = config["use_target_attention"]
+        self.stop_grad = config["stop_grad"]
+        self.lambda_diff = float(config["lambda_diff"])
+        self.diff_loss = config["diff_loss"]
+        self.diff_loss_positions = config["diff_loss_positions"]
+        self.infer_samples = int(config["infer_samples"])
+        self.emb_max_norm = config["emb_max_norm"]
+        self.eval_seed = config["eval_seed"] if config["eval_seed"] is not None else config["seed"]
+        self._eval_generator = None
+        eps = float(config["layer_norm_eps"])
+
+        # Item tokens: one table shared by the user side (raw tokens) and the item tower.
+        category_field = config["category_field"]
+        id_dim = d if category_field is None else d - int(config["category_dim"] or d // 2)
+        self.item_embedding = nn.Embedding(self.n_items, id_dim, padding_idx=0)
+        self.category_embedding = None
+        if category_field is not None:
+            self.register_buffer("item_categories", self._item_categories(dataset, category_field))
+            self.category_embedding = nn.Embedding(dataset.num(category_field), d - id_dim, padding_idx=0)
+
+        n_steps = int(config["n_steps"])
+        if self.use_diffusion:
+            self.diffusion = GaussianDiffusion(
+                n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
+            )
+            self.denoiser = Denoiser(
+                d, n_steps, int(config["unet_levels"]), [int(m) for m in config["unet_mult"]], config["unet_padding"],
+                config["unet_out_proj"], config["step_emb"], float(config["step_emb_scale"]), eps,
+            )
+        mask_pads = config["mask_pads"]
+        self.session_encoder = SessionEncoder(
+            d, int(config["n_heads"]), config["session_ffn_hidden"] or [], config["mask_diag"], mask_pads, eps
+        )
+        self.target_attention = TargetAttention(d, config["att_hidden"], mask_pads, eps) if self.use_target_attention else None
+        self.user_ffn = (
+            nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ELU(), nn.LayerNorm(2 * d, eps=eps)) if config["use_user_ffn"] else None
+        )
+        self.item_tower = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.ELU(), nn.LayerNorm(2 * d, eps=eps))
+
+        self.initializer_range = float(config["initializer_range"])
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _item_categories(dataset, field):
+        feature = dataset.get_item_feature()
+        if field not in feature.columns:
+            raise UsageError(f"category_field '{field}' is not loaded: add it to load_col, e.g. load_col: {{item: [item_id, {field}]}}")
+        categories = feature[field]
+        return categories.long() if categories.dim() == 2 else categories.long().unsqueeze(-1)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    # ---- item tokens and the item tower ---------------------------------------------------------
+
+    def tokens(self, ids, clip=True):
+        """Input tokens of item ``ids`` (any shape): id embedding, plus the mean category embedding."""
+        tokens = self.item_embedding(ids)
+        if self.category_embedding is not None:
+            categories = self.item_categories[ids]
+            tokens = torch.cat([tokens, masked_mean(self.category_embedding(categories).flatten(0, -3),
+                                                    (categories > 0).flatten(0, -2)).view(*ids.shape, -1)], dim=-1)
+        if clip and self.emb_max_norm is not None:  # functional max-norm: out of place, gradients flow
+            tokens = tokens * (self.emb_max_norm / tokens.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+        return tokens
+
+    def item_vectors(self, ids=None):
+        """Item tower output for ``ids``, or for every item id (padding 0 included) when None."""
+        ids = torch.arange(self.n_items, device=self.item_embedding.weight.device) if ids is None else ids
+        return self.item_tower(self.tokens(ids, clip=False))
+
+    # ---- user tower -----------------------------------------------------------------------------
+
+    def history(self, interaction):
+        """Right-aligned history tokens X [B, L, d] (padding rows exactly 0) and their mask."""
+        ids, mask = realign(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self.tokens(ids) * mask.unsqueeze(-1), mask
+
+    def next_sequence(self, history, next_token):
+        """What is diffused: the drift [x_2..x_L ; x_next] - X, or the next-token sequence itself."""
+        shifted = torch.cat([history[:, 1:], next_token.unsqueeze(1)], dim=1)
+        return shifted - history if self.use_drift else shifted
+
+    def generated_item(self, history, z0_last):
+        """x̂ from the last reconstructed row: drift utilisation adds it back onto x_L."""
+        return history[:, -1] + z0_last if self.use_drift else z0_last
+
+    def user_vector(self, history, mask, x_hat):
+        """Mixed attention: e_u = [h_l ; h_s] from the session (plus x̂) and the older history."""
+        k = self.session_len
+        session, session_mask = history[:, -k:], mask[:, -k:]
+        if x_hat is not None:
+            session = torch.cat([session, x_hat.unsqueeze(1)], dim=1)
+            session_mask = torch.cat([session_mask, session_mask.new_ones(len(session), 1)], dim=1)
+        h_s = self.session_encoder(session, session_mask)
+        older, older_mask = history[:, :-k], mask[:, :-k]
+        if self.target_attention is not None:
+            h_l = self.target_attention(h_s, older, older_mask)
+        else:
+            h_l = masked_mean(older, older_mask)
+        user = torch.cat([h_l, h_s], dim=-1)
+        return self.user_ffn(user) if self.user_ffn is not None else user
+
+    # ---- diffusion ------------------------------------------------------------------------------
+
+    def diffusion_training(self, history, mask, next_token):
+        """One-step estimate of x̂ from the noised true drift, and the diffusion loss (spec §9)."""
+        condition = history.detach() if self.stop_grad else history
+        z0 = self.next_sequence(condition, next_token.detach() if self.stop_grad else next_token)
+        s = torch.randint(1, self.diffusion.n_steps + 1, (len(z0),), device=z0.device)
+        z0_hat = self.denoiser(self.diffusion.add_noise(z0, s, torch.randn_like(z0)), condition, s)
+
+        error = z0_hat - z0
+        per_row = error.norm(dim=-1) if self.diff_loss == "l2norm" else error.pow(2).mean(-1)
+        if self.diff_loss_positions == "all":
+            rows = torch.ones_like(mask)
+        elif self.diff_loss_positions == "valid":  # rows whose next element is a real item
+            rows = torch.cat([mask[:, 1:], mask.new_ones(len(mask), 1)], dim=1)
+        else:
+            rows = F.one_hot(torch.full_like(mask[:, 0], mask.size(1) - 1, dtype=torch.long), mask.size(1)).bool()
+        loss = (per_row * rows).sum() / rows.sum()
+
+        x_hat = self.generated_item(condition, z0_hat[:, -1])
+        return (x_hat.detach() if self.stop_grad else x_hat), loss
+
+    def sample_generated_item(self, history):
+        """x̂ from the full reverse chain, averaged over ``infer_samples`` chains (inference)."""
+        batch, _, d = history.shape
+        condition = history.repeat_interleave(self.infer_samples, dim=0)
+        generator = self.eval_generator(history.device)
+
+        def draw_noise(shape):
+            return torch.randn(shape, generator=generator, device=history.device)
+
+        def denoise(z_s, s):
+            return self.denoiser(z_s, condition, torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long))
+
+        z0 = self.diffusion.reverse_chain(denoise, draw_noise(condition.shape), draw_noise)
+        return self.generated_item(condition, z0[:, -1]).view(batch, self.infer_samples, d).mean(1)
+
+    def eval_generator(self, device):
+        """The random generator of the reverse chain, re-seeded with ``eval_seed`` at every evaluation."""
+        if self._eval_generator is None or self._eval_generator.device != torch.device(device):
+            self._eval_generator = torch.Generator(device=device).manual_seed(int(self.eval_seed))
+        return self._eval_generator
+
+    def train(self, mode=True):
+        # RecBole's trainer calls model.eval() at the start of every evaluation: dropping the
+        # generator there makes each evaluation draw the same chain noise, so valid and test
+        # metrics do not depend on what ran before (training, other evaluations, a reload).
+        if not mode:
+            self._eval_generator = None
+        return super().train(mode)
+
+    # ---- RecBole interface ----------------------------------------------------------------------
+
+    def forward(self, interaction):
+        """User vectors e_u [B, 2d] for inference: x̂ comes from the reverse chain, never the target."""
+        history, mask = self.history(interaction)
+        x_hat = self.sample_generated_item(history) if self.use_diffusion else None
+        return self.user_vector(history, mask, x_hat)
+
+    def calculate_loss(self, interaction):
+        history, mask = self.history(interaction)
+        target = interaction[self.POS_ITEM_ID]
+        x_hat, diffusion_loss = None, None
+        if self.use_diffusion:
+            x_hat, diffusion_loss = self.diffusion_training(history, mask, self.tokens(target))
+        logits = self.user_vector(history, mask, x_hat) @ self.item_vectors().t()
+        tower_loss = F.cross_entropy(logits, target)
+        if diffusion_loss is None:
+            return tower_loss
+        return tower_loss, self.lambda_diff * diffusion_loss
+
+    def predict(self, interaction):
+        user = self.forward(interaction)
+        return (user * self.item_vectors(interaction[self.ITEM_ID])).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        return self.forward(interaction) @ self.item_vectors().t()

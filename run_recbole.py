@@ -1,0 +1,28 @@
+"""Train and test T2Diff or any RecBole built-in model.
+
+    python run_recbole.py --model=T2Diff --dataset=ml-100k
+    python run_recbole.py --model=SASRec --dataset=ml-1m --data_path=../shared/data
+    python run_recbole.py --model=T2Diff --dataset=ml-100k --config_files="my.yaml" --epochs=5
+
+Every other --key=value reaches RecBole's Config and overrides the property files.
+"""
+import argparse
+import sys
+
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.quick_start import run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "-m", default="T2Diff", help="T2Diff or a RecBole model name (default T2Diff)")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default ml-100k)")
+    parser.add_argument("--config_files", default=None, help="space-separated yaml files")
+    args, _ = parser.parse_known_args()
+    config_files = args.config_files.split() if args.config_files else None
+    with exit_on_usage_error():
+        run(args.model, args.dataset, config_file_list=config_files)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
