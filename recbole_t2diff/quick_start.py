@@ -21,10 +21,10 @@ def prepare(config):
     """Seed, set up logging and build the three data loaders for ``config``."""
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
+    ensure_dataset(config)
     logger = logging.getLogger()
     logger.info(sys.argv)
     logger.info(config)
-    ensure_dataset(config)
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)

@@ -83,8 +83,9 @@ class T2Diff(SequentialRecommender):
             raise UsageError(f"invalid T2Diff setting loss_type={config['loss_type']}: T2Diff trains with a full softmax, set loss_type: CE")
         if float(config["lambda_diff"]) < 0:
             raise UsageError(f"invalid T2Diff setting lambda_diff={config['lambda_diff']}: it must be >= 0")
-        if config["category_field"] is not None and not 0 < _integer(config, "category_dim", 1) < d:
-            raise UsageError(f"invalid T2Diff setting category_dim={config['category_dim']}: it must lie between 0 and embedding_size={d}")
+        if config["category_field"] is not None and config["category_dim"] is not None:
+            if not 0 < _integer(config, "category_dim", 1) < d:
+                raise UsageError(f"invalid T2Diff setting category_dim={config['category_dim']}: it must lie between 0 and embedding_size={d}")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

@@ -1,0 +1,77 @@
+"""Model registry, property-file loading and priorities, knob validation, anomaly mode."""
+import pytest
+import torch
+
+from recbole_t2diff.config import Config, get_model
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.model.t2diff import T2Diff
+
+
+def test_registry_resolves_our_model_and_builtins():
+    assert get_model("T2Diff") is T2Diff
+    assert get_model("SASRec").__name__ == "SASRec"
+    assert get_model(T2Diff) is T2Diff
+
+
+def test_anomaly_mode_is_off_after_any_model_lookup():
+    torch.autograd.set_detect_anomaly(True)
+    get_model("GRU4Rec")  # importing RecBole's sequential models switches it on (sine.py)
+    assert not torch.is_anomaly_enabled()
+
+
+@pytest.mark.parametrize("name,hint", [("sasrec", "did you mean --model=SASRec"), ("NoSuchModel", "RecBole built-in")])
+def test_unknown_models_get_a_helpful_error(name, hint):
+    with pytest.raises(UsageError, match=hint):
+        get_model(name)
+
+
+def test_package_properties_load_and_user_values_win():
+    config = Config(model="T2Diff", dataset="ml-100k")
+    assert config["session_len"] == 10 and config["n_steps"] == 50 and config["beta_schedule"] == "exp"
+    assert config["valid_metric"] == "NDCG@10" and config["topk"] == [2, 10, 20]
+    assert config["eval_args"]["split"] == {"LS": "valid_and_test"} and config["eval_args"]["order"] == "TO"
+    assert config["MAX_ITEM_LIST_LENGTH"] == 50 and config["train_neg_sample_args"]["distribution"] == "none"
+    assert "rating" not in config["load_col"]["inter"]
+    overridden = Config(model="T2Diff", dataset="ml-100k", config_dict={"session_len": 5, "topk": [10]})
+    assert overridden["session_len"] == 5 and overridden["topk"] == [10]
+
+
+def test_command_line_overrides_property_files(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["run_recbole.py", "--n_steps=7", "--learning_rate=0.01"])
+    config = Config(model="T2Diff", dataset="ml-100k", config_dict={"n_steps": 3})
+    assert config["n_steps"] == 7 and config["learning_rate"] == 0.01
+
+
+def test_builtin_models_get_the_same_protocol():
+    config = Config(model="SASRec", dataset="ml-1m", config_dict={"data_path": "/nowhere"})
+    assert config["valid_metric"] == "NDCG@10" and config["metrics"] == ["Recall", "MRR", "NDCG", "Hit"]
+    assert config["hidden_size"] == 64  # RecBole's own SASRec.yaml still loads
+
+
+@pytest.mark.parametrize(
+    "knobs,message",
+    [
+        ({"session_len": 50}, "session_len=50: it must be smaller than MAX_ITEM_LIST_LENGTH=50"),
+        ({"n_steps": 0}, "n_steps=0: it must be an integer >= 1"),
+        ({"beta_schedule": "cosine"}, "unknown beta_schedule 'cosine'"),
+        ({"beta_a": 0.5}, "outside \\(0, 1\\)"),
+        ({"reverse_coef": "ddim"}, "reverse_coef=ddim"),
+        ({"n_heads": 3}, "n_heads=3: it must divide embedding_size=64"),
+        ({"unet_mult": [2, 4, 8, 16]}, "first factor must be 1"),
+        ({"loss_type": "BPR"}, "set loss_type: CE"),
+        ({"n_steps": 2.5}, "n_steps=2.5"),
+    ],
+)
+def test_invalid_knobs_fail_before_loading_data(knobs, message):
+    with pytest.raises(UsageError, match=message):
+        Config(model="T2Diff", dataset="ml-100k", config_dict=knobs)
+
+
+def test_float_knobs_from_a_search_are_accepted_as_integers():
+    config = Config(model="T2Diff", dataset="ml-100k", config_dict={"n_steps": 20.0, "session_len": 5.0})
+    T2Diff.check_config(config)
+
+
+def test_missing_config_file_is_reported(tmp_path):
+    with pytest.raises(UsageError, match="config file .* does not exist"):
+        Config(model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "missing.yaml")])

@@ -1,0 +1,107 @@
+"""Noise schedules, forward noising and reverse-step maths against closed forms (spec §6, §10)."""
+import numpy as np
+import pytest
+import torch
+
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.model.diffusion import GaussianDiffusion, beta_schedule
+from recbole_t2diff.model.unet import step_table
+
+
+def test_exp_schedule_matches_the_spec_facts():
+    betas = beta_schedule("exp", 50)
+    s = np.arange(1, 51)
+    np.testing.assert_allclose(betas, 0.01 * np.exp(4.5 * s / 50))
+    alpha_bar = np.cumprod(1 - betas)
+    assert betas[0] == pytest.approx(0.0109, abs=1e-4) and betas[-1] == pytest.approx(0.900, abs=1e-3)
+    assert alpha_bar[9] == pytest.approx(0.843, abs=1e-3)
+    assert alpha_bar[24] == pytest.approx(0.363, abs=1e-3)
+    assert alpha_bar[49] == pytest.approx(1.8e-7, rel=0.05)
+
+
+def test_linear_schedule_never_reaches_noise():
+    betas = beta_schedule("linear", 50)
+    assert betas[0] == pytest.approx(0.0104) and betas[-1] == pytest.approx(0.0202)
+    assert np.prod(1 - betas) == pytest.approx(0.57, abs=0.01)
+
+
+def test_log_schedule_hits_both_endpoints():
+    betas = beta_schedule("log", 50)
+    assert betas[0] == pytest.approx(0.002) and betas[-1] == pytest.approx(0.1)
+    assert np.all(np.diff(betas) > 0)
+    assert np.prod(1 - betas) == pytest.approx(0.019, abs=0.002)
+
+
+@pytest.mark.parametrize("name,a,b", [("exp", 0.1, 4.5), ("linear", 2.0, 0.01), ("cosine", None, None)])
+def test_bad_schedules_are_rejected_with_a_fix(name, a, b):
+    with pytest.raises(UsageError, match="beta_schedule"):
+        beta_schedule(name, 50, a, b)
+
+
+def test_add_noise_uses_each_samples_own_step():
+    diffusion = GaussianDiffusion(10)
+    z0, noise = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    s = torch.tensor([1, 5, 10])
+    z_s = diffusion.add_noise(z0, s, noise)
+    alpha_bar = np.cumprod(1 - beta_schedule("exp", 10))
+    for row, step in enumerate(s.tolist()):
+        expected = np.sqrt(alpha_bar[step - 1]) * z0[row] + np.sqrt(1 - alpha_bar[step - 1]) * noise[row]
+        torch.testing.assert_close(z_s[row], expected.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["exp", "linear", "log"])
+def test_ddpm_step_is_the_gaussian_posterior(schedule):
+    """c1·z0 + c2·z_s and σ² must equal the mean and variance of q(z_{s-1} | z_s, z0), derived here
+    independently by conditioning the joint Gaussian of (z_{s-1}, z_s) given z0."""
+    T = 20
+    diffusion = GaussianDiffusion(T, schedule)
+    betas = beta_schedule(schedule, T)
+    alpha_bar = np.concatenate([[1.0], np.cumprod(1 - betas)])
+    z0, z_s = np.array([0.7, -1.3]), np.array([0.2, 0.4])
+    for s in range(2, T + 1):
+        cov = np.sqrt(1 - betas[s - 1]) * (1 - alpha_bar[s - 1])
+        var_prev, var_s = 1 - alpha_bar[s - 1], 1 - alpha_bar[s]
+        mean = np.sqrt(alpha_bar[s - 1]) * z0 + cov / var_s * (z_s - np.sqrt(alpha_bar[s]) * z0)
+        variance = var_prev - cov**2 / var_s
+        got = diffusion.step(torch.tensor(z0).float(), torch.tensor(z_s).float(), s, torch.zeros(2))
+        np.testing.assert_allclose(got.numpy(), mean, rtol=1e-4, atol=1e-6)
+        assert diffusion.sigma[s].item() ** 2 == pytest.approx(variance, rel=1e-4)
+
+
+def test_last_reverse_step_returns_the_estimate():
+    diffusion = GaussianDiffusion(50)
+    assert diffusion.coef_x0[1].item() == pytest.approx(1.0)
+    assert diffusion.coef_zs[1].item() == 0.0 and diffusion.sigma[1].item() == 0.0
+
+
+def test_official_coefficients_shrink_state_and_noise():
+    ddpm, official = GaussianDiffusion(50, reverse_coef="ddpm"), GaussianDiffusion(50, reverse_coef="official")
+    torch.testing.assert_close(official.coef_x0, ddpm.coef_x0)
+    s = torch.arange(2, 51)
+    torch.testing.assert_close(official.coef_zs[s], ddpm.coef_zs[s] * official.alphas_cumprod[s].sqrt() / (1 - official.betas[s]).sqrt())
+    torch.testing.assert_close(official.sigma[s], ddpm.sigma[s] ** 2)
+    assert torch.all(official.coef_zs[s] <= ddpm.coef_zs[s]) and torch.all(official.sigma[s] <= ddpm.sigma[s])
+    with pytest.raises(UsageError, match="reverse_coef"):
+        GaussianDiffusion(50, reverse_coef="ddim")
+
+
+def test_reverse_chain_visits_every_step_downwards_and_ends_on_the_estimate():
+    diffusion = GaussianDiffusion(7)
+    seen, target = [], torch.full((2, 3, 4), 0.5)
+
+    def denoise(z, s):
+        seen.append(s)
+        return target
+
+    out = diffusion.reverse_chain(denoise, torch.randn(2, 3, 4), lambda shape: torch.randn(shape))
+    assert seen == [7, 6, 5, 4, 3, 2, 1]
+    torch.testing.assert_close(out, target)
+
+
+def test_official_step_embedding_is_sin_of_s_over_powers_of_two():
+    table = step_table("official", 50, 6)
+    for s in (1, 17, 50):
+        expected = [np.sin(s / 2.0**f) for f in range(6)]
+        np.testing.assert_allclose(table[s].numpy(), expected, rtol=1e-6, atol=1e-7)
+    sinusoidal = step_table("sinusoidal_mlp", 50, 6)
+    assert sinusoidal.shape == (51, 6) and not torch.equal(sinusoidal, table)

@@ -1,0 +1,55 @@
+"""U-Net geometry and shapes for several sequence lengths and depths (spec §8)."""
+import pytest
+import torch
+
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.model.unet import Denoiser, UNet1d, unet_geometry
+
+
+def test_geometry_of_the_official_setting():
+    geometry = unet_geometry(50, 4)
+    assert geometry.padded_length == 50 and geometry.mirror == 22
+    assert geometry.crops == (20, 8, 2, 0)
+
+
+@pytest.mark.parametrize("length", [1, 5, 12, 50, 51, 100, 200])
+@pytest.mark.parametrize("levels", [1, 2, 3, 4])
+def test_valid_geometry_fits_any_length(length, levels):
+    geometry = unet_geometry(length, levels)
+    stride = 2 ** (levels - 1)
+    assert (geometry.padded_length - 2) % stride == 0
+    assert geometry.padded_length >= max(length, geometry.mirror)
+    assert geometry.padded_length - stride < max(length, geometry.mirror)  # the smallest such length
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("length,levels", [(50, 4), (100, 4), (200, 4), (12, 2), (7, 3), (3, 1), (1, 4)])
+def test_unet_keeps_the_sequence_length(padding, length, levels):
+    net = UNet1d(6, [3 * 2**i for i in range(levels)], padding)
+    assert net(torch.randn(2, length, 6)).shape == (2, length, 3)
+
+
+def test_output_projection_allows_a_wider_first_level():
+    net = UNet1d(8, [8, 16], "valid", out_channels=4)
+    assert net(torch.randn(3, 20, 8)).shape == (3, 20, 4)
+
+
+def test_unknown_padding_is_rejected():
+    with pytest.raises(UsageError, match="unet_padding"):
+        unet_geometry(50, 4, "reflect")
+
+
+@pytest.mark.parametrize("step_emb", ["official", "sinusoidal_mlp"])
+def test_denoiser_depends_on_the_step(step_emb):
+    torch.manual_seed(0)
+    denoiser = Denoiser(4, n_steps=10, levels=2, mult=[1, 2], step_emb=step_emb)
+    z, x = torch.randn(2, 9, 4), torch.randn(2, 9, 4)
+    early, late = denoiser(z, x, torch.tensor([1, 1])), denoiser(z, x, torch.tensor([10, 10]))
+    assert early.shape == (2, 9, 4)
+    assert not torch.allclose(early, late)
+
+
+def test_unet_parameter_count_at_d64_is_about_the_spec():
+    denoiser = Denoiser(64, n_steps=50)
+    n = sum(p.numel() for p in denoiser.parameters())
+    assert 1.0e6 < n < 1.4e6  # spec §8: about 1.2 M at d = 64
