@@ -5,11 +5,17 @@
 - importing ``recbole.model.sequential_recommender.sine`` switches autograd anomaly mode on for the
   whole process (§8 row 7), which makes training 2-3x slower: ``disable_anomaly_mode`` switches it off
   and is called after every model lookup.
+- hyperopt 0.2.5 imports ``pkg_resources``, which warns on every import (setup.cfg pins
+  setuptools<81 so that it still exists): the warning is silenced.
 - torch >= 2.6 loads checkpoints with ``weights_only=True``, which cannot unpickle RecBole's
   checkpoints (they hold the ``Config``, §8 row 3): ``load_checkpoint`` loads our own trusted files.
 """
+import warnings
+
 import numpy as np
 import torch
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 for _alias, _value in {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}.items():
     if not hasattr(np, _alias):

@@ -138,6 +138,7 @@ ABLATIONS_AND_VARIANTS = [
     {"category_field": "genre"},
     {"emb_max_norm": 1.5, "mask_pads": False},
     {"use_user_ffn": True, "infer_samples": 3},
+    {"dropout_prob": 0.3},
 ]
 
 

@@ -81,6 +81,8 @@ class T2Diff(SequentialRecommender):
         _one_of(config, "diff_loss_positions", DIFF_LOSS_POSITIONS)
         if config["loss_type"] != "CE":
             raise UsageError(f"invalid T2Diff setting loss_type={config['loss_type']}: T2Diff trains with a full softmax, set loss_type: CE")
+        if not 0 <= float(config["dropout_prob"]) < 1:
+            raise UsageError(f"invalid T2Diff setting dropout_prob={config['dropout_prob']}: it must lie in [0, 1)")
         if float(config["lambda_diff"]) < 0:
             raise UsageError(f"invalid T2Diff setting lambda_diff={config['lambda_diff']}: it must be >= 0")
         if config["category_field"] is not None and config["category_dim"] is not None:
@@ -132,6 +134,7 @@ class T2Diff(SequentialRecommender):
             nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ELU(), nn.LayerNorm(2 * d, eps=eps)) if config["use_user_ffn"] else None
         )
         self.item_tower = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.ELU(), nn.LayerNorm(2 * d, eps=eps))
+        self.dropout = nn.Dropout(float(config["dropout_prob"]))
 
         self.initializer_range = float(config["initializer_range"])
         self.apply(self._init_weights)
@@ -187,6 +190,7 @@ class T2Diff(SequentialRecommender):
     def user_vector(self, history, mask, x_hat):
         """Mixed attention: e_u = [h_l ; h_s] from the session (plus x̂) and the older history."""
         k = self.session_len
+        history = self.dropout(history)  # training only; x̂ and the diffusion branch see clean tokens
         session, session_mask = history[:, -k:], mask[:, -k:]
         if x_hat is not None:
             session = torch.cat([session, x_hat.unsqueeze(1)], dim=1)

@@ -1,0 +1,104 @@
+"""run_hyper.py: a real two-trial search, params-file errors, command-line conflicts."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.hyper import Search, command_line_keys, parse_params_file
+
+from conftest import REPO
+
+FIXED = """epochs: 1
+MAX_ITEM_LIST_LENGTH: 20
+train_batch_size: 2048
+show_progress: False
+embedding_size: 16
+n_steps: 3
+unet_levels: 2
+session_len: 5
+"""
+
+
+def run_hyper(args, cwd):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_two_trial_search_on_ml100k_picks_the_better_validation_score(tmp_path):
+    (tmp_path / "fixed.yaml").write_text(FIXED)
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.00001,0.005]\n")
+    result = run_hyper(["--model=T2Diff", "--dataset=ml-100k", "--params_file=space.hyper", "--config_files=fixed.yaml",
+                        "--output_file=out.result"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial 1 of at most 2" in result.stdout and "trial 2 of at most 2" in result.stdout
+    text = (tmp_path / "out.result").read_text()
+    trials = re.findall(r"^trial (\d): learning_rate:(\S+)\n  valid score: (\S+)", text, re.M)
+    assert sorted(float(lr) for _, lr, _ in trials) == [0.00001, 0.005]
+    best_lr, best_score = max(((lr, float(score)) for _, lr, score in trials), key=lambda t: t[1])
+    assert re.search(rf"^best trial \d: learning_rate:{re.escape(best_lr)}\n  valid score: {best_score:.6f}", text, re.M)
+    assert "test: " in text
+
+
+def test_builtin_models_can_be_searched(tmp_path, tiny_path, workdir):
+    (tmp_path / "space.hyper").write_text("hidden_size choice [8,16]\n")
+    (tmp_path / "fixed.yaml").write_text(f"data_path: {tiny_path}\nepochs: 1\nshow_progress: False\nstate: WARNING\n")
+    search = Search("GRU4Rec", "tiny", str(tmp_path / "space.hyper"), [str(tmp_path / "fixed.yaml")], argv=[])
+    search.run()
+    assert len(search.trials) == 2
+    search.export_result(str(tmp_path / "out.result"))
+    assert (tmp_path / "out.result").read_text().count("trial ") >= 3
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("learning_rate", "is not 'name type value'"),
+        ("learning_rate range 1,2", "is not 'name type value'"),
+        ("learning_rate choice 0.1,", "choice needs a Python list"),
+        ("learning_rate choice [0.1", "choice needs a Python list"),
+        ("learning_rate uniform 1", "uniform needs low,high"),
+        ("learning_rate uniform 2,1", "with low < high"),
+        ("embedding_size quniform 8,64", "quniform needs low,high,step"),
+    ],
+)
+def test_malformed_params_lines_are_named(tmp_path, line, message):
+    path = tmp_path / "bad.hyper"
+    path.write_text(f"# comment\nn_steps choice [10,20]\n{line}\n")
+    with pytest.raises(UsageError, match=rf"bad.hyper:3: '{re.escape(line)}'.*{message}"):
+        parse_params_file(str(path))
+
+
+def test_integer_quniform_gives_ints(tmp_path):
+    from hyperopt.pyll.stochastic import sample
+
+    path = tmp_path / "space.hyper"
+    path.write_text("embedding_size quniform 8,64,8\nlearning_rate loguniform -8,-5\n")
+    drawn = sample(parse_params_file(str(path)))
+    assert isinstance(drawn["embedding_size"], int) and drawn["embedding_size"] % 8 == 0
+    assert 0.0003 < drawn["learning_rate"] < 0.007
+
+
+def test_malformed_file_from_the_command_line_gives_one_line(tmp_path):
+    (tmp_path / "bad.hyper").write_text("learning_rate uniform 0.1\n")
+    result = run_hyper(["--params_file=bad.hyper"], tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "uniform needs low,high" in lines[0]
+
+
+def test_a_searched_key_on_the_command_line_is_rejected(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
+    assert command_line_keys(["--learning_rate=0.1", "--epochs=1", "-m", "x"]) == {"learning_rate", "epochs"}
+    with pytest.raises(UsageError, match="--learning_rate is given on the command line and searched"):
+        Search("T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=["--learning_rate=0.1"])
+    result = run_hyper(["--params_file=space.hyper", "--learning_rate=0.1"], tmp_path)
+    assert result.returncode == 1 and "searched in space.hyper" in result.stderr
+
+
+def test_shipped_search_spaces_parse():
+    for name in ("T2Diff", "SASRec"):
+        space = parse_params_file(os.path.join(REPO, "properties", "hyper", f"{name}.hyper"))
+        assert "learning_rate" in space
