@@ -89,3 +89,18 @@ def test_every_t2diff_knob_is_documented_in_the_readme():
     readme = open(os.path.join(REPO, "README.md")).read()
     table = {name for row in re.findall(r"^\| (`.*?) \|", readme, re.M) for name in re.findall(r"`(\w+)`", row)}
     assert set(knobs) - table == set()
+
+
+@pytest.mark.parametrize(
+    "knobs,message",
+    [
+        ({"sampler": "ddim", "infer_steps": 0}, "infer_steps=0"),
+        ({"sampler": "ddim", "infer_steps": 60}, "infer_steps=60"),
+        ({"infer_steps": 5}, "the ddpm sampler runs all n_steps"),
+        ({"sampler": "euler"}, "sampler=euler"),
+        ({"sampler": "ddim", "ddim_eta": 2}, "ddim_eta=2"),
+    ],
+)
+def test_invalid_sampler_settings(knobs, message):
+    with pytest.raises(UsageError, match=message):
+        Config(model="T2Diff", dataset="ml-100k", config_dict=knobs)

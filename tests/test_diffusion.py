@@ -105,3 +105,60 @@ def test_official_step_embedding_is_sin_of_s_over_powers_of_two():
         np.testing.assert_allclose(table[s].numpy(), expected, rtol=1e-6, atol=1e-7)
     sinusoidal = step_table("sinusoidal_mlp", 50, 6)
     assert sinusoidal.shape == (51, 6) and not torch.equal(sinusoidal, table)
+
+
+def test_ddim_step_lists_spread_over_the_schedule():
+    diffusion = GaussianDiffusion(50)
+    assert diffusion.ddim_steps(1) == [50]
+    assert diffusion.ddim_steps(2) == [50, 1]
+    assert diffusion.ddim_steps(50) == list(range(50, 0, -1))
+    for n in (3, 5, 10, 25):
+        steps = diffusion.ddim_steps(n)
+        assert len(set(steps)) == n and steps[0] == 50 and steps[-1] == 1 and steps == sorted(steps, reverse=True)
+    with pytest.raises(UsageError, match="infer_steps=51"):
+        diffusion.ddim_steps(51)
+
+
+@pytest.mark.parametrize("schedule", ["exp", "linear", "log"])
+def test_ddim_with_eta_1_and_every_step_is_the_ddpm_step(schedule):
+    diffusion = GaussianDiffusion(30, schedule)
+    torch.manual_seed(0)
+    z0_hat, z_s, noise = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    for s in range(2, 31):
+        torch.testing.assert_close(
+            diffusion.ddim_step(z0_hat, z_s, s, s - 1, 1.0, noise), diffusion.step(z0_hat, z_s, s, noise), rtol=1e-4, atol=1e-5
+        )
+    torch.testing.assert_close(diffusion.ddim_step(z0_hat, z_s, 1, 0, 1.0, noise), z0_hat)
+
+
+def test_ddim_chain_with_every_step_and_eta_1_reproduces_the_ddpm_chain():
+    diffusion = GaussianDiffusion(12)
+    condition = torch.randn(2, 3, 4)
+
+    def denoise(z, s):  # any deterministic function of (z, s)
+        return torch.tanh(z * 0.5 + condition) / s
+
+    def chain(sampler):
+        generator = torch.Generator().manual_seed(5)
+        draw = lambda shape: torch.randn(shape, generator=generator)  # noqa: E731
+        z_T = draw(condition.shape)
+        if sampler == "ddpm":
+            return diffusion.reverse_chain(denoise, z_T, draw)
+        return diffusion.ddim_chain(denoise, z_T, draw, 12, eta=1.0)
+
+    torch.testing.assert_close(chain("ddim"), chain("ddpm"), rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_ddim_calls_the_denoiser_once_per_step():
+    diffusion = GaussianDiffusion(50)
+    seen = []
+
+    def denoise(z, s):
+        seen.append(s)
+        return torch.zeros_like(z)
+
+    def no_noise(shape):
+        raise AssertionError("eta = 0 must not draw noise")
+
+    diffusion.ddim_chain(denoise, torch.randn(1, 2, 2), no_noise, 5, eta=0.0)
+    assert seen == [50, 38, 26, 13, 1]

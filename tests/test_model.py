@@ -139,6 +139,8 @@ ABLATIONS_AND_VARIANTS = [
     {"emb_max_norm": 1.5, "mask_pads": False},
     {"use_user_ffn": True, "infer_samples": 3},
     {"dropout_prob": 0.3},
+    {"sampler": "ddim", "infer_steps": 2},
+    {"sampler": "ddim", "infer_steps": 3, "ddim_eta": 1.0},
 ]
 
 

@@ -1,8 +1,9 @@
-"""Gaussian diffusion over drift sequences: noise schedules, forward noising and reverse steps.
+"""Gaussian diffusion over drift sequences: noise schedules, forward noising and reverse samplers.
 
 Like a diffusers scheduler this object holds the maths and no network (spec §6, §10): ``add_noise``
-draws z_s ~ q(z_s | z_0), ``step`` takes one ancestral step of p(z_{s-1} | z_s, ẑ_0) for an
-x_0-predicting denoiser, and ``reverse_chain`` runs all T steps with a denoiser it is handed.
+draws z_s ~ q(z_s | z_0); ``step`` takes one ancestral DDPM step of p(z_{s-1} | z_s, ẑ_0) for an
+x_0-predicting denoiser and ``reverse_chain`` runs all T of them; ``ddim_step`` / ``ddim_chain``
+jump between any two steps (DDIM), so inference can use far fewer denoiser calls than training.
 Steps are 1-based, s ∈ {1..T}; index 0 of every table is the clean state (ᾱ_0 = 1).
 """
 import numpy as np
@@ -14,6 +15,7 @@ from recbole_t2diff.errors import UsageError
 # (beta_a, beta_b) per schedule when the config leaves them at ~ (spec §6).
 SCHEDULE_DEFAULTS = {"exp": (0.01, 4.5), "linear": (0.02, 0.01), "log": (0.002, 0.1)}
 REVERSE_COEFS = ("ddpm", "official")
+SAMPLERS = ("ddpm", "ddim")
 
 
 def beta_schedule(name, n_steps, beta_a=None, beta_b=None):
@@ -98,4 +100,35 @@ class GaussianDiffusion(nn.Module):
         for s in range(self.n_steps, 0, -1):
             z0_hat = denoise(z, s)
             z = z0_hat if s == 1 else self.step(z0_hat, z, s, draw_noise(z.shape))
+        return z
+
+    def ddim_steps(self, n):
+        """``n`` steps spread evenly over 1..T, in descending order (T always included)."""
+        if not 1 <= n <= self.n_steps:
+            raise UsageError(f"invalid infer_steps={n}: it must lie between 1 and n_steps={self.n_steps}")
+        if n == 1:
+            return [self.n_steps]
+        return [round(1 + (self.n_steps - 1) * i / (n - 1)) for i in reversed(range(n))]
+
+    def ddim_step(self, z0_hat, z_s, s, s_prev, eta, noise):
+        """Jump from step ``s`` to ``s_prev`` < s (0 = clean) given ẑ_0 (Song et al., DDIM Eq. 12).
+
+        The noise direction is the ε implied by z_s and ẑ_0; ``eta`` scales the fresh noise
+        (0: deterministic; 1 with s_prev = s - 1: exactly the DDPM ancestral step).
+        """
+        if s_prev == 0:
+            return z0_hat
+        alpha_bar, alpha_bar_prev = self.alphas_cumprod[s], self.alphas_cumprod[s_prev]
+        eps = (z_s - alpha_bar.sqrt() * z0_hat) / (1.0 - alpha_bar).sqrt()
+        sigma = eta * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)).sqrt()
+        out = alpha_bar_prev.sqrt() * z0_hat + (1.0 - alpha_bar_prev - sigma**2).clamp(min=0.0).sqrt() * eps
+        return out + sigma * noise if eta else out
+
+    def ddim_chain(self, denoise, z_T, draw_noise, n_steps, eta=0.0):
+        """DDIM sampling with ``n_steps`` denoiser calls; ``denoise`` and ``draw_noise`` as in ``reverse_chain``."""
+        steps = self.ddim_steps(n_steps)
+        z = z_T
+        for s, s_prev in zip(steps, steps[1:] + [0]):
+            z0_hat = denoise(z, s)
+            z = self.ddim_step(z0_hat, z, s, s_prev, eta, draw_noise(z.shape) if eta and s_prev else None)
         return z

@@ -21,7 +21,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.attention import SessionEncoder, TargetAttention, masked_mean
-from recbole_t2diff.model.diffusion import REVERSE_COEFS, GaussianDiffusion, beta_schedule
+from recbole_t2diff.model.diffusion import REVERSE_COEFS, SAMPLERS, GaussianDiffusion, beta_schedule
 from recbole_t2diff.model.unet import PADDINGS, STEP_EMBEDDINGS, Denoiser
 
 DIFF_LOSSES = ("l2norm", "mse")
@@ -72,7 +72,18 @@ class T2Diff(SequentialRecommender):
             raise UsageError(f"invalid T2Diff setting unet_mult={mult}: give at least unet_levels={levels} positive integers")
         if int(mult[0]) != 1 and not config["unet_out_proj"]:
             raise UsageError(f"invalid T2Diff setting unet_mult={mult}: the first factor must be 1 unless unet_out_proj is true")
-        beta_schedule(config["beta_schedule"], _integer(config, "n_steps", 1), config["beta_a"], config["beta_b"])
+        n_steps = _integer(config, "n_steps", 1)
+        beta_schedule(config["beta_schedule"], n_steps, config["beta_a"], config["beta_b"])
+        sampler = _one_of(config, "sampler", SAMPLERS)
+        if config["infer_steps"] is not None:
+            infer_steps = _integer(config, "infer_steps", 1)
+            if infer_steps > n_steps or (sampler == "ddpm" and infer_steps != n_steps):
+                raise UsageError(
+                    f"invalid T2Diff setting infer_steps={infer_steps}: the ddpm sampler runs all n_steps={n_steps}; "
+                    f"use sampler: ddim with 1 <= infer_steps <= n_steps"
+                )
+        if not 0 <= float(config["ddim_eta"]) <= 1:
+            raise UsageError(f"invalid T2Diff setting ddim_eta={config['ddim_eta']}: it must lie in [0, 1]")
         _integer(config, "infer_samples", 1)
         _one_of(config, "reverse_coef", REVERSE_COEFS)
         _one_of(config, "unet_padding", PADDINGS)
@@ -102,6 +113,9 @@ class T2Diff(SequentialRecommender):
         self.diff_loss = config["diff_loss"]
         self.diff_loss_positions = config["diff_loss_positions"]
         self.infer_samples = int(config["infer_samples"])
+        self.sampler = config["sampler"]
+        self.infer_steps = int(config["infer_steps"] or config["n_steps"])
+        self.ddim_eta = float(config["ddim_eta"])
         self.emb_max_norm = config["emb_max_norm"]
         self.eval_seed = config["eval_seed"] if config["eval_seed"] is not None else config["seed"]
         self._eval_generator = None
@@ -227,7 +241,7 @@ class T2Diff(SequentialRecommender):
         return (x_hat.detach() if self.stop_grad else x_hat), loss
 
     def sample_generated_item(self, history):
-        """x̂ from the full reverse chain, averaged over ``infer_samples`` chains (inference)."""
+        """x̂ from the reverse chain (DDPM, or DDIM with ``infer_steps`` calls), averaged over ``infer_samples`` chains."""
         batch, _, d = history.shape
         condition = history.repeat_interleave(self.infer_samples, dim=0)
         generator = self.eval_generator(history.device)
@@ -238,7 +252,11 @@ class T2Diff(SequentialRecommender):
         def denoise(z_s, s):
             return self.denoiser(z_s, condition, torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long))
 
-        z0 = self.diffusion.reverse_chain(denoise, draw_noise(condition.shape), draw_noise)
+        z_T = draw_noise(condition.shape)
+        if self.sampler == "ddim":
+            z0 = self.diffusion.ddim_chain(denoise, z_T, draw_noise, self.infer_steps, self.ddim_eta)
+        else:
+            z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
         return self.generated_item(condition, z0[:, -1]).view(batch, self.infer_samples, d).mean(1)
 
     def eval_generator(self, device):
