@@ -5,6 +5,7 @@ and looks models up by name inside ``recbole`` only (RECBOLE_NOTES §3). These f
 same steps with this package's Config and registry, so they run T2Diff and every built-in model.
 """
 import logging
+import os
 import sys
 
 import torch
@@ -70,17 +71,24 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, ver
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
-        "saved_model_file": trainer.saved_model_file if saved else None,
+        "saved_model_file": os.path.abspath(trainer.saved_model_file) if saved else None,
     }
 
 
-def load_data_and_model(model_file):
+def load_data_and_model(model_file, overrides=None):
     """Rebuild config, model and data loaders from a checkpoint written by :func:`run`.
 
-    Returns ``(config, model, dataset, train_data, valid_data, test_data)``, like RecBole's function.
+    ``overrides`` change settings of the stored config that do not change the weights, such as
+    T2Diff's inference sampler. Returns ``(config, model, dataset, train_data, valid_data,
+    test_data)``, like RecBole's function.
     """
     checkpoint = compat.load_checkpoint(model_file)
     config = checkpoint["config"]
+    for key, value in (overrides or {}).items():
+        config[key] = value
+    check = getattr(get_model(config["model"]), "check_config", None)
+    if check is not None:
+        check(config)
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     dataset, train_data, valid_data, test_data = prepare(config)
@@ -90,8 +98,8 @@ def load_data_and_model(model_file):
     return config, model, dataset, train_data, valid_data, test_data
 
 
-def evaluate_checkpoint(model_file, split="test"):
-    """Metrics of a saved checkpoint on its ``valid`` or ``test`` split."""
-    config, model, _, _, valid_data, test_data = load_data_and_model(model_file)
+def evaluate_checkpoint(model_file, split="test", overrides=None):
+    """Metrics of a saved checkpoint on its ``valid`` or ``test`` split (``overrides`` as in :func:`load_data_and_model`)."""
+    config, model, _, _, valid_data, test_data = load_data_and_model(model_file, overrides)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     return trainer.evaluate({"valid": valid_data, "test": test_data}[split], load_best_model=False)

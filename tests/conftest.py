@@ -75,13 +75,15 @@ def tiny_config(tiny_path, model="T2Diff", **overrides):
 @pytest.fixture(scope="session")
 def tiny_data(tiny_path, tmp_path_factory):
     """(config, train, valid, test) for the tiny dataset with the genre feature loaded."""
-    cwd = os.getcwd()
+    cwd, argv = os.getcwd(), sys.argv
     os.chdir(tmp_path_factory.mktemp("run"))
+    sys.argv = ["pytest"]
     try:
         config = tiny_config(tiny_path, load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "genre"]})
         _, train, valid, test = prepare(config)
     finally:
         os.chdir(cwd)
+        sys.argv = argv
     return config, train, valid, test
 
 

@@ -1,0 +1,88 @@
+"""Export round-trip, exact ANN retrieval, and evaluating a checkpoint with another sampler."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_t2diff.ann import build_index, exact_top_k, recall_ndcg, search
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.export import export_embeddings
+from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, run
+
+from conftest import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_path, tmp_path_factory):
+    import os
+
+    cwd, argv = os.getcwd(), sys.argv
+    os.chdir(tmp_path_factory.mktemp("export_run"))
+    sys.argv = ["pytest"]
+    try:
+        result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL})
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+    return result
+
+
+def test_exported_vectors_reproduce_full_sort_scores(trained, tmp_path):
+    paths, items, users, targets = export_embeddings(trained["saved_model_file"], str(tmp_path))
+    _, model, _, _, _, test = load_data_and_model(trained["saved_model_file"])
+    model.eval()
+    interaction = next(iter(test))[0]
+    with torch.no_grad():
+        full = model.full_sort_predict(interaction).numpy()
+    np.testing.assert_allclose(users[: len(full)] @ items.T, full, rtol=1e-4, atol=1e-4)
+    ids = json.load(open(paths["ids"]))
+    assert len(ids["item_tokens"]) == len(items) and ids["item_tokens"][0] == "[PAD]"
+    assert np.array_equal(np.load(paths["targets"]), targets) and targets.min() >= 1
+
+
+def test_exported_metrics_match_recboles_evaluation(trained, tmp_path):
+    _, items, users, targets = export_embeddings(trained["saved_model_file"], str(tmp_path))
+    recall, ndcg = recall_ndcg(exact_top_k(items, users, 10), targets, 10)
+    assert recall == pytest.approx(trained["test_result"]["recall@10"], abs=1e-4)
+    assert ndcg == pytest.approx(trained["test_result"]["ndcg@10"], abs=1e-4)
+
+
+def test_flat_index_returns_the_exact_top_k():
+    rng = np.random.default_rng(0)
+    items, users = rng.normal(size=(200, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
+    exact = exact_top_k(items, users, 10)
+    found, qps = search(build_index(items, "flat"), users, 10)
+    assert np.array_equal(found, exact) and qps > 0
+    assert 0 not in found  # the padding row is never a candidate
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_mostly_agree_with_exact(kind):
+    rng = np.random.default_rng(1)
+    items, users = rng.normal(size=(500, 16)).astype(np.float32), rng.normal(size=(100, 16)).astype(np.float32)
+    exact = exact_top_k(items, users, 10)
+    found, _ = search(build_index(items, kind, nprobe=32), users, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
+    assert overlap > 0.9
+
+
+def test_recall_ndcg_by_hand():
+    top = np.array([[3, 5, 7], [1, 2, 4]])
+    recall, ndcg = recall_ndcg(top, [5, 9], k=3)
+    assert recall == 0.5 and ndcg == pytest.approx(0.5 / np.log2(3))
+
+
+def test_unknown_index_is_rejected():
+    with pytest.raises(UsageError, match="unknown index"):
+        build_index(np.zeros((3, 2), dtype=np.float32), "lsh")
+
+
+def test_a_checkpoint_can_be_evaluated_with_the_few_step_sampler(trained, workdir):
+    ddim = evaluate_checkpoint(trained["saved_model_file"], "test", {"sampler": "ddim", "infer_steps": 2})
+    assert set(ddim) == set(trained["test_result"])
+    again = evaluate_checkpoint(trained["saved_model_file"], "test", {"sampler": "ddim", "infer_steps": 2})
+    assert dict(ddim) == dict(again)
+    with pytest.raises(UsageError, match="infer_steps=9"):
+        evaluate_checkpoint(trained["saved_model_file"], "test", {"sampler": "ddim", "infer_steps": 9})
