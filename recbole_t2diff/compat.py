@@ -1,7 +1,7 @@
 """Make RecBole 1.2.1 run on today's numpy and torch. Every entry point imports this first.
 
-- numpy >= 2 removed the aliases RecBole's ``Config.compatibility_settings`` and metrics use
-  (RECBOLE_NOTES §8 row 1): put them back before the first ``Config``.
+- numpy >= 2 (and >= 1.24) removed the aliases RecBole's ``Config.compatibility_settings`` and
+  metrics use (RECBOLE_NOTES §8 row 1): put them back before RecBole runs.
 - importing ``recbole.model.sequential_recommender.sine`` switches autograd anomaly mode on for the
   whole process (§8 row 7), which makes training 2-3x slower: ``disable_anomaly_mode`` switches it off
   and is called after every model lookup.
@@ -17,7 +17,14 @@ import torch
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
-for _alias, _value in {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}.items():
+# The aliases RecBole's Config sets (and its metrics use), set here too because a process that only
+# loads a checkpoint never builds a Config.
+_ALIASES = {
+    "float_": np.float64, "complex_": np.complex128, "unicode_": np.str_,
+    "bool": np.bool_, "int": np.int_, "float": np.float64, "complex": np.complex128,
+    "object": np.object_, "str": np.str_, "long": np.int_, "unicode": np.str_,
+}
+for _alias, _value in _ALIASES.items():
     if not hasattr(np, _alias):
         setattr(np, _alias, _value)
 

@@ -15,7 +15,7 @@ from recbole_t2diff.config import Config, get_model
 from recbole_t2diff.data import ensure_dataset
 
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import get_trainer, init_logger, init_seed, set_color
+from recbole.utils import dict2str, get_trainer, init_logger, init_seed, set_color
 
 
 def prepare(config):
@@ -63,8 +63,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, ver
     if saved:
         load_best_model(trainer)
     test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
-    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
-    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    logger.info(set_color("best valid ", "yellow") + f": {dict2str(best_valid_result)}")
+    logger.info(set_color("test result", "yellow") + f": {dict2str(test_result)}")
     return {
         "model": config["model"],
         "best_valid_score": best_valid_score,

@@ -1,5 +1,6 @@
 """The runner in a subprocess on ml-100k, the error cases, checkpoint reload and determinism."""
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -29,8 +30,16 @@ def test_runner_trains_and_tests_on_ml100k(tmp_path, model, extra):
     result = run_script([f"--model={model}", "--dataset=ml-100k", *FAST_ML100K, *extra], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    assert "test result" in log and "ndcg@10" in log
-    assert list((tmp_path / "saved").glob(f"{model}-*.pth")), "the best checkpoint must be saved"
+    logged = re.search(r"test result.*?ndcg@10 : ([0-9.]+)", log)
+    assert logged, log[-3000:]
+    checkpoints = list((tmp_path / "saved").glob(f"{model}-*.pth"))
+    assert len(checkpoints) == 1, "the best checkpoint must be saved"
+    # A new process that only loads the checkpoint gets the same test metric.
+    code = f"from recbole_t2diff import evaluate_checkpoint; print('NDCG', evaluate_checkpoint({str(checkpoints[0])!r})['ndcg@10'])"
+    reload = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+                            capture_output=True, text=True, timeout=600)
+    assert reload.returncode == 0, reload.stderr[-3000:]
+    assert float(re.search(r"NDCG ([0-9.]+)", reload.stdout).group(1)) == float(logged.group(1))
 
 
 def test_runner_reads_config_files(tmp_path):

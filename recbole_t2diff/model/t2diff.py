@@ -113,9 +113,8 @@ class T2Diff(SequentialRecommender):
         self.diff_loss = config["diff_loss"]
         self.diff_loss_positions = config["diff_loss_positions"]
         self.infer_samples = int(config["infer_samples"])
-        self.sampler = config["sampler"]
-        self.infer_steps = int(config["infer_steps"] or config["n_steps"])
-        self.ddim_eta = float(config["ddim_eta"])
+        self.n_steps = int(config["n_steps"])
+        self.set_sampler(config["sampler"], config["infer_steps"], config["ddim_eta"])
         self.emb_max_norm = config["emb_max_norm"]
         self.eval_seed = config["eval_seed"] if config["eval_seed"] is not None else config["seed"]
         self._eval_generator = None
@@ -130,13 +129,12 @@ class T2Diff(SequentialRecommender):
             self.register_buffer("item_categories", self._item_categories(dataset, category_field))
             self.category_embedding = nn.Embedding(dataset.num(category_field), d - id_dim, padding_idx=0)
 
-        n_steps = int(config["n_steps"])
         if self.use_diffusion:
             self.diffusion = GaussianDiffusion(
-                n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
+                self.n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
             )
             self.denoiser = Denoiser(
-                d, n_steps, int(config["unet_levels"]), [int(m) for m in config["unet_mult"]], config["unet_padding"],
+                d, self.n_steps, int(config["unet_levels"]), [int(m) for m in config["unet_mult"]], config["unet_padding"],
                 config["unet_out_proj"], config["step_emb"], float(config["step_emb_scale"]), eps,
             )
         mask_pads = config["mask_pads"]
@@ -258,6 +256,12 @@ class T2Diff(SequentialRecommender):
         else:
             z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
         return self.generated_item(condition, z0[:, -1]).view(batch, self.infer_samples, d).mean(1)
+
+    def set_sampler(self, sampler, infer_steps=None, ddim_eta=0.0):
+        """Choose the inference sampler; it changes no weight, so a trained model can switch."""
+        self.sampler = sampler
+        self.infer_steps = int(infer_steps or self.n_steps)
+        self.ddim_eta = float(ddim_eta)
 
     def eval_generator(self, device):
         """The random generator of the reverse chain, re-seeded with ``eval_seed`` at every evaluation."""

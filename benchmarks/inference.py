@@ -1,0 +1,179 @@
+"""Accuracy and speed of T2Diff's user tower per sampler and step count, against SASRec, in one run.
+
+    python benchmarks/inference.py --t2diff=saved/T2Diff-X.pth --sasrec=saved/SASRec-Y.pth \
+        --steps=1,2,5,10,25,50 --out=results
+
+For each T2Diff setting (the ancestral DDPM chain over all n_steps, and DDIM with each step count)
+and for SASRec: validation and test NDCG@10 / Recall@10 (RecBole's full-sort evaluation), full-sort
+users per second at batch 1024, and the median latency of one user. Then, for the DDIM default, the
+exported two-tower vectors go through faiss (exact, HNSW, IVF): retrieval metrics against exact
+full-sort scoring, and queries per second. Writes <out>/inference.json, inference.md and
+inference.png. Pick the default sampler on the validation columns.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recbole_t2diff.ann import build_index, exact_top_k, recall_ndcg, search  # noqa: E402
+from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
+from recbole_t2diff.export import item_matrix, user_matrix  # noqa: E402
+from recbole_t2diff.quick_start import load_data_and_model  # noqa: E402
+
+from recbole.utils import get_trainer  # noqa: E402
+
+
+def batch_of(loader, size):
+    """One evaluation batch of exactly ``size`` sequences (test users repeated as needed)."""
+    interaction = next(iter(loader))[0]
+    index = torch.arange(size) % len(interaction)
+    return interaction[index]
+
+
+def speed(model, loader, batch_size=1024, repeats=5, single_repeats=30):
+    model.eval()
+    big, one = batch_of(loader, batch_size), batch_of(loader, 1)
+    with torch.no_grad():
+        model.full_sort_predict(big)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.full_sort_predict(big)
+            times.append(time.perf_counter() - start)
+        single = []
+        for _ in range(single_repeats):
+            start = time.perf_counter()
+            model.full_sort_predict(one)
+            single.append(time.perf_counter() - start)
+    return batch_size / statistics.median(times), 1000 * statistics.median(single)
+
+
+def accuracy(trainer, valid, test):
+    v = trainer.evaluate(valid, load_best_model=False)
+    t = trainer.evaluate(test, load_best_model=False)
+    return {"valid_ndcg@10": float(v["ndcg@10"]), "valid_recall@10": float(v["recall@10"]),
+            "ndcg@10": float(t["ndcg@10"]), "recall@10": float(t["recall@10"])}
+
+
+def measure(name, model, trainer, valid, test, sampler, steps):
+    record = {"model": name, "sampler": sampler, "steps": steps}
+    record.update(accuracy(trainer, valid, test))
+    record["users_per_s"], record["single_user_ms"] = speed(model, test)
+    record["users_per_s"] = round(record["users_per_s"], 1)
+    record["single_user_ms"] = round(record["single_user_ms"], 2)
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--t2diff", required=True, help="T2Diff checkpoint")
+    parser.add_argument("--sasrec", default=None, help="SASRec checkpoint on the same dataset")
+    parser.add_argument("--steps", default="1,2,5,10,25,50")
+    parser.add_argument("--default_steps", type=int, default=None, help="DDIM steps used for the ANN part (default: best on valid)")
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args()
+    torch.autograd.set_detect_anomaly(False)
+    records = []
+    with exit_on_usage_error():
+        config, model, _, _, valid, test = load_data_and_model(args.t2diff)
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+        dataset = config["dataset"]
+        model.set_sampler("ddpm")
+        records.append(measure("T2Diff", model, trainer, valid, test, "ddpm", model.n_steps))
+        for steps in [int(s) for s in args.steps.split(",")]:
+            model.set_sampler("ddim", steps, 0.0)
+            records.append(measure("T2Diff", model, trainer, valid, test, "ddim", steps))
+        ddim = [r for r in records if r["sampler"] == "ddim"]
+        best = args.default_steps or max(ddim, key=lambda r: (round(r["valid_ndcg@10"], 4), -r["steps"]))["steps"]
+        model.set_sampler("ddim", best, 0.0)
+        items = item_matrix(model).float().numpy()
+        users, targets = (t.numpy() for t in user_matrix(model, test))
+        exact_recall, exact_ndcg = recall_ndcg(exact_top_k(items, users, 10), targets)
+        start = time.perf_counter()
+        exact_top_k(items, users, 10)
+        exact_qps = len(users) / (time.perf_counter() - start)
+        ann = [{"index": "exact numpy", "recall@10": exact_recall, "ndcg@10": exact_ndcg, "qps": round(exact_qps)}]
+        for kind in ("flat", "hnsw", "ivf"):
+            found, qps = search(build_index(items, kind), users, 10)
+            recall, ndcg = recall_ndcg(found, targets)
+            ann.append({"index": kind, "recall@10": recall, "ndcg@10": ndcg, "qps": round(qps)})
+        if args.sasrec:
+            config_s, sasrec, _, _, valid_s, test_s = load_data_and_model(args.sasrec)
+            trainer_s = get_trainer(config_s["MODEL_TYPE"], config_s["model"])(config_s, sasrec)
+            records.append(measure("SASRec", sasrec, trainer_s, valid_s, test_s, "-", 0))
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " + (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    )
+    command = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
+    meta = {"command": command, "machine": machine, "date": datetime.date.today().isoformat(), "dataset": dataset,
+            "checkpoints": {"T2Diff": args.t2diff, "SASRec": args.sasrec}, "ddim_default_steps": best}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "inference.json"), "w") as f:
+        json.dump({**meta, "records": records, "ann": ann}, f, indent=1)
+    write_markdown(os.path.join(args.out, "inference.md"), meta, records, ann)
+    plot(os.path.join(args.out, "inference.png"), records, dataset)
+
+
+def write_markdown(path, meta, records, ann):
+    keys = ["model", "sampler", "steps", "valid_ndcg@10", "ndcg@10", "recall@10", "users_per_s", "single_user_ms"]
+    lines = [
+        f"# Inference: samplers, speed and ANN retrieval ({meta['dataset']})",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; date {meta['date']}; checkpoints {meta['checkpoints']}.",
+        "Accuracy: RecBole full-sort evaluation (valid and test splits); users/s: full-sort scoring of a",
+        "1024-sequence batch (median of 5); single_user_ms: median of 30 one-user calls.",
+        "",
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+    ]
+    for r in records:
+        lines.append("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) and k != "users_per_s" and k != "single_user_ms" else str(r[k]) for k in keys) + " |")
+    lines += [
+        "",
+        f"## ANN retrieval with T2Diff vectors (DDIM, {meta['ddim_default_steps']} steps, test split)",
+        "",
+        "| index | recall@10 | ndcg@10 | queries/s |",
+        "|---|---|---|---|",
+    ] + [f"| {a['index']} | {a['recall@10']:.4f} | {a['ndcg@10']:.4f} | {a['qps']} |" for a in ann]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(path, records, dataset):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ddim = [r for r in records if r["model"] == "T2Diff" and r["sampler"] == "ddim"]
+    others = [r for r in records if r not in ddim]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([r["steps"] for r in ddim], [r["ndcg@10"] for r in ddim], "o-", label="T2Diff DDIM (test)")
+    left.plot([r["steps"] for r in ddim], [r["valid_ndcg@10"] for r in ddim], "s--", label="T2Diff DDIM (valid)")
+    for r in others:
+        left.axhline(r["ndcg@10"], linestyle=":", color="C2" if r["model"] == "SASRec" else "C3",
+                     label=f"{r['model']} {r['sampler']} (test)")
+    left.set(xscale="log", xlabel="denoiser calls at inference", ylabel="NDCG@10", title=f"Accuracy vs steps ({dataset})")
+    left.legend(fontsize=8)
+    for r in records:
+        label = f"{r['model']} {r['sampler']}{'' if r['model'] == 'SASRec' else ' ' + str(r['steps'])}"
+        right.scatter(r["single_user_ms"], r["ndcg@10"])
+        right.annotate(label, (r["single_user_ms"], r["ndcg@10"]), fontsize=7)
+    right.set(xscale="log", xlabel="single-user latency, ms (log)", ylabel="test NDCG@10", title="Accuracy vs latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
