@@ -81,6 +81,7 @@ def main():
     parser.add_argument("--steps", default="1,2,5,10,25,50")
     parser.add_argument("--default_steps", type=int, default=None, help="DDIM steps used for the ANN part (default: best on valid)")
     parser.add_argument("--out", default="results")
+    parser.add_argument("--trained_with", default="", help="how the checkpoints were trained, recorded in the results")
     args = parser.parse_args()
     torch.autograd.set_detect_anomaly(False)
     records = []
@@ -116,7 +117,8 @@ def main():
     )
     command = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
     meta = {"command": command, "machine": machine, "date": datetime.date.today().isoformat(), "dataset": dataset,
-            "checkpoints": {"T2Diff": args.t2diff, "SASRec": args.sasrec}, "ddim_default_steps": best}
+            "checkpoints": {"T2Diff": args.t2diff, "SASRec": args.sasrec}, "trained_with": args.trained_with,
+            "ddim_default_steps": best}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "inference.json"), "w") as f:
         json.dump({**meta, "records": records, "ann": ann}, f, indent=1)
@@ -130,7 +132,8 @@ def write_markdown(path, meta, records, ann):
         f"# Inference: samplers, speed and ANN retrieval ({meta['dataset']})",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; date {meta['date']}; checkpoints {meta['checkpoints']}.",
+        f"Machine: {meta['machine']}; date {meta['date']}; checkpoints {meta['checkpoints']}.  ",
+        f"Checkpoints trained with: {meta['trained_with'] or 'not stated'}.",
         "Accuracy: RecBole full-sort evaluation (valid and test splits); users/s: full-sort scoring of a",
         "1024-sequence batch (median of 5); single_user_ms: median of 30 one-user calls.",
         "",

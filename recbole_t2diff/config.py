@@ -82,7 +82,10 @@ class Config(RecBoleConfig):
         for file in config_file_list or []:
             if not os.path.isfile(file):
                 raise UsageError(f"config file '{file}' does not exist: check the path given to --config_files")
-        super().__init__(model, dataset, config_file_list, config_dict)
+        try:
+            super().__init__(model, dataset, config_file_list, config_dict)
+        except ValueError as err:  # RecBole's own checks of settings, e.g. CE with sampled negatives
+            raise UsageError(f"invalid setting: {err}") from err
         check = getattr(self.model_class, "check_config", None)
         if check is not None:
             check(self)

@@ -58,7 +58,10 @@ def test_builtin_models_get_the_same_protocol():
         ({"reverse_coef": "ddim"}, "reverse_coef=ddim"),
         ({"n_heads": 3}, "n_heads=3: it must divide embedding_size=64"),
         ({"unet_mult": [2, 4, 8, 16]}, "first factor must be 1"),
-        ({"loss_type": "BPR"}, "set loss_type: CE"),
+        ({"loss_type": "BPR"}, "BPR needs sampled negatives"),
+        ({"loss_type": "NLL"}, "loss_type=NLL"),
+        ({"softmax_negatives": 0}, "softmax_negatives=0"),
+        ({"train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}, "should be None when the loss_type is CE"),
         ({"n_steps": 2.5}, "n_steps=2.5"),
     ],
 )

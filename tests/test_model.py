@@ -139,6 +139,7 @@ ABLATIONS_AND_VARIANTS = [
     {"emb_max_norm": 1.5, "mask_pads": False},
     {"use_user_ffn": True, "infer_samples": 3},
     {"dropout_prob": 0.3},
+    {"softmax_negatives": 10},
     {"sampler": "ddim", "infer_steps": 2},
     {"sampler": "ddim", "infer_steps": 3, "ddim_eta": 1.0},
 ]
@@ -205,3 +206,24 @@ def test_item_tower_is_computed_from_item_tokens_only(tiny_data):
     assert everything.shape == (model.n_items, 2 * model.embedding_size)
     some = torch.tensor([3, 1, 7])
     torch.testing.assert_close(model.item_vectors(some), everything[some])
+
+
+def test_sampled_softmax_masks_accidental_hits(tiny_data):
+    _, train, _, _ = tiny_data
+    model = make_model(tiny_data, softmax_negatives=500)  # far more draws than items: hits are certain
+    batch = first_batch(train)
+    torch.manual_seed(0)
+    loss = model.calculate_loss(batch)[0]
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_bpr_trains_with_recboles_negatives(tiny_path, workdir):
+    from recbole_t2diff.quick_start import run
+
+    from conftest import TINY_MODEL
+
+    result = run("T2Diff", "tiny", config_dict={
+        "data_path": tiny_path, **TINY_MODEL, "loss_type": "BPR",
+        "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1},
+    })
+    assert 0 <= result["test_result"]["ndcg@10"] <= 1

@@ -26,6 +26,7 @@ from recbole_t2diff.model.unet import PADDINGS, STEP_EMBEDDINGS, Denoiser
 
 DIFF_LOSSES = ("l2norm", "mse")
 DIFF_LOSS_POSITIONS = ("all", "valid", "last")
+LOSS_TYPES = ("CE", "BPR")
 
 
 def realign(item_seq, item_seq_len):
@@ -90,8 +91,17 @@ class T2Diff(SequentialRecommender):
         _one_of(config, "step_emb", STEP_EMBEDDINGS)
         _one_of(config, "diff_loss", DIFF_LOSSES)
         _one_of(config, "diff_loss_positions", DIFF_LOSS_POSITIONS)
-        if config["loss_type"] != "CE":
-            raise UsageError(f"invalid T2Diff setting loss_type={config['loss_type']}: T2Diff trains with a full softmax, set loss_type: CE")
+        loss_type = _one_of(config, "loss_type", LOSS_TYPES)
+        negatives = config["train_neg_sample_args"] or {}
+        if loss_type == "BPR" and negatives.get("distribution", "none") == "none":
+            raise UsageError(
+                "invalid T2Diff setting loss_type=BPR: BPR needs sampled negatives, set "
+                "train_neg_sample_args: {distribution: uniform, sample_num: 1}"
+            )
+        if config["softmax_negatives"] is not None:
+            if loss_type != "CE":
+                raise UsageError("invalid T2Diff setting softmax_negatives: it samples the softmax of loss_type: CE; drop it for BPR")
+            _integer(config, "softmax_negatives", 1)
         if not 0 <= float(config["dropout_prob"]) < 1:
             raise UsageError(f"invalid T2Diff setting dropout_prob={config['dropout_prob']}: it must lie in [0, 1)")
         if float(config["lambda_diff"]) < 0:
@@ -110,6 +120,8 @@ class T2Diff(SequentialRecommender):
         self.use_target_attention = config["use_target_attention"]
         self.stop_grad = config["stop_grad"]
         self.lambda_diff = float(config["lambda_diff"])
+        self.loss_type = config["loss_type"]
+        self.softmax_negatives = None if config["softmax_negatives"] is None else int(config["softmax_negatives"])
         self.diff_loss = config["diff_loss"]
         self.diff_loss_positions = config["diff_loss_positions"]
         self.infer_samples = int(config["infer_samples"])
@@ -291,11 +303,27 @@ class T2Diff(SequentialRecommender):
         x_hat, diffusion_loss = None, None
         if self.use_diffusion:
             x_hat, diffusion_loss = self.diffusion_training(history, mask, self.tokens(target))
-        logits = self.user_vector(history, mask, x_hat) @ self.item_vectors().t()
-        tower_loss = F.cross_entropy(logits, target)
+        tower_loss = self.tower_loss(self.user_vector(history, mask, x_hat), interaction)
         if diffusion_loss is None:
             return tower_loss
         return tower_loss, self.lambda_diff * diffusion_loss
+
+    def tower_loss(self, user, interaction):
+        """Full-softmax CE over all items [P Eq. 24], sampled-softmax CE, or BPR."""
+        target = interaction[self.POS_ITEM_ID]
+        if self.loss_type == "BPR":
+            positive, negative = self.item_vectors(torch.stack([target, interaction[self.NEG_ITEM_ID]]))
+            return -F.logsigmoid((user * positive).sum(-1) - (user * negative).sum(-1)).mean()
+        if self.softmax_negatives is None:
+            return F.cross_entropy(user @ self.item_vectors().t(), target)
+        # Sampled softmax: the positive against negatives drawn uniformly once per batch, so the
+        # item tower runs on softmax_negatives + B items instead of the whole catalogue. A negative
+        # equal to a row's target is masked out of that row (an "accidental hit").
+        negatives = torch.randint(1, self.n_items, (self.softmax_negatives,), device=target.device)
+        positive = (user * self.item_vectors(target)).sum(-1, keepdim=True)
+        sampled = (user @ self.item_vectors(negatives).t()).masked_fill(negatives[None, :] == target[:, None], -1e9)
+        logits = torch.cat([positive, sampled], dim=1)
+        return F.cross_entropy(logits, torch.zeros_like(target))
 
     def predict(self, interaction):
         user = self.forward(interaction)
