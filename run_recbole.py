@@ -3,6 +3,7 @@
     python run_recbole.py --model=T2Diff --dataset=ml-100k
     python run_recbole.py --model=SASRec --dataset=ml-1m --data_path=../shared/data
     python run_recbole.py --model=T2Diff --dataset=ml-100k --config_files="my.yaml" --epochs=5
+    python run_recbole.py --model=T2Diff --dataset=ml-100k --nproc=2            # 2 processes (gloo on CPU)
 
 Every other --key=value reaches RecBole's Config and overrides the property files.
 """
@@ -18,10 +19,16 @@ def main():
     parser.add_argument("--model", "-m", default="T2Diff", help="T2Diff or a RecBole model name (default T2Diff)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default ml-100k)")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (distributed mode when > 1)")
+    parser.add_argument("--world_size", type=int, default=-1, help="processes on all machines (default: nproc)")
+    parser.add_argument("--ip", default="localhost", help="address of the rank-0 machine")
+    parser.add_argument("--port", default="5678", help="port of the rank-0 machine")
+    parser.add_argument("--group_offset", type=int, default=0, help="global rank of this machine's first process")
     args, _ = parser.parse_known_args()
     config_files = args.config_files.split() if args.config_files else None
     with exit_on_usage_error():
-        run(args.model, args.dataset, config_file_list=config_files)
+        run(args.model, args.dataset, config_file_list=config_files, nproc=args.nproc, world_size=args.world_size,
+            ip=args.ip, port=args.port, group_offset=args.group_offset)
 
 
 if __name__ == "__main__":

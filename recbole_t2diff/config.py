@@ -10,6 +10,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
+
 from recbole_t2diff import compat
 from recbole_t2diff.errors import UsageError
 
@@ -75,6 +77,9 @@ def _builtin_model(name):
     )
 
 
+BACKENDS = ("gloo", "nccl")
+
+
 class Config(RecBoleConfig):
     """RecBole's Config, aware of this package's models and property files."""
 
@@ -111,3 +116,33 @@ class Config(RecBoleConfig):
                 loaded = self._update_internal_config_dict(str(file)) or {}
                 if file.parent.name == "dataset":
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+
+    def _init_device(self):
+        """RecBole's device set-up, plus a gloo process group for distributed runs on CPU.
+
+        RecBole hard-codes NCCL, CUDA devices and ``torch.cuda.set_device`` for distributed runs
+        (RECBOLE_NOTES §9); ``dist_backend: gloo`` (the default without a GPU) runs the same
+        multi-process path on CPU processes.
+        """
+        settings = self.final_config_dict
+        if "local_rank" not in settings or self.dist_backend() == "nccl":
+            return super()._init_device()
+        settings["gpu_id"] = str(settings["gpu_id"])
+        torch.distributed.init_process_group(
+            backend="gloo",
+            rank=settings["local_rank"] + settings["offset"],
+            world_size=settings["world_size"],
+            init_method=f"tcp://{settings['ip']}:{settings['port']}",
+        )
+        settings.update(device=torch.device("cpu"), single_spec=False)
+        if settings["local_rank"] != 0:  # as RecBole: only rank 0 logs
+            settings.update(state="error", show_progress=False, verbose=False)
+
+    def dist_backend(self):
+        backend = self.final_config_dict.get("dist_backend")
+        if backend is None:
+            use_gpu = self.final_config_dict.get("use_gpu", True)
+            return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown dist_backend '{backend}': use gloo (CPU) or nccl (GPU)")
+        return backend

@@ -9,6 +9,8 @@ import os
 import sys
 
 import torch
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from recbole_t2diff import compat
 from recbole_t2diff.config import Config, get_model
@@ -45,22 +47,87 @@ def load_best_model(trainer):
     logging.getLogger().info(f"Loading model structure and parameters from {trainer.saved_model_file}")
 
 
-def run(model, dataset, config_file_list=None, config_dict=None, saved=True, verbose=True):
+def make_trainer(config, model):
+    """RecBole's trainer for the model; on CPU processes of a distributed run, DDP without devices.
+
+    RecBole wraps the model in ``DistributedDataParallel(model, device_ids=[rank])``, which torch
+    rejects for CPU modules: build the trainer as if single-process, then wrap it the CPU way.
+    """
+    trainer_class = get_trainer(config["MODEL_TYPE"], config["model"])
+    if config["single_spec"] or config["device"].type != "cpu":
+        return trainer_class(config, model)
+    config["single_spec"] = True
+    try:
+        trainer = trainer_class(config, model)
+    finally:
+        config["single_spec"] = False
+    trainer.distributed_model = DistributedDataParallel(trainer.model)
+    return trainer
+
+
+def _share_checkpoint_name(trainer):
+    """Every rank reloads the file rank 0 saves; its name holds a timestamp that may differ per rank."""
+    if not trainer.config["single_spec"]:
+        name = [trainer.saved_model_file]
+        torch.distributed.broadcast_object_list(name, src=0)
+        trainer.saved_model_file = name[0]
+
+
+def run(model, dataset, config_file_list=None, config_dict=None, saved=True, verbose=True,
+        nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0):
     """Train with early stopping on the validation metric, then test the best model.
 
     Returns the dict RecBole's ``run_recbole`` returns, plus ``model`` (the name) and
-    ``saved_model_file`` (the best checkpoint, ``None`` when ``saved`` is false).
+    ``saved_model_file`` (the best checkpoint, ``None`` when ``saved`` is false). With ``nproc`` > 1
+    (or ``world_size`` > 1 across machines) it runs RecBole's distributed mode, one process per
+    device, on gloo (CPU) or NCCL (GPU) by ``dist_backend``; rank 0's result is returned.
     """
+    if nproc == 1 and world_size <= 1:
+        return _run(model, dataset, config_file_list, config_dict, saved, verbose)
+    settings = distributed_settings(nproc, world_size, ip, port, group_offset)
+    # Check settings and fetch a missing dataset once, here, rather than in every process.
+    ensure_dataset(Config(model=model, dataset=dataset, config_file_list=config_file_list,
+                          config_dict={**(config_dict or {}), **settings}))
+    return spawn(_run, nproc, settings, "config_dict", model=model, dataset=dataset, config_file_list=config_file_list,
+                 config_dict=config_dict, saved=saved, verbose=verbose)
+
+
+def distributed_settings(nproc, world_size=-1, ip="localhost", port="5678", group_offset=0):
+    """The config keys RecBole's distributed mode reads (``local_rank`` is added per process)."""
+    return {"nproc": nproc, "world_size": world_size if world_size > 0 else nproc, "ip": ip, "port": str(port),
+            "offset": group_offset}
+
+
+def spawn(function, nproc, settings, settings_key, **kwargs):
+    """Run ``function(**kwargs)`` in ``nproc`` processes, the settings dict ``kwargs[settings_key]``
+    extended with the distributed keys and each process's ``local_rank``; returns global rank 0's result."""
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_main, args=(function, settings, settings_key, kwargs, results), nprocs=nproc, join=True)
+    return None if results.empty() else results.get()
+
+
+def _rank_main(rank, function, settings, settings_key, kwargs, results):
+    kwargs[settings_key] = {**(kwargs[settings_key] or {}), **settings, "local_rank": rank}
+    result = function(**kwargs)
+    if rank + settings["offset"] == 0:
+        results.put(result)
+    torch.distributed.destroy_process_group()
+
+
+def _run(model, dataset, config_file_list, config_dict, saved, verbose):
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     _, train_data, valid_data, test_data = prepare(config)
     model = build_model(config, train_data)
     logger = logging.getLogger()
     logger.info(model)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer = make_trainer(config, model)
+    _share_checkpoint_name(trainer)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"]
     )
     if saved:
+        if not config["single_spec"]:
+            torch.distributed.barrier()  # rank 0 may still be writing the checkpoint
         load_best_model(trainer)
     test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
     logger.info(set_color("best valid ", "yellow") + f": {dict2str(best_valid_result)}")
@@ -86,6 +153,10 @@ def load_data_and_model(model_file, overrides=None):
     config = checkpoint["config"]
     for key, value in (overrides or {}).items():
         config[key] = value
+    if "local_rank" in (overrides or {}):  # a distributed evaluation: join the process group
+        config._init_device()
+    else:  # one process, whatever the checkpoint was trained with
+        config["single_spec"], config["local_rank"] = True, 0
     check = getattr(get_model(config["model"]), "check_config", None)
     if check is not None:
         check(config)
@@ -98,8 +169,12 @@ def load_data_and_model(model_file, overrides=None):
     return config, model, dataset, train_data, valid_data, test_data
 
 
-def evaluate_checkpoint(model_file, split="test", overrides=None):
-    """Metrics of a saved checkpoint on its ``valid`` or ``test`` split (``overrides`` as in :func:`load_data_and_model`)."""
+def evaluate_checkpoint(model_file, split="test", overrides=None, nproc=1, port="5679"):
+    """Metrics of a saved checkpoint on its ``valid`` or ``test`` split (``overrides`` as in
+    :func:`load_data_and_model`); with ``nproc`` > 1, evaluated by that many processes and gathered."""
+    if nproc > 1:
+        return spawn(evaluate_checkpoint, nproc, distributed_settings(nproc, port=port), "overrides",
+                     model_file=model_file, split=split, overrides=overrides)
     config, model, _, _, valid_data, test_data = load_data_and_model(model_file, overrides)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer = make_trainer(config, model)
     return trainer.evaluate({"valid": valid_data, "test": test_data}[split], load_best_model=False)
