@@ -74,16 +74,17 @@ def _share_checkpoint_name(trainer):
 
 
 def run(model, dataset, config_file_list=None, config_dict=None, saved=True, verbose=True,
-        nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0):
+        nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0, on_trainer=None):
     """Train with early stopping on the validation metric, then test the best model.
 
     Returns the dict RecBole's ``run_recbole`` returns, plus ``model`` (the name) and
     ``saved_model_file`` (the best checkpoint, ``None`` when ``saved`` is false). With ``nproc`` > 1
     (or ``world_size`` > 1 across machines) it runs RecBole's distributed mode, one process per
     device, on gloo (CPU) or NCCL (GPU) by ``dist_backend``; rank 0's result is returned.
+    ``on_trainer(trainer)``, single-process only, is called before training (benchmarks time it).
     """
     if nproc == 1 and world_size <= 1:
-        return _run(model, dataset, config_file_list, config_dict, saved, verbose)
+        return _run(model, dataset, config_file_list, config_dict, saved, verbose, on_trainer)
     settings = distributed_settings(nproc, world_size, ip, port, group_offset)
     # Check settings and fetch a missing dataset once, here, rather than in every process.
     ensure_dataset(Config(model=model, dataset=dataset, config_file_list=config_file_list,
@@ -114,7 +115,7 @@ def _rank_main(rank, function, settings, settings_key, kwargs, results):
     torch.distributed.destroy_process_group()
 
 
-def _run(model, dataset, config_file_list, config_dict, saved, verbose):
+def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_trainer=None):
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     _, train_data, valid_data, test_data = prepare(config)
     model = build_model(config, train_data)
@@ -122,6 +123,8 @@ def _run(model, dataset, config_file_list, config_dict, saved, verbose):
     logger.info(model)
     trainer = make_trainer(config, model)
     _share_checkpoint_name(trainer)
+    if on_trainer is not None:
+        on_trainer(trainer)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"]
     )
@@ -139,6 +142,7 @@ def _run(model, dataset, config_file_list, config_dict, saved, verbose):
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": os.path.abspath(trainer.saved_model_file) if saved else None,
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
 

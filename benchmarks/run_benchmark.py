@@ -1,0 +1,203 @@
+"""Benchmark T2Diff, its ablations and RecBole's built-in models under one protocol.
+
+    python benchmarks/run_benchmark.py --models=T2Diff,SASRec,GRU4Rec,BERT4Rec --dataset=ml-100k \
+        --seeds=2020,2021,2022 [--data_path=../shared/data] [--config_files=...] [--key=value ...]
+
+Protocol (properties/overall.yaml): leave-one-out by time, full ranking over all items,
+MAX_ITEM_LIST_LENGTH 50, early stopping on validation NDCG@10; each model at its property-file
+config unless --config_files / --key=value (applied to every model) say otherwise. Models may carry
+settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
+T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log.
+
+Every (model, seed) runs in its own process and is appended to results/<dataset>.csv as soon as it
+ends (rows already there for the same settings are skipped, so an interrupted run resumes). The
+summary (mean ± std over seeds) goes to results/<dataset>.md with a plot results/<dataset>.png.
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ABLATIONS = {
+    "T2Diff-noDiff": {"use_diffusion": False},
+    "T2Diff-noDP": {"use_drift": False},
+    "T2Diff-noTA": {"use_target_attention": False},
+    "T2Diff-linear": {"beta_schedule": "linear"},
+    "T2Diff-log": {"beta_schedule": "log"},
+}
+METRICS = ["recall@10", "mrr@10", "ndcg@10", "recall@20", "ndcg@20", "recall@2", "ndcg@2"]
+COLUMNS = ["variant", "seed", "settings", *[f"valid_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS],
+           "params", "train_s_per_epoch", "eval_s", "epochs_run", "best_epoch", "peak_rss_mib"]
+
+
+def parse_variant(variant):
+    """(model name, settings) for "SASRec", "T2Diff-noDP" or "T2Diff[lambda_diff=0.1,n_steps=20]"."""
+    if variant in ABLATIONS:
+        return "T2Diff", dict(ABLATIONS[variant])
+    match = re.fullmatch(r"(\w+)(?:\[(.*)\])?", variant)
+    if not match:
+        raise SystemExit(f"error: cannot read model '{variant}': write NAME or NAME[key=value,...]")
+    settings = {}
+    for pair in filter(None, (match.group(2) or "").split(",")):
+        key, _, value = pair.partition("=")
+        settings[key.strip()] = json.loads(value) if re.fullmatch(r"[-\d.eE]+|true|false|null", value.strip()) else value.strip()
+    return match.group(1), settings
+
+
+def worker(variant, seed, dataset, config_files):
+    """Train and test one (variant, seed); returns a row of COLUMNS."""
+    from recbole_t2diff.quick_start import run
+
+    model, settings = parse_variant(variant)
+    timings = {"train": [], "valid": []}
+
+    def timed(method, bucket):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            timings[bucket].append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    trainers = []
+
+    def on_trainer(trainer):
+        trainer._train_epoch = timed(trainer._train_epoch, "train")
+        trainer._valid_epoch = timed(trainer._valid_epoch, "valid")
+        trainers.append(trainer)
+
+    result = run(model, dataset, config_file_list=config_files, saved=True, on_trainer=on_trainer,
+                 config_dict={"seed": seed, "show_progress": False, **settings})
+    trainer = trainers[0]
+    row = {"variant": variant, "seed": seed, "settings": json.dumps(settings, sort_keys=True),
+           "params": result["params"], "train_s_per_epoch": round(statistics.mean(timings["train"]), 2),
+           "eval_s": round(statistics.mean(timings["valid"]), 2), "epochs_run": len(timings["train"]),
+           "best_epoch": len(timings["train"]) - trainer.cur_step * trainer.eval_step,
+           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    for metric in METRICS:
+        row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
+        row[f"test_{metric}"] = float(result["test_result"][metric])
+    os.remove(result["saved_model_file"])  # a benchmark keeps numbers, not checkpoints
+    return row
+
+
+def read_rows(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="T2Diff,SASRec,GRU4Rec,BERT4Rec")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--seeds", default="2020,2021,2022")
+    parser.add_argument("--config_files", default=None, help="space-separated yaml files for every model")
+    parser.add_argument("--out", default=os.path.join(ROOT, "results"))
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    args, extra = parser.parse_known_args()
+    config_files = args.config_files.split() if args.config_files else None
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.dataset, config_files)), flush=True)
+        return
+    overrides = [a for a in extra if a.startswith("--") and "=" in a]
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, f"{args.dataset}.csv")
+    rows = read_rows(csv_path)
+    jobs = [(v, int(s)) for v in args.models.split(",") for s in args.seeds.split(",")]
+    started = time.time()
+    for number, (variant, seed) in enumerate(jobs, 1):
+        if any(r["variant"] == variant and int(r["seed"]) == seed for r in rows):
+            print(f"[bench] {number}/{len(jobs)} {variant} seed {seed}: already in {csv_path}, skipped", flush=True)
+            continue
+        print(f"[bench] {number}/{len(jobs)} {variant} seed {seed} ... ({(time.time() - started) / 60:.1f} min so far)", flush=True)
+        command = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={args.dataset}",
+                   *([f"--config_files={args.config_files}"] if args.config_files else []), *overrides]
+        done = subprocess.run(command, capture_output=True, text=True)
+        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        if done.returncode or not line:
+            print(f"[bench] {variant} seed {seed} failed:\n{done.stderr[-3000:]}", flush=True)
+            continue
+        row = json.loads(line[0][len("RESULT "):])
+        rows.append(row)
+        new_file = not os.path.isfile(csv_path)
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        print(f"[bench] {variant} seed {seed}: test NDCG@10 {row['test_ndcg@10']:.4f}, Recall@10 {row['test_recall@10']:.4f}, "
+              f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch", flush=True)
+    summarize(rows, args, overrides)
+
+
+def mean_std(values):
+    values = [float(v) for v in values]
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(rows, args, overrides):
+    import torch
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    command = "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " + (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+    lines = [
+        f"# {args.dataset}: T2Diff against RecBole's built-in models",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine}; date {datetime.date.today().isoformat()}.  ",
+        "Protocol: leave-one-out by time, full ranking over all items, MAX_ITEM_LIST_LENGTH 50, early stopping on",
+        "validation NDCG@10; test metrics of the best-validation checkpoint. Mean ± std over the seeds listed.",
+        "",
+        "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | eval s | epochs (best) | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        cell = lambda key: "{:.4f} ± {:.4f}".format(*mean_std(r[key] for r in mine))  # noqa: E731
+        lines.append(
+            f"| {v} | {','.join(str(r['seed']) for r in mine)} | {cell('test_ndcg@10')} | {cell('test_recall@10')} | "
+            f"{cell('test_mrr@10')} | {cell('test_ndcg@20')} | {cell('valid_ndcg@10')} | {mine[0]['params']} | "
+            f"{mean_std(r['train_s_per_epoch'] for r in mine)[0]:.1f} | {mean_std(r['eval_s'] for r in mine)[0]:.1f} | "
+            f"{mean_std(r['epochs_run'] for r in mine)[0]:.0f} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}) | "
+            f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
+    with open(os.path.join(args.out, f"{args.dataset}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(rows, variants, os.path.join(args.out, f"{args.dataset}.png"), args.dataset)
+    print("\n".join(lines))
+
+
+def plot(rows, variants, path, dataset):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        x = [float(r["train_s_per_epoch"]) * float(r["epochs_run"]) / 60 for r in mine]
+        y = [float(r["test_ndcg@10"]) for r in mine]
+        ax.scatter(x, y, label=v)
+    ax.set(xlabel="training time to early stop (min)", ylabel="test NDCG@10", title=f"{dataset}: accuracy vs training time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
