@@ -24,9 +24,11 @@ _ALIASES = {
     "bool": np.bool_, "int": np.int_, "float": np.float64, "complex": np.complex128,
     "object": np.object_, "str": np.str_, "long": np.int_, "unicode": np.str_,
 }
-for _alias, _value in _ALIASES.items():
-    if not hasattr(np, _alias):
-        setattr(np, _alias, _value)
+with warnings.catch_warnings():  # asking numpy about np.object / np.str warns
+    warnings.simplefilter("ignore", FutureWarning)
+    for _alias, _value in _ALIASES.items():
+        if not hasattr(np, _alias):
+            setattr(np, _alias, _value)
 
 
 def disable_anomaly_mode():

@@ -227,3 +227,14 @@ def test_bpr_trains_with_recboles_negatives(tiny_path, workdir):
         "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1},
     })
     assert 0 <= result["test_result"]["ndcg@10"] <= 1
+
+
+def test_target_attention_equals_the_concatenated_form():
+    """The per-user factorisation computes exactly the DIN scorer on [h_s, x, h_s - x, h_s ⊙ x]."""
+    torch.manual_seed(0)
+    attention = TargetAttention(8, mask_pads=False)
+    query, history = torch.randn(3, 8), torch.randn(3, 5, 8)
+    q = query.unsqueeze(1).expand_as(history)
+    logits = attention.score(torch.cat([q, history, q - history, q * history], dim=-1)).squeeze(-1)
+    expected = (logits.softmax(-1).unsqueeze(-1) * history).sum(1)
+    torch.testing.assert_close(attention(query, history, torch.ones(3, 5, dtype=torch.bool)), expected)
