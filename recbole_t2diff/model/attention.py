@@ -11,9 +11,9 @@ NEG = -1e9
 
 
 def masked_mean(x, mask):
-    """Mean of ``x`` [B, M, d] over rows where ``mask`` [B, M] is True; 0 where no row is."""
+    """Mean of ``x`` [..., M, d] over rows where ``mask`` [..., M] is True; 0 where no row is."""
     weights = mask.unsqueeze(-1).to(x.dtype)
-    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return (x * weights).sum(-2) / weights.sum(-2).clamp(min=1.0)
 
 
 class SessionEncoder(nn.Module):

@@ -183,9 +183,8 @@ class T2Diff(SequentialRecommender):
         """Input tokens of item ``ids`` (any shape): id embedding, plus the mean category embedding."""
         tokens = self.item_embedding(ids)
         if self.category_embedding is not None:
-            categories = self.item_categories[ids]
-            tokens = torch.cat([tokens, masked_mean(self.category_embedding(categories).flatten(0, -3),
-                                                    (categories > 0).flatten(0, -2)).view(*ids.shape, -1)], dim=-1)
+            categories = self.item_categories[ids]  # [..., G], 0 = no category
+            tokens = torch.cat([tokens, masked_mean(self.category_embedding(categories), categories > 0)], dim=-1)
         if clip and self.emb_max_norm is not None:  # functional max-norm: out of place, gradients flow
             tokens = tokens * (self.emb_max_norm / tokens.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
         return tokens
@@ -234,7 +233,7 @@ class T2Diff(SequentialRecommender):
         """One-step estimate of x̂ from the noised true drift, and the diffusion loss (spec §9)."""
         condition = history.detach() if self.stop_grad else history
         z0 = self.next_sequence(condition, next_token.detach() if self.stop_grad else next_token)
-        s = torch.randint(1, self.diffusion.n_steps + 1, (len(z0),), device=z0.device)
+        s = torch.randint(1, self.n_steps + 1, (len(z0),), device=z0.device)
         z0_hat = self.denoiser(self.diffusion.add_noise(z0, s, torch.randn_like(z0)), condition, s)
 
         error = z0_hat - z0
@@ -243,8 +242,9 @@ class T2Diff(SequentialRecommender):
             rows = torch.ones_like(mask)
         elif self.diff_loss_positions == "valid":  # rows whose next element is a real item
             rows = torch.cat([mask[:, 1:], mask.new_ones(len(mask), 1)], dim=1)
-        else:
-            rows = F.one_hot(torch.full_like(mask[:, 0], mask.size(1) - 1, dtype=torch.long), mask.size(1)).bool()
+        else:  # last: the row behind x̂
+            rows = torch.zeros_like(mask)
+            rows[:, -1] = True
         loss = (per_row * rows).sum() / rows.sum()
 
         x_hat = self.generated_item(condition, z0_hat[:, -1])
