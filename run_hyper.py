@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import ALGOS, Search
 
 
@@ -28,9 +29,7 @@ def main():
     args, _ = parser.parse_known_args()
     with exit_on_usage_error():
         if args.tool != "Hyperopt":
-            from recbole_t2diff.errors import UsageError
-
-            raise UsageError(f"--tool={args.tool} is not supported: ray 2.6.3 (RecBole's pin) does not import with numpy 2; use --tool=Hyperopt")
+            raise UsageError(f"--tool={args.tool} is not supported: ray.tune 2.6.3 (RecBole's pin) fails to import with numpy 2 (np.bool8); use --tool=Hyperopt")
         search = Search(
             args.model, args.dataset, args.params_file, args.config_files.split() if args.config_files else None,
             args.algo, args.max_evals, args.early_stop,
