@@ -10,10 +10,11 @@ import sys
 
 import torch
 import torch.multiprocessing as mp
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_t2diff import compat
-from recbole_t2diff.config import Config, get_model
+from recbole_t2diff.config import Config, get_model, properties_dir
 from recbole_t2diff.data import ensure_dataset
 
 from recbole.data import create_dataset, data_preparation
@@ -150,11 +151,13 @@ def load_data_and_model(model_file, overrides=None):
     """Rebuild config, model and data loaders from a checkpoint written by :func:`run`.
 
     ``overrides`` change settings of the stored config that do not change the weights, such as
-    T2Diff's inference sampler. Returns ``(config, model, dataset, train_data, valid_data,
+    T2Diff's inference sampler; knobs added to the package after the checkpoint was written take
+    their defaults. Returns ``(config, model, dataset, train_data, valid_data,
     test_data)``, like RecBole's function.
     """
     checkpoint = compat.load_checkpoint(model_file)
     config = checkpoint["config"]
+    _add_new_knobs(config)
     for key, value in (overrides or {}).items():
         config[key] = value
     if "local_rank" in (overrides or {}):  # a distributed evaluation: join the process group
@@ -171,6 +174,16 @@ def load_data_and_model(model_file, overrides=None):
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data
+
+
+def _add_new_knobs(config):
+    """Give a checkpoint from an older version of this package the knobs added since, at their defaults."""
+    defaults = properties_dir() / "model" / f"{config['model']}.yaml"
+    if defaults.is_file():
+        with open(defaults, encoding="utf-8") as f:
+            for key, value in (yaml.load(f, Loader=config.yaml_loader) or {}).items():
+                if key not in config.final_config_dict:
+                    config[key] = value
 
 
 def evaluate_checkpoint(model_file, split="test", overrides=None, nproc=1, port="5679"):

@@ -86,3 +86,11 @@ def test_a_checkpoint_can_be_evaluated_with_the_few_step_sampler(trained, workdi
     assert dict(ddim) == dict(again)
     with pytest.raises(UsageError, match="infer_steps=9"):
         evaluate_checkpoint(trained["saved_model_file"], "test", {"sampler": "ddim", "infer_steps": 9})
+
+
+def test_checkpoints_from_before_a_new_knob_still_load(trained, tmp_path, workdir):
+    checkpoint = torch.load(trained["saved_model_file"], weights_only=False)
+    del checkpoint["config"].final_config_dict["sampler"]  # as written by a version without the knob
+    old = tmp_path / "old.pth"
+    torch.save(checkpoint, old)
+    assert dict(evaluate_checkpoint(str(old))) == dict(trained["test_result"])
