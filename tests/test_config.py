@@ -99,7 +99,7 @@ def test_every_t2diff_knob_is_documented_in_the_readme():
     [
         ({"sampler": "ddim", "infer_steps": 0}, "infer_steps=0"),
         ({"sampler": "ddim", "infer_steps": 60}, "infer_steps=60"),
-        ({"infer_steps": 5}, "the ddpm sampler runs all n_steps"),
+        ({"sampler": "ddpm"}, "the ddpm sampler runs all n_steps=50; with sampler: ddpm set infer_steps: ~"),
         ({"sampler": "euler"}, "sampler=euler"),
         ({"sampler": "ddim", "ddim_eta": 2}, "ddim_eta=2"),
     ],

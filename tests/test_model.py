@@ -130,7 +130,8 @@ ABLATIONS_AND_VARIANTS = [
     {"use_target_attention": False},
     {"beta_schedule": "linear"},
     {"beta_schedule": "log"},
-    {"reverse_coef": "official"},
+    {"sampler": "ddpm", "infer_steps": None},
+    {"sampler": "ddpm", "infer_steps": None, "reverse_coef": "official"},
     {"step_emb": "sinusoidal_mlp"},
     {"unet_padding": "same", "unet_out_proj": True},
     {"diff_loss": "mse", "diff_loss_positions": "valid"},
@@ -140,7 +141,7 @@ ABLATIONS_AND_VARIANTS = [
     {"use_user_ffn": True, "infer_samples": 3},
     {"dropout_prob": 0.3},
     {"softmax_negatives": 10},
-    {"sampler": "ddim", "infer_steps": 2},
+    {"sampler": "ddim", "infer_steps": 3},
     {"sampler": "ddim", "infer_steps": 3, "ddim_eta": 1.0},
 ]
 

@@ -81,7 +81,7 @@ class T2Diff(SequentialRecommender):
             if infer_steps > n_steps or (sampler == "ddpm" and infer_steps != n_steps):
                 raise UsageError(
                     f"invalid T2Diff setting infer_steps={infer_steps}: the ddpm sampler runs all n_steps={n_steps}; "
-                    f"use sampler: ddim with 1 <= infer_steps <= n_steps"
+                    f"with sampler: ddpm set infer_steps: ~ (e.g. --infer_steps=None), or use sampler: ddim with 1 <= infer_steps <= n_steps"
                 )
         if not 0 <= float(config["ddim_eta"]) <= 1:
             raise UsageError(f"invalid T2Diff setting ddim_eta={config['ddim_eta']}: it must lie in [0, 1]")
