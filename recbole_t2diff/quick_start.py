@@ -90,7 +90,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, ver
     # Check settings and fetch a missing dataset once, here, rather than in every process.
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict={**(config_dict or {}), **settings})
     ensure_dataset(config)
-    return spawn(_run, nproc, settings, config["checkpoint_dir"], "config_dict", model=model, dataset=dataset,
+    return spawn(_run, nproc, settings, config, "config_dict", model=model, dataset=dataset,
                  config_file_list=config_file_list, config_dict=config_dict, saved=saved, verbose=verbose)
 
 
@@ -100,11 +100,13 @@ def distributed_settings(nproc, world_size=-1, ip="localhost", port="5678", grou
             "offset": group_offset}
 
 
-def spawn(function, nproc, settings, checkpoint_dir, settings_key, **kwargs):
+def spawn(function, nproc, settings, config, settings_key, **kwargs):
     """Run ``function(**kwargs)`` in ``nproc`` processes, the settings dict ``kwargs[settings_key]``
-    extended with the distributed keys and each process's ``local_rank``; returns global rank 0's result."""
-    # RecBole creates log/ and the checkpoint folder with a check-then-create that races between ranks.
-    for folder in ("log", checkpoint_dir):
+    extended with the distributed keys and each process's ``local_rank``; returns global rank 0's result.
+    ``config`` is the run's config, for the folders every rank writes to."""
+    # RecBole creates log/<model>/ and the checkpoint folder with a check-then-create that races
+    # between ranks: create them first.
+    for folder in (os.path.join("log", config["model"]), config["checkpoint_dir"]):
         os.makedirs(folder, exist_ok=True)
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_rank_main, args=(function, settings, settings_key, kwargs, results), nprocs=nproc, join=True)
@@ -193,8 +195,8 @@ def evaluate_checkpoint(model_file, split="test", overrides=None, nproc=1, port=
     """Metrics of a saved checkpoint on its ``valid`` or ``test`` split (``overrides`` as in
     :func:`load_data_and_model`); with ``nproc`` > 1, evaluated by that many processes and gathered."""
     if nproc > 1:
-        checkpoint_dir = compat.load_checkpoint(model_file)["config"]["checkpoint_dir"]
-        return spawn(evaluate_checkpoint, nproc, distributed_settings(nproc, port=port), checkpoint_dir, "overrides",
+        config = compat.load_checkpoint(model_file)["config"]
+        return spawn(evaluate_checkpoint, nproc, distributed_settings(nproc, port=port), config, "overrides",
                      model_file=model_file, split=split, overrides=overrides)
     config, model, _, _, valid_data, test_data = load_data_and_model(model_file, overrides)
     trainer = make_trainer(config, model)

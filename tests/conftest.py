@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny generated dataset in RecBole's atomic format and configs that train in seconds."""
+import contextlib
 import os
 import sys
 
@@ -72,18 +73,25 @@ def tiny_config(tiny_path, model="T2Diff", **overrides):
     return Config(model=model, dataset="tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **overrides})
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tiny_path, tmp_path_factory):
-    """(config, train, valid, test) for the tiny dataset with the genre feature loaded."""
+@contextlib.contextmanager
+def scratch_run(folder):
+    """For fixtures wider than a test: run RecBole in ``folder`` with pytest's arguments hidden."""
     cwd, argv = os.getcwd(), sys.argv
-    os.chdir(tmp_path_factory.mktemp("run"))
+    os.chdir(folder)
     sys.argv = ["pytest"]
     try:
-        config = tiny_config(tiny_path, load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "genre"]})
-        _, train, valid, test = prepare(config)
+        yield
     finally:
         os.chdir(cwd)
         sys.argv = argv
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_path, tmp_path_factory):
+    """(config, train, valid, test) for the tiny dataset with the genre feature loaded."""
+    with scratch_run(tmp_path_factory.mktemp("run")):
+        config = tiny_config(tiny_path, load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "genre"]})
+        _, train, valid, test = prepare(config)
     return config, train, valid, test
 
 

@@ -1,6 +1,5 @@
 """Export round-trip, exact ANN retrieval, and evaluating a checkpoint with another sampler."""
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -11,22 +10,13 @@ from recbole_t2diff.errors import UsageError
 from recbole_t2diff.export import export_embeddings
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, run
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, scratch_run
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_path, tmp_path_factory):
-    import os
-
-    cwd, argv = os.getcwd(), sys.argv
-    os.chdir(tmp_path_factory.mktemp("export_run"))
-    sys.argv = ["pytest"]
-    try:
-        result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL})
-    finally:
-        os.chdir(cwd)
-        sys.argv = argv
-    return result
+    with scratch_run(tmp_path_factory.mktemp("export_run")):
+        return run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL})
 
 
 def test_exported_vectors_reproduce_full_sort_scores(trained, tmp_path):
