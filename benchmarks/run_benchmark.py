@@ -3,7 +3,7 @@
     python benchmarks/run_benchmark.py --models=T2Diff,SASRec,GRU4Rec,BERT4Rec --dataset=ml-100k \
         --seeds=2020,2021,2022 [--data_path=../shared/data] [--config_files=...] [--key=value ...]
 
-Protocol (properties/overall.yaml): leave-one-out by time, full ranking over all items,
+Protocol (properties/sequential.yaml): leave-one-out by time, full ranking over all items,
 MAX_ITEM_LIST_LENGTH 50, early stopping on validation NDCG@10; each model at its property-file
 config unless --config_files / --key=value (applied to every model) say otherwise. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:

@@ -16,6 +16,7 @@ from recbole_t2diff import compat
 from recbole_t2diff.errors import UsageError
 
 from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
 from recbole.utils import get_model as recbole_get_model
 
 MODELS = {"T2Diff": "recbole_t2diff.model.t2diff:T2Diff"}
@@ -32,7 +33,7 @@ _EXLIB_MODELS = {"lightgbm", "xgboost"}
 
 
 def properties_dir():
-    """The folder holding ``overall.yaml``, ``model/`` and ``dataset/``.
+    """The folder holding ``sequential.yaml``, ``model/`` and ``dataset/``.
 
     A wheel install ships it inside the package; a source checkout (editable install or
     ``python run_recbole.py`` in the clone) has it at the repository's top level.
@@ -107,11 +108,10 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         properties = properties_dir()
-        for file in [
-            properties / "overall.yaml",
-            properties / "model" / f"{model}.yaml",
-            properties / "dataset" / f"{dataset}.yaml",
-        ]:
+        # The sequential protocol (leave-one-out, full ranking, CE without sampled negatives) would
+        # break other model types, e.g. RecBole's general BPR model, which needs negatives.
+        protocol = [properties / "sequential.yaml"] if model_class.type == ModelType.SEQUENTIAL else []
+        for file in protocol + [properties / "model" / f"{model}.yaml", properties / "dataset" / f"{dataset}.yaml"]:
             if file.is_file():
                 loaded = self._update_internal_config_dict(str(file)) or {}
                 if file.parent.name == "dataset":

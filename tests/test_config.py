@@ -42,6 +42,12 @@ def test_command_line_overrides_property_files(monkeypatch):
     assert config["n_steps"] == 7 and config["learning_rate"] == 0.01
 
 
+def test_other_model_types_keep_recboles_defaults():
+    config = Config(model="BPR", dataset="ml-100k")  # a general model trained with sampled negatives
+    assert config["train_neg_sample_args"]["distribution"] == "uniform"
+    assert "LS" not in config["eval_args"]["split"]
+
+
 def test_builtin_models_get_the_same_protocol():
     config = Config(model="SASRec", dataset="ml-1m", config_dict={"data_path": "/nowhere"})
     assert config["valid_metric"] == "NDCG@10" and config["metrics"] == ["Recall", "MRR", "NDCG", "Hit"]
