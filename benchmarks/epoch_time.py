@@ -19,16 +19,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
 from recbole_t2diff.config import Config  # noqa: E402
-from recbole_t2diff.quick_start import build_model, prepare  # noqa: E402
-
-from recbole.utils import get_trainer  # noqa: E402
+from recbole_t2diff.quick_start import build_model, make_trainer, prepare  # noqa: E402
 
 
 def measure(model_name, dataset, extra):
     config = Config(model=model_name, dataset=dataset, config_dict={"show_progress": False, **extra})
     _, train_data, valid_data, _ = prepare(config)
     model = build_model(config, train_data)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer = make_trainer(config, model)
     start = time.perf_counter()
     trainer._train_epoch(train_data, 0)
     train_s = time.perf_counter() - start

@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,9 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from recbole_t2diff.ann import build_index, exact_top_k, recall_ndcg, search  # noqa: E402
 from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
 from recbole_t2diff.export import item_matrix, user_matrix  # noqa: E402
-from recbole_t2diff.quick_start import load_data_and_model  # noqa: E402
-
-from recbole.utils import get_trainer  # noqa: E402
+from recbole_t2diff.quick_start import load_data_and_model, make_trainer  # noqa: E402
 
 
 def batch_of(loader, size):
@@ -87,7 +84,7 @@ def main():
     records = []
     with exit_on_usage_error():
         config, model, _, _, valid, test = load_data_and_model(args.t2diff)
-        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+        trainer = make_trainer(config, model)
         dataset = config["dataset"]
         model.set_sampler("ddpm")
         records.append(measure("T2Diff", model, trainer, valid, test, "ddpm", model.n_steps))
@@ -110,7 +107,7 @@ def main():
             ann.append({"index": kind, "recall@10": recall, "ndcg@10": ndcg, "qps": round(qps)})
         if args.sasrec:
             config_s, sasrec, _, _, valid_s, test_s = load_data_and_model(args.sasrec)
-            trainer_s = get_trainer(config_s["MODEL_TYPE"], config_s["model"])(config_s, sasrec)
+            trainer_s = make_trainer(config_s, sasrec)
             records.append(measure("SASRec", sasrec, trainer_s, valid_s, test_s, "-", 0))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
