@@ -9,9 +9,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
+
+from machine import describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
@@ -56,9 +57,7 @@ def main():
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
     extra = {"data_path": args.data_path} if args.data_path else {}
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " + (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    )
+    machine = describe()
     with exit_on_usage_error():
         rows = [measure(name, args.dataset, extra) for name in args.models.split(",")]
     os.makedirs(args.out, exist_ok=True)

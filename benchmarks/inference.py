@@ -14,10 +14,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
+
+from machine import describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
@@ -109,9 +110,7 @@ def main():
             config_s, sasrec, _, _, valid_s, test_s = load_data_and_model(args.sasrec)
             trainer_s = make_trainer(config_s, sasrec)
             records.append(measure("SASRec", sasrec, trainer_s, valid_s, test_s, "-", 0))
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " + (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    )
+    machine = describe()
     command = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
     meta = {"command": command, "machine": machine, "date": datetime.date.today().isoformat(), "dataset": dataset,
             "checkpoints": {"T2Diff": args.t2diff, "SASRec": args.sasrec}, "trained_with": args.trained_with,

@@ -18,13 +18,14 @@ import csv
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from machine import describe  # benchmarks/ is on sys.path when a script runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -149,12 +150,9 @@ def mean_std(values):
 
 
 def summarize(rows, args, overrides):
-    import torch
-
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     command = "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " + (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+    machine = describe()
     lines = [
         f"# {args.dataset}: T2Diff against RecBole's built-in models",
         "",

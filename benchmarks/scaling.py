@@ -14,12 +14,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from machine import describe  # benchmarks/ is on sys.path when a script runs
 
 import numpy as np
 
@@ -117,14 +118,12 @@ def main():
 
 
 def report(rows, args):
-    import torch
-
     ok = [r for r in rows if "failed" not in r]
     variants = sorted({r["variant"] for r in rows}, key=list(VARIANTS).index)
     growth = {v: {k: exponent([r for r in ok if r["variant"] == v], k)
                   for k in ("train_s_per_1k", "eval_s_per_1k_users", "peak_rss_mib")} for v in variants}
     meta = {"command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU",
+            "machine": describe(),
             "date": datetime.date.today().isoformat()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "scaling.json"), "w") as f:
