@@ -78,6 +78,13 @@ def _builtin_model(name):
     )
 
 
+def check_model_config(config):
+    """Run the model's own ``check_config`` (T2Diff's knob checks), if it has one, before any data loads."""
+    check = getattr(get_model(config["model"]), "check_config", None)
+    if check is not None:
+        check(config)
+
+
 BACKENDS = ("gloo", "nccl")
 
 
@@ -92,9 +99,7 @@ class Config(RecBoleConfig):
             super().__init__(model, dataset, config_file_list, config_dict)
         except ValueError as err:  # RecBole's own checks of settings, e.g. CE with sampled negatives
             raise UsageError(f"invalid setting: {err}") from err
-        check = getattr(self.model_class, "check_config", None)
-        if check is not None:
-            check(self)
+        check_model_config(self)
 
     def _get_model_and_dataset(self, model, dataset):
         model = model if model is not None else self.external_config_dict.get("model")

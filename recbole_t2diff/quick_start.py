@@ -14,7 +14,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_t2diff import compat
-from recbole_t2diff.config import Config, get_model, properties_dir
+from recbole_t2diff.config import Config, check_model_config, get_model, properties_dir
 from recbole_t2diff.data import ensure_dataset
 
 from recbole.data import create_dataset, data_preparation
@@ -169,9 +169,7 @@ def load_data_and_model(model_file, overrides=None):
         config._init_device()
     else:  # one process, whatever the checkpoint was trained with
         config["single_spec"], config["local_rank"] = True, 0
-    check = getattr(get_model(config["model"]), "check_config", None)
-    if check is not None:
-        check(config)
+    check_model_config(config)
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     dataset, train_data, valid_data, test_data = prepare(config)
