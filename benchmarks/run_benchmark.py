@@ -1,11 +1,13 @@
 """Benchmark T2Diff, its ablations and RecBole's built-in models under one protocol.
 
     python benchmarks/run_benchmark.py --models=T2Diff,SASRec,GRU4Rec,BERT4Rec --dataset=ml-100k \
-        --seeds=2020,2021,2022 [--data_path=../shared/data] [--config_files=...] [--key=value ...]
+        --seeds=2020,2021,2022 [--time_budget=MIN] [--data_path=../shared/data] [--config_files=...] [--key=value ...]
 
 Protocol (properties/sequential.yaml): leave-one-out by time, full ranking over all items,
 MAX_ITEM_LIST_LENGTH 50, early stopping on validation NDCG@10; each model at its property-file
-config unless --config_files / --key=value (applied to every model) say otherwise. Models may carry
+config unless --config_files / --key=value (applied to every model) say otherwise. --time_budget gives
+every run the same training time: a run starts no epoch that its mean epoch time (training plus
+validation) says would end past the budget, and is tested at its best-validation epoch as usual. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
 T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log.
 
@@ -14,15 +16,19 @@ ends (rows already there for the same settings are skipped, so an interrupted ru
 summary (mean ± std over seeds) goes to results/<dataset>.md with a plot results/<dataset>.png.
 """
 import argparse
+import concurrent.futures
 import csv
 import datetime
 import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 from machine import describe  # benchmarks/ is on sys.path when a script runs
@@ -56,7 +62,30 @@ def parse_variant(variant):
     return match.group(1), settings
 
 
-def worker(variant, seed, dataset, config_files):
+def stop_when_budget_spent(minutes):
+    """Make RecBole's trainers stop before an epoch that would end past ``minutes`` of wall-clock.
+
+    RecBole's fit loop ends when ``early_stopping`` (called after each validation) says stop; this
+    process trains one model, so wrapping that function here adds the budget to its verdict while
+    keeping its bookkeeping (best score, and whether this epoch is the new best) unchanged.
+    """
+    import recbole.trainer.trainer as trainer_module
+
+    original, started, epoch_times = trainer_module.early_stopping, time.perf_counter(), []
+
+    def early_stopping(*args, **kwargs):
+        best, cur_step, stop, update = original(*args, **kwargs)
+        elapsed = time.perf_counter() - started
+        epoch_times.append(elapsed - sum(epoch_times))
+        if elapsed + statistics.mean(epoch_times) > 60 * minutes:
+            stop = True
+            print(f"time budget of {minutes:g} min spent after {elapsed / 60:.1f} min", file=sys.stderr, flush=True)
+        return best, cur_step, stop, update
+
+    trainer_module.early_stopping = early_stopping
+
+
+def worker(variant, seed, dataset, config_files, time_budget=None):
     """Train and test one (variant, seed); returns a row of COLUMNS."""
     from recbole_t2diff.quick_start import run
 
@@ -76,10 +105,15 @@ def worker(variant, seed, dataset, config_files):
     def on_trainer(trainer):
         trainer._train_epoch = timed(trainer._train_epoch, "train")
         trainer._valid_epoch = timed(trainer._valid_epoch, "valid")
+        if time_budget:
+            stop_when_budget_spent(time_budget)
         trainers.append(trainer)
 
+    # A private checkpoint folder: RecBole names checkpoints by the second, and parallel runs of
+    # one model would otherwise overwrite each other's.
+    checkpoints = tempfile.mkdtemp(prefix="bench-")
     result = run(model, dataset, config_file_list=config_files, saved=True, on_trainer=on_trainer,
-                 config_dict={"seed": seed, "show_progress": False, **settings})
+                 config_dict={"seed": seed, "show_progress": False, "checkpoint_dir": checkpoints, **settings})
     trainer = trainers[0]
     row = {"variant": variant, "seed": seed, "settings": json.dumps(settings, sort_keys=True),
            "params": result["params"], "train_s_per_epoch": round(statistics.mean(timings["train"]), 2),
@@ -89,7 +123,7 @@ def worker(variant, seed, dataset, config_files):
     for metric in METRICS:
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
         row[f"test_{metric}"] = float(result["test_result"][metric])
-    os.remove(result["saved_model_file"])  # a benchmark keeps numbers, not checkpoints
+    shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
     return row
 
 
@@ -106,47 +140,75 @@ def main():
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files for every model")
+    parser.add_argument("--time_budget", type=float, default=None, help="training minutes per run (same for every model)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores // jobs torch threads")
     parser.add_argument("--out", default=os.path.join(ROOT, "results"))
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     config_files = args.config_files.split() if args.config_files else None
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.dataset, config_files)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.dataset, config_files, args.time_budget)), flush=True)
         return
     overrides = [a for a in extra if a.startswith("--") and "=" in a]
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, f"{args.dataset}.csv")
     rows = read_rows(csv_path)
     jobs = [(v, int(s)) for v in args.models.split(",") for s in args.seeds.split(",")]
-    started = time.time()
-    for number, (variant, seed) in enumerate(jobs, 1):
-        if any(r["variant"] == variant and int(r["seed"]) == seed for r in rows):
-            print(f"[bench] {number}/{len(jobs)} {variant} seed {seed}: already in {csv_path}, skipped", flush=True)
-            continue
-        print(f"[bench] {number}/{len(jobs)} {variant} seed {seed} ... ({(time.time() - started) / 60:.1f} min so far)", flush=True)
+    todo = [(v, s) for v, s in jobs if not any(r["variant"] == v and int(r["seed"]) == s for r in rows)]
+    for variant, seed in sorted(set(jobs) - set(todo), key=jobs.index):
+        print(f"[bench] {variant} seed {seed}: already in {csv_path}, skipped", flush=True)
+    started, lock = time.time(), threading.Lock()
+    # Parallel runs split the cores between them (torch threads = cores // jobs), so that timings
+    # of runs that shared the machine stay comparable with each other.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads(args.jobs))}
+
+    def run_job(number, variant, seed):
+        print(f"[bench] {number}/{len(todo)} {variant} seed {seed} started ({(time.time() - started) / 60:.1f} min so far)", flush=True)
         command = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={args.dataset}",
-                   *([f"--config_files={args.config_files}"] if args.config_files else []), *overrides]
-        done = subprocess.run(command, capture_output=True, text=True)
+                   *([f"--config_files={args.config_files}"] if args.config_files else []),
+                   *([f"--time_budget={args.time_budget}"] if args.time_budget else []), *overrides]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not line:
             print(f"[bench] {variant} seed {seed} failed:\n{done.stderr[-3000:]}", flush=True)
-            continue
+            return
         row = json.loads(line[0][len("RESULT "):])
-        rows.append(row)
-        new_file = not os.path.isfile(csv_path)
-        with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        with lock:
+            rows.append(row)
+            new_file = not os.path.isfile(csv_path)
+            with open(csv_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
         print(f"[bench] {variant} seed {seed}: test NDCG@10 {row['test_ndcg@10']:.4f}, Recall@10 {row['test_recall@10']:.4f}, "
-              f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch", flush=True)
+              f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch ({(time.time() - started) / 60:.1f} min so far)", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: run_job(job[0], *job[1]), enumerate(todo, 1)))
     summarize(rows, args, overrides)
 
 
 def mean_std(values):
     values = [float(v) for v in values]
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def threads(jobs):
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def margin(rows, variants):
+    """T2Diff's relative margin over the best built-in model (by mean test NDCG@10), as markdown lines."""
+    mean = {v: {k: mean_std(r[k] for r in rows if r["variant"] == v)[0] for k in ("test_ndcg@10", "test_recall@10")}
+            for v in variants}
+    builtins = [v for v in variants if parse_variant(v)[0] != "T2Diff"]
+    if "T2Diff" not in mean or not builtins:
+        return []
+    best = max(builtins, key=lambda v: mean[v]["test_ndcg@10"])
+    change = {k: 100 * (mean["T2Diff"][k] / mean[best][k] - 1) for k in mean[best]}
+    return [f"**T2Diff vs the best built-in ({best}): NDCG@10 {change['test_ndcg@10']:+.1f}%, "
+            f"Recall@10 {change['test_recall@10']:+.1f}%** (test, mean over seeds).", ""]
 
 
 def summarize(rows, args, overrides):
@@ -160,7 +222,11 @@ def summarize(rows, args, overrides):
         f"Machine: {machine}; date {datetime.date.today().isoformat()}.  ",
         "Protocol: leave-one-out by time, full ranking over all items, MAX_ITEM_LIST_LENGTH 50, early stopping on",
         "validation NDCG@10; test metrics of the best-validation checkpoint. Mean ± std over the seeds listed.",
+        *([f"Budget: each run trained for at most {args.time_budget:g} min of wall-clock (no epoch started that would end "
+           f"past it); {args.jobs} run(s) at a time, {threads(args.jobs)} torch thread(s) each, so s/epoch is per run."]
+          if args.time_budget else []),
         "",
+        *margin(rows, variants),
         "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | eval s | epochs (best) | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
