@@ -7,8 +7,8 @@ For each T2Diff setting (the ancestral DDPM chain over all n_steps, and DDIM wit
 and for SASRec: validation and test NDCG@10 / Recall@10 (RecBole's full-sort evaluation), full-sort
 users per second at batch 1024, and the median latency of one user. Then, for the DDIM default, the
 exported two-tower vectors go through faiss (exact, HNSW, IVF): retrieval metrics against exact
-full-sort scoring, and queries per second. Writes <out>/inference.json, inference.md and
-inference.png. Pick the default sampler on the validation columns.
+full-sort scoring, and queries per second. Updates this dataset's entry in <out>/inference.json,
+rewrites inference.md from it, and plots inference_<dataset>.png. Pick the default sampler on the validation columns.
 """
 import argparse
 import datetime
@@ -112,39 +112,55 @@ def main():
             records.append(measure("SASRec", sasrec, trainer_s, valid_s, test_s, "-", 0))
     machine = describe()
     command = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
-    meta = {"command": command, "machine": machine, "date": datetime.date.today().isoformat(), "dataset": dataset,
-            "checkpoints": {"T2Diff": args.t2diff, "SASRec": args.sasrec}, "trained_with": args.trained_with,
-            "ddim_default_steps": best}
+    for record in records:
+        record["dataset"] = dataset
+    run = {"command": command, "machine": machine, "date": datetime.date.today().isoformat(), "dataset": dataset,
+           "checkpoints": {"T2Diff": args.t2diff, "SASRec": args.sasrec}, "trained_with": args.trained_with,
+           "ddim_default_steps": best, "records": records, "ann": ann}
+    # One file for every dataset measured: this run replaces only its own dataset's entry.
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "inference.json"), "w") as f:
-        json.dump({**meta, "records": records, "ann": ann}, f, indent=1)
-    write_markdown(os.path.join(args.out, "inference.md"), meta, records, ann)
-    plot(os.path.join(args.out, "inference.png"), records, dataset)
+    json_path = os.path.join(args.out, "inference.json")
+    runs = {}
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            runs = json.load(f)["runs"]
+    runs[dataset] = run
+    with open(json_path, "w") as f:
+        json.dump({"runs": runs}, f, indent=1)
+    write_markdown(os.path.join(args.out, "inference.md"), runs)
+    plot(os.path.join(args.out, f"inference_{dataset}.png"), records, dataset)
 
 
-def write_markdown(path, meta, records, ann):
+def write_markdown(path, runs):
     keys = ["model", "sampler", "steps", "valid_ndcg@10", "ndcg@10", "recall@10", "users_per_s", "single_user_ms"]
     lines = [
-        f"# Inference: samplers, speed and ANN retrieval ({meta['dataset']})",
+        "# Inference: samplers, speed and ANN retrieval",
         "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; date {meta['date']}; checkpoints {meta['checkpoints']}.  ",
-        f"Checkpoints trained with: {meta['trained_with'] or 'not stated'}.",
         "Accuracy: RecBole full-sort evaluation (valid and test splits); users/s: full-sort scoring of a",
-        "1024-sequence batch (median of 5); single_user_ms: median of 30 one-user calls.",
-        "",
-        "| " + " | ".join(keys) + " |",
-        "|" + "---|" * len(keys),
+        "1024-sequence batch (median of 5); single_user_ms: median of 30 one-user calls. All rows of one",
+        "dataset come from one run on one machine. Plots: `inference_<dataset>.png`.",
     ]
-    for r in records:
-        lines.append("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) and k != "users_per_s" and k != "single_user_ms" else str(r[k]) for k in keys) + " |")
-    lines += [
-        "",
-        f"## ANN retrieval with T2Diff vectors (DDIM, {meta['ddim_default_steps']} steps, test split)",
-        "",
-        "| index | recall@10 | ndcg@10 | queries/s |",
-        "|---|---|---|---|",
-    ] + [f"| {a['index']} | {a['recall@10']:.4f} | {a['ndcg@10']:.4f} | {a['qps']} |" for a in ann]
+    for dataset, run in runs.items():
+        lines += [
+            "",
+            f"## {dataset}",
+            "",
+            f"Command: `{run['command']}`  ",
+            f"Machine: {run['machine']}; date {run['date']}; checkpoints {run['checkpoints']}.  ",
+            f"Checkpoints trained with: {run['trained_with'] or 'not stated'}.",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+        ]
+        for r in run["records"]:
+            lines.append("| " + " | ".join(f"{r[k]:.4f}" if k.endswith("@10") else str(r[k]) for k in keys) + " |")
+        lines += [
+            "",
+            f"ANN retrieval with T2Diff vectors (DDIM, {run['ddim_default_steps']} steps, test split):",
+            "",
+            "| index | recall@10 | ndcg@10 | queries/s |",
+            "|---|---|---|---|",
+        ] + [f"| {a['index']} | {a['recall@10']:.4f} | {a['ndcg@10']:.4f} | {a['qps']} |" for a in run["ann"]]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
