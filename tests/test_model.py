@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.attention import SessionEncoder, TargetAttention
 from recbole_t2diff.model.t2diff import realign
 
@@ -239,3 +240,23 @@ def test_target_attention_equals_the_concatenated_form():
     logits = attention.score(torch.cat([q, history, q - history, q * history], dim=-1)).squeeze(-1)
     expected = (logits.softmax(-1).unsqueeze(-1) * history).sum(1)
     torch.testing.assert_close(attention(query, history, torch.ones(3, 5, dtype=torch.bool)), expected)
+
+
+@pytest.mark.parametrize("min_step", [1, 3])
+def test_train_xhat_min_step_draws_the_towers_estimate_from_noisy_steps(tiny_data, min_step):
+    _, train, _, _ = tiny_data
+    model = make_model(tiny_data, train_xhat_min_step=min_step)
+    model.train()
+    calls, denoise = [], model.denoiser.forward
+    model.denoiser.forward = lambda z, condition, s: calls.append(s.clone()) or denoise(z, condition, s)
+    tower_loss, diffusion_loss = model.calculate_loss(first_batch(train))
+    if min_step == 1:  # the paper: x̂ comes from the pass behind the diffusion loss
+        assert len(calls) == 1
+    else:  # a second pass, from steps min_step..n_steps only, that leaves the U-Net's gradients to the diffusion loss
+        assert len(calls) == 2 and calls[1].min() >= min_step and calls[1].max() <= model.n_steps
+        assert grads(model, tower_loss) == (False, True) and grads(model, diffusion_loss) == (True, False)
+
+
+def test_train_xhat_min_step_must_lie_in_the_schedule(tiny_data):
+    with pytest.raises(UsageError, match="train_xhat_min_step=5: it must lie in 1..n_steps=4"):
+        make_model(tiny_data, train_xhat_min_step=5)

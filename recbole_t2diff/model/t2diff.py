@@ -74,6 +74,8 @@ class T2Diff(SequentialRecommender):
         if int(mult[0]) != 1 and not config["unet_out_proj"]:
             raise UsageError(f"invalid T2Diff setting unet_mult={mult}: the first factor must be 1 unless unet_out_proj is true")
         n_steps = _integer(config, "n_steps", 1)
+        if not 1 <= _integer(config, "train_xhat_min_step", 1) <= n_steps:
+            raise UsageError(f"invalid T2Diff setting train_xhat_min_step={config['train_xhat_min_step']}: it must lie in 1..n_steps={n_steps}")
         beta_schedule(config["beta_schedule"], n_steps, config["beta_a"], config["beta_b"])
         sampler = _one_of(config, "sampler", SAMPLERS)
         if config["infer_steps"] is not None:
@@ -126,6 +128,7 @@ class T2Diff(SequentialRecommender):
         self.diff_loss_positions = config["diff_loss_positions"]
         self.infer_samples = int(config["infer_samples"])
         self.n_steps = int(config["n_steps"])
+        self.train_xhat_min_step = int(config["train_xhat_min_step"])
         self.set_sampler(config["sampler"], config["infer_steps"], config["ddim_eta"])
         self.emb_max_norm = config["emb_max_norm"]
         self.eval_seed = config["eval_seed"] if config["eval_seed"] is not None else config["seed"]
@@ -230,7 +233,7 @@ class T2Diff(SequentialRecommender):
     # ---- diffusion ------------------------------------------------------------------------------
 
     def diffusion_training(self, history, mask, next_token):
-        """One-step estimate of x̂ from the noised true drift, and the diffusion loss (spec §9)."""
+        """The diffusion loss and the x̂ the tower trains with: one-step estimates from the noised true drift (spec §9)."""
         condition = history.detach() if self.stop_grad else history
         z0 = self.next_sequence(condition, next_token.detach() if self.stop_grad else next_token)
         s = torch.randint(1, self.n_steps + 1, (len(z0),), device=z0.device)
@@ -247,6 +250,12 @@ class T2Diff(SequentialRecommender):
             rows[:, -1] = True
         loss = (per_row * rows).sum() / rows.sum()
 
+        if self.train_xhat_min_step > 1:
+            # At small s the estimate is nearly the target itself, a signal the reverse chain never
+            # delivers at inference; a separate pass from the noisier steps only narrows that gap.
+            s = torch.randint(self.train_xhat_min_step, self.n_steps + 1, (len(z0),), device=z0.device)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.stop_grad):
+                z0_hat = self.denoiser(self.diffusion.add_noise(z0, s, torch.randn_like(z0)), condition, s)
         x_hat = self.generated_item(condition, z0_hat[:, -1])
         return (x_hat.detach() if self.stop_grad else x_hat), loss
 
