@@ -260,3 +260,25 @@ def test_train_xhat_min_step_draws_the_towers_estimate_from_noisy_steps(tiny_dat
 def test_train_xhat_min_step_must_lie_in_the_schedule(tiny_data):
     with pytest.raises(UsageError, match="train_xhat_min_step=5: it must lie in 1..n_steps=4"):
         make_model(tiny_data, train_xhat_min_step=5)
+
+
+@pytest.mark.parametrize("diffusion_scale", ["rms", "none"])
+def test_diffusion_runs_in_units_of_the_drifts_running_rms(tiny_data, diffusion_scale):
+    _, train, _, _ = tiny_data
+    model = make_model(tiny_data, diffusion_scale=diffusion_scale)
+    model.train()
+    clean, add_noise = [], model.diffusion.add_noise
+    model.diffusion.add_noise = lambda z0, s, noise: clean.append(z0) or add_noise(z0, s, noise)
+    batch = first_batch(train)
+    model.calculate_loss(batch)
+    history, mask = model.history(batch)
+    drift = model.next_sequence(history, model.tokens(batch[model.POS_ITEM_ID]))
+    raw_rms = drift[mask].pow(2).mean().sqrt()
+    diffused_rms = clean[0][mask].pow(2).mean().sqrt()
+    if diffusion_scale == "rms":  # the first batch sets the scale; the denoiser sees a unit-RMS drift
+        assert torch.allclose(model.drift_rms, raw_rms) and torch.allclose(diffused_rms, torch.tensor(1.0))
+        model.eval()  # evaluation reads the scale and never moves it
+        model.full_sort_predict(batch)
+        assert torch.allclose(model.drift_rms, raw_rms)
+    else:  # the paper's raw drift: d=64 tokens at init are ~0.02 per coordinate
+        assert not hasattr(model, "drift_rms") and torch.allclose(diffused_rms, raw_rms) and raw_rms < 0.1

@@ -25,6 +25,7 @@ from recbole_t2diff.model.diffusion import REVERSE_COEFS, SAMPLERS, GaussianDiff
 from recbole_t2diff.model.unet import PADDINGS, STEP_EMBEDDINGS, Denoiser
 
 DIFF_LOSSES = ("l2norm", "mse")
+DIFFUSION_SCALES = ("rms", "none")
 DIFF_LOSS_POSITIONS = ("all", "valid", "last")
 LOSS_TYPES = ("CE", "BPR")
 
@@ -92,6 +93,7 @@ class T2Diff(SequentialRecommender):
         _one_of(config, "unet_padding", PADDINGS)
         _one_of(config, "step_emb", STEP_EMBEDDINGS)
         _one_of(config, "diff_loss", DIFF_LOSSES)
+        _one_of(config, "diffusion_scale", DIFFUSION_SCALES)
         _one_of(config, "diff_loss_positions", DIFF_LOSS_POSITIONS)
         loss_type = _one_of(config, "loss_type", LOSS_TYPES)
         negatives = config["train_neg_sample_args"] or {}
@@ -129,6 +131,7 @@ class T2Diff(SequentialRecommender):
         self.infer_samples = int(config["infer_samples"])
         self.n_steps = int(config["n_steps"])
         self.train_xhat_min_step = int(config["train_xhat_min_step"])
+        self.diffusion_scale = config["diffusion_scale"]
         self.set_sampler(config["sampler"], config["infer_steps"], config["ddim_eta"])
         self.emb_max_norm = config["emb_max_norm"]
         self.eval_seed = config["eval_seed"] if config["eval_seed"] is not None else config["seed"]
@@ -148,6 +151,8 @@ class T2Diff(SequentialRecommender):
             self.diffusion = GaussianDiffusion(
                 self.n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
             )
+            if self.diffusion_scale == "rms":  # running RMS of the drift, 0 until training measures it; see ``scale``
+                self.register_buffer("drift_rms", torch.zeros(()))
             self.denoiser = Denoiser(
                 d, self.n_steps, int(config["unet_levels"]), [int(m) for m in config["unet_mult"]], config["unet_padding"],
                 config["unet_out_proj"], config["step_emb"], float(config["step_emb_scale"]), eps,
@@ -232,10 +237,28 @@ class T2Diff(SequentialRecommender):
 
     # ---- diffusion ------------------------------------------------------------------------------
 
+    def scale(self, z0=None, mask=None):
+        """The unit the diffusion runs in: the drift's running RMS with ``diffusion_scale: rms``, else 1.
+
+        The schedule's noise is unit Gaussian, but d=64 tokens move by ~0.1 per coordinate, so raw
+        drifts drown in noise from the first steps and the denoiser learns to predict ~0. Dividing
+        drift and history by their scale (updated from the real rows of training batches ``z0``)
+        gives the signal-to-noise ratios the schedule was designed for (spec §6).
+        """
+        if self.diffusion_scale == "none":
+            return 1.0
+        if self.training and z0 is not None:
+            with torch.no_grad():
+                rms = z0[mask].pow(2).mean().sqrt()
+                self.drift_rms.copy_(rms if self.drift_rms == 0 else 0.99 * self.drift_rms + 0.01 * rms)
+        return self.drift_rms if self.drift_rms > 0 else 1.0  # an untrained model has measured nothing
+
     def diffusion_training(self, history, mask, next_token):
         """The diffusion loss and the x̂ the tower trains with: one-step estimates from the noised true drift (spec §9)."""
         condition = history.detach() if self.stop_grad else history
         z0 = self.next_sequence(condition, next_token.detach() if self.stop_grad else next_token)
+        scale = self.scale(z0, mask)
+        z0, condition = z0 / scale, condition / scale
         s = torch.randint(1, self.n_steps + 1, (len(z0),), device=z0.device)
         z0_hat = self.denoiser(self.diffusion.add_noise(z0, s, torch.randn_like(z0)), condition, s)
 
@@ -256,13 +279,14 @@ class T2Diff(SequentialRecommender):
             s = torch.randint(self.train_xhat_min_step, self.n_steps + 1, (len(z0),), device=z0.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.stop_grad):
                 z0_hat = self.denoiser(self.diffusion.add_noise(z0, s, torch.randn_like(z0)), condition, s)
-        x_hat = self.generated_item(condition, z0_hat[:, -1])
+        x_hat = self.generated_item(condition * scale, z0_hat[:, -1] * scale)
         return (x_hat.detach() if self.stop_grad else x_hat), loss
 
     def sample_generated_item(self, history):
         """x̂ from the reverse chain (DDPM, or DDIM with ``infer_steps`` calls), averaged over ``infer_samples`` chains."""
         batch, _, d = history.shape
-        condition = history.repeat_interleave(self.infer_samples, dim=0)
+        scale = self.scale()
+        condition = history.repeat_interleave(self.infer_samples, dim=0) / scale
         generator = self.eval_generator(history.device)
 
         def draw_noise(shape):
@@ -276,7 +300,7 @@ class T2Diff(SequentialRecommender):
             z0 = self.diffusion.ddim_chain(denoise, z_T, draw_noise, self.infer_steps, self.ddim_eta)
         else:
             z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
-        return self.generated_item(condition, z0[:, -1]).view(batch, self.infer_samples, d).mean(1)
+        return self.generated_item(condition * scale, z0[:, -1] * scale).view(batch, self.infer_samples, d).mean(1)
 
     def set_sampler(self, sampler, infer_steps=None, ddim_eta=0.0):
         """Choose the inference sampler; it changes no weight, so a trained model can switch."""
