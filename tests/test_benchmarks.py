@@ -73,3 +73,15 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     assert (tmp_path / "tiny.png").stat().st_size > 0
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("already in") == 4  # resumable: finished runs are not repeated
+
+
+def test_xhat_diagnosis_chain_row_is_the_normal_evaluation(tiny_path, workdir):
+    from recbole_t2diff.quick_start import evaluate_checkpoint, run
+    from xhat_diagnosis import diagnose
+
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL})
+    dataset, records = diagnose(result["saved_model_file"], [1, 4, 99])
+    assert dataset == "tiny" and [r["x_hat"] for r in records] == ["chain", "removed", "teacher s=1", "teacher s=4"]
+    valid = evaluate_checkpoint(result["saved_model_file"], "valid")
+    assert records[0]["valid_ndcg@10"] == float(valid["ndcg@10"])
+    assert all(r["last_row_rel_error"] > 0 for r in records[2:])
