@@ -61,7 +61,8 @@ def diagnose(checkpoint, teacher_steps):
     if not model.use_diffusion:
         raise SystemExit(f"error: {checkpoint} was trained with use_diffusion=False: it has no x̂ to diagnose")
     trainer = make_trainer(config, model)
-    label = f"diffusion_scale={model.diffusion_scale}, train_xhat_min_step={model.train_xhat_min_step}"
+    label = (f"diffusion_scale={model.diffusion_scale}, diff_loss_positions={model.diff_loss_positions}, "
+             f"train_xhat_min_step={model.train_xhat_min_step}")
     modes = [("chain", f"{model.sampler}, {model.infer_steps} steps", model.forward, None),
              ("removed", "no x̂ token", removed_forward(model), None)]
     for k in (k for k in teacher_steps if k <= model.n_steps):

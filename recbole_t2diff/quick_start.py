@@ -179,19 +179,14 @@ def load_data_and_model(model_file, overrides=None):
     return config, model, dataset, train_data, valid_data, test_data
 
 
-# Knobs whose default differs from what the package did before they existed: a checkpoint that
-# predates them gets the old behaviour, not the new default.
-BEFORE_KNOB = {"diffusion_scale": "none"}
-
-
 def _add_new_knobs(config):
-    """Give a checkpoint from an older version of this package the knobs added since (see BEFORE_KNOB)."""
+    """Give a checkpoint from an older version of this package the knobs added since, at their defaults."""
     defaults = properties_dir() / "model" / f"{config['model']}.yaml"
     if defaults.is_file():
         with open(defaults, encoding="utf-8") as f:
             for key, value in (yaml.load(f, Loader=config.yaml_loader) or {}).items():
                 if key not in config.final_config_dict:
-                    config[key] = BEFORE_KNOB.get(key, value)
+                    config[key] = value
 
 
 def evaluate_checkpoint(model_file, split="test", overrides=None, nproc=1, port="5679"):
