@@ -212,7 +212,8 @@ def margin(rows, variants):
 
 
 def summarize(rows, args, overrides):
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    requested = args.models.split(",")  # their order first, then any other rows of the CSV
+    variants = sorted(dict.fromkeys(r["variant"] for r in rows), key=lambda v: requested.index(v) if v in requested else len(requested))
     command = "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:])
     machine = describe()
     lines = [
