@@ -186,7 +186,7 @@ def main():
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: run_job(job[0], *job[1]), enumerate(todo, 1)))
-    summarize(rows, args, overrides)
+    summarize(rows, args)
 
 
 def mean_std(values):
@@ -211,7 +211,7 @@ def margin(rows, variants):
             f"Recall@10 {change['test_recall@10']:+.1f}%** (test, mean over seeds).", ""]
 
 
-def summarize(rows, args, overrides):
+def summarize(rows, args):
     requested = args.models.split(",")  # their order first, then any other rows of the CSV
     variants = sorted(dict.fromkeys(r["variant"] for r in rows), key=lambda v: requested.index(v) if v in requested else len(requested))
     command = "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:])

@@ -41,7 +41,7 @@ def teacher_forward(model, step, errors):
         s = torch.full((len(z0),), step, dtype=torch.long, device=z0.device)
         generator = model.eval_generator(z0.device)
         noise = torch.randn(z0.shape, generator=generator, device=z0.device)
-        z0_hat = model.denoiser(model.diffusion.add_noise(z0, s, noise), history / scale, s)
+        z0_hat = model.one_step_estimate(z0, history / scale, s, noise)
         errors.append(((z0_hat[:, -1] - z0[:, -1]).norm(dim=-1) / z0[:, -1].norm(dim=-1).clamp(min=1e-12)).mean().item())
         return model.user_vector(history, mask, model.generated_item(history, z0_hat[:, -1] * scale))
 

@@ -6,7 +6,6 @@ import sys
 import urllib.error
 
 import pytest
-import torch
 
 from recbole_t2diff import data
 from recbole_t2diff.errors import UsageError
@@ -100,10 +99,3 @@ def test_builtin_models_run_through_the_same_function(tiny_path, workdir):
     result = run("GRU4Rec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "show_progress": False, "state": "WARNING"})
     assert result["model"] == "GRU4Rec" and "ndcg@10" in result["test_result"]
 
-
-def test_a_checkpoint_from_before_diffusion_scale_loads_with_the_old_behaviour(tiny_path, workdir):
-    result = tiny_run(tiny_path, diffusion_scale="none")
-    checkpoint = torch.load(result["saved_model_file"], weights_only=False)
-    del checkpoint["config"].final_config_dict["diffusion_scale"]  # what an older package wrote
-    torch.save(checkpoint, result["saved_model_file"])
-    assert dict(evaluate_checkpoint(result["saved_model_file"], "test")) == dict(result["test_result"])

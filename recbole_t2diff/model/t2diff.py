@@ -248,19 +248,23 @@ class T2Diff(SequentialRecommender):
         if self.diffusion_scale == "none":
             return 1.0
         if self.training and z0 is not None:
-            with torch.no_grad():
+            with torch.no_grad():  # torch.where, not an if on a tensor: no host sync per batch on a GPU
                 rms = z0[mask].pow(2).mean().sqrt()
-                self.drift_rms.copy_(rms if self.drift_rms == 0 else 0.99 * self.drift_rms + 0.01 * rms)
-        return self.drift_rms if self.drift_rms > 0 else 1.0  # an untrained model has measured nothing
+                self.drift_rms.copy_(torch.where(self.drift_rms == 0, rms, 0.99 * self.drift_rms + 0.01 * rms))
+        return torch.where(self.drift_rms > 0, self.drift_rms, torch.ones_like(self.drift_rms))  # untrained: 1
+
+    def one_step_estimate(self, z0, condition, s, noise):
+        """ẑ_0 from ``z0`` noised at steps ``s`` [B], conditioned on ``condition`` (both in diffusion units)."""
+        return self.denoiser(self.diffusion.add_noise(z0, s, noise), condition, s)
 
     def diffusion_training(self, history, mask, next_token):
         """The diffusion loss and the x̂ the tower trains with: one-step estimates from the noised true drift (spec §9)."""
         condition = history.detach() if self.stop_grad else history
         z0 = self.next_sequence(condition, next_token.detach() if self.stop_grad else next_token)
         scale = self.scale(z0, mask)
-        z0, condition = z0 / scale, condition / scale
+        z0, scaled_condition = z0 / scale, condition / scale
         s = torch.randint(1, self.n_steps + 1, (len(z0),), device=z0.device)
-        z0_hat = self.denoiser(self.diffusion.add_noise(z0, s, torch.randn_like(z0)), condition, s)
+        z0_hat = self.one_step_estimate(z0, scaled_condition, s, torch.randn_like(z0))
 
         error = z0_hat - z0
         per_row = error.norm(dim=-1) if self.diff_loss == "l2norm" else error.pow(2).mean(-1)
@@ -278,29 +282,30 @@ class T2Diff(SequentialRecommender):
             # delivers at inference; a separate pass from the noisier steps only narrows that gap.
             s = torch.randint(self.train_xhat_min_step, self.n_steps + 1, (len(z0),), device=z0.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.stop_grad):
-                z0_hat = self.denoiser(self.diffusion.add_noise(z0, s, torch.randn_like(z0)), condition, s)
-        x_hat = self.generated_item(condition * scale, z0_hat[:, -1] * scale)
+                z0_hat = self.one_step_estimate(z0, scaled_condition, s, torch.randn_like(z0))
+        x_hat = self.generated_item(condition, z0_hat[:, -1] * scale)
         return (x_hat.detach() if self.stop_grad else x_hat), loss
 
     def sample_generated_item(self, history):
         """x̂ from the reverse chain (DDPM, or DDIM with ``infer_steps`` calls), averaged over ``infer_samples`` chains."""
         batch, _, d = history.shape
         scale = self.scale()
-        condition = history.repeat_interleave(self.infer_samples, dim=0) / scale
+        condition = history.repeat_interleave(self.infer_samples, dim=0)
+        scaled_condition = condition / scale
         generator = self.eval_generator(history.device)
 
         def draw_noise(shape):
             return torch.randn(shape, generator=generator, device=history.device)
 
         def denoise(z_s, s):
-            return self.denoiser(z_s, condition, torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long))
+            return self.denoiser(z_s, scaled_condition, torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long))
 
         z_T = draw_noise(condition.shape)
         if self.sampler == "ddim":
             z0 = self.diffusion.ddim_chain(denoise, z_T, draw_noise, self.infer_steps, self.ddim_eta)
         else:
             z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
-        return self.generated_item(condition * scale, z0[:, -1] * scale).view(batch, self.infer_samples, d).mean(1)
+        return self.generated_item(condition, z0[:, -1] * scale).view(batch, self.infer_samples, d).mean(1)
 
     def set_sampler(self, sampler, infer_steps=None, ddim_eta=0.0):
         """Choose the inference sampler; it changes no weight, so a trained model can switch."""
