@@ -6,6 +6,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from recbole_t2diff.config import Config
 from recbole_t2diff.quick_start import prepare
@@ -15,7 +16,7 @@ from conftest import REPO, TINY_MODEL
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from make_synthetic import generate, write  # noqa: E402
-from run_benchmark import parse_variant, stop_when_budget_spent  # noqa: E402
+from run_benchmark import Budget, parse_variant  # noqa: E402
 
 
 def test_generator_writes_atomic_files_recbole_loads(tmp_path, workdir):
@@ -44,17 +45,35 @@ def test_variant_syntax():
         "T2Diff", {"lambda_diff": 0.1, "beta_schedule": "log", "use_drift": False})
 
 
-def test_time_budget_stops_before_an_epoch_that_would_overrun(monkeypatch):
+def test_time_budget_cuts_the_epoch_at_the_batch_it_runs_out_and_then_stops(monkeypatch):
     import recbole.trainer.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "early_stopping", lambda *args, **kwargs: (0.5, 0, False, True))
-    stop_when_budget_spent(minutes=0.5 / 60)  # 0.5 s: two 0.2 s epochs fit, a third would not
-    verdicts = []
-    for _ in range(2):
-        time.sleep(0.2)
-        verdicts.append(trainer_module.early_stopping(0.5, 0.4, 0, max_step=10))
-    # The first epoch continues; the second stops while still recorded as an improvement.
-    assert verdicts == [(0.5, 0, False, True), (0.5, 0, True, True)]
+
+    class Trainer:
+        def _train_epoch(self, train_data, epoch_idx):
+            trained = []
+            for batch in train_data:
+                time.sleep(0.3)
+                trained.append(batch)
+            return trained
+
+    trainer, budget = Trainer(), Budget(minutes=0.75 / 60)  # 0.75 s: the third 0.3 s batch runs it out
+    budget.apply(trainer)
+    assert trainer._train_epoch(list(range(10)), 0) == [0, 1, 2]
+    assert budget.epochs == pytest.approx(0.3)
+    # The cut epoch is validated and then the fit loop stops, its bookkeeping unchanged.
+    assert trainer_module.early_stopping(0.5, 0.4, 0, max_step=10) == (0.5, 0, True, True)
+
+
+def test_no_budget_trains_whole_epochs(monkeypatch):
+    import recbole.trainer.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "early_stopping", lambda *args, **kwargs: (0.5, 0, False, True))
+    trainer, budget = type("Trainer", (), {"_train_epoch": lambda self, data, epoch: list(data)})(), Budget()
+    budget.apply(trainer)
+    assert trainer._train_epoch(range(4), 0) == [0, 1, 2, 3] and trainer._train_epoch(range(4), 1) == [0, 1, 2, 3]
+    assert budget.epochs == 2.0 and trainer_module.early_stopping(0.5, 0.4, 0, max_step=10)[2] is False
 
 
 def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
@@ -67,9 +86,9 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     with open(tmp_path / "tiny.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["variant"], r["seed"]) for r in rows) == [("GRU4Rec", "1"), ("GRU4Rec", "2"), ("T2Diff", "1"), ("T2Diff", "2")]
-    assert all(r["epochs_run"] == "1" for r in rows)  # the budget, not --epochs=4, ended every run
+    assert all(0 < float(r["epochs_run"]) < 1 for r in rows)  # the budget cut the first epoch: not --epochs=4
     table = (tmp_path / "tiny.md").read_text()
-    assert "T2Diff vs the best built-in (GRU4Rec): NDCG@10" in table and "at most 0.0001 min" in table
+    assert "T2Diff vs the best built-in (GRU4Rec): NDCG@10" in table and "trained for 0.0001 min" in table
     assert (tmp_path / "tiny.png").stat().st_size > 0
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("already in") == 4  # resumable: finished runs are not repeated
