@@ -48,6 +48,11 @@ COLUMNS = ["variant", "seed", "settings", *[f"valid_{m}" for m in METRICS], *[f"
            "params", "train_s_per_epoch", "eval_s", "epochs_run", "best_epoch", "peak_rss_mib"]
 
 
+def split_models(text):
+    """The variants of --models: commas inside brackets belong to a variant's settings."""
+    return re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", text)
+
+
 def parse_variant(variant):
     """(model name, settings) for "SASRec", "T2Diff-noDP" or "T2Diff[lambda_diff=0.1,n_steps=20]"."""
     if variant in ABLATIONS:
@@ -191,7 +196,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, f"{args.dataset}.csv")
     rows = read_rows(csv_path)
-    jobs = [(v, int(s)) for v in args.models.split(",") for s in args.seeds.split(",")]
+    jobs = [(v, int(s)) for v in split_models(args.models) for s in args.seeds.split(",")]
     todo = [(v, s) for v, s in jobs if not any(r["variant"] == v and int(r["seed"]) == s for r in rows)]
     for variant, seed in sorted(set(jobs) - set(todo), key=jobs.index):
         print(f"[bench] {variant} seed {seed}: already in {csv_path}, skipped", flush=True)
@@ -250,7 +255,7 @@ def margin(rows, variants):
 
 
 def summarize(rows, args):
-    requested = args.models.split(",")  # their order first, then any other rows of the CSV
+    requested = split_models(args.models)  # their order first, then any other rows of the CSV
     variants = sorted(dict.fromkeys(r["variant"] for r in rows), key=lambda v: requested.index(v) if v in requested else len(requested))
     command = "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:])
     machine = describe()

@@ -16,7 +16,7 @@ from conftest import REPO, TINY_MODEL
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from make_synthetic import generate, write  # noqa: E402
-from run_benchmark import Budget, parse_variant  # noqa: E402
+from run_benchmark import Budget, parse_variant, split_models  # noqa: E402
 
 
 def test_generator_writes_atomic_files_recbole_loads(tmp_path, workdir):
@@ -43,6 +43,8 @@ def test_variant_syntax():
     assert parse_variant("T2Diff-noDP") == ("T2Diff", {"use_drift": False})
     assert parse_variant("T2Diff[lambda_diff=0.1,beta_schedule=log,use_drift=false]") == (
         "T2Diff", {"lambda_diff": 0.1, "beta_schedule": "log", "use_drift": False})
+    assert split_models("T2Diff,SASRec[train_batch_size=512,learning_rate=0.002],T2Diff-noDP") == [
+        "T2Diff", "SASRec[train_batch_size=512,learning_rate=0.002]", "T2Diff-noDP"]
 
 
 def test_time_budget_cuts_the_epoch_at_the_batch_it_runs_out_and_then_stops(monkeypatch):
