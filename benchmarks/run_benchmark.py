@@ -170,6 +170,12 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
     return row
 
 
+def say(line):
+    """One progress line; a single write, so lines from parallel runs do not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def read_rows(path):
     if not os.path.isfile(path):
         return []
@@ -199,21 +205,21 @@ def main():
     jobs = [(v, int(s)) for v in split_models(args.models) for s in args.seeds.split(",")]
     todo = [(v, s) for v, s in jobs if not any(r["variant"] == v and int(r["seed"]) == s for r in rows)]
     for variant, seed in sorted(set(jobs) - set(todo), key=jobs.index):
-        print(f"[bench] {variant} seed {seed}: already in {csv_path}, skipped", flush=True)
+        say(f"[bench] {variant} seed {seed}: already in {csv_path}, skipped")
     started, lock = time.time(), threading.Lock()
     # Parallel runs split the cores between them (torch threads = cores // jobs), so that timings
     # of runs that shared the machine stay comparable with each other.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads(args.jobs))}
 
     def run_job(number, variant, seed):
-        print(f"[bench] {number}/{len(todo)} {variant} seed {seed} started ({(time.time() - started) / 60:.1f} min so far)", flush=True)
+        say(f"[bench] {number}/{len(todo)} {variant} seed {seed} started ({(time.time() - started) / 60:.1f} min so far)")
         command = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={args.dataset}",
                    *([f"--config_files={args.config_files}"] if args.config_files else []),
                    *([f"--time_budget={args.time_budget}"] if args.time_budget else []), *overrides]
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not line:
-            print(f"[bench] {variant} seed {seed} failed:\n{done.stderr[-3000:]}", flush=True)
+            say(f"[bench] {variant} seed {seed} failed:\n{done.stderr[-3000:]}")
             return
         row = json.loads(line[0][len("RESULT "):])
         with lock:
@@ -224,8 +230,8 @@ def main():
                 if new_file:
                     writer.writeheader()
                 writer.writerow(row)
-        print(f"[bench] {variant} seed {seed}: test NDCG@10 {row['test_ndcg@10']:.4f}, Recall@10 {row['test_recall@10']:.4f}, "
-              f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch ({(time.time() - started) / 60:.1f} min so far)", flush=True)
+        say(f"[bench] {variant} seed {seed}: test NDCG@10 {row['test_ndcg@10']:.4f}, Recall@10 {row['test_recall@10']:.4f}, "
+            f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch ({(time.time() - started) / 60:.1f} min so far)")
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: run_job(job[0], *job[1]), enumerate(todo, 1)))
