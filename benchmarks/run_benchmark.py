@@ -6,8 +6,9 @@
 Protocol (properties/sequential.yaml): leave-one-out by time, full ranking over all items,
 MAX_ITEM_LIST_LENGTH 50, early stopping on validation NDCG@10; each model at its property-file
 config unless --config_files / --key=value (applied to every model) say otherwise. --time_budget gives
-every run the same wall-clock for training plus validation: the epoch in progress when it runs out ends
-at that batch, is validated, and the run is tested at its best-validation epoch as usual. Models may carry
+every run the same wall-clock, counted from the start of the run (loading the data and building the model,
+a few seconds, count too): the epoch in progress when it runs out ends at that batch, is validated, and
+the run is tested at its best-validation epoch as usual. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
 T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log.
 
@@ -93,7 +94,7 @@ class Batches:
 
 
 class Budget:
-    """Wall-clock training budget of one run (training plus validation), ``None`` minutes = no limit.
+    """Wall-clock budget of one run from its creation (data loading, training, validation), ``None`` minutes = no limit.
 
     ``apply`` feeds the trainer's epochs through :class:`Batches` and makes RecBole's fit loop stop
     after the validation that follows the cut: the loop ends when ``early_stopping`` says stop, and
@@ -272,8 +273,8 @@ def summarize(rows, args):
         f"Machine: {machine}; date {datetime.date.today().isoformat()}.  ",
         "Protocol: leave-one-out by time, full ranking over all items, MAX_ITEM_LIST_LENGTH 50, early stopping on",
         "validation NDCG@10; test metrics of the best-validation checkpoint. Mean ± std over the seeds listed.",
-        *([f"Budget: each run trained for {args.time_budget:g} min of wall-clock (training plus validation; the epoch in "
-           f"progress when it ran out was cut at that batch and validated); {args.jobs} run(s) at a time, "
+        *([f"Budget: each run had {args.time_budget:g} min of wall-clock from its start (data loading, training and validation; "
+           f"the epoch in progress when it ran out was cut at that batch and validated); {args.jobs} run(s) at a time, "
            f"{threads(args.jobs)} torch thread(s) each. s/epoch is per run, extrapolated to a whole epoch where one was cut."]
           if args.time_budget else []),
         "",

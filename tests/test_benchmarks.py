@@ -90,7 +90,7 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     assert sorted((r["variant"], r["seed"]) for r in rows) == [("GRU4Rec", "1"), ("GRU4Rec", "2"), ("T2Diff", "1"), ("T2Diff", "2")]
     assert all(0 < float(r["epochs_run"]) < 1 for r in rows)  # the budget cut the first epoch: not --epochs=4
     table = (tmp_path / "tiny.md").read_text()
-    assert "T2Diff vs the best built-in (GRU4Rec): NDCG@10" in table and "trained for 0.0001 min" in table
+    assert "T2Diff vs the best built-in (GRU4Rec): NDCG@10" in table and "had 0.0001 min of wall-clock" in table
     assert (tmp_path / "tiny.png").stat().st_size > 0
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("already in") == 4  # resumable: finished runs are not repeated
