@@ -1,7 +1,8 @@
 """Benchmark T2Diff, its ablations and RecBole's built-in models under one protocol.
 
     python benchmarks/run_benchmark.py --models=T2Diff,SASRec,GRU4Rec,BERT4Rec --dataset=ml-100k \
-        --seeds=2020,2021,2022 [--time_budget=MIN] [--data_path=../shared/data] [--config_files=...] [--key=value ...]
+        --seeds=2020,2021,2022 [--time_budget=MIN] [--search="learning_rate=0.001,0.002;train_batch_size=512,2048"] \
+        [--data_path=../shared/data] [--config_files=...] [--key=value ...]
 
 Protocol (properties/sequential.yaml): leave-one-out by time, full ranking over all items,
 MAX_ITEM_LIST_LENGTH 50, early stopping on validation NDCG@10; each model at its property-file
@@ -12,6 +13,11 @@ the run is tested at its best-validation epoch as usual. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
 T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log.
 
+--search gives every model the same hyperparameter search: each point of the grid (keys separated by
+";", values by ",") trains once with the first seed, and the point with the best validation NDCG@10 runs
+all seeds (its first-seed run is the search run itself). The ablations take T2Diff's chosen point, so
+each differs from T2Diff's row by its one switch. Test metrics play no part in any choice.
+
 Every (model, seed) runs in its own process and is appended to results/<dataset>.csv as soon as it
 ends (rows already there for the same settings are skipped, so an interrupted run resumes). The
 summary (mean ± std over seeds) goes to results/<dataset>.md with a plot results/<dataset>.png.
@@ -20,6 +26,7 @@ import argparse
 import concurrent.futures
 import csv
 import datetime
+import itertools
 import json
 import os
 import re
@@ -54,18 +61,41 @@ def split_models(text):
     return re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", text)
 
 
+def parse_value(text):
+    text = text.strip()
+    return json.loads(text) if re.fullmatch(r"[-\d.eE]+|true|false|null", text) else text
+
+
 def parse_variant(variant):
-    """(model name, settings) for "SASRec", "T2Diff-noDP" or "T2Diff[lambda_diff=0.1,n_steps=20]"."""
-    if variant in ABLATIONS:
-        return "T2Diff", dict(ABLATIONS[variant])
-    match = re.fullmatch(r"(\w+)(?:\[(.*)\])?", variant)
-    if not match:
-        raise SystemExit(f"error: cannot read model '{variant}': write NAME or NAME[key=value,...]")
-    settings = {}
+    """(model name, settings) for "SASRec", "T2Diff-noDP", "T2Diff[lambda_diff=0.1,n_steps=20]" or "T2Diff-noDP[n_steps=20]"."""
+    match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", variant)
+    if not match or ("-" in match.group(1) and match.group(1) not in ABLATIONS):
+        raise SystemExit(f"error: cannot read model '{variant}': write NAME, NAME[key=value,...] or one of {', '.join(ABLATIONS)}")
+    name, settings = match.group(1), {}
+    if name in ABLATIONS:
+        name, settings = "T2Diff", dict(ABLATIONS[name])
     for pair in filter(None, (match.group(2) or "").split(",")):
         key, _, value = pair.partition("=")
-        settings[key.strip()] = json.loads(value) if re.fullmatch(r"[-\d.eE]+|true|false|null", value.strip()) else value.strip()
-    return match.group(1), settings
+        settings[key.strip()] = parse_value(value)
+    return name, settings
+
+
+def with_settings(variant, point):
+    """The variant with the grid point's settings added to its brackets: SASRec -> SASRec[learning_rate=0.001]."""
+    name, _, inside = variant.partition("[")
+    pairs = [p for p in inside.rstrip("]").split(",") if p] + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items()]
+    return f"{name}[{','.join(pairs)}]" if pairs else name
+
+
+def parse_grid(text):
+    """The points of --search="learning_rate=0.001,0.002;train_batch_size=512,2048", as dicts, in order."""
+    axes = []
+    for axis in filter(None, (a.strip() for a in text.split(";"))):
+        key, sep, values = axis.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise SystemExit(f"error: cannot read --search axis '{axis}': write key=value1,value2 and separate keys with ';'")
+        axes.append((key.strip(), [parse_value(v) for v in values.split(",")]))
+    return [dict(zip([k for k, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
 
 
 class Batches:
@@ -191,6 +221,7 @@ def main():
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files for every model")
     parser.add_argument("--time_budget", type=float, default=None, help="training minutes per run (same for every model)")
+    parser.add_argument("--search", default=None, help='grid searched for every model with the first seed, e.g. "learning_rate=0.001,0.002;train_batch_size=512,2048"')
     parser.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores // jobs torch threads")
     parser.add_argument("--out", default=os.path.join(ROOT, "results"))
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
@@ -203,17 +234,17 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, f"{args.dataset}.csv")
     rows = read_rows(csv_path)
-    jobs = [(v, int(s)) for v in split_models(args.models) for s in args.seeds.split(",")]
-    todo = [(v, s) for v, s in jobs if not any(r["variant"] == v and int(r["seed"]) == s for r in rows)]
-    for variant, seed in sorted(set(jobs) - set(todo), key=jobs.index):
-        say(f"[bench] {variant} seed {seed}: already in {csv_path}, skipped")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = split_models(args.models)
+    for v in variants:
+        parse_variant(v)  # a misspelt variant fails now, not after hours of other runs
     started, lock = time.time(), threading.Lock()
     # Parallel runs split the cores between them (torch threads = cores // jobs), so that timings
     # of runs that shared the machine stay comparable with each other.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads(args.jobs))}
 
-    def run_job(number, variant, seed):
-        say(f"[bench] {number}/{len(todo)} {variant} seed {seed} started ({(time.time() - started) / 60:.1f} min so far)")
+    def run_job(number, total, variant, seed):
+        say(f"[bench] {number}/{total} {variant} seed {seed} started ({(time.time() - started) / 60:.1f} min so far)")
         command = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={args.dataset}",
                    *([f"--config_files={args.config_files}"] if args.config_files else []),
                    *([f"--time_budget={args.time_budget}"] if args.time_budget else []), *overrides]
@@ -234,9 +265,47 @@ def main():
         say(f"[bench] {variant} seed {seed}: test NDCG@10 {row['test_ndcg@10']:.4f}, Recall@10 {row['test_recall@10']:.4f}, "
             f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch ({(time.time() - started) / 60:.1f} min so far)")
 
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: run_job(job[0], *job[1]), enumerate(todo, 1)))
-    summarize(rows, args)
+    def run_all(jobs):
+        """Runs the (variant, seed) pairs not yet in the CSV, args.jobs at a time."""
+        todo = [(v, s) for v, s in jobs if find_row(rows, v, s) is None]
+        for variant, seed in sorted(set(jobs) - set(todo), key=jobs.index):
+            say(f"[bench] {variant} seed {seed}: already in {csv_path}, skipped")
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: run_job(job[0], len(todo), *job[1]), enumerate(todo, 1)))
+
+    search = None
+    if args.search:
+        search = choose(variants, parse_grid(args.search), seeds[0], run_all, rows)
+        variants = [search["chosen"][v] for v in variants]
+    run_all([(v, s) for v in variants for s in seeds])
+    summarize(rows, args, variants, search)
+
+
+def find_row(rows, variant, seed):
+    return next((r for r in rows if r["variant"] == variant and int(r["seed"]) == seed), None)
+
+
+def choose(variants, grid, seed, run_all, rows):
+    """The search: every grid point of every non-ablation variant with one seed; the best on validation wins.
+
+    Returns {"grid": [points], "trials": {variant: [trial variants]}, "chosen": {variant: chosen variant}};
+    an ablation's chosen variant is the ablation at T2Diff's chosen point.
+    """
+    searched = [v for v in variants if v.split("[")[0] not in ABLATIONS]
+    if len(searched) < len(variants) and "T2Diff" not in searched:
+        raise SystemExit("error: with --search the ablations take T2Diff's chosen settings: add T2Diff to --models")
+    trials = {v: [with_settings(v, point) for point in grid] for v in searched}
+    run_all([(t, seed) for v in searched for t in trials[v]])
+    chosen, points = {}, {}
+    for v in searched:
+        scores = [(float(row["valid_ndcg@10"]), i) for i, t in enumerate(trials[v]) if (row := find_row(rows, t, seed))]
+        if not scores:
+            raise SystemExit(f"error: every search run of {v} failed; see the messages above")
+        best = max(scores, key=lambda score: score[0])[1]  # a tie goes to the earlier point
+        chosen[v], points[v] = trials[v][best], grid[best]
+    for v in variants:
+        chosen.setdefault(v, with_settings(v, points["T2Diff"]))
+    return {"grid": grid, "trials": trials, "chosen": chosen, "seed": seed}
 
 
 def mean_std(values):
@@ -252,18 +321,21 @@ def margin(rows, variants):
     """T2Diff's relative margin over the best built-in model (by mean test NDCG@10), as markdown lines."""
     mean = {v: {k: mean_std(r[k] for r in rows if r["variant"] == v)[0] for k in ("test_ndcg@10", "test_recall@10")}
             for v in variants}
+    t2diff = next((v for v in variants if v.split("[")[0] == "T2Diff"), None)
     builtins = [v for v in variants if parse_variant(v)[0] != "T2Diff"]
-    if "T2Diff" not in mean or not builtins:
+    if t2diff is None or not builtins:
         return []
     best = max(builtins, key=lambda v: mean[v]["test_ndcg@10"])
-    change = {k: 100 * (mean["T2Diff"][k] / mean[best][k] - 1) for k in mean[best]}
+    change = {k: 100 * (mean[t2diff][k] / mean[best][k] - 1) for k in mean[best]}
     return [f"**T2Diff vs the best built-in ({best}): NDCG@10 {change['test_ndcg@10']:+.1f}%, "
             f"Recall@10 {change['test_recall@10']:+.1f}%** (test, mean over seeds).", ""]
 
 
-def summarize(rows, args):
-    requested = split_models(args.models)  # their order first, then any other rows of the CSV
-    variants = sorted(dict.fromkeys(r["variant"] for r in rows), key=lambda v: requested.index(v) if v in requested else len(requested))
+def summarize(rows, args, requested, search=None):
+    # The requested variants first, then any other rows of the CSV but the search's unchosen points.
+    hidden = {t for trials in (search or {}).get("trials", {}).values() for t in trials}
+    variants = sorted({r["variant"] for r in rows if r["variant"] in requested or r["variant"] not in hidden},
+                      key=lambda v: requested.index(v) if v in requested else len(requested))
     command = "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:])
     machine = describe()
     lines = [
@@ -277,6 +349,9 @@ def summarize(rows, args):
            f"the epoch in progress when it ran out was cut at that batch and validated); {args.jobs} run(s) at a time, "
            f"{threads(args.jobs)} torch thread(s) each. s/epoch is per run, extrapolated to a whole epoch where one was cut."]
           if args.time_budget else []),
+        *([f"Search: every model trained once with seed {search['seed']} at each of the {len(search['grid'])} settings below, with the same "
+           "budget per run; the one with the best validation NDCG@10 ran all seeds (its seed-{0} row is that search run). "
+           "Ablations use T2Diff's chosen settings.".format(search['seed'])] if search else []),
         "",
         *margin(rows, variants),
         "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | eval s | epochs (best) | peak MiB |",
@@ -291,6 +366,17 @@ def summarize(rows, args):
             f"{mean_std(r['train_s_per_epoch'] for r in mine)[0]:.1f} | {mean_std(r['eval_s'] for r in mine)[0]:.1f} | "
             f"{mean_std(r['epochs_run'] for r in mine)[0]:.3g} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}) | "
             f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
+    if search:
+        lines += ["", f"## Search (seed {search['seed']}, validation NDCG@10; test metrics were not looked at)", "",
+                  "| model | " + " | ".join(", ".join(f"{k}={v}" for k, v in point.items()) for point in search["grid"]) + " |",
+                  "|---|" + "---|" * len(search["grid"])]
+        for v, trials in search["trials"].items():
+            cells = []
+            for t in trials:
+                row = find_row(rows, t, search["seed"])
+                cell = "failed" if row is None else f"{float(row['valid_ndcg@10']):.4f} ({float(row['epochs_run']):.3g} ep)"
+                cells.append(f"**{cell}**" if t == search["chosen"][v] else cell)
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     with open(os.path.join(args.out, f"{args.dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, variants, os.path.join(args.out, f"{args.dataset}.png"), args.dataset)

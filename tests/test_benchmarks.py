@@ -16,7 +16,7 @@ from conftest import REPO, TINY_MODEL
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from make_synthetic import generate, write  # noqa: E402
-from run_benchmark import Budget, parse_variant, split_models  # noqa: E402
+from run_benchmark import Budget, parse_grid, parse_variant, split_models, with_settings  # noqa: E402
 
 
 def test_generator_writes_atomic_files_recbole_loads(tmp_path, workdir):
@@ -45,6 +45,23 @@ def test_variant_syntax():
         "T2Diff", {"lambda_diff": 0.1, "beta_schedule": "log", "use_drift": False})
     assert split_models("T2Diff,SASRec[train_batch_size=512,learning_rate=0.002],T2Diff-noDP") == [
         "T2Diff", "SASRec[train_batch_size=512,learning_rate=0.002]", "T2Diff-noDP"]
+    assert parse_variant("T2Diff-noDP[n_steps=20]") == ("T2Diff", {"use_drift": False, "n_steps": 20})
+    with pytest.raises(SystemExit, match="T2Diff-noDiff"):
+        parse_variant("T2Diff-noDif")
+
+
+def test_search_grid_and_its_variant_names():
+    grid = parse_grid("learning_rate=0.001,0.002; train_batch_size=512,2048")
+    assert grid == [{"learning_rate": 0.001, "train_batch_size": 512}, {"learning_rate": 0.001, "train_batch_size": 2048},
+                    {"learning_rate": 0.002, "train_batch_size": 512}, {"learning_rate": 0.002, "train_batch_size": 2048}]
+    assert with_settings("SASRec", grid[1]) == "SASRec[learning_rate=0.001,train_batch_size=2048]"
+    assert with_settings("T2Diff-noDiff[n_steps=20]", {"loss_type": "BPR"}) == "T2Diff-noDiff[n_steps=20,loss_type=BPR]"
+    assert with_settings("GRU4Rec", {}) == "GRU4Rec"
+    for variant, point in [("SASRec", grid[2]), ("T2Diff-noDP", grid[3])]:  # names read back to the same settings
+        name, settings = parse_variant(with_settings(variant, point))
+        assert settings == {**parse_variant(variant)[1], **point}
+    with pytest.raises(SystemExit, match="key=value1,value2"):
+        parse_grid("learning_rate 0.001")
 
 
 def test_time_budget_cuts_the_epoch_at_the_batch_it_runs_out_and_then_stops(monkeypatch):
@@ -94,6 +111,29 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     assert (tmp_path / "tiny.png").stat().st_size > 0
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("already in") == 4  # resumable: finished runs are not repeated
+
+
+def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_seed(tmp_path, tiny_path):
+    settings = [f"--{k}={v}" for k, v in TINY_MODEL.items() if k not in ("epochs", "state", "show_progress", "learning_rate")]
+    command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "--models=T2Diff,GRU4Rec,T2Diff-noDiff",
+               "--dataset=tiny", "--seeds=1,2", "--jobs=2", "--epochs=1", "--search=learning_rate=0.0001,0.01",
+               f"--data_path={tiny_path}", f"--out={tmp_path}", *settings]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "tiny.csv", newline="") as f:
+        rows = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(f)}
+    chosen = {}
+    for model in ("T2Diff", "GRU4Rec"):
+        trials = [f"{model}[learning_rate={lr}]" for lr in ("0.0001", "0.01")]
+        chosen[model] = max(trials, key=lambda t: float(rows[(t, 1)]["valid_ndcg@10"]))  # on validation, seed 1
+        assert (chosen[model], 2) in rows and not any((t, 2) in rows for t in trials if t != chosen[model])
+    ablation = "T2Diff-noDiff" + chosen["T2Diff"][len("T2Diff"):]
+    assert (ablation, 1) in rows and (ablation, 2) in rows and len(rows) == 4 + 2 + 2
+    table = (tmp_path / "tiny.md").read_text()
+    main_table = table.split("## Search")[0]
+    assert all(f"| {v} | 1,2 |" in main_table for v in (chosen["T2Diff"], chosen["GRU4Rec"], ablation))
+    assert main_table.count("\n| T2Diff[") == 1 and f"vs the best built-in ({chosen['GRU4Rec']})" in main_table
+    assert "| learning_rate=0.0001 | learning_rate=0.01 |" in table and table.count("**0.") == 2
 
 
 def test_xhat_diagnosis_chain_row_is_the_normal_evaluation(tiny_path, workdir):
