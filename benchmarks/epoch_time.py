@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from machine import describe  # benchmarks/ is on sys.path when a script runs
+from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
@@ -61,7 +61,7 @@ def main():
     with exit_on_usage_error():
         rows = [measure(name, args.dataset, extra) for name in args.models.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    command = "python benchmarks/epoch_time.py " + " ".join(sys.argv[1:])
+    command = command_line()
     stamp = datetime.date.today().isoformat()
     with open(os.path.join(args.out, f"epoch_time_{args.dataset}.json"), "w") as f:
         json.dump({"command": command, "machine": machine, "date": stamp, "rows": rows}, f, indent=1)

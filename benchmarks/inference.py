@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from machine import describe  # benchmarks/ is on sys.path when a script runs
+from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
@@ -111,7 +111,7 @@ def main():
             trainer_s = make_trainer(config_s, sasrec)
             records.append(measure("SASRec", sasrec, trainer_s, valid_s, test_s, "-", 0))
     machine = describe()
-    command = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
+    command = command_line()
     for record in records:
         record["dataset"] = dataset
     run = {"command": command, "machine": machine, "date": datetime.date.today().isoformat(), "dataset": dataset,

@@ -1,6 +1,8 @@
-"""The machine line every benchmark writes next to its numbers."""
+"""The machine and command lines every benchmark writes next to its numbers."""
 import os
 import platform
+import shlex
+import sys
 
 import torch
 
@@ -8,3 +10,8 @@ import torch
 def describe():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}"
+
+
+def command_line():
+    """The command that is running, quoted so that it can be pasted back into a shell (--search holds a ";")."""
+    return f"python benchmarks/{os.path.basename(sys.argv[0])} " + shlex.join(sys.argv[1:])

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 
-from machine import describe  # benchmarks/ is on sys.path when a script runs
+from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -318,17 +318,19 @@ def threads(jobs):
 
 
 def margin(rows, variants):
-    """T2Diff's relative margin over the best built-in model (by mean test NDCG@10), as markdown lines."""
+    """Each T2Diff row's (not the ablations') relative margin over the best built-in model (by mean test NDCG@10), as markdown lines."""
     mean = {v: {k: mean_std(r[k] for r in rows if r["variant"] == v)[0] for k in ("test_ndcg@10", "test_recall@10")}
             for v in variants}
-    t2diff = next((v for v in variants if v.split("[")[0] == "T2Diff"), None)
     builtins = [v for v in variants if parse_variant(v)[0] != "T2Diff"]
-    if t2diff is None or not builtins:
+    if not builtins:
         return []
     best = max(builtins, key=lambda v: mean[v]["test_ndcg@10"])
-    change = {k: 100 * (mean[t2diff][k] / mean[best][k] - 1) for k in mean[best]}
-    return [f"**T2Diff vs the best built-in ({best}): NDCG@10 {change['test_ndcg@10']:+.1f}%, "
-            f"Recall@10 {change['test_recall@10']:+.1f}%** (test, mean over seeds).", ""]
+    lines = []
+    for t2diff in (v for v in variants if v.split("[")[0] == "T2Diff"):
+        change = {k: 100 * (mean[t2diff][k] / mean[best][k] - 1) for k in mean[best]}
+        lines += [f"**{t2diff} vs the best built-in ({best}): NDCG@10 {change['test_ndcg@10']:+.1f}%, "
+                  f"Recall@10 {change['test_recall@10']:+.1f}%** (test, mean over seeds).", ""]
+    return lines
 
 
 def summarize(rows, args, requested, search=None):
@@ -336,7 +338,7 @@ def summarize(rows, args, requested, search=None):
     hidden = {t for trials in (search or {}).get("trials", {}).values() for t in trials}
     variants = sorted({r["variant"] for r in rows if r["variant"] in requested or r["variant"] not in hidden},
                       key=lambda v: requested.index(v) if v in requested else len(requested))
-    command = "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:])
+    command = command_line()
     machine = describe()
     lines = [
         f"# {args.dataset}: T2Diff against RecBole's built-in models",

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from machine import describe  # benchmarks/ is on sys.path when a script runs
+from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import numpy as np
 
@@ -122,7 +122,7 @@ def report(rows, args):
     variants = sorted({r["variant"] for r in rows}, key=list(VARIANTS).index)
     growth = {v: {k: exponent([r for r in ok if r["variant"] == v], k)
                   for k in ("train_s_per_1k", "eval_s_per_1k_users", "peak_rss_mib")} for v in variants}
-    meta = {"command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
+    meta = {"command": command_line(),
             "machine": describe(),
             "date": datetime.date.today().isoformat()}
     os.makedirs(args.out, exist_ok=True)

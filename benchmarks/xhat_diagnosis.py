@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 
-from machine import describe  # benchmarks/ is on sys.path when a script runs
+from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
@@ -36,12 +36,11 @@ def teacher_forward(model, step, errors):
 
     def forward(interaction):
         history, mask = model.history(interaction)
-        scale = model.scale()
-        z0 = model.next_sequence(history, model.tokens(interaction[model.ITEM_ID])) / scale
+        z0, condition, scale = model.diffusion_target(history, model.tokens(interaction[model.ITEM_ID]))
         s = torch.full((len(z0),), step, dtype=torch.long, device=z0.device)
         generator = model.eval_generator(z0.device)
         noise = torch.randn(z0.shape, generator=generator, device=z0.device)
-        z0_hat = model.one_step_estimate(z0, history / scale, s, noise)
+        z0_hat = model.one_step_estimate(z0, condition, s, noise)
         errors.append(((z0_hat[:, -1] - z0[:, -1]).norm(dim=-1) / z0[:, -1].norm(dim=-1).clamp(min=1e-12)).mean().item())
         return model.user_vector(history, mask, model.generated_item(history, z0_hat[:, -1] * scale))
 
@@ -95,7 +94,7 @@ def main():
             records += mine
     if len(datasets) > 1:
         raise SystemExit(f"error: the checkpoints come from several datasets ({', '.join(sorted(datasets))}): diagnose one at a time")
-    meta = {"command": "python benchmarks/xhat_diagnosis.py " + " ".join(sys.argv[1:]), "machine": describe(),
+    meta = {"command": command_line(), "machine": describe(),
             "date": datetime.date.today().isoformat(), "dataset": dataset, "trained_with": args.trained_with}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"xhat_{dataset}.json"), "w") as f:

@@ -1,6 +1,8 @@
 """Benchmark helpers: the synthetic data generator, the model/variant syntax and the runner."""
 import csv
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -116,7 +118,7 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
 def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_seed(tmp_path, tiny_path):
     settings = [f"--{k}={v}" for k, v in TINY_MODEL.items() if k not in ("epochs", "state", "show_progress", "learning_rate")]
     command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "--models=T2Diff,GRU4Rec,T2Diff-noDiff",
-               "--dataset=tiny", "--seeds=1,2", "--jobs=2", "--epochs=1", "--search=learning_rate=0.0001,0.01",
+               "--dataset=tiny", "--seeds=1,2", "--jobs=2", "--search=learning_rate=0.0001,0.01;epochs=1",
                f"--data_path={tiny_path}", f"--out={tmp_path}", *settings]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -124,7 +126,7 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
         rows = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(f)}
     chosen = {}
     for model in ("T2Diff", "GRU4Rec"):
-        trials = [f"{model}[learning_rate={lr}]" for lr in ("0.0001", "0.01")]
+        trials = [f"{model}[learning_rate={lr},epochs=1]" for lr in ("0.0001", "0.01")]
         chosen[model] = max(trials, key=lambda t: float(rows[(t, 1)]["valid_ndcg@10"]))  # on validation, seed 1
         assert (chosen[model], 2) in rows and not any((t, 2) in rows for t in trials if t != chosen[model])
     ablation = "T2Diff-noDiff" + chosen["T2Diff"][len("T2Diff"):]
@@ -132,8 +134,12 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
     table = (tmp_path / "tiny.md").read_text()
     main_table = table.split("## Search")[0]
     assert all(f"| {v} | 1,2 |" in main_table for v in (chosen["T2Diff"], chosen["GRU4Rec"], ablation))
-    assert main_table.count("\n| T2Diff[") == 1 and f"vs the best built-in ({chosen['GRU4Rec']})" in main_table
-    assert "| learning_rate=0.0001 | learning_rate=0.01 |" in table and table.count("**0.") == 2
+    assert main_table.count("\n| T2Diff[") == 1 and f"**{chosen['T2Diff']} vs the best built-in ({chosen['GRU4Rec']})" in main_table
+    assert f"{ablation} vs" not in main_table  # margins are T2Diff's, not its ablations'
+
+    assert "| learning_rate=0.0001, epochs=1 | learning_rate=0.01, epochs=1 |" in table and table.count("**0.") == 2
+    stated = re.search(r"Command: `python benchmarks/run_benchmark.py (.*)`", table).group(1)
+    assert shlex.split(stated) == command[2:]  # quoted: pasted into a shell, the ";" stays in --search
 
 
 def test_xhat_diagnosis_chain_row_is_the_normal_evaluation(tiny_path, workdir):

@@ -257,12 +257,17 @@ class T2Diff(SequentialRecommender):
         """ẑ_0 from ``z0`` noised at steps ``s`` [B], conditioned on ``condition`` (both in diffusion units)."""
         return self.denoiser(self.diffusion.add_noise(z0, s, noise), condition, s)
 
+    def diffusion_target(self, condition, next_token, mask=None):
+        """(z_0, condition, scale): the true drift and the history in diffusion units, and the unit
+        (training batches, given their ``mask``, update a running ``scale``)."""
+        z0 = self.next_sequence(condition, next_token)
+        scale = self.scale(z0, mask)
+        return z0 / scale, condition / scale, scale
+
     def diffusion_training(self, history, mask, next_token):
         """The diffusion loss and the x̂ the tower trains with: one-step estimates from the noised true drift (spec §9)."""
         condition = history.detach() if self.stop_grad else history
-        z0 = self.next_sequence(condition, next_token.detach() if self.stop_grad else next_token)
-        scale = self.scale(z0, mask)
-        z0, scaled_condition = z0 / scale, condition / scale
+        z0, scaled_condition, scale = self.diffusion_target(condition, next_token.detach() if self.stop_grad else next_token, mask)
         s = torch.randint(1, self.n_steps + 1, (len(z0),), device=z0.device)
         z0_hat = self.one_step_estimate(z0, scaled_condition, s, torch.randn_like(z0))
 
