@@ -338,13 +338,11 @@ def summarize(rows, args, requested, search=None):
     hidden = {t for trials in (search or {}).get("trials", {}).values() for t in trials}
     variants = sorted({r["variant"] for r in rows if r["variant"] in requested or r["variant"] not in hidden},
                       key=lambda v: requested.index(v) if v in requested else len(requested))
-    command = command_line()
-    machine = describe()
     lines = [
         f"# {args.dataset}: T2Diff against RecBole's built-in models",
         "",
-        f"Command: `{command}`  ",
-        f"Machine: {machine}; date {datetime.date.today().isoformat()}.  ",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {describe()}; date {datetime.date.today().isoformat()}.  ",
         "Protocol: leave-one-out by time, full ranking over all items, MAX_ITEM_LIST_LENGTH 50, early stopping on",
         "validation NDCG@10; test metrics of the best-validation checkpoint. Mean ± std over the seeds listed.",
         *([f"Budget: each run had {args.time_budget:g} min of wall-clock from its start (data loading, training and validation; "
@@ -352,15 +350,15 @@ def summarize(rows, args, requested, search=None):
            f"{threads(args.jobs)} torch thread(s) each. s/epoch is per run, extrapolated to a whole epoch where one was cut."]
           if args.time_budget else []),
         *([f"Search: every model trained once with seed {search['seed']} at each of the {len(search['grid'])} settings below, with the same "
-           "budget per run; the one with the best validation NDCG@10 ran all seeds (its seed-{0} row is that search run). "
-           "Ablations use T2Diff's chosen settings.".format(search['seed'])] if search else []),
+           f"budget per run; the one with the best validation NDCG@10 ran all seeds (its seed-{search['seed']} row is that search run). "
+           "Ablations use T2Diff's chosen settings."] if search else []),
         "",
         *margin(rows, variants),
         "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | eval s | epochs (best) | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        mine = [r for r in rows if r["variant"] == v]
+        mine = sorted((r for r in rows if r["variant"] == v), key=lambda r: int(r["seed"]))
         cell = lambda key: "{:.4f} ± {:.4f}".format(*mean_std(r[key] for r in mine))  # noqa: E731
         lines.append(
             f"| {v} | {','.join(str(r['seed']) for r in mine)} | {cell('test_ndcg@10')} | {cell('test_recall@10')} | "
