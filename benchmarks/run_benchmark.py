@@ -238,7 +238,7 @@ def main():
     variants = split_models(args.models)
     for v in variants:
         parse_variant(v)  # a misspelt variant fails now, not after hours of other runs
-    started, lock = time.time(), threading.Lock()
+    started, lock, failed = time.time(), threading.Lock(), []
     # Parallel runs split the cores between them (torch threads = cores // jobs), so that timings
     # of runs that shared the machine stay comparable with each other.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads(args.jobs))}
@@ -252,6 +252,7 @@ def main():
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not line:
             say(f"[bench] {variant} seed {seed} failed:\n{done.stderr[-3000:]}")
+            failed.append(f"{variant} seed {seed}")
             return
         row = json.loads(line[0][len("RESULT "):])
         with lock:
@@ -279,6 +280,8 @@ def main():
         variants = [search["chosen"][v] for v in variants]
     run_all([(v, s) for v in variants for s in seeds])
     summarize(rows, args, variants, search)
+    if failed:  # the table holds what finished; the exit status says it is incomplete
+        raise SystemExit(f"error: {len(failed)} run(s) failed ({', '.join(failed)}); their errors are above, and the same command re-runs only them")
 
 
 def find_row(rows, variant, seed):

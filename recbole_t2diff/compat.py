@@ -7,9 +7,13 @@
   and is called after every model lookup.
 - hyperopt 0.2.5 imports ``pkg_resources``, which warns on every import (setup.cfg pins
   setuptools<81 so that it still exists): the warning is silenced.
+- RecBole's ``ensure_dir`` checks, then creates: two runs started together in a fresh folder (the
+  benchmark's parallel runs, both writing ``log/<model>/``) race, and the loser dies with
+  FileExistsError. It is made to create with ``exist_ok``.
 - torch >= 2.6 loads checkpoints with ``weights_only=True``, which cannot unpickle RecBole's
   checkpoints (they hold the ``Config``, §8 row 3): ``load_checkpoint`` loads our own trusted files.
 """
+import os
 import warnings
 
 import numpy as np
@@ -29,6 +33,16 @@ with warnings.catch_warnings():  # asking numpy about np.object / np.str warns
     for _alias, _value in _ALIASES.items():
         if not hasattr(np, _alias):
             setattr(np, _alias, _value)
+
+import recbole.utils.utils as recbole_utils  # noqa: E402  (after the aliases, like every RecBole import)
+
+
+def _ensure_dir(dir_path):
+    os.makedirs(dir_path, exist_ok=True)
+
+
+# Its code, not the name, is replaced: RecBole's modules imported the function object by name.
+recbole_utils.ensure_dir.__code__ = _ensure_dir.__code__
 
 
 def disable_anomaly_mode():

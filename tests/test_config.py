@@ -113,3 +113,18 @@ def test_every_t2diff_knob_is_documented_in_the_readme():
 def test_invalid_sampler_settings(knobs, message):
     with pytest.raises(UsageError, match=message):
         Config(model="T2Diff", dataset="ml-100k", config_dict=knobs)
+
+
+def test_recbole_ensure_dir_survives_a_folder_made_by_a_parallel_run(tmp_path, monkeypatch):
+    import os
+
+    from recbole.utils import ensure_dir  # the name RecBole's logger and trainer imported
+
+    import recbole_t2diff.compat  # noqa: F401
+
+    made = tmp_path / "log"
+    made.mkdir()
+    monkeypatch.setattr(os.path, "exists", lambda path: False)  # the other run created it after this one looked
+    ensure_dir(str(made))  # RecBole's own version raises FileExistsError here
+    ensure_dir(str(tmp_path / "log" / "T2Diff"))
+    assert (tmp_path / "log" / "T2Diff").is_dir()
