@@ -20,7 +20,8 @@ each differs from T2Diff's row by its one switch. Test metrics play no part in a
 
 Every (model, seed) runs in its own process and is appended to results/<dataset>.csv as soon as it
 ends (rows already there for the same settings are skipped, so an interrupted run resumes). The
-summary (mean ± std over seeds) goes to results/<dataset>.md with a plot results/<dataset>.png.
+summary (mean ± std over seeds) goes to results/<dataset>.md with a plot results/<dataset>.png. A run
+that fails shows its error and the others go on; the runner then exits 1 naming the failed runs.
 """
 import argparse
 import concurrent.futures
