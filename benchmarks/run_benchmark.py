@@ -62,6 +62,11 @@ def split_models(text):
     return re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", text)
 
 
+def base_name(variant):
+    """The name before any brackets: "T2Diff-noDP[n_steps=20]" -> "T2Diff-noDP"."""
+    return variant.partition("[")[0]
+
+
 def parse_value(text):
     text = text.strip()
     return json.loads(text) if re.fullmatch(r"[-\d.eE]+|true|false|null", text) else text
@@ -83,8 +88,8 @@ def parse_variant(variant):
 
 def with_settings(variant, point):
     """The variant with the grid point's settings added to its brackets: SASRec -> SASRec[learning_rate=0.001]."""
-    name, _, inside = variant.partition("[")
-    pairs = [p for p in inside.rstrip("]").split(",") if p] + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items()]
+    name = base_name(variant)
+    pairs = [p for p in variant[len(name):].strip("[]").split(",") if p] + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items()]
     return f"{name}[{','.join(pairs)}]" if pairs else name
 
 
@@ -295,7 +300,7 @@ def choose(variants, grid, seed, run_all, rows):
     Returns {"grid": [points], "trials": {variant: [trial variants]}, "chosen": {variant: chosen variant}};
     an ablation's chosen variant is the ablation at T2Diff's chosen point.
     """
-    searched = [v for v in variants if v.split("[")[0] not in ABLATIONS]
+    searched = [v for v in variants if base_name(v) not in ABLATIONS]
     if len(searched) < len(variants) and "T2Diff" not in searched:
         raise SystemExit("error: with --search the ablations take T2Diff's chosen settings: add T2Diff to --models")
     trials = {v: [with_settings(v, point) for point in grid] for v in searched}
@@ -330,7 +335,7 @@ def margin(rows, variants):
         return []
     best = max(builtins, key=lambda v: mean[v]["test_ndcg@10"])
     lines = []
-    for t2diff in (v for v in variants if v.split("[")[0] == "T2Diff"):
+    for t2diff in (v for v in variants if base_name(v) == "T2Diff"):
         change = {k: 100 * (mean[t2diff][k] / mean[best][k] - 1) for k in mean[best]}
         lines += [f"**{t2diff} vs the best built-in ({best}): NDCG@10 {change['test_ndcg@10']:+.1f}%, "
                   f"Recall@10 {change['test_recall@10']:+.1f}%** (test, mean over seeds).", ""]

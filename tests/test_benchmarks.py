@@ -136,7 +136,6 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
     assert all(f"| {v} | 1,2 |" in main_table for v in (chosen["T2Diff"], chosen["GRU4Rec"], ablation))
     assert main_table.count("\n| T2Diff[") == 1 and f"**{chosen['T2Diff']} vs the best built-in ({chosen['GRU4Rec']})" in main_table
     assert f"{ablation} vs" not in main_table  # margins are T2Diff's, not its ablations'
-
     assert "| learning_rate=0.0001, epochs=1 | learning_rate=0.01, epochs=1 |" in table and table.count("**0.") == 2
     stated = re.search(r"Command: `python benchmarks/run_benchmark.py (.*)`", table).group(1)
     assert shlex.split(stated) == command[2:]  # quoted: pasted into a shell, the ";" stays in --search
