@@ -18,7 +18,7 @@ from conftest import REPO, TINY_MODEL
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from make_synthetic import generate, write  # noqa: E402
-from run_benchmark import Budget, parse_grid, parse_variant, split_models, with_settings  # noqa: E402
+from run_benchmark import Budget, choose, parse_grid, parse_variant, split_models, with_settings  # noqa: E402
 
 
 def test_generator_writes_atomic_files_recbole_loads(tmp_path, workdir):
@@ -113,6 +113,23 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     assert (tmp_path / "tiny.png").stat().st_size > 0
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("already in") == 4  # resumable: finished runs are not repeated
+
+
+def test_search_without_plain_t2diff_chooses_each_variant_and_ablations_need_it():
+    """A search over a T2Diff variant and built-ins only (no ablation) needs no plain T2Diff row."""
+    grid = parse_grid("train_batch_size=512,2048")
+    scores = {512: 0.2, 2048: 0.1}  # batch 512 wins for every variant
+    rows = []
+
+    def run_all(jobs):
+        rows.extend({"variant": v, "seed": s, "valid_ndcg@10": scores[parse_variant(v)[1]["train_batch_size"]]} for v, s in jobs)
+
+    search = choose(["T2Diff[unet_levels=2]", "GRU4Rec"], grid, 7, run_all, rows)
+    assert search["chosen"] == {"T2Diff[unet_levels=2]": "T2Diff[unet_levels=2,train_batch_size=512]",
+                                "GRU4Rec": "GRU4Rec[train_batch_size=512]"}
+    assert len(rows) == 4 and {r["seed"] for r in rows} == {7}
+    with pytest.raises(SystemExit, match="add T2Diff to --models"):
+        choose(["T2Diff[unet_levels=2]", "T2Diff-noDiff"], grid, 7, run_all, rows)
 
 
 def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_seed(tmp_path, tiny_path):
