@@ -19,7 +19,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 from recbole.utils import get_model as recbole_get_model
 
-MODELS = {"T2Diff": "recbole_t2diff.model.t2diff:T2Diff"}
+MODELS = {"T2Diff": "recbole_t2diff.model.t2diff:T2Diff", "SparCode": "recbole_t2diff.model.sparcode:SparCode"}
 
 # RecBole's own search order; its exlib models (LightGBM, XGBoost) are only imported when named,
 # because importing that package for an unknown name fails on a missing lightgbm instead.
@@ -73,7 +73,7 @@ def _builtin_model(name):
         hint = f"did you mean --model={spelled[0]}?" if spelled else "check the spelling"
         raise UsageError(f"unknown model '{name}': model names are case-sensitive, {hint}")
     raise UsageError(
-        f"unknown model '{name}': use --model=T2Diff or the name of a RecBole built-in model "
+        f"unknown model '{name}': use --model=T2Diff, --model=SparCode or the name of a RecBole built-in model "
         "(e.g. SASRec, GRU4Rec, BERT4Rec, Caser, NARM)"
     )
 

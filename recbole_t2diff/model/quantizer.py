@@ -1,0 +1,116 @@
+"""SparCode's product quantizer: M codebooks of N codewords, shared by every query token (spec §5).
+
+A token z_e [d_t] is split into M sub-vectors; each takes its nearest codeword (L2, ties to the
+lowest index) and the code tuple x = (x_1..x_M) names the token's codeword, with the integer key
+Σ_m x_m·N^{M-1-m}. Codewords follow an exponential moving average of the sub-vectors assigned to
+them (γ, Laplace smoothing ε), and codes whose EMA count falls below ``dead_code_threshold`` × the
+mean count are restarted on random sub-vectors of the current batch.
+
+Why not vector-quantize-pytorch: its ``VectorQuantize`` updates the EMA whenever the module is in
+training mode, while here the update belongs to ``calculate_loss`` only (a ``predict`` call in
+training mode must not move a codeword); its dead-code threshold is an absolute count, and a
+restarted code gets that count rather than the mean count; and the index needs the raw codes, the
+key arithmetic and the codewords as plain buffers (spec §10). What is left is ~100 lines.
+"""
+import math
+
+import torch
+from torch import nn
+
+
+class ProductQuantizer(nn.Module):
+    """EMA product quantizer; codewords, counts, sums and the ``initialised`` flag are buffers.
+
+    Buffers, not parameters: no optimiser or weight decay touches them, and checkpoints save them.
+    """
+
+    def __init__(self, dim, n_codebooks, codebook_size, decay=0.99, eps=1e-5, dead_code_threshold=0.01):
+        super().__init__()
+        self.dim, self.n_codebooks, self.codebook_size = dim, n_codebooks, codebook_size
+        self.sub_dim = dim // n_codebooks
+        self.decay, self.eps, self.dead_code_threshold = decay, eps, dead_code_threshold
+        self.register_buffer("codewords", torch.zeros(n_codebooks, codebook_size, self.sub_dim))
+        self.register_buffer("counts", torch.zeros(n_codebooks, codebook_size))
+        self.register_buffer("sums", torch.zeros(n_codebooks, codebook_size, self.sub_dim))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # codes restarted so far (diagnostic)
+        radix = codebook_size ** torch.arange(n_codebooks - 1, -1, -1, dtype=torch.long)
+        self.register_buffer("radix", radix, persistent=False)
+
+    @property
+    def n_keys(self):
+        return self.codebook_size ** self.n_codebooks
+
+    def split(self, z):
+        """[..., d_t] -> [M, R, d_t/M], the sub-vectors of all R tokens per codebook."""
+        return z.reshape(-1, self.n_codebooks, self.sub_dim).transpose(0, 1)
+
+    @torch.no_grad()
+    def assign(self, z):
+        """Codes [..., M] of tokens z [..., d_t]: per codebook argmin of ‖z‖² − 2z·c + ‖c‖² (first index on ties)."""
+        parts = self.split(z)
+        distances = torch.baddbmm(
+            self.codewords.pow(2).sum(-1).unsqueeze(1), parts, self.codewords.transpose(1, 2), alpha=-2.0
+        ) + parts.pow(2).sum(-1, keepdim=True)
+        return distances.argmin(-1).t().reshape(*z.shape[:-1], self.n_codebooks)
+
+    def lookup(self, codes):
+        """Codewords [..., d_t] of codes [..., M]; ``index_select`` copies, so a later in-place update
+        of the buffers cannot invalidate what autograd saved."""
+        flat = codes.reshape(-1, self.n_codebooks)
+        parts = [self.codewords[m].index_select(0, flat[:, m]) for m in range(self.n_codebooks)]
+        return torch.cat(parts, dim=-1).reshape(*codes.shape[:-1], self.dim)
+
+    def keys(self, codes):
+        """Integer keys [...] of code tuples [..., M]: x_1·N^{M-1} + ... + x_M."""
+        return (codes * self.radix).sum(-1)
+
+    def codes(self, keys):
+        """The inverse of :meth:`keys`."""
+        return (keys.unsqueeze(-1) // self.radix) % self.codebook_size
+
+    @torch.no_grad()
+    def seed(self, z):
+        """Data initialisation before the first assignment: every code starts on a batch sub-vector."""
+        parts = self.split(z.detach())
+        mean_count = parts.size(1) / self.codebook_size
+        for m in range(self.n_codebooks):
+            self._restart(m, torch.ones(self.codebook_size, dtype=torch.bool, device=z.device), parts[m], mean_count)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def update(self, z, codes):
+        """One EMA step on the detached tokens z [..., d_t] and their codes, then dead-code restarts."""
+        parts = self.split(z.detach())
+        flat_codes = codes.reshape(-1, self.n_codebooks).t()  # [M, R]
+        assigned = torch.zeros(self.n_codebooks, self.codebook_size, device=z.device).scatter_add_(
+            1, flat_codes, torch.ones_like(flat_codes, dtype=torch.float)
+        )
+        summed = torch.zeros_like(self.sums).scatter_add_(
+            1, flat_codes.unsqueeze(-1).expand(-1, -1, self.sub_dim), parts
+        )
+        self.counts.mul_(self.decay).add_(assigned, alpha=1 - self.decay)
+        self.sums.mul_(self.decay).add_(summed, alpha=1 - self.decay)
+        total = self.counts.sum(-1, keepdim=True)
+        smoothed = (self.counts + self.eps) / (total + self.codebook_size * self.eps) * total
+        self.codewords.copy_(self.sums / smoothed.unsqueeze(-1))
+        if self.dead_code_threshold > 0:
+            mean_count = parts.size(1) / self.codebook_size  # the steady-state EMA count of a code
+            dead = self.counts < self.dead_code_threshold * mean_count
+            for m in range(self.n_codebooks):
+                if dead[m].any():
+                    self._restart(m, dead[m], parts[m], mean_count)
+                    self.restarts.add_(int(dead[m].sum()))
+
+    def _restart(self, m, dead, vectors, mean_count):
+        """Codes ``dead`` of codebook m take random rows of ``vectors`` (tiled with small noise when
+        there are fewer rows than codes), with the mean count, so codeword = that row."""
+        n_dead = int(dead.sum())
+        if len(vectors) < n_dead:
+            repeats = math.ceil(n_dead / len(vectors))
+            noise = torch.rand(len(vectors) * repeats, self.sub_dim, device=vectors.device) * (0.01 / math.sqrt(self.sub_dim))
+            vectors = vectors.repeat(repeats, 1) + noise
+        chosen = vectors[torch.randperm(len(vectors), device=vectors.device)[:n_dead]]
+        self.codewords[m, dead] = chosen
+        self.counts[m, dead] = mean_count
+        self.sums[m, dead] = chosen * mean_count

@@ -1,0 +1,236 @@
+"""SparCode's code-keyed sparse inverted index: precomputed cross-interaction scores, served by addition.
+
+A quantized query token is named by a key (its code tuple). For every key x, the index stores the
+posting list r_x(i) = ReLU(s(c(x), i) + b) of items i = 1..I with r > ``threshold`` (at most the
+best ``max_postings`` of them). Serving tokenizes the history into K_u keys and adds their posting
+lists; the interaction network never runs at query time (spec §10-11). With threshold 0, no cap
+and no missed keys, index scores equal exact scores up to summation order.
+
+Storage is CSR over rows = keys: ``indptr`` int64 [U+1], ``indices`` int32 [nnz] (item id − 1),
+``values`` float32 or float16 [nnz] and, with ``keys: used``, the sorted int64 ``keys`` [U].
+``save`` writes them to ``index.npz`` (plain arrays, read back with ``allow_pickle=False``) and the
+settings to ``meta.json``. scipy.sparse is not used: it cannot hold float16 values, picks its own
+index dtypes (so the bytes stored would not be the ones chosen here), and the batched scatter-add
+below runs unchanged on a GPU.
+
+A fingerprint (sha256 of the weights the rows depend on and of the index settings) is stored with
+the index; scoring with a model whose weights have changed raises a one-line ``UsageError``.
+
+    from recbole_t2diff.quick_start import load_data_and_model
+    from recbole_t2diff.sparse_index import SparseIndex
+    config, model, dataset, train, valid, test = load_data_and_model("saved/SparCode-....pth")
+    index = SparseIndex.build(model, keys="used", threshold=0.0)
+    index.save("saved/sparcode_index")
+    index = SparseIndex.load("saved/sparcode_index")
+    scores, items = index.search(model, next(iter(test))[0], k=10)   # item ids, best first
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from recbole_t2diff.errors import UsageError
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def fingerprint(model, settings):
+    """sha256 of the tensors posting lists depend on (codebooks, item side, interaction network) and
+    of the index settings; the tokenizer and query heads are left out, they only choose keys."""
+    digest = hashlib.sha256(json.dumps(index_settings(**settings), sort_keys=True).encode())
+    digest.update(repr((model.score_bias, model.n_items)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.split(".")[0] in ("quantizer", "item_embedding", "item_heads", "query_layer", "item_layer", "mlp_tail"):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def index_settings(keys="all", miss="compute", threshold=0.0, max_postings=None, dtype="float32"):
+    """The index knobs in one canonical form (the fingerprint hashes it)."""
+    return {"keys": keys, "miss": miss, "threshold": float(threshold),
+            "max_postings": None if max_postings is None else int(max_postings), "dtype": dtype}
+
+
+def top_items(scores, k):
+    """Item ids [B, k] (1..I) best first, ties broken by ascending id; column 0 (padding) excluded."""
+    order = torch.sort(scores[:, 1:], dim=1, descending=True, stable=True).indices[:, :k]
+    return order + 1
+
+
+class SparseIndex:
+    """CSR posting lists keyed by code; build from a trained SparCode, save, load and search."""
+
+    def __init__(self, indptr, indices, values, keys, meta):
+        self.indptr, self.indices, self.values, self.keys, self.meta = indptr, indices, values, keys, meta
+
+    # ---- building -------------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, keys="all", miss="compute", threshold=0.0, max_postings=None, dtype="float32", block_keys=None):
+        """The index of ``model``'s current weights. ``keys``: ``all`` N^M keys, or ``used``: the
+        keys the training split's histories tokenize to (eval mode). ``block_keys`` rows are scored
+        at a time (default: as many as ``score_chunk_rows`` pairs allow, at least 1)."""
+        if model.quantizer is None:
+            raise UsageError("the sparse index needs a quantized SparCode (quantize: true); quantize: false has no codes to key it by")
+        settings = index_settings(keys, miss, threshold, max_postings, dtype)
+        was_training = model.training
+        model.eval()
+        try:
+            used = cls._used_keys(model) if keys == "used" else None
+            n_rows = model.quantizer.n_keys if used is None else len(used)
+            item_side = model.item_side()[1:]  # item 0 is padding, never stored
+            block = block_keys or max(1, model.score_chunk_rows // max(1, len(item_side)))
+            indptr, indices, values = [np.zeros(1, dtype=np.int64)], [], []
+            for start in range(0, n_rows, block):
+                row_keys = torch.arange(start, min(start + block, n_rows), device=item_side.device) if used is None else used[start:start + block]
+                codewords = model.quantizer.lookup(model.quantizer.codes(row_keys))
+                rows = torch.relu(model.interact(model.query_side(codewords)[:, None], item_side[None]) + model.score_bias)
+                row_ptr, row_items, row_values = _prune(rows, settings["threshold"], settings["max_postings"])
+                indptr.append(row_ptr[1:] + indptr[-1][-1])
+                indices.append(row_items)
+                values.append(row_values.astype(DTYPES[dtype]))
+        finally:
+            model.train(was_training)
+        meta = {
+            "format": FORMAT_VERSION, **settings, "n_codebooks": model.quantizer.n_codebooks,
+            "codebook_size": model.quantizer.codebook_size, "n_query_tokens": model.n_query_tokens,
+            "score_bias": model.score_bias, "n_items": model.n_items, "fingerprint": fingerprint(model, settings),
+        }
+        return cls(
+            np.concatenate(indptr), np.concatenate(indices) if indices else np.zeros(0, np.int32),
+            np.concatenate(values) if values else np.zeros(0, DTYPES[dtype]),
+            None if used is None else used.cpu().numpy(), meta,
+        )
+
+    @staticmethod
+    def _used_keys(model):
+        """Sorted distinct keys of the training split's tokens, scored in eval mode."""
+        sequences, lengths = model.train_sequences
+        device = model.item_embedding.weight.device
+        found = []
+        for seq, length in zip(sequences.split(1024), lengths.split(1024)):
+            batch = {model.ITEM_SEQ: seq.to(device), model.ITEM_SEQ_LEN: length.to(device)}
+            tokens = model.query_tokens(batch)
+            found.append(torch.unique(model.quantizer.keys(model.quantizer.assign(tokens))))
+        return torch.unique(torch.cat(found))
+
+    # ---- size -----------------------------------------------------------------------------------
+
+    @property
+    def n_rows(self):
+        return len(self.indptr) - 1
+
+    @property
+    def nnz(self):
+        return len(self.indices)
+
+    def nbytes(self):
+        """Bytes of the arrays held: indptr, indices, values (and keys)."""
+        return sum(a.nbytes for a in (self.indptr, self.indices, self.values) + ((self.keys,) if self.keys is not None else ()))
+
+    def predicted_bytes(self):
+        """Spec §10's formula: nnz·(4 + b_s) + 8(U + 1) (+ 8U with used keys)."""
+        value_bytes = np.dtype(DTYPES[self.meta["dtype"]]).itemsize
+        return self.nnz * (4 + value_bytes) + 8 * (self.n_rows + 1) + (8 * self.n_rows if self.keys is not None else 0)
+
+    def posting_lengths(self):
+        return np.diff(self.indptr)
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def save(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        arrays = {"indptr": self.indptr, "indices": self.indices, "values": self.values}
+        if self.keys is not None:
+            arrays["keys"] = self.keys
+        np.savez(os.path.join(folder, "index.npz"), **arrays)
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(self.meta, f, indent=1)
+        return folder
+
+    @classmethod
+    def load(cls, folder):
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT_VERSION:
+            raise UsageError(f"index in '{folder}' has format {meta.get('format')}, this package reads {FORMAT_VERSION}: rebuild it")
+        with np.load(os.path.join(folder, "index.npz"), allow_pickle=False) as arrays:
+            keys = arrays["keys"] if "keys" in arrays.files else None
+            return cls(arrays["indptr"], arrays["indices"], arrays["values"], keys, meta)
+
+    # ---- retrieval ------------------------------------------------------------------------------
+
+    def check(self, model):
+        settings = {name: self.meta[name] for name in ("keys", "miss", "threshold", "max_postings", "dtype")}
+        if self.meta["fingerprint"] != fingerprint(model, settings):
+            raise UsageError("the sparse index is stale: it was built from other weights or settings; rebuild it with SparseIndex.build(model)")
+
+    @torch.no_grad()
+    def query_keys(self, model, interaction):
+        """Keys [B, K_u] of the histories in ``interaction`` (eval mode: no buffer changes)."""
+        return model.quantizer.keys(model.quantizer.assign(model.query_tokens(interaction)))
+
+    @torch.no_grad()
+    def accumulate(self, model, keys):
+        """Scores [B, n_items] from query keys [B, K_u]: the sum of their posting lists, column 0 = 0.
+
+        Also returns the number of query tokens whose key has no posting list (``keys: used``): with
+        ``miss: compute`` those rows are scored on the fly (exact), with ``empty`` dropped.
+        """
+        device = keys.device
+        batch, n_tokens = keys.shape
+        flat = keys.reshape(-1)
+        users = torch.arange(batch, device=device).repeat_interleave(n_tokens)
+        if self.keys is None:
+            rows, found = flat, torch.ones_like(flat, dtype=torch.bool)
+        else:
+            stored = torch.as_tensor(self.keys, device=device)
+            rows = torch.searchsorted(stored, flat).clamp(max=max(len(stored) - 1, 0))
+            found = stored[rows] == flat if len(stored) else torch.zeros_like(flat, dtype=torch.bool)
+        indptr = torch.as_tensor(self.indptr, device=device)
+        starts, ends = indptr[rows[found]], indptr[rows[found] + 1]
+        lengths = ends - starts
+        # Positions of every posting of every found token, without a Python loop.
+        offsets = torch.arange(int(lengths.sum()), device=device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        positions = torch.repeat_interleave(starts, lengths) + offsets
+        items = torch.as_tensor(self.indices, device=device)[positions].long() + 1
+        values = torch.as_tensor(self.values, device=device)[positions].float()
+        scores = torch.zeros(batch, self.meta["n_items"], device=device)
+        scores.index_put_((torch.repeat_interleave(users[found], lengths), items), values, accumulate=True)
+        missed = ~found
+        if missed.any() and self.meta["miss"] == "compute":
+            codewords = model.quantizer.lookup(model.quantizer.codes(flat[missed]))
+            computed = torch.relu(model.interact(model.query_side(codewords)[:, None], model.item_side()[None]) + model.score_bias)
+            computed[:, 0] = 0
+            scores.index_add_(0, users[missed], computed)
+        return scores, int(missed.sum())
+
+    def scores(self, model, interaction):
+        """[B, n_items] index scores for ``interaction``'s histories (what ``score_mode: index`` returns)."""
+        self.check(model)
+        return self.accumulate(model, self.query_keys(model, interaction))[0]
+
+    def search(self, model, interaction, k=10):
+        """(scores [B, k], item ids [B, k]) best first; untouched items (score 0) fill a short list by id."""
+        scores = self.scores(model, interaction)
+        items = top_items(scores, k)
+        return scores.gather(1, items), items
+
+
+def _prune(rows, threshold, max_postings):
+    """CSR pieces (indptr from 0, item indices = id − 1, values) of the entries > threshold, at most
+    ``max_postings`` per row (the largest; ties by ascending item id)."""
+    if max_postings is not None and max_postings < rows.size(1):
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :max_postings]
+        capped = torch.zeros_like(rows).scatter_(1, order, rows.gather(1, order))
+        rows = capped
+    kept = rows > threshold
+    counts = kept.sum(1)
+    row_ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    _, columns = kept.nonzero(as_tuple=True)
+    return row_ptr.cpu().numpy().astype(np.int64), columns.cpu().numpy().astype(np.int32), rows[kept].float().cpu().numpy()

@@ -1,0 +1,474 @@
+"""SparCode (spec §15): layout, split-layer algebra, quantizer maths, losses, the sparse index, the runner."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole.data.interaction import Interaction
+
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.model.quantizer import ProductQuantizer
+from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, make_trainer, prepare, run
+from recbole_t2diff.sparse_index import SparseIndex
+
+from conftest import REPO, TINY_MODEL, first_batch, make_model, scratch_run, tiny_config
+
+# The spec's tiny preset: d = d_t = 8, one layer, MLP [16, 16], K_u = 2, N = 8 (64 keys), L = 12.
+TINY_SPARCODE = {
+    "token_size": 8, "n_layers": 1, "inner_size": 16, "dnn_hidden": [16], "mlp_hidden": [16, 16],
+    "n_query_tokens": 2, "codebook_size": 8, "softmax_negatives": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def sparcode_data(tiny_path, tmp_path_factory):
+    with scratch_run(tmp_path_factory.mktemp("sparcode")):
+        config = tiny_config(tiny_path, model="SparCode", **TINY_SPARCODE)
+        _, train, valid, test = prepare(config)
+    return config, train, valid, test
+
+
+def copy_batch(batch):
+    """A shallow copy whose fields can be replaced without touching the loader's batch."""
+    return Interaction(dict(batch.interaction))
+
+
+def with_negatives(batch, n_items):
+    """The batch with a BPR negative per row (the tiny loaders are built for CE and sample none)."""
+    batch = copy_batch(batch)
+    batch.interaction["neg_item_id"] = batch["item_id"] % (n_items - 1) + 1
+    return batch
+
+
+def trained(sparcode_data, steps=3, **overrides):
+    """A tiny SparCode after a few training batches, so its codebooks are seeded and have moved."""
+    model = make_model(sparcode_data, **overrides)
+    model.train()
+    batches = iter(sparcode_data[1])
+    for _ in range(steps):
+        losses = model.calculate_loss(with_negatives(next(batches), model.n_items))
+        sum(losses if isinstance(losses, tuple) else [losses]).backward()
+    return model.eval()
+
+
+def scores(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model.full_sort_predict(batch)
+
+
+def valid_batch(sparcode_data):
+    return first_batch(sparcode_data[2])
+
+
+# ---- layout ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokenizer", ["sasrec", "dnn"])
+def test_padding_and_garbage_after_the_length_change_no_score(sparcode_data, tokenizer):
+    batch = valid_batch(sparcode_data)
+    lengths = batch["item_length"]
+    assert (lengths < batch["item_id_list"].size(1)).any(), "the batch must contain padded sequences"
+    model = trained(sparcode_data, tokenizer=tokenizer)
+    before = scores(model, batch)
+    seq = batch["item_id_list"].clone()
+    seq[torch.arange(seq.size(1))[None, :] >= lengths[:, None]] = 5
+    altered = copy_batch(batch)
+    altered.interaction["item_id_list"] = seq
+    if tokenizer == "dnn":  # the DNN pools embeddings: padding must be masked, not zero by luck
+        with torch.no_grad():
+            model.item_embedding.weight[0] = 3.0
+        altered.interaction["item_id_list"] = batch["item_id_list"]
+    torch.testing.assert_close(before[:, 1:], scores(model, altered)[:, 1:])
+
+
+def test_scoring_never_reads_the_target(sparcode_data):
+    batch = valid_batch(sparcode_data)
+    model = trained(sparcode_data)
+    before = scores(model, batch)
+    altered = copy_batch(batch)
+    altered.interaction["item_id"] = torch.ones_like(batch["item_id"])
+    torch.testing.assert_close(before, scores(model, altered))
+
+
+def test_tokens_work_for_histories_of_one_item(sparcode_data):
+    batch = copy_batch(valid_batch(sparcode_data))
+    batch.interaction["item_length"] = torch.ones_like(batch["item_length"])
+    for tokenizer in ("sasrec", "dnn"):
+        assert torch.isfinite(scores(trained(sparcode_data, tokenizer=tokenizer), batch)).all()
+
+
+# ---- algebra --------------------------------------------------------------------------------------
+
+
+def test_split_first_layer_equals_the_concatenated_mlp(sparcode_data):
+    model = trained(sparcode_data, mlp_dropout=0.0)
+    query, items = torch.randn(5, 8), model.item_vectors()
+    joint = nn.Linear(16, 16)
+    with torch.no_grad():
+        joint.weight.copy_(torch.cat([model.query_layer.weight, model.item_layer.weight], dim=1))
+        joint.bias.copy_(model.item_layer.bias)
+        pairs = torch.cat([query[:, None].expand(-1, len(items), -1), items[None].expand(5, -1, -1)], dim=-1)
+        concatenated = model.mlp_tail(torch.relu(joint(pairs))).squeeze(-1)
+        split = model.interact(model.query_side(query)[:, None], model.item_side()[None])
+    torch.testing.assert_close(split, concatenated)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"quantize": False}, {"interaction": "dot"}, {"score_relu": False, "score_bias": -0.3}])
+def test_predict_equals_full_sort_predict_on_every_item(sparcode_data, overrides):
+    batch = valid_batch(sparcode_data)
+    model = trained(sparcode_data, **overrides)
+    full = scores(model, batch)
+    for item in range(1, model.n_items):
+        single = copy_batch(batch)
+        single.interaction["item_id"] = torch.full_like(batch["item_id"], item)
+        with torch.no_grad():
+            torch.testing.assert_close(model.predict(single), full[:, item])
+
+
+def test_blocks_and_code_dedupe_change_no_score(sparcode_data):
+    """Any block size gives the same scores, and the deduplicated sum Σ_k r[code_k] equals scoring
+    every token separately (users sharing codes, and a user using a code twice, included)."""
+    batch = valid_batch(sparcode_data)
+    model = trained(sparcode_data)
+    full = scores(model, batch)
+    model.score_chunk_rows = 1
+    torch.testing.assert_close(scores(model, batch), full)
+    with torch.no_grad():
+        query = model.query_values(batch)  # [B, K, d_t]
+        per_token = sum(model.code_scores(query[:, k]) for k in range(model.n_query_tokens))
+        rows, token_row = model.query_rows(batch)
+    assert len(rows) < len(token_row), "the batch must share codes for dedupe to matter"
+    torch.testing.assert_close(full, per_token)
+
+
+# ---- quantizer ------------------------------------------------------------------------------------
+
+
+def seeded_quantizer(**kwargs):
+    torch.manual_seed(0)
+    quantizer = ProductQuantizer(8, 2, 16, **kwargs)
+    quantizer.seed(torch.randn(64, 8))
+    return quantizer
+
+
+def test_assignment_is_the_brute_force_nearest_codeword_and_keys_round_trip():
+    quantizer = seeded_quantizer()
+    tokens = torch.randn(3, 50, 8)
+    codes = quantizer.assign(tokens)
+    for m in range(2):
+        parts = tokens.reshape(-1, 2, 4)[:, m]
+        brute = torch.cdist(parts, quantizer.codewords[m]).argmin(-1)
+        assert torch.equal(codes.reshape(-1, 2)[:, m], brute)
+    keys = quantizer.keys(codes)
+    assert keys.min() >= 0 and keys.max() < 16**2
+    assert torch.equal(quantizer.codes(keys), codes)
+    torch.testing.assert_close(quantizer.lookup(codes)[..., :4], quantizer.codewords[0][codes[..., 0]])
+
+
+def test_straight_through_passes_the_gradient_at_the_codeword_to_the_token():
+    quantizer = seeded_quantizer()
+    tokens = torch.randn(10, 8, requires_grad=True)
+    codewords = quantizer.lookup(quantizer.assign(tokens))
+    query = tokens + (codewords - tokens).detach()
+    (query**3).sum().backward()
+    torch.testing.assert_close(tokens.grad, 3 * codewords.detach() ** 2)
+
+
+def test_the_recommendation_loss_reaches_the_tokenizer_through_the_codes(sparcode_data):
+    model = trained(sparcode_data, vq_beta=0.0)  # no commitment term: only straight-through can carry a gradient
+    model.train()
+    model.zero_grad()
+    model.calculate_loss(first_batch(sparcode_data[1]))[0].backward()
+    assert model.query_heads.weight.grad.abs().sum() > 0
+    assert model.trm_encoder.layer[0].feed_forward.dense_1.weight.grad.abs().sum() > 0
+
+
+def test_codebooks_are_buffers_not_parameters(sparcode_data):
+    model = make_model(sparcode_data)
+    names = {name for name, _ in model.named_parameters()}
+    assert not any(name.startswith("quantizer") for name in names)
+    assert {"quantizer.codewords", "quantizer.counts", "quantizer.sums", "quantizer.initialised"} <= set(model.state_dict())
+
+
+def test_with_no_decay_a_codeword_is_the_mean_of_its_vectors():
+    quantizer = seeded_quantizer(decay=0.0, eps=1e-9, dead_code_threshold=0.0)
+    tokens = torch.randn(200, 8)
+    codes = quantizer.assign(tokens)
+    quantizer.update(tokens, codes)
+    for m in range(2):
+        for code in codes[:, m].unique():
+            members = tokens.reshape(-1, 2, 4)[codes[:, m] == code, m]
+            torch.testing.assert_close(quantizer.codewords[m, code], members.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_restart_touches_only_dead_codes_and_puts_them_on_batch_vectors():
+    # Seeded counts are the mean count 4; after one step with decay 0.5 an unused code has 2 < 0.6 x 4.
+    quantizer = seeded_quantizer(decay=0.5, dead_code_threshold=0.6)
+    tokens = torch.randn(64, 8)
+    tokens[:, :4] = quantizer.codewords[0, 3] + 0.001 * torch.randn(64, 4)  # codebook 0: every vector on code 3
+    codes = quantizer.assign(tokens)
+    before = quantizer.codewords.clone()
+    quantizer.update(tokens, codes)
+    parts = tokens[:, :4]
+    for code in range(16):
+        if code != 3:
+            assert (quantizer.codewords[0, code] - parts).abs().amax(-1).min() < 1e-6, "a restarted code sits on a batch vector"
+            assert quantizer.counts[0, code] == 64 / 16
+    # The one live code followed its EMA: (0.5·4·c + 0.5·Σ vectors) / (0.5·4 + 0.5·64).
+    expected_live = (2 * before[0, 3] + 0.5 * parts.sum(0)) / 34
+    torch.testing.assert_close(quantizer.codewords[0, 3], expected_live, rtol=1e-3, atol=1e-4)
+    unused_in_codebook_1 = int((torch.bincount(codes[:, 1], minlength=16) == 0).sum())
+    assert quantizer.restarts == 15 + unused_in_codebook_1
+
+
+def test_seeding_leaves_no_zero_codeword_after_the_first_step(sparcode_data):
+    model = trained(sparcode_data, steps=1)
+    assert bool(model.quantizer.initialised)
+    assert (model.quantizer.codewords.norm(dim=-1) > 0).all()
+
+
+def test_scoring_changes_no_buffer_even_in_training_mode(sparcode_data):
+    model = trained(sparcode_data)
+    batch = valid_batch(sparcode_data)
+    before = {name: tensor.clone() for name, tensor in model.named_buffers()}
+    model.train()
+    with torch.no_grad():
+        model.full_sort_predict(batch)
+        model.predict(batch)
+    for name, tensor in model.named_buffers():
+        assert torch.equal(before[name], tensor), name
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+
+def test_full_ce_is_cross_entropy_of_the_full_sort_logits(sparcode_data):
+    model = trained(sparcode_data, softmax_negatives=None, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, mlp_dropout=0.0)
+    batch = first_batch(sparcode_data[1])
+    logits = scores(model, batch)
+    model.train()
+    rec_loss = model.calculate_loss(batch)[0]
+    torch.testing.assert_close(rec_loss, F.cross_entropy(logits, batch["item_id"]))
+
+
+def test_sampled_softmax_masks_accidental_hits(sparcode_data, monkeypatch):
+    model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    batch = first_batch(sparcode_data[1])
+    target = batch["item_id"]
+    other = int((target % (model.n_items - 1)) [0]) + 1  # an item that is not the first row's target
+    assert other != int(target[0])
+    forced = torch.tensor([int(target[0])] * 3 + [other])
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: forced)
+    model.train()
+    with torch.no_grad():
+        loss = model.rec_loss(model.query_side(model.query_values(batch)), batch)[0]
+        y = model.full_sort_predict(batch)
+    logits = torch.stack([y[torch.arange(len(target)), target]] + [y[:, i] for i in forced.tolist()], dim=1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(forced[None] == target[:, None], -1e9)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros_like(target)))
+
+
+def test_bpr_reads_the_sampled_negative(sparcode_data):
+    model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
+                    loss_type="BPR", softmax_negatives=None, train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
+    batch = with_negatives(first_batch(sparcode_data[1]), model.n_items)
+    model.train()
+    batch.interaction["neg_item_id"] = torch.full_like(batch["item_id"], 1)
+    with torch.no_grad():
+        first = model.rec_loss(model.query_side(model.query_values(batch)), batch)[0]
+        batch.interaction["neg_item_id"] = torch.full_like(batch["item_id"], 2)
+        second = model.rec_loss(model.query_side(model.query_values(batch)), batch)[0]
+        y = model.full_sort_predict(batch)
+    target = batch["item_id"]
+    torch.testing.assert_close(second, -F.logsigmoid(y[torch.arange(len(target)), target] - y[:, 2]).mean())
+    assert first != second
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"softmax_negatives": None},
+    {"loss_type": "BPR", "softmax_negatives": None, "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
+    {"sparsity_weight": 0.01, "score_bias": -0.5, "relu_leak": 0.1},
+    {"quantize": False},
+    {"interaction": "dot", "quantize": False, "score_relu": False},
+])
+def test_each_loss_trains(sparcode_data, overrides):
+    """Training steps on one batch lower its recommendation loss (fixed negatives, no dropout)."""
+    model = trained(sparcode_data, steps=1, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, **overrides)
+    batch = with_negatives(first_batch(sparcode_data[1]), model.n_items)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+
+    def loss():
+        torch.manual_seed(1)
+        losses = model.calculate_loss(batch)
+        return losses if isinstance(losses, tuple) else (losses,)
+
+    first = loss()[0].item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        sum(loss()).backward()
+        optimizer.step()
+    assert loss()[0].item() < first
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"token_size": 9}, "n_codebooks=2: it must divide token_size=9"),
+    ({"codebook_size": 1}, "codebook_size=1"),
+    ({"n_codebooks": 8, "codebook_size": 1024, "token_size": 8}, "below 2^62"),
+    ({"n_query_tokens": 0}, "n_query_tokens=0"),
+    ({"n_heads": 3}, "n_heads=3: it must divide embedding_size=8"),
+    ({"interaction": "dot", "n_item_tokens": 2}, "n_item_tokens=2"),
+    ({"score_mode": "index", "quantize": False}, "score_mode=index"),
+    ({"mlp_dropout": 1.0}, "mlp_dropout=1.0"),
+    ({"relu_leak": -0.1}, "relu_leak=-0.1"),
+    ({"ema_decay": 1.0}, "ema_decay=1.0"),
+    ({"sparsity_weight": -1}, "sparsity_weight=-1"),
+    ({"index_threshold": -0.5}, "index_threshold=-0.5"),
+    ({"tokenizer": "gru"}, "tokenizer=gru"),
+    ({"index_keys": "some"}, "index_keys=some"),
+    ({"loss_type": "BPR", "softmax_negatives": None}, "BPR needs sampled negatives"),
+    ({"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}, "softmax_negatives=10"),
+    ({"nproc": 2}, "nproc=2"),
+])
+def test_bad_settings_raise_one_line(tiny_path, workdir, overrides, message):
+    with pytest.raises(UsageError) as raised:
+        tiny_config(tiny_path, model="SparCode", **{**TINY_SPARCODE, **overrides})
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+# ---- reductions -----------------------------------------------------------------------------------
+
+
+def test_dot_interaction_is_a_two_tower_model(sparcode_data):
+    model = trained(sparcode_data, interaction="dot", quantize=False, score_relu=False)
+    batch = valid_batch(sparcode_data)
+    with torch.no_grad():
+        user = model.query_values(batch).sum(1)
+        torch.testing.assert_close(scores(model, batch), user @ model.item_vectors().t())
+
+
+# ---- the sparse index -----------------------------------------------------------------------------
+
+
+def exact_rows(model, keys):
+    with torch.no_grad():
+        rows = model.code_scores(model.quantizer.lookup(model.quantizer.codes(keys)))
+    rows[:, 0] = 0
+    return rows
+
+
+def test_index_at_threshold_zero_reproduces_exact_scores(sparcode_data):
+    model = trained(sparcode_data)
+    batch = valid_batch(sparcode_data)
+    index = SparseIndex.build(model)
+    assert index.n_rows == 64 and 0 < index.nnz < 64 * 30, "the ReLU must make the index sparse but not empty"
+    exact = scores(model, batch)
+    torch.testing.assert_close(index.scores(model, batch)[:, 1:], exact[:, 1:])
+    # A key used twice by the same query adds its list twice.
+    twice, _ = index.accumulate(model, torch.tensor([[5, 5], [5, 9]]))
+    torch.testing.assert_close(twice, torch.stack([2 * exact_rows(model, torch.tensor([5]))[0], exact_rows(model, torch.tensor([5, 9])).sum(0)]))
+
+
+def test_threshold_and_posting_cap_prune_as_documented(sparcode_data):
+    model = trained(sparcode_data)
+    keys = torch.arange(64)
+    rows = exact_rows(model, keys)
+    stored = rows[rows > 0].sort().values
+    tau = float(stored[len(stored) // 2: len(stored) // 2 + 2].mean())  # between two stored values: no entry sits on it
+    thresholded = SparseIndex.build(model, threshold=tau)
+    got, _ = thresholded.accumulate(model, keys[:, None])
+    torch.testing.assert_close(got, rows * (rows > tau))
+    capped = SparseIndex.build(model, max_postings=3)
+    assert capped.posting_lengths().max() <= 3
+    got, _ = capped.accumulate(model, keys[:, None])
+    best = torch.sort(rows[:, 1:], dim=1, descending=True, stable=True)
+    for key in range(64):
+        kept = best.indices[key, :3][best.values[key, :3] > 0] + 1
+        assert set(torch.nonzero(got[key]).flatten().tolist()) == set(kept.tolist())
+
+
+def test_index_size_save_load_and_stale_weights(sparcode_data, tmp_path):
+    model = trained(sparcode_data)
+    for dtype in ("float32", "float16"):
+        index = SparseIndex.build(model, keys="used", dtype=dtype)
+        assert index.nbytes() == index.predicted_bytes()
+        loaded = SparseIndex.load(index.save(str(tmp_path / dtype)))
+        for name in ("indptr", "indices", "values", "keys"):
+            assert (getattr(loaded, name) == getattr(index, name)).all() and getattr(loaded, name).dtype == getattr(index, name).dtype
+        assert loaded.meta == index.meta
+    batch = valid_batch(sparcode_data)
+    loaded.scores(model, batch)
+    with torch.no_grad():
+        model.mlp_tail[-1].bias.add_(0.1)
+    with pytest.raises(UsageError, match="stale"):
+        loaded.scores(model, batch)
+
+
+def test_missed_keys_are_computed_or_dropped(sparcode_data):
+    model = trained(sparcode_data)
+    index = SparseIndex.build(model, keys="used")
+    stored = set(index.keys.tolist())
+    missing = next(key for key in range(64) if key not in stored)
+    present = int(index.keys[0])
+    queries = torch.tensor([[present, missing], [present, present]])
+    computed, misses = index.accumulate(model, queries)
+    assert misses == 1
+    index.meta["miss"] = "empty"
+    dropped, _ = index.accumulate(model, queries)
+    torch.testing.assert_close(computed[1], dropped[1])
+    torch.testing.assert_close(computed[0] - dropped[0], exact_rows(model, torch.tensor([missing]))[0])
+
+
+def test_score_mode_index_gives_recbole_the_exact_metrics(sparcode_data):
+    config, _, _, test = sparcode_data
+    model = trained(sparcode_data)
+    trainer = make_trainer(config, model)
+    exact = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    model.score_mode = "index"
+    assert dict(trainer.evaluate(test, load_best_model=False, show_progress=False)) == dict(exact)
+    built = model.sparse_index
+    trainer.evaluate(test, load_best_model=False, show_progress=False)
+    assert model.sparse_index is built, "an index of unchanged weights is reused"
+
+
+# ---- checkpoints and the runner -------------------------------------------------------------------
+
+
+def test_checkpoint_restores_the_codebooks_and_the_metrics(tiny_path, workdir):
+    trainers = []
+    result = run("SparCode", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **TINY_SPARCODE}, on_trainer=trainers.append)
+    trained_quantizer = trainers[0].model.quantizer  # the best epoch's weights, reloaded by run() before testing
+    reloaded = load_data_and_model(result["saved_model_file"])[1].quantizer
+    assert bool(reloaded.initialised)
+    for name, tensor in trained_quantizer.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert dict(evaluate_checkpoint(result["saved_model_file"], "test")) == dict(result["test_result"])
+    index_metrics = evaluate_checkpoint(result["saved_model_file"], "test", overrides={"score_mode": "index"})
+    assert dict(index_metrics) == dict(result["test_result"])
+    again = run("SparCode", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **TINY_SPARCODE})
+    assert dict(again["test_result"]) == dict(result["test_result"])
+
+
+def test_runner_trains_sparcode_on_ml100k(tmp_path):
+    args = ["--model=SparCode", "--dataset=ml-100k", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=20", "--train_batch_size=2048",
+            "--show_progress=False", "--embedding_size=16", "--token_size=16", "--n_layers=1", "--inner_size=32",
+            "--mlp_hidden=[16,16]", "--n_query_tokens=2", "--codebook_size=8", "--softmax_negatives=20"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = re.search(r"test result.*?ndcg@10 : ([0-9.]+)", result.stdout + result.stderr)
+    assert logged, (result.stdout + result.stderr)[-3000:]
+    checkpoint = next((tmp_path / "saved").glob("SparCode-*.pth"))
+    code = ("from recbole_t2diff import evaluate_checkpoint; "
+            f"print('NDCG', evaluate_checkpoint({str(checkpoint)!r}, overrides={{'score_mode': 'index'}})['ndcg@10'])")
+    index = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert index.returncode == 0, index.stderr[-3000:]
+    assert float(re.search(r"NDCG ([0-9.]+)", index.stdout).group(1)) == float(logged.group(1))
