@@ -11,7 +11,9 @@ every run the same wall-clock, counted from the start of the run (loading the da
 a few seconds, count too): the epoch in progress when it runs out ends at that batch, is validated, and
 the run is tested at its best-validation epoch as usual. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
-T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log.
+T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log, and the control T2Diff-copyLast
+(x̂ := x_L). For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch
+(benchmarks/xhat_diagnosis.py: relative error against the true next item, nearest-item hit@1/@10).
 
 --search gives every model the same hyperparameter search: each point of the grid (keys separated by
 ";", values by ",") trains once with the first seed, and the point with the best validation NDCG@10 runs
@@ -47,6 +49,7 @@ sys.path.insert(0, ROOT)
 
 ABLATIONS = {
     "T2Diff-noDiff": {"use_diffusion": False},
+    "T2Diff-copyLast": {"x_hat_source": "copy_last"},
     "T2Diff-noDP": {"use_drift": False},
     "T2Diff-noTA": {"use_target_attention": False},
     "T2Diff-linear": {"beta_schedule": "linear"},
@@ -54,7 +57,9 @@ ABLATIONS = {
 }
 METRICS = ["recall@10", "mrr@10", "ndcg@10", "recall@20", "ndcg@20", "recall@2", "ndcg@2"]
 COLUMNS = ["variant", "seed", "settings", *[f"valid_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS],
-           "params", "train_s_per_epoch", "eval_s", "epochs_run", "best_epoch", "peak_rss_mib"]
+           "params", "train_s_per_epoch", "eval_s", "epochs_run", "best_epoch", "peak_rss_mib",
+           "xhat_rel_error", "xhat_hit@1", "xhat_hit@10"]
+XHAT_COLUMNS = COLUMNS[-3:]
 
 
 def split_models(text):
@@ -169,6 +174,7 @@ class Budget:
 def worker(variant, seed, dataset, config_files, time_budget=None):
     """Train and test one (variant, seed); returns a row of COLUMNS."""
     from recbole_t2diff.quick_start import run
+    from xhat_diagnosis import xhat_quality
 
     model, settings = parse_variant(variant)
     timings = {"train": [], "valid": []}
@@ -181,10 +187,17 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
             return out
         return wrapper
 
-    trainers, budget = [], Budget(time_budget)
+    trainers, budget, splits = [], Budget(time_budget), {}
 
     def on_trainer(trainer):
         budget.apply(trainer)
+        fit = trainer.fit
+
+        def fit_keeping_valid(train_data, valid_data=None, **kwargs):
+            splits["valid"] = valid_data
+            return fit(train_data, valid_data, **kwargs)
+
+        trainer.fit = fit_keeping_valid
         trainer._train_epoch = timed(trainer._train_epoch, "train")
         trainer._valid_epoch = timed(trainer._valid_epoch, "valid")
         trainers.append(trainer)
@@ -203,6 +216,8 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
     for metric in METRICS:
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
         row[f"test_{metric}"] = float(result["test_result"][metric])
+    if model == "T2Diff":  # the trainer holds the best-validation weights now
+        row.update(xhat_quality(trainer.model, splits["valid"]))
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
     return row
 
@@ -211,6 +226,11 @@ def say(line):
     """One progress line; a single write, so lines from parallel runs do not interleave."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def read_header(path):
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
 
 
 def read_rows(path):
@@ -264,8 +284,9 @@ def main():
         with lock:
             rows.append(row)
             new_file = not os.path.isfile(csv_path)
+            fields = COLUMNS if new_file else read_header(csv_path)  # a CSV from before a column was added keeps its columns
             with open(csv_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
                 if new_file:
                     writer.writeheader()
                 writer.writerow(row)
@@ -367,6 +388,7 @@ def summarize(rows, args, requested, search=None):
         "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | eval s | epochs (best) | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    xhat_lines = []
     for v in variants:
         mine = sorted((r for r in rows if r["variant"] == v), key=lambda r: int(r["seed"]))
         cell = lambda key: "{:.4f} ± {:.4f}".format(*mean_std(r[key] for r in mine))  # noqa: E731
@@ -376,6 +398,13 @@ def summarize(rows, args, requested, search=None):
             f"{mean_std(r['train_s_per_epoch'] for r in mine)[0]:.1f} | {mean_std(r['eval_s'] for r in mine)[0]:.1f} | "
             f"{mean_std(r['epochs_run'] for r in mine)[0]:.3g} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}) | "
             f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
+        if all(r.get(c) not in (None, "") for r in mine for c in XHAT_COLUMNS):
+            xhat_lines.append(f"| {v} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_std(r[c] for r in mine)) for c in XHAT_COLUMNS) + " |")
+    if xhat_lines:
+        lines += ["", "x̂ on the validation split at the best epoch, as inference computes it (mean ± std over seeds): relative error",
+                  "|x̂ - x_next| / |x_next - x_L| pooled over users (1 = no better than copying x_L), and how often the true next",
+                  "item is the nearest item token to x̂ (hit@1) or among its 10 nearest (hit@10).", "",
+                  "| model | x̂ relative error | x̂ nearest-item hit@1 | x̂ nearest-item hit@10 |", "|---|---|---|---|", *xhat_lines]
     if search:
         lines += ["", f"## Search (seed {search['seed']}, validation NDCG@10; test metrics were not looked at)", "",
                   "| model | " + " | ".join(", ".join(f"{k}={v}" for k, v in point.items()) for point in search["grid"]) + " |",

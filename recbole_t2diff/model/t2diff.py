@@ -22,12 +22,16 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.attention import SessionEncoder, TargetAttention, masked_mean
 from recbole_t2diff.model.diffusion import REVERSE_COEFS, SAMPLERS, GaussianDiffusion, beta_schedule
-from recbole_t2diff.model.unet import PADDINGS, STEP_EMBEDDINGS, Denoiser
+from recbole_t2diff.model.unet import PADDINGS, STEP_CONDITIONINGS, STEP_EMBEDDINGS, Denoiser
 
+X_HAT_SOURCES = ("diffusion", "copy_last")
+XHAT_LOSSES = ("none", "ce")
+TRAIN_XHATS = ("one_step", "chain")
 DIFF_LOSSES = ("l2norm", "mse")
 DIFFUSION_SCALES = ("rms", "none")
 DIFF_LOSS_POSITIONS = ("all", "valid", "last")
 LOSS_TYPES = ("CE", "BPR")
+NEG_LOGIT = -1e9  # the padding item's logit in the x̂ softmax
 
 
 def realign(item_seq, item_seq_len):
@@ -75,16 +79,18 @@ class T2Diff(SequentialRecommender):
         if int(mult[0]) != 1 and not config["unet_out_proj"]:
             raise UsageError(f"invalid T2Diff setting unet_mult={mult}: the first factor must be 1 unless unet_out_proj is true")
         n_steps = _integer(config, "n_steps", 1)
-        if not 1 <= _integer(config, "train_xhat_min_step", 1) <= n_steps:
-            raise UsageError(f"invalid T2Diff setting train_xhat_min_step={config['train_xhat_min_step']}: it must lie in 1..n_steps={n_steps}")
         beta_schedule(config["beta_schedule"], n_steps, config["beta_a"], config["beta_b"])
         sampler = _one_of(config, "sampler", SAMPLERS)
         if config["infer_steps"] is not None:
             infer_steps = _integer(config, "infer_steps", 1)
-            if infer_steps > n_steps or (sampler == "ddpm" and infer_steps != n_steps):
+            if sampler == "ddpm" and infer_steps != n_steps:
                 raise UsageError(
-                    f"invalid T2Diff setting infer_steps={infer_steps}: the ddpm sampler runs all n_steps={n_steps}; "
-                    f"with sampler: ddpm set infer_steps: ~ (e.g. --infer_steps=None), or use sampler: ddim with 1 <= infer_steps <= n_steps"
+                    f"invalid T2Diff setting infer_steps={infer_steps} with sampler=ddpm: the ddpm chain always runs all "
+                    f"n_steps={n_steps}; set infer_steps: ~ (--infer_steps=None), or sampler: ddim for fewer steps"
+                )
+            if infer_steps > n_steps:
+                raise UsageError(
+                    f"invalid T2Diff setting infer_steps={infer_steps} with sampler=ddim: it must lie in 1..n_steps={n_steps}"
                 )
         if not 0 <= float(config["ddim_eta"]) <= 1:
             raise UsageError(f"invalid T2Diff setting ddim_eta={config['ddim_eta']}: it must lie in [0, 1]")
@@ -95,6 +101,16 @@ class T2Diff(SequentialRecommender):
         _one_of(config, "diff_loss", DIFF_LOSSES)
         _one_of(config, "diffusion_scale", DIFFUSION_SCALES)
         _one_of(config, "diff_loss_positions", DIFF_LOSS_POSITIONS)
+        _one_of(config, "step_conditioning", STEP_CONDITIONINGS)
+        _one_of(config, "xhat_loss", XHAT_LOSSES)
+        _one_of(config, "train_xhat", TRAIN_XHATS)
+        if _one_of(config, "x_hat_source", X_HAT_SOURCES) != "diffusion" and not config["use_diffusion"]:
+            raise UsageError(
+                f"invalid T2Diff setting x_hat_source={config['x_hat_source']} with use_diffusion=False: use_diffusion: False "
+                "removes x̂ altogether; keep use_diffusion: True to feed the copied last item as x̂"
+            )
+        if float(config["lambda_xhat"]) < 0:
+            raise UsageError(f"invalid T2Diff setting lambda_xhat={config['lambda_xhat']}: it must be >= 0")
         loss_type = _one_of(config, "loss_type", LOSS_TYPES)
         negatives = config["train_neg_sample_args"] or {}
         if loss_type == "BPR" and negatives.get("distribution", "none") == "none":
@@ -130,7 +146,10 @@ class T2Diff(SequentialRecommender):
         self.diff_loss_positions = config["diff_loss_positions"]
         self.infer_samples = int(config["infer_samples"])
         self.n_steps = int(config["n_steps"])
-        self.train_xhat_min_step = int(config["train_xhat_min_step"])
+        self.x_hat_source = config["x_hat_source"]
+        self.xhat_loss = config["xhat_loss"]
+        self.lambda_xhat = float(config["lambda_xhat"])
+        self.train_xhat = config["train_xhat"]
         self.diffusion_scale = config["diffusion_scale"]
         self.set_sampler(config["sampler"], config["infer_steps"], config["ddim_eta"])
         self.emb_max_norm = config["emb_max_norm"]
@@ -147,7 +166,8 @@ class T2Diff(SequentialRecommender):
             self.register_buffer("item_categories", self._item_categories(dataset, category_field))
             self.category_embedding = nn.Embedding(dataset.num(category_field), d - id_dim, padding_idx=0)
 
-        if self.use_diffusion:
+        self.denoises = self.use_diffusion and self.x_hat_source == "diffusion"
+        if self.denoises:
             self.diffusion = GaussianDiffusion(
                 self.n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
             )
@@ -156,6 +176,7 @@ class T2Diff(SequentialRecommender):
             self.denoiser = Denoiser(
                 d, self.n_steps, int(config["unet_levels"]), [int(m) for m in config["unet_mult"]], config["unet_padding"],
                 config["unet_out_proj"], config["step_emb"], float(config["step_emb_scale"]), eps,
+                config["step_conditioning"], config["denoiser_next_slot"],
             )
         mask_pads = config["mask_pads"]
         self.session_encoder = SessionEncoder(
@@ -264,9 +285,18 @@ class T2Diff(SequentialRecommender):
         scale = self.scale(z0, mask)
         return z0 / scale, condition / scale, scale
 
-    def diffusion_training(self, history, mask, next_token):
-        """The diffusion loss and the x̂ the tower trains with: one-step estimates from the noised true drift (spec §9)."""
+    def diffusion_training(self, history, mask, target):
+        """The diffusion losses and the x̂ the tower trains with (spec §9).
+
+        The denoiser learns from one-step estimates of the noised true drift: the row-wise regression
+        of ẑ_0 (λ_diff) and, with ``xhat_loss: ce``, a softmax over the item table that asks x̂ to
+        name the true next item (λ_xhat; gradients reach the item embeddings through the table).
+        The tower's x̂ is that one-step estimate (``train_xhat: one_step`` [P][C]; at small s it is
+        nearly the target, which inference never delivers), or ``chain``: a detached run of the
+        inference sampler from noise, so the tower trains on the x̂ it will be served.
+        """
         condition = history.detach() if self.stop_grad else history
+        next_token = self.tokens(target)
         z0, scaled_condition, scale = self.diffusion_target(condition, next_token.detach() if self.stop_grad else next_token, mask)
         s = torch.randint(1, self.n_steps + 1, (len(z0),), device=z0.device)
         z0_hat = self.one_step_estimate(z0, scaled_condition, s, torch.randn_like(z0))
@@ -280,24 +310,26 @@ class T2Diff(SequentialRecommender):
         else:  # last: the row behind x̂
             rows = torch.zeros_like(mask)
             rows[:, -1] = True
-        loss = (per_row * rows).sum() / rows.sum()
+        losses = [self.lambda_diff * (per_row * rows).sum() / rows.sum()]
 
-        if self.train_xhat_min_step > 1:
-            # At small s the estimate is nearly the target itself, a signal the reverse chain never
-            # delivers at inference; a separate pass from the noisier steps only narrows that gap.
-            s = torch.randint(self.train_xhat_min_step, self.n_steps + 1, (len(z0),), device=z0.device)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.stop_grad):
-                z0_hat = self.one_step_estimate(z0, scaled_condition, s, torch.randn_like(z0))
         x_hat = self.generated_item(condition, z0_hat[:, -1] * scale)
-        return (x_hat.detach() if self.stop_grad else x_hat), loss
+        if self.xhat_loss == "ce":
+            logits = x_hat @ self.tokens(torch.arange(self.n_items, device=target.device)).t()
+            losses.append(self.lambda_xhat * F.cross_entropy(logits.index_fill(1, logits.new_zeros(1, dtype=torch.long), NEG_LOGIT), target))
+        if self.train_xhat == "chain":
+            with torch.no_grad():
+                x_hat = self.sample_generated_item(condition.detach())
+        return (x_hat.detach() if self.stop_grad else x_hat), losses
 
-    def sample_generated_item(self, history):
-        """x̂ from the reverse chain (DDPM, or DDIM with ``infer_steps`` calls), averaged over ``infer_samples`` chains."""
+    def sample_generated_item(self, history, generator=None):
+        """x̂ from the reverse chain (DDPM, or DDIM with ``infer_steps`` calls), averaged over ``infer_samples`` chains per user.
+
+        Noise comes from ``generator`` (None: torch's global one, as in training).
+        """
         batch, _, d = history.shape
         scale = self.scale()
         condition = history.repeat_interleave(self.infer_samples, dim=0)
         scaled_condition = condition / scale
-        generator = self.eval_generator(history.device)
 
         def draw_noise(shape):
             return torch.randn(shape, generator=generator, device=history.device)
@@ -311,6 +343,14 @@ class T2Diff(SequentialRecommender):
         else:
             z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
         return self.generated_item(condition, z0[:, -1] * scale).view(batch, self.infer_samples, d).mean(1)
+
+    def inference_x_hat(self, history):
+        """The x̂ that evaluation and serving use: the reverse chain, the copied last item (control), or None."""
+        if not self.use_diffusion:
+            return None
+        if not self.denoises:
+            return history[:, -1]
+        return self.sample_generated_item(history, self.eval_generator(history.device))
 
     def set_sampler(self, sampler, infer_steps=None, ddim_eta=0.0):
         """Choose the inference sampler; it changes no weight, so a trained model can switch."""
@@ -337,19 +377,17 @@ class T2Diff(SequentialRecommender):
     def forward(self, interaction):
         """User vectors e_u [B, 2d] for inference: x̂ comes from the reverse chain, never the target."""
         history, mask = self.history(interaction)
-        x_hat = self.sample_generated_item(history) if self.use_diffusion else None
-        return self.user_vector(history, mask, x_hat)
+        return self.user_vector(history, mask, self.inference_x_hat(history))
 
     def calculate_loss(self, interaction):
         history, mask = self.history(interaction)
-        target = interaction[self.POS_ITEM_ID]
-        x_hat, diffusion_loss = None, None
-        if self.use_diffusion:
-            x_hat, diffusion_loss = self.diffusion_training(history, mask, self.tokens(target))
+        x_hat, diffusion_losses = None, []
+        if self.denoises:
+            x_hat, diffusion_losses = self.diffusion_training(history, mask, interaction[self.POS_ITEM_ID])
+        elif self.use_diffusion:  # the copy-last control: x̂ := x_L, treated like a generated x̂
+            x_hat = history[:, -1].detach() if self.stop_grad else history[:, -1]
         tower_loss = self.tower_loss(self.user_vector(history, mask, x_hat), interaction)
-        if diffusion_loss is None:
-            return tower_loss
-        return tower_loss, self.lambda_diff * diffusion_loss
+        return (tower_loss, *diffusion_losses) if diffusion_losses else tower_loss
 
     def tower_loss(self, user, interaction):
         """Full-softmax CE over all items [P Eq. 24], sampled-softmax CE, or BPR."""
@@ -369,7 +407,13 @@ class T2Diff(SequentialRecommender):
         return F.cross_entropy(logits, torch.zeros_like(target))
 
     def predict(self, interaction):
-        user = self.forward(interaction)
+        """Scores of (user, item) rows. x̂ depends on the user only: one chain per distinct user in
+        the batch, shared by all of that user's candidate rows (sampled evaluation, e.g. uni100)."""
+        users, rows = interaction[self.USER_ID].unique(return_inverse=True)
+        first = torch.full((len(users),), len(rows), device=rows.device).scatter_reduce(
+            0, rows, torch.arange(len(rows), device=rows.device), reduce="amin")
+        order = first.argsort()  # users in order of first appearance: noise as a full-sort batch of them draws it
+        user = self.forward(interaction[first[order]])[order.argsort()[rows]]
         return (user * self.item_vectors(interaction[self.ITEM_ID])).sum(-1)
 
     def full_sort_predict(self, interaction):

@@ -15,6 +15,7 @@ from recbole_t2diff.errors import UsageError
 
 PADDINGS = ("valid", "same")
 STEP_EMBEDDINGS = ("official", "sinusoidal_mlp")
+STEP_CONDITIONINGS = ("input", "film")
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,15 @@ def _crop(x, rows):
 
 
 class UNet1d(nn.Module):
-    """Conv1d U-Net on [B, L, in_channels] -> [B, L, channels[0]] (or ``out_channels`` with a projection)."""
+    """Conv1d U-Net on [B, L, in_channels] -> [B, L, channels[0]] (or ``out_channels`` with a projection).
 
-    def __init__(self, in_channels, channels, padding="valid", out_channels=None, eps=1e-8):
+    With ``film_dim``, every block's output is modulated as x·(1 + γ) + β, with (γ, β) a linear map of
+    a per-sample conditioning vector (the step embedding): conditioning that every level sees, rather
+    than a small offset added once to the input (FiLM, Perez et al. 2018). The maps are built at zero
+    (an untrained FiLM U-Net computes what the plain one does) unless the owner re-initialises them.
+    """
+
+    def __init__(self, in_channels, channels, padding="valid", out_channels=None, eps=1e-8, film_dim=None):
         super().__init__()
         self.levels = len(channels)
         self.padding = padding
@@ -82,8 +89,23 @@ class UNet1d(nn.Module):
             for i in range(self.levels - 1)
         )
         self.out_proj = nn.Conv1d(channels[0], out_channels, 1) if out_channels is not None else None
+        self.film_down = self.film_merge = None
+        if film_dim is not None:
+            self.film_down = nn.ModuleList(nn.Linear(film_dim, 2 * c) for c in channels)
+            self.film_merge = nn.ModuleList(nn.Linear(film_dim, 2 * c) for c in channels[:-1])
+            for layer in [*self.film_down, *self.film_merge]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
-    def forward(self, u):
+    @staticmethod
+    def _modulate(x, film, condition):
+        if film is None:
+            return x
+        gamma, beta = film(condition).unsqueeze(-1).chunk(2, dim=1)
+        return x * (1.0 + gamma) + beta
+
+    def forward(self, u, condition=None):
+        """``u`` [B, L, in_channels]; ``condition`` [B, film_dim] when the U-Net was built with FiLM."""
         length = u.size(1)
         geometry = unet_geometry(length, self.levels, self.padding)
         x = F.pad(u.transpose(1, 2), (geometry.padded_length - length, 0))
@@ -93,9 +115,11 @@ class UNet1d(nn.Module):
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool1d(x, 2))
+            x = self._modulate(x, self.film_down and self.film_down[i], condition)
             skips.append(x)
         for i in reversed(range(self.levels - 1)):
             x = self.merge[i](torch.cat([self.up[i](x), _crop(skips[i], geometry.crops[i])], dim=1))
+            x = self._modulate(x, self.film_merge and self.film_merge[i], condition)
         if self.out_proj is not None:
             x = self.out_proj(x)
         return x[..., -length:].transpose(1, 2)
@@ -119,24 +143,48 @@ def step_table(kind, n_steps, width):
 
 
 class Denoiser(nn.Module):
-    """ẑ_0 = UNet([z_s ; X] + step embedding(s)): the x_0-predicting approximator of Fig. 2b."""
+    """ẑ_0 = UNet([z_s ; X], step s): the x_0-predicting approximator of Fig. 2b.
+
+    ``step_conditioning``: ``input`` adds the scaled step embedding to every input row [C];
+    ``film`` feeds it to a scale and shift at every U-Net level instead.
+
+    ``next_slot``: the official layout puts the drift into the next item (the row behind x̂) at the
+    last history row, whose mirror-padded right edge repeats x_L; a U-Net that learned the
+    neighbour difference X_{j+1} - X_j of the other rows then outputs x_L - x_L = 0 there, so x̂ ≈ x_L.
+    With ``next_slot`` the condition gets one more row, a learned query standing where the next item
+    will be, and drift j is laid out on the row of the item it leads to: the next item's drift sits
+    on the query row and cannot be read off a padded edge.
+    """
 
     def __init__(self, d, n_steps, levels=4, mult=(1, 2, 4, 8), padding="valid", out_proj=False,
-                 step_emb="official", step_emb_scale=0.01, eps=1e-8):
+                 step_emb="official", step_emb_scale=0.01, eps=1e-8, step_conditioning="input", next_slot=False):
         super().__init__()
         if step_emb not in STEP_EMBEDDINGS:
             raise UsageError(f"unknown step_emb '{step_emb}': use one of {', '.join(STEP_EMBEDDINGS)}")
+        if step_conditioning not in STEP_CONDITIONINGS:
+            raise UsageError(f"unknown step_conditioning '{step_conditioning}': use one of {', '.join(STEP_CONDITIONINGS)}")
         self.register_buffer("steps", step_table(step_emb, n_steps, 2 * d), persistent=False)
-        if step_emb == "official":  # fixed, scaled and added: the U-Net's only step conditioning
+        if step_emb == "official":  # fixed sin(s / 2^f) [C]
             self.step_mlp, self.step_scale = None, step_emb_scale
         else:
             self.step_mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, 2 * d))
             self.step_scale = 1.0
-        self.unet = UNet1d(2 * d, [d * m for m in mult[:levels]], padding, d if out_proj else None, eps)
+        self.film = step_conditioning == "film"
+        self.slot = nn.Parameter(torch.zeros(d)) if next_slot else None
+        self.unet = UNet1d(2 * d, [d * m for m in mult[:levels]], padding, d if out_proj else None, eps,
+                           film_dim=2 * d if self.film else None)
 
     def forward(self, z_s, condition, s):
         """``z_s``, ``condition``: [B, L, d]; ``s``: [B] steps (1-based). Returns ẑ_0 [B, L, d]."""
         step = self.steps[s]
         if self.step_mlp is not None:
             step = self.step_mlp(step)
-        return self.unet(torch.cat([z_s, condition], dim=-1) + self.step_scale * step[:, None, :])
+        if self.slot is not None:  # row j + 1 holds the drift into item j + 1; the last row is the query slot
+            condition = torch.cat([condition, self.slot.expand(len(condition), 1, -1)], dim=1)
+            z_s = torch.cat([z_s.new_zeros(len(z_s), 1, z_s.size(-1)), z_s], dim=1)
+        u = torch.cat([z_s, condition], dim=-1)
+        if self.film:  # FiLM reads the step features unscaled: its own zero-initialised maps set the scale
+            z0_hat = self.unet(u, step)
+        else:
+            z0_hat = self.unet(u + self.step_scale * step[:, None, :])
+        return z0_hat[:, 1:] if self.slot is not None else z0_hat
