@@ -154,3 +154,22 @@ def test_sampled_evaluation_runs_and_repeats(tiny_path, workdir):
     second = run("T2Diff", "tiny", config_dict=settings, verbose=False)
     assert first["test_result"] == second["test_result"]
     assert 0 < first["test_result"]["ndcg@10"] < 1
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("T2Diff-paper.yaml", {"sampler": "ddpm", "infer_steps": None, "diff_loss": "mse", "use_user_ffn": True,
+                           "denoiser_next_slot": False, "xhat_loss": "none", "unet_levels": 4}),
+    ("T2Diff-official.yaml", {"sampler": "ddpm", "infer_steps": None, "reverse_coef": "official", "embedding_size": 4,
+                              "category_field": "genre", "lambda_diff": 0.1, "mask_pads": False, "train_batch_size": 512}),
+])
+def test_presets_load_and_build(tiny_path, workdir, preset, expected):
+    from recbole_t2diff.config import Config, properties_dir
+    from recbole_t2diff.quick_start import build_model, prepare
+
+    config = Config(model="T2Diff", dataset="tiny", config_file_list=[str(properties_dir() / "presets" / preset)],
+                    config_dict={"data_path": tiny_path})
+    for key, value in expected.items():
+        assert config[key] == value, key
+    _, train, _, _ = prepare(config)
+    model = build_model(config, train)
+    assert model.sampler == "ddpm" and model.infer_steps == model.n_steps  # the full chain, not one DDIM step
