@@ -76,13 +76,14 @@ def test_xhat_ce_is_a_softmax_of_xhat_over_the_item_table_with_padding_excluded(
     model.generated_item = lambda history, z0_last: estimates.append(generated_item(history, z0_last)) or estimates[-1]
     torch.manual_seed(3)
     tower, regression, xhat_ce = model.calculate_loss(batch)
-    logits = estimates[0] @ model.tokens(torch.arange(model.n_items)).t()
+    logits = model.xhat_logit_scale.exp() * estimates[0] @ model.tokens(torch.arange(model.n_items)).t()
     logits[:, 0] = -1e9
     torch.testing.assert_close(xhat_ce, 2.0 * F.cross_entropy(logits, batch[model.POS_ITEM_ID]))
     model.zero_grad()
     xhat_ce.backward()
     # it trains the denoiser and, through the table, the item embeddings; never the tower's attention
     assert model.denoiser.slot.grad.abs().sum() > 0 and model.item_embedding.weight.grad.abs().sum() > 0
+    assert model.xhat_logit_scale.grad != 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.session_encoder.parameters())
 
 

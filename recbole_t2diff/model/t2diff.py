@@ -13,6 +13,8 @@ Large-Scale Matching", WWW 2025. The user tower (Fig. 2):
 The item tower is e_i = LN(ELU(W·x_i)) and the score is e_u·e_i, so item vectors stay precomputable.
 Every knob is documented in ``properties/model/T2Diff.yaml``; the maths is in ``T2DIFF_SPEC.md``.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,6 +189,11 @@ class T2Diff(SequentialRecommender):
             nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ELU(), nn.LayerNorm(2 * d, eps=eps)) if config["use_user_ffn"] else None
         )
         self.item_tower = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.ELU(), nn.LayerNorm(2 * d, eps=eps))
+        if self.denoises and self.xhat_loss == "ce":
+            # Tokens start at ~N(0, initializer_range²) per coordinate, so raw dot products with the
+            # table are ~0.03 and the softmax is flat: a learned logit scale, starting where a token's
+            # product with itself is 1, lets the x̂ objective sharpen without waiting for the tokens to grow.
+            self.xhat_logit_scale = nn.Parameter(torch.tensor(-math.log(d * float(config["initializer_range"]) ** 2)))
         self.dropout = nn.Dropout(float(config["dropout_prob"]))
 
         self.initializer_range = float(config["initializer_range"])
@@ -314,7 +321,7 @@ class T2Diff(SequentialRecommender):
 
         x_hat = self.generated_item(condition, z0_hat[:, -1] * scale)
         if self.xhat_loss == "ce":
-            logits = x_hat @ self.tokens(torch.arange(self.n_items, device=target.device)).t()
+            logits = self.xhat_logit_scale.exp() * x_hat @ self.tokens(torch.arange(self.n_items, device=target.device)).t()
             losses.append(self.lambda_xhat * F.cross_entropy(logits.index_fill(1, logits.new_zeros(1, dtype=torch.long), NEG_LOGIT), target))
         if self.train_xhat == "chain":
             with torch.no_grad():
