@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny generated dataset in RecBole's atomic format and configs that train in seconds."""
 import contextlib
+import math
 import os
 import sys
 
@@ -107,6 +108,12 @@ def make_model(tiny_data, **overrides):
     finally:
         for key, value in saved.items():
             config[key] = value
+
+
+def random_ranking_ndcg(n_items, k=10):
+    """Expected NDCG@k of a uniformly random full ranking of ``n_items`` items with one relevant item:
+    the floor a trained model on the tiny data must clear (it is ~0.15 for its 30 items)."""
+    return sum(1 / math.log2(rank + 1) for rank in range(1, k + 1)) / n_items
 
 
 def first_batch(loader):

@@ -76,9 +76,14 @@ def test_invalid_knobs_fail_before_loading_data(knobs, message):
         Config(model="T2Diff", dataset="ml-100k", config_dict=knobs)
 
 
-def test_float_knobs_from_a_search_are_accepted_as_integers():
+def test_float_knobs_from_a_search_are_accepted_as_integers(tiny_data):
+    from conftest import make_model
+
     config = Config(model="T2Diff", dataset="ml-100k", config_dict={"n_steps": 20.0, "session_len": 5.0})
-    T2Diff.check_config(config)
+    T2Diff.check_config(config)  # hyperopt's quniform gives floats: accepted, not rejected
+    model = make_model(tiny_data, n_steps=20.0, session_len=5.0)  # ... and used as the integers they stand for
+    assert (model.n_steps, model.session_len) == (20, 5) and type(model.n_steps) is type(model.session_len) is int
+    assert model.diffusion.alphas_cumprod.shape == (21,)  # one entry per step, plus index 0
 
 
 def test_missing_config_file_is_reported(tmp_path):

@@ -97,5 +97,7 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tiny_path, workdir):
 
 def test_builtin_models_run_through_the_same_function(tiny_path, workdir):
     result = run("GRU4Rec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "show_progress": False, "state": "WARNING"})
-    assert result["model"] == "GRU4Rec" and "ndcg@10" in result["test_result"]
+    assert result["model"] == "GRU4Rec"
+    assert set(result["test_result"]) == {f"{m}@{k}" for m in ("recall", "mrr", "ndcg", "hit") for k in (2, 10, 20)}  # the protocol
+    assert dict(evaluate_checkpoint(result["saved_model_file"])) == dict(result["test_result"])
 

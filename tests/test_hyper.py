@@ -50,7 +50,12 @@ def test_builtin_models_can_be_searched(tmp_path, tiny_path, workdir):
     search.run()
     assert len(search.trials) == 2
     search.export_result(str(tmp_path / "out.result"))
-    assert (tmp_path / "out.result").read_text().count("trial ") >= 3
+    text = (tmp_path / "out.result").read_text()
+    trials = re.findall(r"^trial (\d): hidden_size:(\d+)\n  valid score: (\S+)", text, re.M)
+    assert sorted(int(size) for _, size, _ in trials) == [8, 16]
+    number, size, score = max(trials, key=lambda trial: float(trial[2]))  # ties: the earliest, as the search
+    assert re.search(rf"^best trial {number}: hidden_size:{size}\n  valid score: {score}$", text, re.M)
+    assert search.best_trial()[0] == {"hidden_size": int(size)}
 
 
 @pytest.mark.parametrize(

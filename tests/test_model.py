@@ -8,7 +8,7 @@ from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.attention import SessionEncoder, TargetAttention
 from recbole_t2diff.model.t2diff import realign
 
-from conftest import first_batch, make_model
+from conftest import first_batch, make_model, random_ranking_ndcg
 
 
 @settings(max_examples=200, deadline=None)
@@ -232,7 +232,8 @@ def test_bpr_trains_with_recboles_negatives(tiny_path, workdir):
         "data_path": tiny_path, **TINY_MODEL, "loss_type": "BPR",
         "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1},
     })
-    assert 0 <= result["test_result"]["ndcg@10"] <= 1
+    # It learned the data's order (BPR scored 0.29-0.36 over seeds 1-5), and with the right sign.
+    assert result["test_result"]["ndcg@10"] > random_ranking_ndcg(30) + 0.05
 
 
 def test_target_attention_equals_the_concatenated_form():
@@ -255,7 +256,7 @@ def test_the_tower_trains_on_the_one_step_estimate_or_on_the_inference_chain(tin
     model.denoiser.forward = lambda z, condition, s: calls.append(s.clone()) or denoise(z, condition, s)
     seen = []
     user_vector = model.user_vector
-    model.user_vector = lambda history, mask, x_hat: seen.append(x_hat) or user_vector(history, mask, x_hat)
+    model.user_vector = lambda history, mask, x_hat, *rest: seen.append(x_hat) or user_vector(history, mask, x_hat, *rest)
     tower_loss, diffusion_loss = model.calculate_loss(first_batch(train))
     if train_xhat == "one_step":  # the paper: x̂ comes from the pass behind the diffusion loss
         assert len(calls) == 1

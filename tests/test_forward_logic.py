@@ -1,0 +1,201 @@
+"""T2Diff's forward logic value by value (issue 16): each test fails on one plausible silent bug.
+
+The maths of the schedules and samplers lives in test_diffusion.py; here the question is whether
+the user tower wires them together as the spec says: which rows feed which attention, how x̂ is
+put back together, how the running scale moves, what the token clip and the sampled softmax do.
+"""
+import pytest
+import torch
+
+from recbole_t2diff.model.attention import SessionEncoder, TargetAttention, masked_mean
+
+from conftest import first_batch, make_model
+
+
+# ---- x̂: from the last reconstructed row back to an item token -----------------------------------
+
+@pytest.mark.parametrize("use_drift", [True, False])
+def test_generated_item_adds_the_last_history_token_back_in_drift_mode(tiny_data, use_drift):
+    model = make_model(tiny_data, use_drift=use_drift)
+    history, z0_last = torch.randn(3, 5, 8), torch.randn(3, 8)
+    expected = history[:, -1] + z0_last if use_drift else z0_last
+    torch.testing.assert_close(model.generated_item(history, z0_last), expected, rtol=0, atol=0)
+
+
+def capture_x_hat(model):
+    """Record the x̂ every call of ``user_vector`` receives."""
+    seen, user_vector = [], model.user_vector
+    model.user_vector = lambda history, mask, x_hat, *rest: seen.append(x_hat) or user_vector(history, mask, x_hat, *rest)
+    return seen
+
+
+@pytest.mark.parametrize("use_drift", [True, False])
+def test_a_perfect_denoiser_makes_the_training_x_hat_the_true_next_item(tiny_data, use_drift):
+    """Whatever is diffused (drift or next tokens), a denoiser that returns the clean ẑ_0 gives x̂ = x_next."""
+    _, train, _, _ = tiny_data
+    model = make_model(tiny_data, use_drift=use_drift)
+    model.train()
+    model.one_step_estimate = lambda z0, condition, s, noise: z0
+    seen = capture_x_hat(model)
+    batch = first_batch(train)
+    model.calculate_loss(batch)
+    torch.testing.assert_close(seen[0], model.tokens(batch[model.POS_ITEM_ID]))
+
+
+@pytest.mark.parametrize("use_drift", [True, False])
+def test_a_denoiser_predicting_zero_serves_the_last_item_in_drift_mode(tiny_data, use_drift):
+    """Inference: ẑ_0 = 0 means "no drift", so x̂ = x_L with drift utilisation and 0 without."""
+    _, _, valid, _ = tiny_data
+    model = make_model(tiny_data, use_drift=use_drift, sampler="ddim", infer_steps=2)
+    model.eval()
+    model.denoiser.forward = lambda z_s, *args, **kwargs: torch.zeros_like(z_s)
+    seen = capture_x_hat(model)
+    batch = first_batch(valid)
+    with torch.no_grad():
+        model.full_sort_predict(batch)
+        history, _ = model.history(batch)
+    torch.testing.assert_close(seen[0], history[:, -1] if use_drift else torch.zeros_like(history[:, -1]))
+
+
+# ---- several reverse chains per user -------------------------------------------------------------
+
+def chain_x_hat(model, history):
+    model.eval()  # resets the evaluation generator, ...
+    torch.manual_seed(0)  # ... and the global one: the chains draw the same noise for the same shape
+    with torch.no_grad():
+        return model.sample_generated_item(history)
+
+
+def test_infer_samples_averages_each_users_own_chains(tiny_data):
+    """x̂ with n chains per user equals the mean of n single chains run on n copies of that user."""
+    n = 4
+    averaged = make_model(tiny_data, infer_samples=n)
+    single = make_model(tiny_data, infer_samples=1)  # the same weights (make_model seeds)
+    torch.manual_seed(3)
+    history = torch.randn(3, 12, 8) * torch.tensor([1.0, 5.0, -3.0])[:, None, None]  # three distinct users
+    chains = chain_x_hat(single, history.repeat_interleave(n, dim=0)).view(3, n, -1)
+    assert chains.std(dim=1).min() > 1e-3, "the chains of one user must differ, or averaging is not tested"
+    torch.testing.assert_close(chain_x_hat(averaged, history), chains.mean(1))
+
+
+# ---- the running scale of the drift --------------------------------------------------------------
+
+def test_drift_rms_is_set_by_the_first_batch_then_moves_by_one_percent(tiny_data):
+    model = make_model(tiny_data, diffusion_scale="rms")
+    assert float(model.scale()) == 1.0  # untrained: the unit scale
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+
+    def drift(value):  # RMS = value over the real rows; padding rows must not count
+        z0 = torch.full((2, 3, 8), float(value))
+        z0[~mask] = 100.0
+        return z0
+
+    model.train()
+    assert float(model.scale(drift(2.0), mask)) == pytest.approx(2.0)
+    assert float(model.scale(drift(4.0), mask)) == pytest.approx(0.99 * 2.0 + 0.01 * 4.0)
+    assert float(model.scale(drift(4.0), mask)) == pytest.approx(0.99 * 2.02 + 0.01 * 4.0)
+    model.eval()  # evaluation reads the scale and never moves it
+    assert float(model.scale(drift(50.0), mask)) == pytest.approx(0.99 * 2.02 + 0.01 * 4.0)
+    assert float(model.drift_rms) == pytest.approx(0.99 * 2.02 + 0.01 * 4.0)
+
+
+# ---- input tokens --------------------------------------------------------------------------------
+
+def test_emb_max_norm_shrinks_long_tokens_to_the_cap_and_leaves_short_ones_alone(tiny_data):
+    model = make_model(tiny_data, emb_max_norm=1.5)
+    direction = torch.nn.functional.normalize(torch.randn(2, model.item_embedding.embedding_dim), dim=-1)
+    with torch.no_grad():
+        model.item_embedding.weight[1] = 0.5 * direction[0]
+        model.item_embedding.weight[2] = 3.0 * direction[1]
+    ids = torch.tensor([[1, 2]])
+    clipped, raw = model.tokens(ids), model.tokens(ids, clip=False)
+    torch.testing.assert_close(clipped[0, 0], 0.5 * direction[0])
+    torch.testing.assert_close(clipped[0, 1], 1.5 * direction[1])
+    torch.testing.assert_close(raw[0], torch.stack([0.5 * direction[0], 3.0 * direction[1]]))
+
+
+# ---- mixed attention: which rows feed which part -------------------------------------------------
+
+def record_calls(module):
+    """Record the arguments of every call of ``module`` (its forward still runs)."""
+    calls, forward = [], module.forward
+    module.forward = lambda *args: calls.append(args) or forward(*args)
+    return calls
+
+
+def test_session_is_the_last_rows_plus_x_hat_and_target_attention_reads_only_the_older_rows(tiny_data):
+    model = make_model(tiny_data)
+    model.eval()
+    k = model.session_len
+    history, x_hat = torch.randn(2, 12, 8), torch.randn(2, 8)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :7] = False  # a user with 5 items: one older item behind a full session
+    session_calls, target_calls = record_calls(model.session_encoder), record_calls(model.target_attention)
+    user = model.user_vector(history, mask, x_hat)
+
+    (session, session_mask), = session_calls
+    torch.testing.assert_close(session, torch.cat([history[:, -k:], x_hat[:, None]], dim=1))
+    assert session_mask.tolist() == [[True] * (k + 1)] * 2
+    (query, older, older_mask), = target_calls
+    torch.testing.assert_close(older, history[:, :-k])
+    assert torch.equal(older_mask, mask[:, :-k])
+    h_s = model.session_encoder(session, session_mask)
+    torch.testing.assert_close(query, h_s)
+    torch.testing.assert_close(user, torch.cat([model.target_attention(h_s, older, older_mask), h_s], dim=-1))
+
+
+def test_without_target_attention_the_older_part_is_the_mean_of_the_older_real_rows(tiny_data):
+    model = make_model(tiny_data, use_target_attention=False)
+    model.eval()
+    k = model.session_len
+    history = torch.randn(2, 12, 8)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :6] = False
+    user = model.user_vector(history, mask, None)
+    expected = torch.stack([history[0, :-k].mean(0), history[1, 6:-k].mean(0)])
+    torch.testing.assert_close(user[:, :8], expected)
+
+
+def reference_session_encoder(encoder, tokens, mask, admissible):
+    """One-head post-LN Transformer layer with an explicit [K, K] admissible-key pattern, mean-pooled."""
+    q, k, v = encoder.query(tokens), encoder.key(tokens), encoder.value(tokens)
+    logits = q @ k.transpose(-1, -2) / tokens.size(-1) ** 0.5
+    attention = logits.masked_fill(~admissible, -1e9).softmax(-1)
+    hidden = encoder.attention_norm(tokens + encoder.out(attention @ v))
+    hidden = encoder.ffn_norm(hidden + encoder.ffn(hidden))
+    return masked_mean(hidden, mask)
+
+
+@pytest.mark.parametrize("mask_diag", [True, False])
+def test_session_attention_pattern_with_the_diagonal_mask_on_and_off(mask_diag):
+    torch.manual_seed(0)
+    encoder = SessionEncoder(8, n_heads=1, ffn_hidden=[8], mask_diag=mask_diag)
+    tokens = torch.randn(2, 4, 8)
+    mask = torch.tensor([[True] * 4, [False, False, True, True]])
+    real_keys = mask[:, None, :].expand(2, 4, 4)
+    off_diagonal = ~torch.eye(4, dtype=torch.bool)
+    expected = reference_session_encoder(encoder, tokens, mask, real_keys & off_diagonal if mask_diag else real_keys)
+    torch.testing.assert_close(encoder(tokens, mask), expected)
+    other = reference_session_encoder(encoder, tokens, mask, real_keys if mask_diag else real_keys & off_diagonal)
+    assert not torch.allclose(expected, other), "the two patterns must give different vectors here"
+
+
+def test_a_lonely_token_attends_to_itself_under_the_diagonal_mask():
+    torch.manual_seed(0)
+    encoder = SessionEncoder(8, n_heads=1, ffn_hidden=[8], mask_diag=True)
+    tokens = torch.randn(1, 3, 8)
+    mask = torch.tensor([[False, False, True]])  # one real item and no x̂: nothing else to attend to
+    admissible = torch.tensor([[False, False, True]] * 3)
+    admissible[2, 2] = True
+    torch.testing.assert_close(encoder(tokens, mask), reference_session_encoder(encoder, tokens, mask, admissible))
+
+
+def test_target_attention_weights_are_a_softmax_over_the_real_older_rows_only():
+    torch.manual_seed(0)
+    attention = TargetAttention(8)
+    query, history = torch.randn(1, 8), torch.randn(1, 5, 8)
+    mask = torch.tensor([[False, True, False, True, True]])
+    real = history[:, mask[0]]
+    q = query.unsqueeze(1).expand_as(real)
+    logits = attention.score(torch.cat([q, real, q - real, q * real], dim=-1)).squeeze(-1)
+    torch.testing.assert_close(attention(query, history, mask), (logits.softmax(-1).unsqueeze(-1) * real).sum(1))

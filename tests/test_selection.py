@@ -1,0 +1,118 @@
+"""What is reported is what was selected (issue 16): the best-validation checkpoint is the one tested,
+the search picks on validation, and an export of a split holds that split's users.
+
+Every test sets up a case where the right and the wrong choice differ (best epoch not the last one,
+validation and test rankings that disagree, valid targets that are not the test targets), so a
+selection bug cannot pass by coincidence.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_t2diff.ann import exact_top_k, recall_ndcg
+from recbole_t2diff.export import export_embeddings
+from recbole_t2diff.hyper import Search
+from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, run
+
+from conftest import TINY_MODEL, scratch_run
+
+
+def test_the_best_validation_epoch_is_the_one_tested_even_when_it_is_not_the_last(tiny_path, workdir):
+    """Validation is scripted to peak at epoch 0 of 3; the test metrics must be epoch 0's weights'."""
+    scripted_scores = iter([0.9, 0.1, 0.2])
+    valid_results, final_weights, seen = [], {}, {}
+
+    def on_trainer(trainer):
+        evaluate, fit = trainer.evaluate, trainer.fit
+        seen["trainer"] = trainer
+
+        def scripted_valid_epoch(valid_data, show_progress=False):
+            valid_results.append(dict(evaluate(valid_data, load_best_model=False)))
+            return next(scripted_scores), valid_results[-1]
+
+        def recording_fit(*args, **kwargs):
+            outcome = fit(*args, **kwargs)
+            final_weights.update(copy.deepcopy(trainer.model.state_dict()))
+            return outcome
+
+        def recording_evaluate(data, *args, **kwargs):
+            seen["last_loader"] = data
+            return evaluate(data, *args, **kwargs)
+
+        trainer._valid_epoch, trainer.fit, trainer.evaluate = scripted_valid_epoch, recording_fit, recording_evaluate
+
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 3, "learning_rate": 0.01},
+                 on_trainer=on_trainer)
+    assert result["best_valid_score"] == 0.9 and dict(result["best_valid_result"]) == valid_results[0]
+    assert dict(evaluate_checkpoint(result["saved_model_file"], "valid")) == valid_results[0]  # the file holds epoch 0
+    assert dict(result["test_result"]) == dict(evaluate_checkpoint(result["saved_model_file"], "test"))
+
+    trainer = seen["trainer"]  # the weights training ended with (epoch 2), on the same test loader
+    trainer.model.load_state_dict(final_weights)
+    last_epoch = trainer.evaluate(seen["last_loader"], load_best_model=False)
+    assert dict(last_epoch) != dict(result["test_result"]), "the last epoch must score differently, or the reload is not tested"
+
+
+def fake_result(valid, test):
+    return {"model": "T2Diff", "best_valid_score": valid, "valid_score_bigger": True,
+            "best_valid_result": {"ndcg@10": valid}, "test_result": {"ndcg@10": test}}
+
+
+@pytest.mark.parametrize("bigger", [True, False])
+def test_the_search_picks_the_best_validation_score_where_test_disagrees(tmp_path, bigger):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.002,0.003]\n")
+    # learning rate -> (valid, test): validation ranks 0.002 first, test ranks it last.
+    outcomes = {0.001: (0.30, 0.50), 0.002: (0.40, 0.10), 0.003: (0.20, 0.60)}
+    if not bigger:  # a loss-like valid metric: the smallest wins (0.002 again)
+        outcomes = {lr: (1 - valid, test) for lr, (valid, test) in outcomes.items()}
+    search = Search("T2Diff", "tiny", str(tmp_path / "space.hyper"), argv=[])
+
+    def objective(config_dict, config_file_list):
+        return {**fake_result(*outcomes[config_dict["learning_rate"]]), "valid_score_bigger": bigger}
+
+    search.objective_function = objective
+    search.run()
+    best_params, best = search.best_trial()
+    assert len(search.trials) == 3 and best_params == {"learning_rate": 0.002}
+    assert search.best_params == {"learning_rate": 0.002}  # RecBole's own bookkeeping agrees
+    search.export_result(str(tmp_path / "out.result"))
+    text = (tmp_path / "out.result").read_text()
+    number = [params for params, _ in search.trials].index({"learning_rate": 0.002}) + 1
+    assert f"best trial {number}: learning_rate:0.002\n  valid score: {outcomes[0.002][0]:.6f}\n" in text
+
+
+def test_ties_on_validation_go_to_the_earliest_trial(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.002]\n")
+    search = Search("T2Diff", "tiny", str(tmp_path / "space.hyper"), argv=[])
+    search.objective_function = lambda config_dict, files: fake_result(0.5, config_dict["learning_rate"])
+    search.run()
+    assert search.best_trial()[0] == search.trials[0][0]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_path, tmp_path_factory):
+    with scratch_run(tmp_path_factory.mktemp("selection_run")):
+        return run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL})
+
+
+def split_targets(loader):
+    """The target item of every sequence of a leave-one-out split, in loader order."""
+    return torch.cat([batch[0]["item_id"] for batch in loader]).numpy()
+
+
+def test_export_of_the_valid_split_holds_the_valid_users(trained, tmp_path, workdir):
+    paths, items, users, targets = export_embeddings(trained["saved_model_file"], str(tmp_path), split="valid")
+    _, model, _, _, valid, test = load_data_and_model(trained["saved_model_file"])
+    assert np.array_equal(targets, split_targets(valid))
+    assert not np.array_equal(targets, split_targets(test)), "valid and test targets must differ, or the split is not tested"
+    model.eval()
+    with torch.no_grad():
+        first_batch = model.full_sort_predict(next(iter(valid))[0]).numpy()
+    np.testing.assert_allclose(users[: len(first_batch)] @ items.T, first_batch, rtol=1e-4, atol=1e-4)
+    recall, ndcg = recall_ndcg(exact_top_k(items, users, 10), targets, 10)
+    valid_metrics = evaluate_checkpoint(trained["saved_model_file"], "valid")
+    assert recall == pytest.approx(valid_metrics["recall@10"], abs=1e-4)
+    assert ndcg == pytest.approx(valid_metrics["ndcg@10"], abs=1e-4)
+    assert '"split": "valid"' in open(paths["ids"]).read()
