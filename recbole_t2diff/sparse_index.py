@@ -119,6 +119,25 @@ class SparseIndex:
             found.append(torch.unique(model.quantizer.keys(model.quantizer.assign(tokens))))
         return torch.unique(torch.cat(found))
 
+    def pruned(self, model, threshold=0.0, max_postings=None, dtype=None):
+        """A smaller index from this one without re-running the network: entries > ``threshold``, at
+        most ``max_postings`` per key (ties by ascending item id), values stored as ``dtype``. Only
+        as exact as a fresh build when this index keeps at least as much (lower τ, larger P)."""
+        settings = index_settings(self.meta["keys"], self.meta["miss"], threshold, max_postings, dtype or self.meta["dtype"])
+        lengths = self.posting_lengths()
+        rows = np.repeat(np.arange(self.n_rows), lengths)
+        keep = self.values.astype(np.float32) > settings["threshold"]
+        if settings["max_postings"] is not None:
+            order = np.lexsort((self.indices, -self.values.astype(np.float32), rows))
+            rank = np.arange(self.nnz) - self.indptr[rows[order]]
+            within = np.zeros(self.nnz, dtype=bool)
+            within[order] = rank < settings["max_postings"]
+            keep &= within
+        counts = np.bincount(rows[keep], minlength=self.n_rows)
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        meta = {**self.meta, **settings, "fingerprint": fingerprint(model, settings)}
+        return SparseIndex(indptr, self.indices[keep], self.values[keep].astype(DTYPES[settings["dtype"]]), self.keys, meta)
+
     # ---- size -----------------------------------------------------------------------------------
 
     @property

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -387,6 +388,11 @@ def test_threshold_and_posting_cap_prune_as_documented(sparcode_data):
     torch.testing.assert_close(got, rows * (rows > tau))
     capped = SparseIndex.build(model, max_postings=3)
     assert capped.posting_lengths().max() <= 3
+    full = SparseIndex.build(model)  # pruning the τ = 0 index gives what a fresh build gives
+    for fresh, derived in ((thresholded, full.pruned(model, threshold=tau)), (capped, full.pruned(model, max_postings=3))):
+        for name in ("indptr", "indices", "values"):
+            assert np.array_equal(getattr(fresh, name), getattr(derived, name)), name
+        assert fresh.meta == derived.meta
     got, _ = capped.accumulate(model, keys[:, None])
     best = torch.sort(rows[:, 1:], dim=1, descending=True, stable=True)
     for key in range(64):

@@ -382,7 +382,7 @@ class SparCode(SequentialRecommender):
         """A positive whose every token value is ≤ 0 after φ gets no gradient through the ReLU (spec §7)."""
         if self.score_relu:
             dead = (positive_values <= 0).all(-1)
-            self.dead_positives += torch.stack([dead.sum(), dead.new_tensor(dead.numel())]).cpu()
+            self.dead_positives += torch.tensor([int(dead.sum()), dead.numel()])
 
     def train(self, mode=True):
         # RecBole calls eval() before every validation: report the epoch's dead positives there.
