@@ -10,8 +10,9 @@
 - RecBole's ``ensure_dir`` checks, then creates: two runs started together in a fresh folder (the
   benchmark's parallel runs, both writing ``log/<model>/``) race, and the loser dies with
   FileExistsError. It is made to create with ``exist_ok``.
-- torch >= 2.6 loads checkpoints with ``weights_only=True``, which cannot unpickle RecBole's
-  checkpoints (they hold the ``Config``, §8 row 3): ``load_checkpoint`` loads our own trusted files.
+
+(torch >= 2.6 loads with ``weights_only=True`` and refuses RecBole's checkpoints, which pickle the
+``Config``, §8 row 3: this package writes and reads its own safe format, see ``checkpoint.py``.)
 """
 import os
 import warnings
@@ -47,11 +48,3 @@ recbole_utils.ensure_dir.__code__ = _ensure_dir.__code__
 
 def disable_anomaly_mode():
     torch.autograd.set_detect_anomaly(False)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by RecBole's trainer (it pickles the Config, so not weights-only).
-
-    Only load files you trust: unpickling runs code.
-    """
-    return torch.load(path, map_location=map_location, weights_only=False)

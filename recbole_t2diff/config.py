@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 
 from recbole_t2diff import compat
 from recbole_t2diff.errors import UsageError
+from recbole_t2diff.settings import check_user_keys, check_values
 
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
@@ -88,17 +90,34 @@ def check_model_config(config):
 BACKENDS = ("gloo", "nccl")
 
 
+def _check_yaml_file(file):
+    """A missing file or a yaml syntax error in one line, naming the file and position."""
+    if not os.path.isfile(file):
+        raise UsageError(f"config file '{file}' does not exist: check the path given to --config_files")
+    try:  # syntax only: composing builds no Python object
+        with open(file, encoding="utf-8") as f:
+            document = yaml.compose(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"config file '{file}' is not valid yaml{where}: {problem}") from None
+    if document is not None and not isinstance(document, yaml.MappingNode):
+        raise UsageError(f"config file '{file}' must hold 'key: value' lines")
+
+
 class Config(RecBoleConfig):
     """RecBole's Config, aware of this package's models and property files."""
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
         for file in config_file_list or []:
-            if not os.path.isfile(file):
-                raise UsageError(f"config file '{file}' does not exist: check the path given to --config_files")
+            _check_yaml_file(file)
         try:
             super().__init__(model, dataset, config_file_list, config_dict)
         except ValueError as err:  # RecBole's own checks of settings, e.g. CE with sampled negatives
             raise UsageError(f"invalid setting: {err}") from err
+        check_user_keys(self, config_file_list)
+        check_values(self)
         check_model_config(self)
 
     def _get_model_and_dataset(self, model, dataset):
@@ -116,7 +135,7 @@ class Config(RecBoleConfig):
         # The sequential protocol (leave-one-out, full ranking, CE without sampled negatives) would
         # break other model types, e.g. RecBole's general BPR model, which needs negatives.
         protocol = [properties / "sequential.yaml"] if model_class.type == ModelType.SEQUENTIAL else []
-        for file in protocol + [properties / "model" / f"{model}.yaml", properties / "dataset" / f"{dataset}.yaml"]:
+        for file in [properties / "overall.yaml"] + protocol + [properties / "model" / f"{model}.yaml", properties / "dataset" / f"{dataset}.yaml"]:
             if file.is_file():
                 loaded = self._update_internal_config_dict(str(file)) or {}
                 if file.parent.name == "dataset":

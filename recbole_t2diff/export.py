@@ -19,8 +19,8 @@ def item_matrix(model):
     with torch.no_grad():
         if hasattr(model, "item_vectors"):
             return model.item_vectors()
-        if hasattr(model, "item_embedding"):
-            return model.item_embedding.weight
+        if hasattr(model, "item_embedding"):  # a Parameter: no_grad does not detach what it returns
+            return model.item_embedding.weight.detach()
     raise UsageError(f"{type(model).__name__} has no item tower to export: export supports T2Diff and models scored by item_embedding")
 
 

@@ -13,11 +13,13 @@ import torch.multiprocessing as mp
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from recbole_t2diff import compat
+from recbole_t2diff.checkpoint import check_data, data_identity, load_checkpoint, save_checkpoint, unique_checkpoint_path
 from recbole_t2diff.config import Config, check_model_config, get_model, properties_dir
-from recbole_t2diff.data import ensure_dataset
+from recbole_t2diff.data import create_dataset, ensure_dataset
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.settings import check_known_keys
 
-from recbole.data import create_dataset, data_preparation
+from recbole.data import data_preparation
 from recbole.utils import dict2str, get_trainer, init_logger, init_seed, set_color
 
 
@@ -41,25 +43,59 @@ def build_model(config, train_data):
 
 
 def load_best_model(trainer):
-    """Reload the checkpoint ``fit`` saved (RecBole's own reload fails on torch >= 2.6, see compat)."""
-    checkpoint = compat.load_checkpoint(trainer.saved_model_file, map_location=trainer.device)
+    """Reload the checkpoint ``fit`` saved, checksum verified."""
+    checkpoint = load_checkpoint(trainer.saved_model_file, map_location=trainer.device)
     trainer.model.load_state_dict(checkpoint["state_dict"])
     trainer.model.load_other_parameter(checkpoint.get("other_parameter"))
     logging.getLogger().info(f"Loading model structure and parameters from {trainer.saved_model_file}")
 
 
-def make_trainer(config, model):
-    """RecBole's trainer for the model; on CPU processes of a distributed run, DDP without devices.
+class _SafeCheckpoints:
+    """Mixed into RecBole's trainer: checkpoints in this package's safe format (see checkpoint.py),
+    written atomically under a name unique to the run (RecBole's holds the time to the second, so
+    two runs started in the same second overwrote each other's)."""
+
+    def __init__(self, config, model, dataset=None):
+        super().__init__(config, model)
+        self.saved_model_file = unique_checkpoint_path(self.checkpoint_dir, config["model"])
+        self.checkpoint_dataset, self.checkpoint_data = dataset, None
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        if self.checkpoint_dataset is None:
+            raise UsageError("this trainer was made without its dataset: pass make_trainer(config, model, dataset) to save checkpoints")
+        if self.checkpoint_data is None:  # computed once, at the first save
+            self.checkpoint_data = data_identity(self.checkpoint_dataset)
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        save_checkpoint(saved_model_file, self.config, self.model, self.checkpoint_data, epoch=epoch,
+                        best_valid_score=self.best_valid_score)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+
+_SAFE_TRAINERS = {}
+
+
+def _safe_trainer_class(trainer_class):
+    if trainer_class not in _SAFE_TRAINERS:
+        _SAFE_TRAINERS[trainer_class] = type(trainer_class.__name__, (_SafeCheckpoints, trainer_class), {})
+    return _SAFE_TRAINERS[trainer_class]
+
+
+def make_trainer(config, model, dataset=None):
+    """RecBole's trainer for the model, saving safe checkpoints of ``dataset`` (needed only to save);
+    on CPU processes of a distributed run, DDP without devices.
 
     RecBole wraps the model in ``DistributedDataParallel(model, device_ids=[rank])``, which torch
     rejects for CPU modules: build the trainer as if single-process, then wrap it the CPU way.
     """
-    trainer_class = get_trainer(config["MODEL_TYPE"], config["model"])
+    trainer_class = _safe_trainer_class(get_trainer(config["MODEL_TYPE"], config["model"]))
     if config["single_spec"] or config["device"].type != "cpu":
-        return trainer_class(config, model)
+        return trainer_class(config, model, dataset)
     config["single_spec"] = True
     try:
-        trainer = trainer_class(config, model)
+        trainer = trainer_class(config, model, dataset)
     finally:
         config["single_spec"] = False
     trainer.distributed_model = DistributedDataParallel(trainer.model)
@@ -123,11 +159,11 @@ def _rank_main(rank, function, settings, settings_key, kwargs, results):
 
 def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_trainer=None):
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    _, train_data, valid_data, test_data = prepare(config)
+    dataset, train_data, valid_data, test_data = prepare(config)
     model = build_model(config, train_data)
     logger = logging.getLogger()
     logger.info(model)
-    trainer = make_trainer(config, model)
+    trainer = make_trainer(config, model, dataset)
     _share_checkpoint_name(trainer)
     if on_trainer is not None:
         on_trainer(trainer)
@@ -160,9 +196,10 @@ def load_data_and_model(model_file, overrides=None):
     their defaults. Returns ``(config, model, dataset, train_data, valid_data,
     test_data)``, like RecBole's function.
     """
-    checkpoint = compat.load_checkpoint(model_file)
+    checkpoint = load_checkpoint(model_file)
     config = checkpoint["config"]
     _add_new_knobs(config)
+    check_known_keys(overrides or {}, "overrides")
     for key, value in (overrides or {}).items():
         config[key] = value
     if "local_rank" in (overrides or {}):  # a distributed evaluation: join the process group
@@ -173,6 +210,7 @@ def load_data_and_model(model_file, overrides=None):
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     dataset, train_data, valid_data, test_data = prepare(config)
+    check_data(model_file, checkpoint["data"], dataset)
     model = build_model(config, train_data)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
@@ -193,7 +231,7 @@ def evaluate_checkpoint(model_file, split="test", overrides=None, nproc=1, port=
     """Metrics of a saved checkpoint on its ``valid`` or ``test`` split (``overrides`` as in
     :func:`load_data_and_model`); with ``nproc`` > 1, evaluated by that many processes and gathered."""
     if nproc > 1:
-        config = compat.load_checkpoint(model_file)["config"]
+        config = load_checkpoint(model_file)["config"]
         return spawn(evaluate_checkpoint, nproc, distributed_settings(nproc, port=port), config, "overrides",
                      model_file=model_file, split=split, overrides=overrides)
     config, model, _, _, valid_data, test_data = load_data_and_model(model_file, overrides)

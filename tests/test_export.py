@@ -79,9 +79,9 @@ def test_a_checkpoint_can_be_evaluated_with_the_few_step_sampler(trained, workdi
 
 
 def test_checkpoints_from_before_a_new_knob_still_load(trained, tmp_path, workdir):
-    checkpoint = torch.load(trained["saved_model_file"], weights_only=False)
+    checkpoint = torch.load(trained["saved_model_file"], weights_only=True)
     for knob in ("sampler", "diffusion_scale"):  # as written by a version without these knobs
-        del checkpoint["config"].final_config_dict[knob]
+        del checkpoint["config"]["settings"][knob]
     old = tmp_path / "old.pth"
     torch.save(checkpoint, old)
     assert dict(evaluate_checkpoint(str(old))) == dict(trained["test_result"])

@@ -1,0 +1,245 @@
+"""Checkpoints that load without running code, name their run uniquely and know their data.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain data (str, int, float,
+bool, None, lists and dicts): the weights, the run's settings as plain values, the token maps and a
+fingerprint of the data it was trained on, and a SHA-256 of the weights. It is read with
+``torch.load(weights_only=True)``, which refuses anything else, so a crafted file cannot run code.
+
+RecBole's own checkpoints (and this package's before this format) pickle the ``Config`` object:
+they are refused with a one-line error, and :func:`convert_checkpoint` rewrites one in this format
+when the caller says it trusts the file (``trust_checkpoint=True``, or on the command line
+``python -m recbole_t2diff.checkpoint --trust_checkpoint OLD.pth``).
+"""
+import argparse
+import enum
+import hashlib
+import numbers
+import os
+import secrets
+import sys
+
+import numpy as np
+import torch
+
+from recbole_t2diff.errors import UsageError
+
+from recbole.utils import get_local_time
+from recbole.utils.enum_type import EvaluatorType, FeatureSource, FeatureType, InputType, ModelType
+
+FORMAT = "recbole_t2diff checkpoint 1"
+CONVERT_HINT = "python -m recbole_t2diff.checkpoint --trust_checkpoint"
+# The enums RecBole puts into a Config's settings (MODEL_TYPE, MODEL_INPUT_TYPE, eval_type, ...).
+_ENUMS = {cls.__name__: cls for cls in (EvaluatorType, FeatureSource, FeatureType, InputType, ModelType)}
+
+
+def unique_checkpoint_path(folder, model_name):
+    """``<folder>/<model>-<time>-<random>.pth``: runs started in the same second get different files."""
+    return os.path.join(folder, f"{model_name}-{get_local_time()}-{secrets.token_hex(4)}.pth")
+
+
+def weights_digest(state_dict):
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_identity(dataset):
+    """What ties a checkpoint to its data: every token field's id -> token map, and a SHA-256 of the
+    loaded tables (interactions, item and user features) as the model saw them."""
+    tokens = {str(field): [str(token) for token in id2token] for field, id2token in sorted(dataset.field2id_token.items())}
+    digest = hashlib.sha256()
+    for name in ("inter_feat", "item_feat", "user_feat"):
+        table = getattr(dataset, name, None)
+        if table is None:
+            continue
+        columns = table.interaction if hasattr(table, "interaction") else {f: torch.as_tensor(np.asarray(table[f].tolist())) for f in table.columns}
+        for field in sorted(columns):
+            values = torch.as_tensor(columns[field]).contiguous()
+            digest.update(f"{name}|{field}|{values.dtype}|{tuple(values.shape)}|".encode())
+            digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"tokens": tokens, "fingerprint": digest.hexdigest()}
+
+
+def check_data(path, stored, dataset):
+    """One line, and no evaluation, when ``dataset`` is not the data the checkpoint was trained on."""
+    current = data_identity(dataset)
+    for field, tokens in stored["tokens"].items():
+        now = current["tokens"].get(field)
+        if now != tokens:
+            change = "is missing" if now is None else f"maps its ids to other tokens ({len(tokens)} ids at training, {len(now)} now)"
+            raise UsageError(
+                f"checkpoint '{path}' was trained on other data: field {field} {change}, so every id would mean another "
+                "user or item; evaluate or export it against the data files it was trained on (same rows, same order)"
+            )
+    if current["fingerprint"] != stored["fingerprint"]:
+        raise UsageError(
+            f"checkpoint '{path}' was trained on other data: the ids match but the interactions differ (fingerprint "
+            f"{stored['fingerprint'][:12]} at training, {current['fingerprint'][:12]} now); use the data files it was trained on"
+        )
+
+
+def _plain(value, key):
+    """``value`` as plain data (enums and devices tagged), or a one-line error naming the setting."""
+    if value is None:
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str):  # also numpy's str_, which would pickle as a numpy object
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, enum.Enum) and type(value).__name__ in _ENUMS:
+        return {"__enum__": f"{type(value).__name__}.{value.name}"}
+    if isinstance(value, torch.device):
+        return {"__device__": str(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, key) for item in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, key) for k, v in value.items()}
+    raise UsageError(f"setting {key}={value!r} ({type(value).__name__}) cannot be stored in a checkpoint: use numbers, strings, lists or dicts")
+
+
+def _restore(value):
+    if isinstance(value, list):
+        return [_restore(item) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {"__enum__"}:
+            enum_name, member = value["__enum__"].split(".")
+            return _ENUMS[enum_name][member]
+        if set(value) == {"__device__"}:
+            return torch.device(value["__device__"])
+        return {k: _restore(v) for k, v in value.items()}
+    return value
+
+
+def config_to_plain(config):
+    return {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "parameters": _plain(config.parameters, "parameters"),
+        "settings": {key: _plain(value, key) for key, value in config.final_config_dict.items()},
+    }
+
+
+def config_from_plain(plain):
+    """The ``Config`` a checkpoint was trained with, rebuilt from its stored settings (no file, no
+    command line and no property default is read again, so a changed default cannot change the model)."""
+    from recbole_t2diff.config import Config, get_model
+
+    config = Config.__new__(Config)
+    config.model, config.dataset = plain["model"], plain["dataset"]
+    config.model_class = get_model(plain["model"])
+    config.parameters = _restore(plain["parameters"])
+    config.yaml_loader = config._build_yaml_loader()
+    config.file_config_dict = config.variable_config_dict = config.cmd_config_dict = {}
+    config.external_config_dict, config.internal_config_dict = {}, {}
+    config.final_config_dict = _restore(plain["settings"])
+    return config
+
+
+def save_checkpoint(path, config, model, data, **training_state):
+    """Write the checkpoint atomically (a temporary file in the same folder, then a rename), so a
+    crash or a parallel reader never sees half a file. ``data`` is :func:`data_identity`'s result."""
+    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "config": config_to_plain(config),
+        "state_dict": state_dict,
+        "other_parameter": _plain(model.other_parameter(), "other_parameter"),
+        "weights_sha256": weights_digest(state_dict),
+        "data": data,
+        **{key: _plain(value, key) for key, value in training_state.items()},
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint without running code; its ``config`` is rebuilt as a ``Config``.
+
+    Every failure is a one-line :class:`UsageError`: a missing, damaged or foreign file, a bare
+    state dict, a file that needs unpickling (an old-format checkpoint, or a crafted one), or
+    weights that do not match the checksum written with them.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint '{path}' does not exist: pass the .pth file a training run saved (its path is in run()'s saved_model_file)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for foreign or damaged files: all mean "not loadable"
+        if "Weights only load failed" in str(err):
+            raise UsageError(
+                f"checkpoint '{path}' is not in the safe format: loading it would unpickle objects, which can run code "
+                f"(a checkpoint from RecBole or an earlier recbole_t2diff, or a crafted file); if you trust where it came "
+                f"from, convert it once: {CONVERT_HINT} {path}"
+            ) from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"checkpoint '{path}' is damaged or not a checkpoint ({reason[:200]}): use a .pth file a training run saved") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+            raise UsageError(
+                f"checkpoint '{path}' holds only weights (a state dict), without the settings and data maps needed to rebuild "
+                "the model: use the .pth file a training run saved"
+            )
+        raise UsageError(f"'{path}' is not a recbole_t2diff checkpoint (no '{FORMAT}' format tag): use the .pth file a training run saved")
+    if weights_digest(payload["state_dict"]) != payload["weights_sha256"]:
+        raise UsageError(f"checkpoint '{path}' is damaged: its weights do not match the SHA-256 written with them; use an intact copy")
+    payload["config"] = config_from_plain(payload["config"])
+    return payload
+
+
+def convert_checkpoint(path, out_path=None, trust_checkpoint=False):
+    """Rewrite a pickled checkpoint (RecBole's, or this package's before the safe format) safely.
+
+    Unpickling runs whatever code the file holds, so this needs ``trust_checkpoint=True``. The
+    data identity is taken from the data files as they are now: convert before changing them.
+    Returns the new file's path (default: ``<name>-safe.pth`` beside the old one).
+    """
+    if not trust_checkpoint:
+        raise UsageError(f"converting '{path}' unpickles it, which runs any code it holds: pass trust_checkpoint=True (--trust_checkpoint) only for a file you trust")
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint '{path}' does not exist")
+    from recbole_t2diff.quick_start import build_model, prepare
+
+    old = torch.load(path, map_location="cpu", weights_only=False)  # the caller vouched for this file
+    if not isinstance(old, dict) or "config" not in old or "state_dict" not in old:
+        raise UsageError(f"'{path}' is not a RecBole checkpoint (no config and state_dict): nothing to convert")
+    config = old["config"]
+    config["single_spec"], config["local_rank"] = True, 0
+    dataset, train_data, _, _ = prepare(config)
+    model = build_model(config, train_data)
+    model.load_state_dict(old["state_dict"])
+    model.load_other_parameter(old.get("other_parameter"))
+    out_path = out_path or f"{os.path.splitext(path)[0]}-safe.pth"
+    save_checkpoint(out_path, config, model, data_identity(dataset), converted_from=os.path.abspath(path))
+    return out_path
+
+
+def main(argv=None):
+    from recbole_t2diff.cli import exit_on_usage_error
+
+    parser = argparse.ArgumentParser(description="Convert a pickled (old-format) checkpoint to the safe format.")
+    parser.add_argument("checkpoint", help="the old .pth file")
+    parser.add_argument("--out", default=None, help="the new file (default: <name>-safe.pth beside the old one)")
+    parser.add_argument("--trust_checkpoint", action="store_true", help="required: the old file is unpickled, which runs any code it holds")
+    args = parser.parse_args(argv)
+    with exit_on_usage_error():
+        print(convert_checkpoint(args.checkpoint, args.out, args.trust_checkpoint))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
