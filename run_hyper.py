@@ -29,7 +29,7 @@ def main():
     args, _ = parser.parse_known_args()
     with exit_on_usage_error():
         if args.tool != "Hyperopt":
-            raise UsageError(f"--tool={args.tool} is not supported: ray.tune 2.6.3 (RecBole's pin) fails to import with numpy 2 (np.bool8); use --tool=Hyperopt")
+            raise UsageError(f"--tool={args.tool} is not supported, only Hyperopt: RecBole's Ray path works with no ray available here (its pin ray<=2.6.3 has no wheels past Python 3.11 and fails with numpy 2; current ray rejects its tune.run(local_dir=...) and tune.report(**result)); use --tool=Hyperopt")
         search = Search(
             args.model, args.dataset, args.params_file, args.config_files.split() if args.config_files else None,
             args.algo, args.max_evals, args.early_stop,
