@@ -12,7 +12,7 @@ import sys
 
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.errors import UsageError
-from recbole_t2diff.hyper import ALGOS, Search
+from recbole_t2diff.hyper import ALGOS, Search, check_output_file
 
 
 def main():
@@ -30,6 +30,7 @@ def main():
     with exit_on_usage_error():
         if args.tool != "Hyperopt":
             raise UsageError(f"--tool={args.tool} is not supported, only Hyperopt: RecBole's Ray path works with no ray available here (its pin ray<=2.6.3 has no wheels past Python 3.11 and fails with numpy 2; current ray rejects its tune.run(local_dir=...) and tune.report(**result)); use --tool=Hyperopt")
+        check_output_file(args.output_file)
         search = Search(
             args.model, args.dataset, args.params_file, args.config_files.split() if args.config_files else None,
             args.algo, args.max_evals, args.early_stop,

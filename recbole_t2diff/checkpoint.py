@@ -8,15 +8,13 @@ fingerprint of the data it was trained on, and a SHA-256 of the weights. It is r
 RecBole's own checkpoints (and this package's before this format) pickle the ``Config`` object:
 they are refused with a one-line error, and :func:`convert_checkpoint` rewrites one in this format
 when the caller says it trusts the file (``trust_checkpoint=True``, or on the command line
-``python -m recbole_t2diff.checkpoint --trust_checkpoint OLD.pth``).
+``python -m recbole_t2diff.convert --trust_checkpoint OLD.pth``).
 """
-import argparse
 import enum
 import hashlib
 import numbers
 import os
 import secrets
-import sys
 
 import numpy as np
 import torch
@@ -27,7 +25,7 @@ from recbole.utils import get_local_time
 from recbole.utils.enum_type import EvaluatorType, FeatureSource, FeatureType, InputType, ModelType
 
 FORMAT = "recbole_t2diff checkpoint 1"
-CONVERT_HINT = "python -m recbole_t2diff.checkpoint --trust_checkpoint"
+CONVERT_HINT = "python -m recbole_t2diff.convert --trust_checkpoint"
 # The enums RecBole puts into a Config's settings (MODEL_TYPE, MODEL_INPUT_TYPE, eval_type, ...).
 _ENUMS = {cls.__name__: cls for cls in (EvaluatorType, FeatureSource, FeatureType, InputType, ModelType)}
 
@@ -228,18 +226,3 @@ def convert_checkpoint(path, out_path=None, trust_checkpoint=False):
     save_checkpoint(out_path, config, model, data_identity(dataset), converted_from=os.path.abspath(path))
     return out_path
 
-
-def main(argv=None):
-    from recbole_t2diff.cli import exit_on_usage_error
-
-    parser = argparse.ArgumentParser(description="Convert a pickled (old-format) checkpoint to the safe format.")
-    parser.add_argument("checkpoint", help="the old .pth file")
-    parser.add_argument("--out", default=None, help="the new file (default: <name>-safe.pth beside the old one)")
-    parser.add_argument("--trust_checkpoint", action="store_true", help="required: the old file is unpickled, which runs any code it holds")
-    args = parser.parse_args(argv)
-    with exit_on_usage_error():
-        print(convert_checkpoint(args.checkpoint, args.out, args.trust_checkpoint))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

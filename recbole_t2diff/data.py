@@ -115,8 +115,6 @@ class _CheckedAtomicFiles:
             header, *lines = f.read().split("\n")
         load_col, unload_col = self._get_load_and_unload_col(source)
         kept, malformed, columns = check_lines(filepath, header.rstrip("\r"), lines, self.config, load_col, unload_col)
-        if source == FeatureSource.INTERACTION:
-            self._check_interactions(filepath, columns, kept)
         limit = self.config["max_malformed_lines"]
         if malformed:
             shown = "; ".join(f"line {number}: {why}" for number, why in malformed[:_SHOWN_LINES])
@@ -124,6 +122,9 @@ class _CheckedAtomicFiles:
             if len(malformed) > limit:
                 raise UsageError(f"{message}, more than max_malformed_lines={limit}: fix the file, or raise max_malformed_lines to drop them")
             logging.getLogger().warning(f"{message}: dropped, not read (max_malformed_lines={limit})")
+        if source == FeatureSource.INTERACTION:
+            self._check_interactions(filepath, columns, kept)
+        if malformed:
             with tempfile.TemporaryDirectory() as scratch:
                 cleaned = os.path.join(scratch, os.path.basename(filepath))
                 with open(cleaned, "w", encoding=self.config["encoding"]) as f:
@@ -196,3 +197,23 @@ def _finite(text):
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+def check_dataset(config, dataset):
+    """What RecBole would otherwise fail on deep inside its splitting or evaluation, in one line."""
+    name = config["dataset"]
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL and (config["eval_args"] or {}).get("split") == {"LS": "valid_and_test"}:
+        # Each user's n interactions give n - 1 next-item samples: the last tests, the one before
+        # validates, the rest train. Users with a single interaction give none.
+        counts = dataset.inter_feat[dataset.uid_field].value_counts()
+        single = int((counts == 1).sum())
+        if single:
+            logging.getLogger().warning(f"dataset '{name}': {single} user(s) with one interaction only give no sample and are left out")
+        if not (counts >= 4).any():
+            raise UsageError(
+                f"dataset '{name}' has no user with the 4 interactions leave-one-out needs (3 samples: train, valid, test; "
+                f"{single} of {len(counts)} users have one interaction only): add interactions"
+            )
+    topk = max(config["topk"])
+    if topk >= dataset.item_num:
+        raise UsageError(f"topk={config['topk']}: {topk} is not below the {dataset.item_num - 1} items of dataset '{name}'; use smaller topk values")

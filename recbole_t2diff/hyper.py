@@ -6,11 +6,15 @@ model by name inside ``recbole``; :func:`make_objective` trains through this pac
 metrics are only reported.
 """
 import math
+import os
 import re
 import sys
 
+import yaml
+
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import run
+from recbole_t2diff.settings import check_known_keys
 
 from recbole.trainer import HyperTuning
 from recbole.utils.utils import dict2str
@@ -78,6 +82,29 @@ def command_line_keys(argv=None):
     return {m.group(1) for arg in (argv if argv is not None else sys.argv[1:]) if (m := re.fullmatch(r"--([^=]+)=[^=]*", arg))}
 
 
+def check_output_file(path):
+    """The result file is written after the last trial: a path that cannot be written fails now."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--output_file={path} is a folder: name a file in it, e.g. {os.path.join(path, 'hyper.result')}")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output_file={path}: folder {folder} does not exist; create it first (the results are written after the last trial)")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--output_file={path}: folder {folder} is not writable; choose another folder")
+
+
+def _extra_keys(config_files):
+    """``extra_keys`` listed in the fixed config files (the searched keys may be the user's own)."""
+    keys = []
+    for file in config_files or []:
+        try:
+            with open(file, encoding="utf-8") as f:
+                keys += (yaml.safe_load(f) or {}).get("extra_keys") or []
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue  # a missing or broken file is reported in one line when the first trial builds its Config
+    return keys
+
+
 def make_objective(model, dataset, saved=True):
     """The objective ``HyperTuning`` calls as ``objective(config_dict, config_file_list)``."""
 
@@ -95,6 +122,7 @@ class Search(HyperTuning):
         if algo not in ALGOS:
             raise UsageError(f"unknown --algo={algo}: use one of {', '.join(ALGOS)}")
         space = parse_params_file(params_file)
+        check_known_keys(space, f"in {params_file}", _extra_keys(config_files))
         # RecBole's Config gives the command line priority over each trial's values: a searched key
         # also given as --key=value would silently fix it in every trial.
         clash = sorted(set(space) & command_line_keys(argv))

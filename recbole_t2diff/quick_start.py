@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from recbole_t2diff.checkpoint import check_data, data_identity, load_checkpoint, save_checkpoint, unique_checkpoint_path
 from recbole_t2diff.config import Config, check_model_config, get_model, properties_dir
-from recbole_t2diff.data import create_dataset, ensure_dataset
+from recbole_t2diff.data import check_dataset, create_dataset, ensure_dataset
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.settings import check_known_keys
 
@@ -33,6 +33,7 @@ def prepare(config):
     logger.info(config)
     dataset = create_dataset(config)
     logger.info(dataset)
+    check_dataset(config, dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
 

@@ -1,0 +1,367 @@
+"""Issue 14: no file runs code it was not meant to, no run overwrites another, no knob or data line is silently ignored."""
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_t2diff.checkpoint as checkpoint_module
+import recbole_t2diff.config as config_module
+from recbole_t2diff.checkpoint import convert_checkpoint, load_checkpoint, save_checkpoint
+from recbole_t2diff.config import Config
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.export import export_embeddings
+from recbole_t2diff.hyper import Search
+from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, prepare, run
+from recbole_t2diff.settings import known_keys, script_options
+
+from conftest import REPO, TINY_MODEL, scratch_run, write_tiny_dataset
+
+ENTRY_POINTS = {
+    "load_data_and_model": load_data_and_model,
+    "evaluate_checkpoint": evaluate_checkpoint,
+    "export_embeddings": lambda path: export_embeddings(path, os.path.join(os.path.dirname(path), "export")),
+}
+
+
+def one_line_error(call, *args, match=None, **kwargs):
+    """The call fails with a one-line UsageError (matching ``match``); returns the message."""
+    with pytest.raises(UsageError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    if match is not None:
+        assert re.search(match, message), message
+    return message
+
+
+class RunsCommand:
+    """Unpickling this object runs ``touch <marker>``: the shape of a malicious checkpoint or cache."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_crafted(path, marker, form):
+    if form == "torch-zip":
+        torch.save({"config": RunsCommand(marker), "state_dict": {}}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(RunsCommand(marker), f)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A T2Diff run on a private copy of the tiny dataset (tests below change copies of it, not this one)."""
+    data = write_tiny_dataset(str(tmp_path_factory.mktemp("trust_data")))
+    with scratch_run(tmp_path_factory.mktemp("trust_run")):
+        result = run("T2Diff", "tiny", config_dict={"data_path": data, **TINY_MODEL})
+    return {**result, "data_path": data}
+
+
+# --- 1. checkpoint loading never unpickles ---------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["torch-zip", "raw-pickle"])
+def test_the_crafted_files_do_run_code_when_unpickled(tmp_path, form):
+    """Control: the crafted files are live, so their marker staying absent below means something."""
+    path, marker = tmp_path / "evil.pth", tmp_path / "marker"
+    write_crafted(path, marker, form)
+    torch.load(path, weights_only=False) if form == "torch-zip" else pickle.load(open(path, "rb"))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("form", ["torch-zip", "raw-pickle"])
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, workdir, form, entry):
+    path, marker = tmp_path / "evil.pth", tmp_path / "marker"
+    write_crafted(path, marker, form)
+    one_line_error(ENTRY_POINTS[entry], str(path), match="not in the safe format.*--trust_checkpoint")
+    assert not marker.exists()
+
+
+def test_converting_needs_an_explicit_opt_in(tmp_path):
+    path, marker = tmp_path / "evil.pth", tmp_path / "marker"
+    write_crafted(path, marker, "torch-zip")
+    one_line_error(convert_checkpoint, str(path), match="trust_checkpoint=True")
+    cli = subprocess.run([sys.executable, "-m", "recbole_t2diff.convert", str(path)], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    lines = [line for line in cli.stderr.splitlines() if line.strip()]
+    assert cli.returncode == 1 and len(lines) == 1 and "--trust_checkpoint" in lines[0], cli.stderr
+    assert not marker.exists()
+
+
+def test_an_old_format_checkpoint_is_refused_then_converted_on_request(trained, tmp_path, workdir):
+    new = load_checkpoint(trained["saved_model_file"])
+    old = tmp_path / "old.pth"  # as written before the safe format: the Config object pickled
+    torch.save({"config": new["config"], "state_dict": new["state_dict"], "other_parameter": new["other_parameter"]}, old)
+    one_line_error(evaluate_checkpoint, str(old), match=f"convert it once: python -m recbole_t2diff.convert --trust_checkpoint {re.escape(str(old))}")
+    converted = convert_checkpoint(str(old), trust_checkpoint=True)
+    assert dict(evaluate_checkpoint(converted)) == dict(trained["test_result"])
+
+
+# --- 2. RecBole's pickle caches are never read -------------------------------------------------------
+
+def test_a_dropped_cache_file_is_never_unpickled(tmp_path, workdir):
+    data = write_tiny_dataset(str(tmp_path / "data"))
+    marker = tmp_path / "marker"
+    os.makedirs("saved")
+    for name in ("tiny-SequentialDataset.pth", "tiny-for-T2Diff-dataloader.pth"):  # the files RecBole reads when present
+        write_crafted(os.path.join("saved", name), marker, "raw-pickle")
+    result = run("T2Diff", "tiny", config_dict={"data_path": data, **TINY_MODEL, "epochs": 1})
+    assert result["test_result"] and not marker.exists()
+
+
+@pytest.mark.parametrize("key,value", [("save_dataset", True), ("save_dataloaders", True), ("dataset_save_path", "x.pth")])
+def test_settings_that_write_pickle_caches_are_rejected(key, value):
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", config_dict={key: value}, match=f"{key}=.* not supported")
+
+
+# --- 3. checkpoint names are unique, writes atomic -------------------------------------------------
+
+def test_runs_started_in_the_same_second_keep_their_own_checkpoints(tiny_path, workdir, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "get_local_time", lambda: "Nov-30-2026_12-00-00")  # one second for both
+    first = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "seed": 1})
+    second = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "seed": 2})
+    assert first["saved_model_file"] != second["saved_model_file"]
+    assert sorted(os.listdir("saved")) == sorted(os.path.basename(r["saved_model_file"]) for r in (first, second))
+    assert dict(evaluate_checkpoint(first["saved_model_file"])) == dict(first["test_result"])
+    assert dict(evaluate_checkpoint(second["saved_model_file"])) == dict(second["test_result"])
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_whole(trained, tmp_path, monkeypatch):
+    path = tmp_path / "best.pth"
+    shutil.copy(trained["saved_model_file"], path)
+    before = path.read_bytes()
+    loaded = load_checkpoint(str(path))
+    _, model, *_ = load_data_and_model(trained["saved_model_file"])
+
+    def dies_half_way(payload, file):
+        with open(file, "wb") as f:
+            f.write(b"PK half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(str(path), loaded["config"], model, loaded["data"])
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["best.pth"]
+
+
+# --- 4. a checkpoint is tied to its data and its weights are checked --------------------------------
+
+def trained_on_own_copy(tmp_path):
+    data = write_tiny_dataset(str(tmp_path / "data"))
+    result = run("T2Diff", "tiny", config_dict={"data_path": data, **TINY_MODEL, "epochs": 1})
+    return result["saved_model_file"], os.path.join(data, "tiny", "tiny.inter")
+
+
+def test_reordered_or_changed_data_is_refused(tmp_path, workdir):
+    model_file, inter = trained_on_own_copy(tmp_path)
+    original = open(inter).read().splitlines()
+    header, rows = original[0], original[1:]
+    with open(inter, "w") as f:  # the same interactions, rows in another order: ids are re-mapped
+        f.write("\n".join([header] + rows[::-1]) + "\n")
+    one_line_error(evaluate_checkpoint, model_file, match="trained on other data: field item_id maps its ids to other tokens")
+    one_line_error(export_embeddings, model_file, str(tmp_path / "export"), match="trained on other data")
+    user, item, time = rows[-1].split("\t")
+    with open(inter, "w") as f:  # same order, one timestamp moved (still the user's last)
+        f.write("\n".join([header] + rows[:-1] + [f"{user}\t{item}\t{float(time) + 0.5}"]) + "\n")
+    one_line_error(evaluate_checkpoint, model_file, match="the interactions differ")
+    with open(inter, "w") as f:
+        f.write("\n".join(original) + "\n")
+    assert evaluate_checkpoint(model_file)  # the data it was trained on still evaluates
+
+
+def test_damaged_weights_are_refused(trained, tmp_path):
+    path = tmp_path / "damaged.pth"
+    shutil.copy(trained["saved_model_file"], path)
+    with zipfile.ZipFile(path) as archive:  # the largest tensor record, where a flipped bit goes unnoticed by the zip reader
+        record = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda info: info.file_size)
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = np.frombuffer(bytes(raw[record.header_offset + 26: record.header_offset + 30]), dtype="<u2")
+    start = record.header_offset + 30 + int(name_length) + int(extra_length)
+    raw[start + record.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    one_line_error(load_checkpoint, str(path), match="is damaged: its weights do not match the SHA-256")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "state-dict only", "missing"])
+def test_files_that_are_not_checkpoints_get_one_line(trained, tmp_path, kind):
+    path = tmp_path / "x.pth"
+    if kind == "truncated":
+        blob = open(trained["saved_model_file"], "rb").read()
+        path.write_bytes(blob[: len(blob) // 2])
+    elif kind == "text":
+        path.write_text("user_id:token\titem_id:token\n")
+    elif kind == "state-dict only":
+        torch.save(load_checkpoint(trained["saved_model_file"])["state_dict"], path)
+    message = one_line_error(load_checkpoint, str(path))
+    assert {"truncated": "damaged or not a checkpoint", "text": "damaged or not a checkpoint",
+            "state-dict only": "holds only weights", "missing": "does not exist"}[kind] in message
+
+
+# --- 5. exporting a built-in model ------------------------------------------------------------------
+
+def test_a_builtin_model_exports(tiny_path, workdir, tmp_path):
+    result = run("SASRec", "tiny", config_dict={"data_path": tiny_path, "hidden_size": 8, "inner_size": 16, "n_layers": 1,
+                                                 "n_heads": 1, "epochs": 1, "show_progress": False, "state": "WARNING"})
+    paths, items, users, targets = export_embeddings(result["saved_model_file"], str(tmp_path / "export"))
+    _, model, *_ = load_data_and_model(result["saved_model_file"])
+    np.testing.assert_array_equal(items, model.item_embedding.weight.detach().numpy())
+    assert users.shape == (len(targets), 8) and len(json.load(open(paths["ids"]))["item_tokens"]) == len(items)
+
+
+# --- 6. run_hyper checks its output path first ------------------------------------------------------
+
+def test_run_hyper_rejects_an_unwritable_output_file_before_any_trial(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), "--params_file=space.hyper",
+                             f"--output_file={tmp_path}/missing/dir/x"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+                            capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "missing/dir does not exist" in lines[0], result.stderr
+    assert "trial" not in result.stdout
+
+
+# --- 7. unknown keys ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("typo,known", [("lamda_diff", "lambda_diff"), ("sesion_len", "session_len"), ("unet_level", "unet_levels"),
+                                        ("learning_rte", "learning_rate")])
+def test_a_misspelt_key_names_the_nearest_known_key(typo, known, monkeypatch, tmp_path):
+    expected = f"unknown setting '{typo}'.*did you mean '{known}'"
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", config_dict={typo: 2}, match=expected)
+    (tmp_path / "mine.yaml").write_text(f"{typo}: 2\n")
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "mine.yaml")], match=expected)
+    monkeypatch.setattr(sys, "argv", ["run_recbole.py", f"--{typo}=2"])
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", match=expected)
+
+
+def test_a_misspelt_key_in_a_params_file_fails_before_any_trial(tmp_path):
+    (tmp_path / "space.hyper").write_text("lamda_diff choice [0.1,1.0]\n")
+    one_line_error(Search, "T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=[], match="did you mean 'lambda_diff'")
+
+
+def test_a_misspelt_override_of_a_checkpoint_is_refused(trained, workdir):
+    one_line_error(evaluate_checkpoint, trained["saved_model_file"], "test", {"infer_step": 2}, match="did you mean 'infer_steps'")
+
+
+def test_deliberate_extra_keys_pass_when_listed():
+    config = Config(model="SASRec", dataset="ml-100k", config_dict={"my_flag": 3, "extra_keys": ["my_flag"]})
+    assert config["my_flag"] == 3
+    one_line_error(Config, model="SASRec", dataset="ml-100k", config_dict={"my_flag": 3}, match="extra_keys")
+
+
+def test_recboles_own_keys_and_the_scripts_options_are_known(monkeypatch):
+    assert {"learning_rate", "eval_args", "encoding", "world_size", "hidden_size", "dist_backend"} <= known_keys()
+    assert {"config_files", "nproc", "group_offset"} <= script_options(os.path.join(REPO, "run_recbole.py"))
+    monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "run_recbole.py"), "--config_files=", "--nproc=1", "--encoding=utf-8"])
+    Config(model="T2Diff", dataset="ml-100k")
+
+
+def test_a_knob_added_to_a_property_file_is_accepted_at_once(tmp_path, monkeypatch):
+    properties = tmp_path / "properties"
+    shutil.copytree(config_module.properties_dir(), properties)
+    with open(properties / "model" / "T2Diff.yaml", "a") as f:
+        f.write("brand_new_knob: 1\n")
+    (properties / "model" / "FutureModel.yaml").write_text("future_knob: 2\n")  # a model registered later
+    monkeypatch.setattr(config_module, "properties_dir", lambda: properties)
+    known_keys.cache_clear()
+    try:
+        config = Config(model="T2Diff", dataset="ml-100k", config_dict={"brand_new_knob": 3, "future_knob": 4})
+        assert config["brand_new_knob"] == 3 and config["future_knob"] == 4
+    finally:
+        known_keys.cache_clear()
+
+
+# --- 8. one line instead of a traceback ---------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "argument,message",
+    [
+        ("--learning_rate=-1", "learning_rate=-1: it must be a number > 0"),
+        ("--learning_rate=abc", "learning_rate=abc: it must be a number"),
+        ("--embedding_size=abc", "embedding_size=abc: it must be a number"),
+        ("--train_batch_size=0", "train_batch_size=0: it must be a whole number >= 1"),
+        ("--eval_batch_size=0", "eval_batch_size=0: it must be a whole number >= 1"),
+        ("--epochs=0", "epochs=0: it must be a whole number >= 1"),
+        ("--mask_diag=yes", "mask_diag=yes: it must be True or False"),
+    ],
+)
+def test_bad_values_get_one_line(argument, message, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["run_recbole.py", argument])
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", match=re.escape(message))
+
+
+def test_epochs_zero_leaves_no_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), "--epochs=0"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "epochs=0" in lines[0], result.stderr
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_yaml_syntax_error_gets_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("epochs: 3\nlearning_rate: [0.1\n")
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "bad.yaml")],
+                   match="bad.yaml' is not valid yaml at line 3")
+
+
+HEADER = "user_id:token\titem_id:token\ttimestamp:float"
+
+
+@pytest.mark.parametrize(
+    "case,lines,message",
+    [
+        ("header only", [HEADER], "has a header but no interaction lines"),
+        ("no timestamp column", ["user_id:token\titem_id:token"] + [f"{u}\t{i}" for u in range(1, 9) for i in range(1, 9)],
+         "no loaded column 'timestamp'"),
+        ("one interaction per user", [HEADER] + [f"{u}\t{u % 7 + 1}\t{u}" for u in range(1, 40)],
+         "no user with the 4 interactions.*39 of 39 users have one interaction only"),
+        ("non-numeric timestamps", [HEADER] + [f"{u}\t{i}\tday{i}" for u in range(1, 9) for i in range(1, 9)],
+         "64 malformed line.*timestamp='day1' is not a valid value.*more than max_malformed_lines=10"),
+    ],
+)
+def test_unusable_data_files_get_one_line(tmp_path, workdir, case, lines, message):
+    os.makedirs(tmp_path / "data" / "bad")
+    (tmp_path / "data" / "bad" / "bad.inter").write_text("\n".join(lines) + "\n")
+    one_line_error(run, "T2Diff", "bad", config_dict={"data_path": str(tmp_path / "data"), **TINY_MODEL}, match=message)
+
+
+# --- 9. malformed and duplicate data lines ------------------------------------------------------------
+
+def tiny_with_extra_lines(tmp_path, extra):
+    data = write_tiny_dataset(str(tmp_path / "data"))
+    with open(os.path.join(data, "tiny", "tiny.inter"), "a") as f:
+        f.write("\n".join(extra) + "\n")
+    return data
+
+
+def test_malformed_lines_are_dropped_and_reported_not_ingested(tmp_path, workdir, caplog):
+    data = tiny_with_extra_lines(tmp_path, ["5\tBROKEN", "6\t7\t8\t9"])
+    with caplog.at_level(logging.WARNING):
+        dataset, *_ = prepare(Config(model="T2Diff", dataset="tiny", config_dict={"data_path": data, **TINY_MODEL}))
+    assert "2 malformed line(s) (line " in caplog.text and "2 fields, the header has 3" in caplog.text
+    assert "4 fields, the header has 3" in caplog.text
+    clean, *_ = prepare(Config(model="T2Diff", dataset="tiny", config_dict={"data_path": write_tiny_dataset(str(tmp_path / "clean")), **TINY_MODEL}))
+    assert len(dataset.inter_feat) == len(clean.inter_feat) and "BROKEN" not in dataset.field2id_token["item_id"]
+    assert list(dataset.field2id_token["item_id"]) == list(clean.field2id_token["item_id"])
+    one_line_error(prepare, Config(model="T2Diff", dataset="tiny", config_dict={"data_path": data, **TINY_MODEL, "max_malformed_lines": 1}),
+                   match="2 malformed line.*more than max_malformed_lines=1")
+
+
+def test_duplicate_lines_are_counted(tmp_path, workdir, caplog):
+    first, second = open(os.path.join(write_tiny_dataset(str(tmp_path / "rows")), "tiny", "tiny.inter")).read().splitlines()[1:3]
+    data = tiny_with_extra_lines(tmp_path, [first, second])
+    with caplog.at_level(logging.WARNING):
+        prepare(Config(model="T2Diff", dataset="tiny", config_dict={"data_path": data, **TINY_MODEL}))
+    assert "2 duplicate interaction line(s)" in caplog.text
