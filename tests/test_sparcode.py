@@ -250,7 +250,7 @@ def test_scoring_changes_no_buffer_even_in_training_mode(sparcode_data):
 
 
 def test_full_ce_is_cross_entropy_of_the_full_sort_logits(sparcode_data):
-    model = trained(sparcode_data, softmax_negatives=None, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, mlp_dropout=0.0)
+    model = trained(sparcode_data, softmax_negatives=None, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, mlp_dropout=0.0, relu_leak=0.0)
     batch = first_batch(sparcode_data[1])
     logits = scores(model, batch)
     model.train()
@@ -259,7 +259,7 @@ def test_full_ce_is_cross_entropy_of_the_full_sort_logits(sparcode_data):
 
 
 def test_sampled_softmax_masks_accidental_hits(sparcode_data, monkeypatch):
-    model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, relu_leak=0.0)
     batch = first_batch(sparcode_data[1])
     target = batch["item_id"]
     other = int((target % (model.n_items - 1)) [0]) + 1  # an item that is not the first row's target
@@ -276,7 +276,7 @@ def test_sampled_softmax_masks_accidental_hits(sparcode_data, monkeypatch):
 
 
 def test_bpr_reads_the_sampled_negative(sparcode_data):
-    model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
+    model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, relu_leak=0.0,
                     loss_type="BPR", softmax_negatives=None, train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
     batch = with_negatives(first_batch(sparcode_data[1]), model.n_items)
     model.train()
@@ -342,6 +342,13 @@ def test_bad_settings_raise_one_line(tiny_path, workdir, overrides, message):
     with pytest.raises(UsageError) as raised:
         tiny_config(tiny_path, model="SparCode", **{**TINY_SPARCODE, **overrides})
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_relu_leak_acts_in_training_only(sparcode_data):
+    model = make_model(sparcode_data, relu_leak=0.1, score_bias=0.5)
+    scores = torch.tensor([-2.5, 0.5])
+    torch.testing.assert_close(model.activate(scores, training=True), torch.tensor([-0.2, 1.0]))
+    torch.testing.assert_close(model.activate(scores), torch.tensor([0.0, 1.0]))
 
 
 # ---- reductions -----------------------------------------------------------------------------------
