@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from recbole.data.interaction import Interaction
@@ -337,6 +338,7 @@ def test_each_loss_trains(sparcode_data, overrides):
     ({"loss_type": "BPR", "softmax_negatives": None}, "BPR needs sampled negatives"),
     ({"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}, "softmax_negatives=10"),
     ({"nproc": 2}, "nproc=2"),
+    ({"score_bias": "low"}, "score_bias=low"),
 ])
 def test_bad_settings_raise_one_line(tiny_path, workdir, overrides, message):
     with pytest.raises(UsageError) as raised:
@@ -349,6 +351,16 @@ def test_relu_leak_acts_in_training_only(sparcode_data):
     scores = torch.tensor([-2.5, 0.5])
     torch.testing.assert_close(model.activate(scores, training=True), torch.tensor([-0.2, 1.0]))
     torch.testing.assert_close(model.activate(scores), torch.tensor([0.0, 1.0]))
+
+
+def test_every_knob_is_documented_in_the_readme():
+    with open(os.path.join(REPO, "properties", "model", "SparCode.yaml")) as f:
+        knobs = yaml.safe_load(f)
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## SparCode"):]
+    table = {name for row in re.findall(r"^\| (`.*?) \|", section, re.M) for name in re.findall(r"`(\w+)`", row)}
+    assert set(knobs) - table == set()
 
 
 # ---- reductions -----------------------------------------------------------------------------------

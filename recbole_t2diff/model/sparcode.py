@@ -123,7 +123,8 @@ class SparCode(SequentialRecommender):
             _fraction(config, "mlp_dropout")
         if config["score_relu"] not in (True, False):
             _fail("score_relu", config["score_relu"], "use true or false")
-        float(config["score_bias"])
+        if not isinstance(config["score_bias"], (int, float)) or isinstance(config["score_bias"], bool):
+            _fail("score_bias", config["score_bias"], "it must be a number, e.g. 0.0 or -0.5")
         _non_negative(config, "sparsity_weight")
         _fraction(config, "relu_leak")
         loss_type = _one_of(config, "loss_type", LOSS_TYPES)
