@@ -47,24 +47,37 @@ def weights_digest(state_dict):
 
 def data_identity(dataset):
     """What ties a checkpoint to its data: every token field's id -> token map, and a SHA-256 of the
-    loaded tables (interactions, item and user features) as the model saw them."""
+    tables RecBole loaded (interactions, item and user features, ids remapped), before the split.
+
+    The dataset classes of ``data.py`` compute it once, when built, as ``dataset.identity``: the
+    split later replaces a sequential dataset's interactions by its training samples.
+    """
     tokens = {str(field): [str(token) for token in id2token] for field, id2token in sorted(dataset.field2id_token.items())}
     digest = hashlib.sha256()
     for name in ("inter_feat", "item_feat", "user_feat"):
         table = getattr(dataset, name, None)
         if table is None:
             continue
-        columns = table.interaction if hasattr(table, "interaction") else {f: torch.as_tensor(np.asarray(table[f].tolist())) for f in table.columns}
-        for field in sorted(columns):
-            values = torch.as_tensor(columns[field]).contiguous()
-            digest.update(f"{name}|{field}|{values.dtype}|{tuple(values.shape)}|".encode())
-            digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for field in sorted(table.columns):
+            for part in _column_arrays(table[field].to_numpy()):
+                digest.update(f"{name}|{field}|{part.dtype}|{part.shape}|".encode())
+                digest.update(np.ascontiguousarray(part))  # hashed in place, no copy of a big table
     return {"tokens": tokens, "fingerprint": digest.hexdigest()}
 
 
-def check_data(path, stored, dataset):
-    """One line, and no evaluation, when ``dataset`` is not the data the checkpoint was trained on."""
-    current = data_identity(dataset)
+def _column_arrays(values):
+    """A column as arrays with a fixed-size dtype: sequence fields (one array per row) become their
+    lengths and their concatenated values."""
+    if values.dtype != object:
+        return [values]
+    cells = [np.atleast_1d(np.asarray(cell)) for cell in values]
+    flat = np.concatenate(cells) if cells else np.zeros(0)
+    return [np.array([len(cell) for cell in cells]), flat.astype(str) if flat.dtype == object else flat]
+
+
+def check_data(path, stored, current):
+    """One line, and no evaluation, when the data (``current``: a dataset's ``identity``) is not the
+    data the checkpoint was trained on (``stored``)."""
     for field, tokens in stored["tokens"].items():
         now = current["tokens"].get(field)
         if now != tokens:
@@ -223,6 +236,6 @@ def convert_checkpoint(path, out_path=None, trust_checkpoint=False):
     model.load_state_dict(old["state_dict"])
     model.load_other_parameter(old.get("other_parameter"))
     out_path = out_path or f"{os.path.splitext(path)[0]}-safe.pth"
-    save_checkpoint(out_path, config, model, data_identity(dataset), converted_from=os.path.abspath(path))
+    save_checkpoint(out_path, config, model, dataset.identity, converted_from=os.path.abspath(path))
     return out_path
 

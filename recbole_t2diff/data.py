@@ -30,6 +30,7 @@ import recbole.data.utils as recbole_data_utils
 from recbole.utils import FeatureSource, FeatureType, ModelType
 from recbole.utils.url import extract_zip, rename_atomic_files
 
+from recbole_t2diff.checkpoint import data_identity
 from recbole_t2diff.errors import UsageError
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -108,7 +109,12 @@ def _checked_class(dataset_class):
 
 
 class _CheckedAtomicFiles:
-    """Mixed into RecBole's dataset class: every atomic file is checked before pandas reads it."""
+    """Mixed into RecBole's dataset class: every atomic file is checked before pandas reads it, and
+    the loaded data's ``identity`` (token maps and fingerprint, see checkpoint.py) is kept."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.identity = data_identity(self)
 
     def _load_feat(self, filepath, source):
         with open(filepath, encoding=self.config["encoding"]) as f:

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from recbole_t2diff.checkpoint import check_data, data_identity, load_checkpoint, save_checkpoint, unique_checkpoint_path
+from recbole_t2diff.checkpoint import check_data, load_checkpoint, save_checkpoint, unique_checkpoint_path
 from recbole_t2diff.config import Config, check_model_config, get_model, properties_dir
 from recbole_t2diff.data import check_dataset, create_dataset, ensure_dataset
 from recbole_t2diff.errors import UsageError
@@ -59,17 +59,15 @@ class _SafeCheckpoints:
     def __init__(self, config, model, dataset=None):
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_path(self.checkpoint_dir, config["model"])
-        self.checkpoint_dataset, self.checkpoint_data = dataset, None
+        self.checkpoint_dataset = dataset
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         if self.checkpoint_dataset is None:
             raise UsageError("this trainer was made without its dataset: pass make_trainer(config, model, dataset) to save checkpoints")
-        if self.checkpoint_data is None:  # computed once, at the first save
-            self.checkpoint_data = data_identity(self.checkpoint_dataset)
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        save_checkpoint(saved_model_file, self.config, self.model, self.checkpoint_data, epoch=epoch,
+        save_checkpoint(saved_model_file, self.config, self.model, self.checkpoint_dataset.identity, epoch=epoch,
                         best_valid_score=self.best_valid_score)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
@@ -211,7 +209,7 @@ def load_data_and_model(model_file, overrides=None):
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     dataset, train_data, valid_data, test_data = prepare(config)
-    check_data(model_file, checkpoint["data"], dataset)
+    check_data(model_file, checkpoint["data"], dataset.identity)
     model = build_model(config, train_data)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
