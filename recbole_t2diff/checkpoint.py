@@ -145,6 +145,11 @@ def config_from_plain(plain):
     command line and no property default is read again, so a changed default cannot change the model)."""
     from recbole_t2diff.config import Config, get_model
 
+    settings = _restore(plain["settings"])
+    # RecBole's KD_DAGFM builds its teacher with eval(config["teacher"]): from a file, only a class name.
+    teacher = settings.get("teacher")
+    if teacher is not None and not (isinstance(teacher, str) and teacher.isidentifier()):
+        raise UsageError(f"checkpoint setting teacher={teacher!r} is not a model class name (RecBole evaluates it as code): the file is not to be trusted")
     config = Config.__new__(Config)
     config.model, config.dataset = plain["model"], plain["dataset"]
     config.model_class = get_model(plain["model"])
@@ -152,7 +157,7 @@ def config_from_plain(plain):
     config.yaml_loader = config._build_yaml_loader()
     config.file_config_dict = config.variable_config_dict = config.cmd_config_dict = {}
     config.external_config_dict, config.internal_config_dict = {}, {}
-    config.final_config_dict = _restore(plain["settings"])
+    config.final_config_dict = settings
     return config
 
 
@@ -207,9 +212,14 @@ def load_checkpoint(path, map_location="cpu"):
                 "the model: use the .pth file a training run saved"
             )
         raise UsageError(f"'{path}' is not a recbole_t2diff checkpoint (no '{FORMAT}' format tag): use the .pth file a training run saved")
-    if weights_digest(payload["state_dict"]) != payload["weights_sha256"]:
+    try:
+        intact = weights_digest(payload["state_dict"]) == payload["weights_sha256"]
+        if intact:
+            payload["config"] = config_from_plain(payload["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a tagged file with parts missing or of the wrong kind
+        raise UsageError(f"checkpoint '{path}' is damaged: its {type(err).__name__} ({err}) shows a part missing or malformed; use an intact copy") from None
+    if not intact:
         raise UsageError(f"checkpoint '{path}' is damaged: its weights do not match the SHA-256 written with them; use an intact copy")
-    payload["config"] = config_from_plain(payload["config"])
     return payload
 
 

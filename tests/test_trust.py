@@ -90,6 +90,17 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, workdir, form, entry):
     assert not marker.exists()
 
 
+def test_a_safe_format_file_cannot_smuggle_code_through_a_setting(trained, tmp_path, workdir):
+    """RecBole's KD_DAGFM eval()s its ``teacher`` setting: a checkpoint may only name a class there."""
+    payload = torch.load(trained["saved_model_file"], weights_only=True)
+    marker = tmp_path / "marker"
+    payload["config"]["model"] = payload["config"]["settings"]["model"] = "KD_DAGFM"
+    payload["config"]["settings"]["teacher"] = f"__import__('os').system('touch {marker}')"
+    torch.save(payload, tmp_path / "crafted.pth")
+    one_line_error(evaluate_checkpoint, str(tmp_path / "crafted.pth"), match="teacher=.* is not a model class name")
+    assert not marker.exists()
+
+
 def test_converting_needs_an_explicit_opt_in(tmp_path):
     path, marker = tmp_path / "evil.pth", tmp_path / "marker"
     write_crafted(path, marker, "torch-zip")
