@@ -7,7 +7,7 @@ from recbole_t2diff.config import Config
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import evaluate_checkpoint, run
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, random_ranking_ndcg
 
 
 def free_port():
@@ -32,10 +32,12 @@ def test_two_gloo_processes_train_t2diff_like_one(tiny_path, workdir):
     two = run("T2Diff", "tiny", config_dict=settings, nproc=2, port=free_port())
     one = run("T2Diff", "tiny", config_dict=settings)
     assert two is not None and set(two["test_result"]) == set(one["test_result"])
-    # Shuffling, batch split and the reverse chain's noise differ per process, so the numbers are
-    # close rather than equal: on 40 test users one rank position moves NDCG@10 by up to ~0.03.
-    assert two["test_result"]["ndcg@10"] == pytest.approx(one["test_result"]["ndcg@10"], abs=0.15)
-    assert two["test_result"]["ndcg@10"] > 0.1  # it learned: a random ranking of 30 items scores ~0.1
+    # Shuffling, batch split and the reverse chain's noise differ per process, so two processes
+    # train like another seed of one (one process, 2 epochs: NDCG@10 0.29-0.39 over seeds 1-5; these
+    # 3-epoch runs measured 0.39 for two, 0.30 for one). Both must clear a random ranking (~0.15) well.
+    floor = random_ranking_ndcg(30)
+    assert two["test_result"]["ndcg@10"] > floor + 0.1 and one["test_result"]["ndcg@10"] > floor + 0.1
+    assert two["test_result"]["ndcg@10"] == pytest.approx(one["test_result"]["ndcg@10"], abs=0.12)
 
 
 def test_unknown_backend_is_rejected(tiny_path):

@@ -90,28 +90,41 @@ def test_drift_rms_is_set_by_the_first_batch_then_moves_by_one_percent(tiny_data
         z0[~mask] = 100.0
         return z0
 
-    model.train()
-    assert float(model.scale(drift(2.0), mask)) == pytest.approx(2.0)
-    assert float(model.scale(drift(4.0), mask)) == pytest.approx(0.99 * 2.0 + 0.01 * 4.0)
-    assert float(model.scale(drift(4.0), mask)) == pytest.approx(0.99 * 2.02 + 0.01 * 4.0)
+    model.train()  # drifts below 1, as real ones are: only an unset scale reads as 1
+    assert float(model.scale(drift(0.2), mask)) == pytest.approx(0.2)
+    assert float(model.scale(drift(0.4), mask)) == pytest.approx(0.99 * 0.2 + 0.01 * 0.4)
+    assert float(model.scale(drift(0.4), mask)) == pytest.approx(0.99 * 0.202 + 0.01 * 0.4)
     model.eval()  # evaluation reads the scale and never moves it
-    assert float(model.scale(drift(50.0), mask)) == pytest.approx(0.99 * 2.02 + 0.01 * 4.0)
-    assert float(model.drift_rms) == pytest.approx(0.99 * 2.02 + 0.01 * 4.0)
+    assert float(model.scale(drift(50.0), mask)) == pytest.approx(0.99 * 0.202 + 0.01 * 0.4)
+    assert float(model.drift_rms) == pytest.approx(0.99 * 0.202 + 0.01 * 0.4)
 
 
 # ---- input tokens --------------------------------------------------------------------------------
 
-def test_emb_max_norm_shrinks_long_tokens_to_the_cap_and_leaves_short_ones_alone(tiny_data):
-    model = make_model(tiny_data, emb_max_norm=1.5)
+@pytest.mark.parametrize("cap,short,long", [(1.5, 0.5, 3.0), (0.8, 0.5, 0.9)])
+def test_emb_max_norm_shrinks_long_tokens_to_the_cap_and_leaves_short_ones_alone(tiny_data, cap, short, long):
+    model = make_model(tiny_data, emb_max_norm=cap)
     direction = torch.nn.functional.normalize(torch.randn(2, model.item_embedding.embedding_dim), dim=-1)
     with torch.no_grad():
-        model.item_embedding.weight[1] = 0.5 * direction[0]
-        model.item_embedding.weight[2] = 3.0 * direction[1]
+        model.item_embedding.weight[1] = short * direction[0]
+        model.item_embedding.weight[2] = long * direction[1]
     ids = torch.tensor([[1, 2]])
     clipped, raw = model.tokens(ids), model.tokens(ids, clip=False)
-    torch.testing.assert_close(clipped[0, 0], 0.5 * direction[0])
-    torch.testing.assert_close(clipped[0, 1], 1.5 * direction[1])
-    torch.testing.assert_close(raw[0], torch.stack([0.5 * direction[0], 3.0 * direction[1]]))
+    torch.testing.assert_close(clipped[0, 0], short * direction[0])
+    torch.testing.assert_close(clipped[0, 1], cap * direction[1])
+    torch.testing.assert_close(raw[0], torch.stack([short * direction[0], long * direction[1]]))
+
+
+def test_a_token_with_categories_is_its_id_embedding_then_the_mean_of_its_real_categories(tiny_data):
+    model = make_model(tiny_data, category_field="genre", category_dim=3)
+    categories = model.item_categories  # [n_items, G], 0 = no category
+    ids = torch.arange(1, model.n_items)
+    assert (categories[ids] == 0).any() and (categories[ids] == 1).any(), "padded slots and category 1 must both occur"
+    expected = []
+    for item in ids.tolist():
+        real = categories[item][categories[item] > 0]
+        expected.append(torch.cat([model.item_embedding.weight[item], model.category_embedding(real).mean(0)]))
+    torch.testing.assert_close(model.tokens(ids[None])[0], torch.stack(expected))
 
 
 # ---- mixed attention: which rows feed which part -------------------------------------------------
@@ -123,8 +136,9 @@ def record_calls(module):
     return calls
 
 
-def test_session_is_the_last_rows_plus_x_hat_and_target_attention_reads_only_the_older_rows(tiny_data):
-    model = make_model(tiny_data)
+@pytest.mark.parametrize("use_user_ffn", [False, True])
+def test_session_is_the_last_rows_plus_x_hat_and_target_attention_reads_only_the_older_rows(tiny_data, use_user_ffn):
+    model = make_model(tiny_data, use_user_ffn=use_user_ffn)
     model.eval()
     k = model.session_len
     history, x_hat = torch.randn(2, 12, 8), torch.randn(2, 8)
@@ -141,48 +155,55 @@ def test_session_is_the_last_rows_plus_x_hat_and_target_attention_reads_only_the
     assert torch.equal(older_mask, mask[:, :-k])
     h_s = model.session_encoder(session, session_mask)
     torch.testing.assert_close(query, h_s)
-    torch.testing.assert_close(user, torch.cat([model.target_attention(h_s, older, older_mask), h_s], dim=-1))
+    expected = torch.cat([model.target_attention(h_s, older, older_mask), h_s], dim=-1)
+    torch.testing.assert_close(user, model.user_ffn(expected) if use_user_ffn else expected)
 
 
 def test_without_target_attention_the_older_part_is_the_mean_of_the_older_real_rows(tiny_data):
     model = make_model(tiny_data, use_target_attention=False)
     model.eval()
     k = model.session_len
-    history = torch.randn(2, 12, 8)
-    mask = torch.ones(2, 12, dtype=torch.bool)
-    mask[1, :6] = False
+    history = torch.randn(3, 12, 8)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, :7] = False  # one older item
+    mask[2, :9] = False  # none: the older part is 0
     user = model.user_vector(history, mask, None)
-    expected = torch.stack([history[0, :-k].mean(0), history[1, 6:-k].mean(0)])
+    expected = torch.stack([history[0, :-k].mean(0), history[1, 7], torch.zeros(8)])
     torch.testing.assert_close(user[:, :8], expected)
 
 
-def reference_session_encoder(encoder, tokens, mask, admissible):
-    """One-head post-LN Transformer layer with an explicit [K, K] admissible-key pattern, mean-pooled."""
-    q, k, v = encoder.query(tokens), encoder.key(tokens), encoder.value(tokens)
-    logits = q @ k.transpose(-1, -2) / tokens.size(-1) ** 0.5
-    attention = logits.masked_fill(~admissible, -1e9).softmax(-1)
-    hidden = encoder.attention_norm(tokens + encoder.out(attention @ v))
+def reference_session_encoder(encoder, tokens, pooled, admissible, heads=2):
+    """A post-LN Transformer layer written out per head, with an explicit [B, K, K] admissible-key
+    pattern, mean-pooled over the ``pooled`` [B, K] rows."""
+    outputs = []
+    for head in torch.eye(heads).repeat_interleave(tokens.size(-1) // heads, dim=1):  # one head's coordinates
+        q, k, v = (layer(tokens)[..., head.bool()] for layer in (encoder.query, encoder.key, encoder.value))
+        logits = q @ k.transpose(-1, -2) / q.size(-1) ** 0.5
+        outputs.append(logits.masked_fill(~admissible, -1e9).softmax(-1) @ v)
+    hidden = encoder.attention_norm(tokens + encoder.out(torch.cat(outputs, dim=-1)))
     hidden = encoder.ffn_norm(hidden + encoder.ffn(hidden))
-    return masked_mean(hidden, mask)
+    return masked_mean(hidden, pooled)
 
 
+@pytest.mark.parametrize("mask_pads", [True, False])
 @pytest.mark.parametrize("mask_diag", [True, False])
-def test_session_attention_pattern_with_the_diagonal_mask_on_and_off(mask_diag):
+def test_session_attention_pattern_with_the_diagonal_mask_on_and_off(mask_diag, mask_pads):
     torch.manual_seed(0)
-    encoder = SessionEncoder(8, n_heads=1, ffn_hidden=[8], mask_diag=mask_diag)
+    encoder = SessionEncoder(8, n_heads=2, ffn_hidden=[8], mask_diag=mask_diag, mask_pads=mask_pads)
     tokens = torch.randn(2, 4, 8)
     mask = torch.tensor([[True] * 4, [False, False, True, True]])
-    real_keys = mask[:, None, :].expand(2, 4, 4)
+    keys = mask[:, None, :].expand(2, 4, 4) if mask_pads else torch.ones(2, 4, 4, dtype=torch.bool)
+    pooled = mask if mask_pads else torch.ones_like(mask)  # off: the official code pools the pads too
     off_diagonal = ~torch.eye(4, dtype=torch.bool)
-    expected = reference_session_encoder(encoder, tokens, mask, real_keys & off_diagonal if mask_diag else real_keys)
+    expected = reference_session_encoder(encoder, tokens, pooled, keys & off_diagonal if mask_diag else keys)
     torch.testing.assert_close(encoder(tokens, mask), expected)
-    other = reference_session_encoder(encoder, tokens, mask, real_keys if mask_diag else real_keys & off_diagonal)
+    other = reference_session_encoder(encoder, tokens, pooled, keys if mask_diag else keys & off_diagonal)
     assert not torch.allclose(expected, other), "the two patterns must give different vectors here"
 
 
 def test_a_lonely_token_attends_to_itself_under_the_diagonal_mask():
     torch.manual_seed(0)
-    encoder = SessionEncoder(8, n_heads=1, ffn_hidden=[8], mask_diag=True)
+    encoder = SessionEncoder(8, n_heads=2, ffn_hidden=[8], mask_diag=True)
     tokens = torch.randn(1, 3, 8)
     mask = torch.tensor([[False, False, True]])  # one real item and no x̂: nothing else to attend to
     admissible = torch.tensor([[False, False, True]] * 3)
@@ -193,9 +214,56 @@ def test_a_lonely_token_attends_to_itself_under_the_diagonal_mask():
 def test_target_attention_weights_are_a_softmax_over_the_real_older_rows_only():
     torch.manual_seed(0)
     attention = TargetAttention(8)
-    query, history = torch.randn(1, 8), torch.randn(1, 5, 8)
-    mask = torch.tensor([[False, True, False, True, True]])
-    real = history[:, mask[0]]
-    q = query.unsqueeze(1).expand_as(real)
+    query, history = torch.randn(2, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[False, True, False, True, True], [False] * 5])  # the second user has no older history
+    real = history[:1, mask[0]]
+    q = query[:1].unsqueeze(1).expand_as(real)
     logits = attention.score(torch.cat([q, real, q - real, q * real], dim=-1)).squeeze(-1)
-    torch.testing.assert_close(attention(query, history, mask), (logits.softmax(-1).unsqueeze(-1) * real).sum(1))
+    expected = torch.cat([(logits.softmax(-1).unsqueeze(-1) * real).sum(1), torch.zeros(1, 8)])
+    torch.testing.assert_close(attention(query, history, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- the reverse chain at inference --------------------------------------------------------------
+
+def test_the_chain_runs_in_diffusion_units_and_x_hat_comes_back_in_token_units(tiny_data):
+    """A denoiser that returns its (scaled) condition predicts the drift x_L/scale; x̂ = x_L + scale·x_L/scale."""
+    model = make_model(tiny_data, diffusion_scale="rms")
+    model.eval()
+    model.drift_rms.fill_(2.0)
+    model.denoiser.forward = lambda z_s, condition, *args, **kwargs: condition
+    history = torch.randn(3, 12, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.sample_generated_item(history), 2 * history[:, -1])
+
+
+@pytest.mark.parametrize("sampler,infer_steps,calls", [("ddim", 1, 1), ("ddim", 3, 3), ("ddpm", None, 4)])
+def test_each_sampler_makes_its_number_of_denoiser_calls(tiny_data, sampler, infer_steps, calls):
+    model = make_model(tiny_data, sampler=sampler, infer_steps=infer_steps, ddim_eta=1.0)  # n_steps = 4
+    model.eval()
+    steps = record_calls(model.denoiser)
+    with torch.no_grad():
+        x_hat = model.sample_generated_item(torch.randn(2, 12, 8))
+    assert len(steps) == calls and [int(call[2][0]) for call in steps][0] == model.n_steps  # from pure noise
+    assert torch.isfinite(x_hat).all()
+
+
+# ---- the tower's losses --------------------------------------------------------------------------
+
+def test_bpr_is_the_log_sigmoid_of_the_positive_minus_the_negative_score(tiny_data):
+    model = make_model(tiny_data, loss_type="BPR", train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
+    user = torch.randn(3, 16)
+    positive, negative = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    items = model.item_vectors()
+    expected = -torch.nn.functional.logsigmoid((user * items[positive]).sum(-1) - (user * items[negative]).sum(-1)).mean()
+    loss = model.tower_loss(user, {model.POS_ITEM_ID: positive, model.NEG_ITEM_ID: negative})
+    torch.testing.assert_close(loss, expected)
+
+
+def test_sampled_negatives_are_drawn_from_every_real_item_and_never_the_padding(tiny_data):
+    model = make_model(tiny_data, softmax_negatives=500)
+    drawn, item_vectors = [], model.item_vectors
+    model.item_vectors = lambda ids=None: drawn.append(ids) or item_vectors(ids)
+    targets = torch.tensor([1, 2])
+    model.tower_loss(torch.randn(2, 16), {model.POS_ITEM_ID: targets})
+    negatives = torch.cat([ids for ids in drawn if ids is not None and not torch.equal(ids, targets)])
+    assert len(negatives) == 500 and set(negatives.tolist()) == set(range(1, model.n_items))

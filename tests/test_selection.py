@@ -91,6 +91,14 @@ def test_ties_on_validation_go_to_the_earliest_trial(tmp_path):
     assert search.best_trial()[0] == search.trials[0][0]
 
 
+def test_a_one_trial_search_selects_its_trial(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001]\n")
+    search = Search("T2Diff", "tiny", str(tmp_path / "space.hyper"), argv=[])
+    search.objective_function = lambda config_dict, files: fake_result(0.5, 0.4)
+    search.run()
+    assert search.best_trial() == search.trials[0]
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_path, tmp_path_factory):
     with scratch_run(tmp_path_factory.mktemp("selection_run")):
@@ -116,3 +124,17 @@ def test_export_of_the_valid_split_holds_the_valid_users(trained, tmp_path, work
     assert recall == pytest.approx(valid_metrics["recall@10"], abs=1e-4)
     assert ndcg == pytest.approx(valid_metrics["ndcg@10"], abs=1e-4)
     assert '"split": "valid"' in open(paths["ids"]).read()
+
+
+def test_a_builtin_model_exports_its_item_embedding_and_sequence_vectors(tiny_path, tmp_path, workdir):
+    result = run("SASRec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "hidden_size": 16, "inner_size": 32,
+                                                "n_layers": 1, "show_progress": False, "state": "WARNING"})
+    _, items, users, targets = export_embeddings(result["saved_model_file"], str(tmp_path), split="valid")
+    _, model, _, _, valid, _ = load_data_and_model(result["saved_model_file"])
+    torch.testing.assert_close(torch.from_numpy(items), model.item_embedding.weight.detach())
+    model.eval()
+    batch = next(iter(valid))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(batch).numpy()
+    np.testing.assert_allclose(users[: len(scores)] @ items.T, scores, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(targets, split_targets(valid))
