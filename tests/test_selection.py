@@ -6,6 +6,7 @@ validation and test rankings that disagree, valid targets that are not the test 
 selection bug cannot pass by coincidence.
 """
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -138,3 +139,28 @@ def test_a_builtin_model_exports_its_item_embedding_and_sequence_vectors(tiny_pa
         scores = model.full_sort_predict(batch).numpy()
     np.testing.assert_allclose(users[: len(scores)] @ items.T, scores, rtol=1e-4, atol=1e-4)
     assert np.array_equal(targets, split_targets(valid))
+
+
+def test_export_writes_what_it_returns_and_can_write_again(trained, tmp_path, workdir):
+    for _ in range(2):  # a second export into the same folder overwrites the first
+        paths, items, users, targets = export_embeddings(trained["saved_model_file"], str(tmp_path))
+    assert set(paths) == {"items", "users", "targets", "ids"}
+    for name, array, dtype in (("items", items, np.float32), ("users", users, np.float32), ("targets", targets, np.int64)):
+        assert paths[name] == str(tmp_path / f"{name}.npy")
+        stored = np.load(paths[name])
+        assert stored.dtype == dtype and np.array_equal(stored, array)
+    ids = json.load(open(paths["ids"]))
+    assert paths["ids"] == str(tmp_path / "ids.json")
+    assert {key: ids[key] for key in ("model", "dataset", "split")} == {"model": "T2Diff", "dataset": "tiny", "split": "test"}
+    assert len(ids["item_tokens"]) == len(items) and ids["item_tokens"][0] == "[PAD]"
+    assert set(ids) == {"model", "dataset", "split", "item_tokens", "note"}
+
+
+def test_a_run_without_saving_reports_no_file_and_counts_trainable_parameters(tiny_path, workdir):
+    seen = {}
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1}, saved=False,
+                 on_trainer=lambda trainer: seen.update(model=trainer.model))
+    assert result["saved_model_file"] is None and not list(workdir.glob("saved/*"))
+    assert result["params"] == sum(p.numel() for p in seen["model"].parameters() if p.requires_grad)
+    assert set(result) == {"model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result",
+                           "saved_model_file", "params"}
