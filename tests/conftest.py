@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny generated dataset in RecBole's atomic format and configs that train in seconds."""
 import contextlib
+import importlib.util
 import math
 import os
 import sys
@@ -50,6 +51,14 @@ def write_tiny_dataset(folder, name="tiny", n_users=40, n_items=30, seed=0):
         for item in range(1, n_items + 1):
             f.write(f"{item}\t{' '.join(genres[: 1 + item % 3])}\n")
     return folder
+
+
+def pytest_configure(config):
+    """hypothesis, faiss and matplotlib come with the test extra and every one is needed (property
+    tests, ANN retrieval, benchmark plots): name what is missing instead of failing mid-collection."""
+    missing = [name for name in ("hypothesis", "faiss", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise pytest.UsageError(f"the tests need {', '.join(missing)} from the test extra: pip install -e \".[test]\"")
 
 
 @pytest.fixture(autouse=True)
