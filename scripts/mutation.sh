@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Mutation testing (issue 16): mutmut changes T2Diff's model code and the selection / reload /
+# export code one small edit at a time, runs the tests that cover each changed function, and lists
+# the mutants no test notices. Not part of CI: the full scope takes hours on 2 CPU cores.
+#
+#   scripts/mutation.sh                                        # the whole scope below
+#   scripts/mutation.sh 'recbole_t2diff.model.attention*'      # only mutants whose names match (fnmatch)
+#   TESTS=$'tests/test_model.py\n-k\nnot every_variant' scripts/mutation.sh  # pytest arguments, one a line
+#   JOBS=1 OUT=/tmp/mutation scripts/mutation.sh               # workers; where the report goes
+#   MINUTES=30 scripts/mutation.sh                             # stop then and report what was tried
+#
+# It runs in a scratch copy of the files git does not ignore (mutmut writes mutants/ and its
+# state where it runs, and a concurrent edit of the sources must not reach the mutants) and writes to $OUT
+# (default results/mutation/): summary.md (counts and kill score), survivors.txt (every mutant
+# that survived or had no covering test, with its diff). Needs mutmut 3.8 (pip install mutmut==3.8.1).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$repo/results/mutation}
+# The in-process tests of the mutated code (the subprocess ones would re-import the package per mutant).
+tests=${TESTS:-$'tests/test_forward_logic.py\ntests/test_selection.py\ntests/test_model.py\ntests/test_diffusion.py
+tests/test_unet.py\ntests/test_export.py\ntests/test_sparcode.py\ntests/test_diffusion_signal.py
+tests/test_hyper.py::test_builtin_models_can_be_searched'}
+python -c "import mutmut" 2>/dev/null || { echo "error: mutmut is not installed: pip install mutmut==3.8.1" >&2; exit 1; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf -) | tar -xf - -C "$work"
+{
+  echo
+  echo "[mutmut]"
+  echo "source_paths = recbole_t2diff/"
+  echo "only_mutate ="
+  for path in "recbole_t2diff/model/*.py" recbole_t2diff/quick_start.py recbole_t2diff/hyper.py recbole_t2diff/export.py; do
+    echo "    $path"
+  done
+  echo "also_copy ="
+  for path in properties/ benchmarks/ run_recbole.py run_hyper.py; do echo "    $path"; done
+  echo "pytest_add_cli_args_test_selection ="
+  while IFS= read -r argument; do echo "    $argument"; done <<< "$tests"
+  # Messages and log lines are not behaviour the tests pin word for word: an error's tests match
+  # its key phrase, so a mutated wording would only add survivors that say nothing about accuracy.
+  echo "do_not_mutate_patterns ="
+  echo '    UsageError\(|SystemExit\(|\.info\(|\bprint\('
+  echo '    ^\s*f?"[^"]*"\)?,?$'
+  echo "process_isolation = forkserver"  # torch is not fork-safe once it has run
+} >> "$work/setup.cfg"
+
+cd "$work"
+started=$(date -u +%FT%TZ)
+mkdir -p "$out"
+# SIGINT at the time limit: mutmut stops its workers and keeps every result it has.
+limit=()
+[ -n "${MINUTES:-}" ] && limit=(timeout --signal=INT "${MINUTES}m")
+status=0
+OMP_NUM_THREADS=1 nice -n 10 "${limit[@]}" mutmut run --max-children "${JOBS:-2}" "$@" > "$out/mutmut.log" 2>&1 || status=$?
+if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
+  tail -n 30 "$out/mutmut.log" >&2
+  echo "error: mutmut failed (log: $out/mutmut.log)" >&2
+  exit 1
+fi
+python - "$out" "$started" "$*" "$tests" <<'PY'
+import ast, collections, difflib, functools, os, subprocess, sys
+
+out, started, selection, tests = sys.argv[1:]
+lines = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
+status = dict(line.strip().rsplit(": ", 1) for line in lines.splitlines() if ": " in line)
+tried = {name: s for name, s in status.items() if s != "not checked"}
+counts = collections.Counter(tried.values())
+killed = counts["killed"] + counts["timeout"] + counts["segfault"]
+survivors = sorted(name for name, s in tried.items() if s in ("survived", "no tests", "suspicious"))
+
+
+@functools.lru_cache(maxsize=None)
+def functions(module):
+    """Source of every function mutmut wrote into mutants/<module>.py (``mutmut show`` per mutant is slow)."""
+    source = open(os.path.join("mutants", *module.split(".")) + ".py").read()
+    lines, tree = source.splitlines(), ast.parse(source)
+    nodes = list(tree.body) + [node for c in tree.body if isinstance(c, ast.ClassDef) for node in c.body]
+    return {n.name: lines[n.lineno - 1:n.end_lineno] for n in nodes if isinstance(n, ast.FunctionDef)}
+
+
+def diff(name):
+    module, function = name.rsplit(".", 1)
+    original = function.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
+    found = functions(module)
+    return "\n".join(line for line in difflib.unified_diff(
+        [line.replace(original, "f") for line in found[original]], [line.replace(function, "f") for line in found[function]],
+        lineterm="", n=0) if line[:1] in "+-" and not line.startswith(("+++", "---")))
+
+
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "survivors.txt"), "w") as f:
+    for name in survivors:
+        f.write(f"## {name}: {tried[name]}\n{diff(name)}\n\n")
+with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(f"# Mutation run of {started}\n\n")
+    f.write(f"Command: `scripts/mutation.sh {selection}`; tests: {' '.join(tests.splitlines())}\n\n")
+    f.write(f"{len(tried)} mutants tried of {len(status)} generated; " + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + "\n\n")
+    f.write(f"Killed (timeouts and crashes included): {killed} of {len(tried)} = {killed / max(len(tried), 1):.1%}\n")
+print(open(os.path.join(out, "summary.md")).read())
+PY
