@@ -346,10 +346,10 @@ def test_bad_settings_raise_one_line(tiny_path, workdir, overrides, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_relu_leak_acts_in_training_only(sparcode_data):
+def test_relu_leak_acts_on_training_positives_only(sparcode_data):
     model = make_model(sparcode_data, relu_leak=0.1, score_bias=0.5)
     scores = torch.tensor([-2.5, 0.5])
-    torch.testing.assert_close(model.activate(scores, training=True), torch.tensor([-0.2, 1.0]))
+    torch.testing.assert_close(model.activate(scores, leaky=True), torch.tensor([-0.2, 1.0]))
     torch.testing.assert_close(model.activate(scores), torch.tensor([0.0, 1.0]))
 
 

@@ -293,26 +293,27 @@ class SparCode(SequentialRecommender):
             return (query_side * item_side).sum(-1)
         return self.mlp_tail(torch.relu(query_side + item_side)).squeeze(-1)
 
-    def activate(self, scores, training=False):
-        """φ(s + b): ReLU (leaky by ``relu_leak`` in training only), or the identity with score_relu: false."""
+    def activate(self, scores, leaky=False):
+        """φ(s + b): ReLU (leaky by ``relu_leak`` for training positives), or the identity with score_relu: false."""
         shifted = scores + self.score_bias
         if not self.score_relu:
             return shifted
-        return F.leaky_relu(shifted, self.relu_leak) if training and self.relu_leak > 0 else torch.relu(shifted)
+        return F.leaky_relu(shifted, self.relu_leak) if leaky and self.relu_leak > 0 else torch.relu(shifted)
 
-    def row_scores(self, query_side, item_side, training=False):
+    def row_scores(self, query_side, item_side, checkpointed=False):
         """r = φ(s(row, item) + b) [R, I] for rows [R, H_1] against items [I, H_1], in blocks of
-        at most ``score_chunk_rows`` pairs so no hidden tensor grows past that x H_1 floats."""
+        at most ``score_chunk_rows`` pairs so no hidden tensor grows past that x H_1 floats;
+        ``checkpointed`` blocks are recomputed in backward instead of kept (``ce_checkpoint``)."""
         if self.interaction == "dot":
-            return self.activate(query_side @ item_side.t(), training)
+            return self.activate(query_side @ item_side.t())
         rows_per_block = max(1, self.score_chunk_rows // max(1, len(item_side)))
 
         def block(rows):
-            return self.activate(self.interact(rows[:, None], item_side[None]), training)
+            return self.activate(self.interact(rows[:, None], item_side[None]))
 
         blocks = []
         for rows in query_side.split(rows_per_block):
-            use_checkpoint = training and self.ce_checkpoint and torch.is_grad_enabled()
+            use_checkpoint = checkpointed and torch.is_grad_enabled()
             blocks.append(checkpoint(block, rows, use_reentrant=False) if use_checkpoint else block(rows))
         return torch.cat(blocks) if blocks else query_side.new_zeros(0, len(item_side))
 
@@ -350,30 +351,33 @@ class SparCode(SequentialRecommender):
         return tuple(losses) if len(losses) > 1 else losses[0]
 
     def rec_loss(self, query_side, interaction):
-        """(L_rec, L_sparse): the recommendation loss and the mean φ(s + b) over the non-target pairs it scored."""
+        """(L_rec, L_sparse): the recommendation loss and the mean φ(s + b) over the non-target pairs it scored.
+
+        Only the positives take the leaky ReLU (``relu_leak``), so a positive whose every token
+        scores ≤ −b still gets a gradient. Negatives keep the plain ReLU: leaky, nothing would stop
+        the loss from sinking them, and the scale of every score with them, without bound.
+        """
         target = interaction[self.POS_ITEM_ID]
+        positive_values = self.activate(self.interact(query_side, self.item_side(target)[:, None]), leaky=True)  # [B, K]
+        self._count_dead_positives(positive_values)
+        positive = positive_values.sum(1)
         if self.loss_type == "BPR":
-            item_side = self.item_side(torch.stack([target, interaction[self.NEG_ITEM_ID]]))  # [2, B, H]
-            pair_values = self.activate(self.interact(query_side[None], item_side[:, :, None]), training=True)  # [2, B, K]
-            self._count_dead_positives(pair_values[0])
-            positive, negative = pair_values.sum(-1)
-            return -F.logsigmoid(positive - negative).mean(), pair_values[1].mean()
+            negative_values = self.activate(self.interact(query_side, self.item_side(interaction[self.NEG_ITEM_ID])[:, None]))
+            return -F.logsigmoid(positive - negative_values.sum(1)).mean(), negative_values.mean()
         if self.softmax_negatives is None:  # full CE over all items, column 0 included as in SASRec
             batch = len(query_side)
-            values = self.row_scores(query_side.reshape(-1, query_side.size(-1)), self.item_side(), training=True)
+            values = self.row_scores(query_side.reshape(-1, query_side.size(-1)), self.item_side(), self.ce_checkpoint)
             values = values.view(batch, self.n_query_tokens, -1)
-            self._count_dead_positives(values[torch.arange(batch), :, target])
-            not_target = torch.ones_like(values[:, 0], dtype=torch.bool).scatter_(1, target[:, None], False)
+            logits = values.sum(1).scatter(1, target[:, None], positive[:, None])
+            not_target = torch.ones_like(logits, dtype=torch.bool).scatter_(1, target[:, None], False)
             unscored = (values * not_target[:, None]).sum() / (not_target.sum() * self.n_query_tokens)
-            return F.cross_entropy(values.sum(1), target), unscored
+            return F.cross_entropy(logits, target), unscored
         # Sampled softmax: uniform negatives shared by the batch; a negative equal to a row's target
         # (an accidental hit) is masked out of that row.
         negatives = torch.randint(1, self.n_items, (self.softmax_negatives,), device=target.device)
-        positive_values = self.activate(self.interact(query_side, self.item_side(target)[:, None]), training=True)  # [B, K]
-        negative_values = self.activate(self.interact(query_side[:, :, None], self.item_side(negatives)[None, None]), training=True)
-        self._count_dead_positives(positive_values)
+        negative_values = self.activate(self.interact(query_side[:, :, None], self.item_side(negatives)[None, None]))  # [B, K, n]
         hits = negatives[None, :] == target[:, None]  # [B, n]
-        logits = torch.cat([positive_values.sum(1, keepdim=True), negative_values.sum(1).masked_fill(hits, -1e9)], dim=1)
+        logits = torch.cat([positive[:, None], negative_values.sum(1).masked_fill(hits, -1e9)], dim=1)
         kept = (~hits).unsqueeze(1).float()
         unscored = (negative_values * kept).sum() / (kept.sum() * self.n_query_tokens).clamp(min=1)
         return F.cross_entropy(logits, torch.zeros_like(target)), unscored
