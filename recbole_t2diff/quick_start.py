@@ -102,7 +102,7 @@ def make_trainer(config, model, dataset=None):
 
 
 def _share_checkpoint_name(trainer):
-    """Every rank reloads the file rank 0 saves; its name holds a timestamp that may differ per rank."""
+    """Every rank reloads the file rank 0 saves; each rank's trainer drew its own unique name."""
     if not trainer.config["single_spec"]:
         name = [trainer.saved_model_file]
         torch.distributed.broadcast_object_list(name, src=0)
