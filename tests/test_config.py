@@ -109,8 +109,8 @@ def test_every_t2diff_knob_is_documented_in_the_readme():
     "knobs,message",
     [
         ({"sampler": "ddim", "infer_steps": 0}, "infer_steps=0"),
-        ({"sampler": "ddim", "infer_steps": 60}, "infer_steps=60"),
-        ({"sampler": "ddpm"}, "the ddpm sampler runs all n_steps=50; with sampler: ddpm set infer_steps: ~"),
+        ({"sampler": "ddim", "infer_steps": 60}, "infer_steps=60 with sampler=ddim: it must lie in 1..n_steps=50"),
+        ({"sampler": "ddpm"}, "infer_steps=1 with sampler=ddpm: the ddpm chain always runs all n_steps=50; set infer_steps: ~"),
         ({"sampler": "euler"}, "sampler=euler"),
         ({"sampler": "ddim", "ddim_eta": 2}, "ddim_eta=2"),
     ],

@@ -93,7 +93,7 @@ def test_copy_last_feeds_x_l_as_x_hat_without_a_denoiser(tiny_data):
     assert not hasattr(model, "denoiser") and not any("denoiser" in n for n, _ in model.named_parameters())
     seen = []
     user_vector = model.user_vector
-    model.user_vector = lambda history, mask, x_hat: seen.append((history, x_hat)) or user_vector(history, mask, x_hat)
+    model.user_vector = lambda history, mask, x_hat, *rest: seen.append((history, x_hat)) or user_vector(history, mask, x_hat, *rest)
     model.train()
     loss = model.calculate_loss(first_batch(train))
     assert loss.dim() == 0  # one loss: nothing to train but the tower

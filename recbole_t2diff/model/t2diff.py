@@ -26,6 +26,9 @@ from recbole_t2diff.model.attention import SessionEncoder, TargetAttention, mask
 from recbole_t2diff.model.diffusion import REVERSE_COEFS, SAMPLERS, GaussianDiffusion, beta_schedule
 from recbole_t2diff.model.unet import PADDINGS, STEP_CONDITIONINGS, STEP_EMBEDDINGS, Denoiser
 
+SESSION_SPLITS = ("last_k", "time_gap")
+TIME_LAGS = ("none", "bucket")
+LAG_BUCKETS = 24  # log2 buckets of the lag in minutes: the last one starts at 2^22 min (~8 years)
 X_HAT_SOURCES = ("diffusion", "copy_last")
 XHAT_LOSSES = ("none", "ce")
 TRAIN_XHATS = ("one_step", "chain")
@@ -70,6 +73,12 @@ class T2Diff(SequentialRecommender):
                 f"invalid T2Diff setting session_len={session_len}: it must be smaller than "
                 f"MAX_ITEM_LIST_LENGTH={max_len} so that an older history remains; lower session_len or raise MAX_ITEM_LIST_LENGTH"
             )
+        if _one_of(config, "session_split", SESSION_SPLITS) == "time_gap":
+            if not float(config["session_gap"]) > 0:
+                raise UsageError(f"invalid T2Diff setting session_gap={config['session_gap']}: give the gap that ends a session in seconds (> 0), e.g. 1800")
+            if not config["mask_pads"]:
+                raise UsageError("invalid T2Diff setting session_split=time_gap with mask_pads=False: sessions of varying length need the padding masks")
+        _one_of(config, "time_lag", TIME_LAGS)
         d = _integer(config, "embedding_size", 2)
         heads = _integer(config, "n_heads", 1)
         if d % heads:
@@ -137,6 +146,13 @@ class T2Diff(SequentialRecommender):
         self.check_config(config)
         d = self.embedding_size = int(config["embedding_size"])
         self.session_len = int(config["session_len"])
+        self.session_split = config["session_split"]
+        self.session_gap = float(config["session_gap"])
+        self.time_lag = config["time_lag"]
+        self.TIME = config["TIME_FIELD"]
+        self.TIME_SEQ = self.TIME + config["LIST_SUFFIX"]
+        if self.session_split == "time_gap" or self.time_lag == "bucket":
+            self._check_real_time(dataset)
         self.use_diffusion = config["use_diffusion"]
         self.use_drift = config["use_drift"]
         self.use_target_attention = config["use_target_attention"]
@@ -184,6 +200,7 @@ class T2Diff(SequentialRecommender):
         self.session_encoder = SessionEncoder(
             d, int(config["n_heads"]), config["session_ffn_hidden"] or [], config["mask_diag"], mask_pads, eps
         )
+        self.lag_embedding = nn.Embedding(LAG_BUCKETS + 1, d, padding_idx=0) if self.time_lag == "bucket" else None
         self.target_attention = TargetAttention(d, config["att_hidden"], mask_pads, eps) if self.use_target_attention else None
         self.user_ffn = (
             nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ELU(), nn.LayerNorm(2 * d, eps=eps)) if config["use_user_ffn"] else None
@@ -206,6 +223,27 @@ class T2Diff(SequentialRecommender):
             raise UsageError(f"category_field '{field}' is not loaded: add it to load_col, e.g. load_col: {{item: [item_id, {field}]}}")
         categories = feature[field]
         return categories.long() if categories.dim() == 2 else categories.long().unsqueeze(-1)
+
+    def _check_real_time(self, dataset):
+        """Time gaps and lags need clock time: refuse a missing, normalised or order-index time field."""
+        wanted = "session_split: time_gap" if self.session_split == "time_gap" else "time_lag: bucket"
+        feature = dataset.inter_feat
+        if self.TIME_SEQ not in feature.columns:
+            raise UsageError(f"{wanted} needs the time field '{self.TIME}' of every interaction: add it to load_col (inter) and set TIME_FIELD")
+        times, valid = realign(feature[self.TIME_SEQ], feature[self.ITEM_SEQ_LEN])
+        times = torch.cat([times, feature[self.TIME].unsqueeze(1)], dim=1)
+        valid = torch.cat([valid, valid.new_ones(len(valid), 1)], dim=1)
+        steps = (times[:, 1:] - times[:, :-1])[valid[:, 1:] & valid[:, :-1]]
+        if len(steps) and bool((steps == 1).all()):
+            raise UsageError(
+                f"{wanted} needs clock time, but '{self.TIME}' only counts each user's interactions (0, 1, 2, ...), as in "
+                f"this project's copies of ml-1m and amazon-beauty: use session_split: last_k and time_lag: none on this data"
+            )
+        if float(feature[self.TIME].max()) <= 1:
+            raise UsageError(
+                f"{wanted} needs clock time in seconds, but '{self.TIME}' lies in [0, 1] (normalised): set normalize_all: False "
+                f"or leave '{self.TIME}' out of normalize_field"
+            )
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -237,6 +275,25 @@ class T2Diff(SequentialRecommender):
         ids, mask = realign(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return self.tokens(ids) * mask.unsqueeze(-1), mask
 
+    def tower_inputs(self, interaction, history, mask):
+        """What the mixed attention reads besides x̂: the history tokens, plus the embedded time lag
+        between the request (the target's timestamp, known when serving; its item never is) and each
+        item (``time_lag: bucket``), and the current session's rows (``session_split: time_gap``)."""
+        times = None
+        if self.lag_embedding is not None or self.session_split == "time_gap":
+            times, _ = realign(interaction[self.TIME_SEQ], interaction[self.ITEM_SEQ_LEN])
+        if self.lag_embedding is not None:
+            lag_minutes = (interaction[self.TIME].unsqueeze(1) - times).clamp(min=0) / 60
+            buckets = 1 + torch.log2(1 + lag_minutes).floor().clamp(max=LAG_BUCKETS - 1).long()
+            history = history + self.lag_embedding(buckets) * mask.unsqueeze(-1)  # padding rows stay exactly 0
+        in_session = None
+        if self.session_split == "time_gap":
+            # row j is in the session when no gap >= session_gap lies between it and the last item
+            gaps = torch.cat([times[:, 1:] - times[:, :-1] >= self.session_gap, mask.new_zeros(len(mask), 1)], dim=1)
+            in_session = (gaps.flip(1).cumsum(1).flip(1) == 0) & mask
+            in_session[:, : -self.session_len] = False
+        return history, mask, in_session
+
     def next_sequence(self, history, next_token):
         """What is diffused: the drift [x_2..x_L ; x_next] - X, or the next-token sequence itself."""
         shifted = torch.cat([history[:, 1:], next_token.unsqueeze(1)], dim=1)
@@ -246,16 +303,23 @@ class T2Diff(SequentialRecommender):
         """x̂ from the last reconstructed row: drift utilisation adds it back onto x_L."""
         return history[:, -1] + z0_last if self.use_drift else z0_last
 
-    def user_vector(self, history, mask, x_hat):
-        """Mixed attention: e_u = [h_l ; h_s] from the session (plus x̂) and the older history."""
+    def user_vector(self, history, mask, x_hat, in_session=None):
+        """Mixed attention: e_u = [h_l ; h_s] from the session (plus x̂) and the older history.
+
+        ``in_session`` [B, L] marks the current session's rows (``session_split: time_gap``; always
+        within the last ``session_len``); None = the last ``session_len`` rows.
+        """
         k = self.session_len
         history = self.dropout(history)  # training only; x̂ and the diffusion branch see clean tokens
-        session, session_mask = history[:, -k:], mask[:, -k:]
+        session, session_mask = history[:, -k:], mask[:, -k:] if in_session is None else in_session[:, -k:]
         if x_hat is not None:
             session = torch.cat([session, x_hat.unsqueeze(1)], dim=1)
             session_mask = torch.cat([session_mask, session_mask.new_ones(len(session), 1)], dim=1)
         h_s = self.session_encoder(session, session_mask)
-        older, older_mask = history[:, :-k], mask[:, :-k]
+        if in_session is None:
+            older, older_mask = history[:, :-k], mask[:, :-k]
+        else:  # rows of the last session_len before a time gap belong to the older history
+            older, older_mask = history, mask & ~in_session
         if self.target_attention is not None:
             h_l = self.target_attention(h_s, older, older_mask)
         else:
@@ -384,7 +448,8 @@ class T2Diff(SequentialRecommender):
     def forward(self, interaction):
         """User vectors e_u [B, 2d] for inference: x̂ comes from the reverse chain, never the target."""
         history, mask = self.history(interaction)
-        return self.user_vector(history, mask, self.inference_x_hat(history))
+        tokens, mask, in_session = self.tower_inputs(interaction, history, mask)
+        return self.user_vector(tokens, mask, self.inference_x_hat(history), in_session)
 
     def calculate_loss(self, interaction):
         history, mask = self.history(interaction)
@@ -393,7 +458,8 @@ class T2Diff(SequentialRecommender):
             x_hat, diffusion_losses = self.diffusion_training(history, mask, interaction[self.POS_ITEM_ID])
         elif self.use_diffusion:  # the copy-last control: x̂ := x_L, treated like a generated x̂
             x_hat = history[:, -1].detach() if self.stop_grad else history[:, -1]
-        tower_loss = self.tower_loss(self.user_vector(history, mask, x_hat), interaction)
+        tokens, mask, in_session = self.tower_inputs(interaction, history, mask)
+        tower_loss = self.tower_loss(self.user_vector(tokens, mask, x_hat, in_session), interaction)
         return (tower_loss, *diffusion_losses) if diffusion_losses else tower_loss
 
     def tower_loss(self, user, interaction):
