@@ -1,4 +1,4 @@
-"""Make RecBole 1.2.1 run on today's numpy and torch. Every entry point imports this first.
+"""Make RecBole 1.2.1 run on today's Python, numpy and torch. Every entry point imports this first.
 
 - numpy >= 2 (and >= 1.24) removed the aliases RecBole's ``Config.compatibility_settings`` and
   metrics use (RECBOLE_NOTES §8 row 1): put them back before RecBole runs.
@@ -6,7 +6,15 @@
   whole process (§8 row 7), which makes training 2-3x slower: ``disable_anomaly_mode`` switches it off
   and is called after every model lookup.
 - hyperopt 0.2.5 imports ``pkg_resources``, which warns on every import (setup.cfg pins
-  setuptools<81 so that it still exists): the warning is silenced.
+  setuptools<81 so that it still exists, and declares it because Python 3.12+ makes environments
+  without setuptools): the warning is silenced.
+- RecBole 1.2.1 declares ray<=2.6.3, which has no wheels past Python 3.11: nothing here imports ray
+  (``recbole.quick_start``, its only user, is never imported; tests/test_packaging.py checks), and
+  the README's install drops the requirement (pyproject.toml, ``[tool.uv]``).
+- Python 3.12+ reports the invalid escape sequences in RecBole's ``dien.py`` docstrings (``\\p``) as a
+  SyntaxWarning whenever it compiles the file, so every run without cached bytecode printed two
+  warnings before its first line: SyntaxWarnings from RecBole's own files are silenced. This and the
+  ray pin are all that Python 3.12 and 3.13 needed.
 - RecBole's ``ensure_dir`` checks, then creates: two runs started together in a fresh folder (the
   benchmark's parallel runs, both writing ``log/<model>/``) race, and the loser dies with
   FileExistsError. It is made to create with ``exist_ok``.
@@ -21,6 +29,8 @@ import numpy as np
 import torch
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+# A compile-time warning's module is its file path without ".py": match RecBole's files only.
+warnings.filterwarnings("ignore", category=SyntaxWarning, module=r".*[/\\]recbole[/\\]")
 
 # The aliases RecBole's Config sets (and its metrics use), set here too because a process that only
 # loads a checkpoint never builds a Config.
