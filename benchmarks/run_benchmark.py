@@ -400,11 +400,6 @@ def summarize(rows, args, requested, search=None):
             f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
         if all(r.get(c) not in (None, "") for r in mine for c in XHAT_COLUMNS):
             xhat_lines.append(f"| {v} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_std(r[c] for r in mine)) for c in XHAT_COLUMNS) + " |")
-    if xhat_lines:
-        lines += ["", "x̂ on the validation split at the best epoch, as inference computes it (mean ± std over seeds): relative error",
-                  "|x̂ - x_next| / |x_next - x_L| pooled over users (1 = no better than copying x_L), and how often the true next",
-                  "item is the nearest item token to x̂ (hit@1) or among its 10 nearest (hit@10).", "",
-                  "| model | x̂ relative error | x̂ nearest-item hit@1 | x̂ nearest-item hit@10 |", "|---|---|---|---|", *xhat_lines]
     if search:
         lines += ["", f"## Search (seed {search['seed']}, validation NDCG@10; test metrics were not looked at)", "",
                   "| model | " + " | ".join(", ".join(f"{k}={v}" for k, v in point.items()) for point in search["grid"]) + " |",
@@ -416,6 +411,11 @@ def summarize(rows, args, requested, search=None):
                 cell = "failed" if row is None else f"{float(row['valid_ndcg@10']):.4f} ({float(row['epochs_run']):.3g} ep)"
                 cells.append(f"**{cell}**" if t == search["chosen"][v] else cell)
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    if xhat_lines:
+        lines += ["", "## x̂ on the validation split", "", "At the best epoch, as inference computes it (mean ± std over seeds): relative error",
+                  "|x̂ - x_next| / |x_next - x_L| pooled over users (1 = no better than copying x_L), and how often the true next",
+                  "item is the nearest item token to x̂ (hit@1) or among its 10 nearest (hit@10).", "",
+                  "| model | x̂ relative error | x̂ nearest-item hit@1 | x̂ nearest-item hit@10 |", "|---|---|---|---|", *xhat_lines]
     with open(os.path.join(args.out, f"{args.dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, variants, os.path.join(args.out, f"{args.dataset}.png"), args.dataset, args.time_budget)

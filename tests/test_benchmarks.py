@@ -158,6 +158,10 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
     assert main_table.count("\n| T2Diff[") == 1 and f"**{chosen['T2Diff']} vs the best built-in ({chosen['GRU4Rec']})" in main_table
     assert f"{ablation} vs" not in main_table  # margins are T2Diff's, not its ablations'
     assert "| learning_rate=0.0001, epochs=1 | learning_rate=0.01, epochs=1 |" in table and table.count("**0.") == 2
+    # x̂ quality: a number for every T2Diff run with x̂, none for a model without one
+    assert all(0 <= float(r["xhat_hit@10"]) <= 1 and float(r["xhat_rel_error"]) > 0 for (v, _), r in rows.items() if v.startswith("T2Diff["))
+    assert all(r["xhat_rel_error"] == "" for (v, _), r in rows.items() if not v.startswith("T2Diff["))
+    assert f"| {chosen['T2Diff']} | " in table.split("## x̂ on the validation split")[1]
     stated = re.search(r"Command: `python benchmarks/run_benchmark.py (.*)`", table).group(1)
     assert shlex.split(stated) == command[2:]  # quoted: pasted into a shell, the ";" stays in --search
 
