@@ -263,7 +263,12 @@ def test_sampled_negatives_are_drawn_from_every_real_item_and_never_the_padding(
     model = make_model(tiny_data, softmax_negatives=500)
     drawn, item_vectors = [], model.item_vectors
     model.item_vectors = lambda ids=None: drawn.append(ids) or item_vectors(ids)
-    targets = torch.tensor([1, 2])
-    model.tower_loss(torch.randn(2, 16), {model.POS_ITEM_ID: targets})
+    targets, user = torch.tensor([1, 2]), torch.randn(2, 16)
+    loss = model.tower_loss(user, {model.POS_ITEM_ID: targets})
     negatives = torch.cat([ids for ids in drawn if ids is not None and not torch.equal(ids, targets)])
     assert len(negatives) == 500 and set(negatives.tolist()) == set(range(1, model.n_items))
+    # ... and the loss is the softmax of the positive against them, a row's own target left out
+    items = model.item_vectors()
+    expected = [torch.logsumexp(torch.cat([user[row] @ items[[target]].t(), user[row] @ items[negatives[negatives != target]].t()]), 0)
+                - user[row] @ items[target] for row, target in enumerate(targets.tolist())]
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
