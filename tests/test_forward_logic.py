@@ -245,6 +245,10 @@ def test_each_sampler_makes_its_number_of_denoiser_calls(tiny_data, sampler, inf
         x_hat = model.sample_generated_item(torch.randn(2, 12, 8))
     assert len(steps) == calls and [int(call[2][0]) for call in steps][0] == model.n_steps  # from pure noise
     assert torch.isfinite(x_hat).all()
+    if sampler == "ddim" and calls > 1:  # ddim_eta = 1 draws fresh noise between steps, unlike the deterministic chain
+        history = torch.randn(2, 12, 8)
+        deterministic = make_model(tiny_data, sampler=sampler, infer_steps=infer_steps, ddim_eta=0.0)
+        assert not torch.allclose(chain_x_hat(model, history), chain_x_hat(deterministic, history))
 
 
 # ---- the tower's losses --------------------------------------------------------------------------
