@@ -159,6 +159,24 @@ def test_session_is_the_last_rows_plus_x_hat_and_target_attention_reads_only_the
     torch.testing.assert_close(user, model.user_ffn(expected) if use_user_ffn else expected)
 
 
+def test_a_time_gap_session_masks_its_rows_in_the_session_and_leaves_the_rest_to_target_attention(tiny_data):
+    model = make_model(tiny_data)
+    model.eval()
+    k = model.session_len
+    history, x_hat = torch.randn(1, 12, 8), torch.randn(1, 8)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    in_session = torch.zeros(1, 12, dtype=torch.bool)
+    in_session[0, -2:] = True  # a gap before the last two items: a session shorter than session_len
+    session_calls, target_calls = record_calls(model.session_encoder), record_calls(model.target_attention)
+    model.user_vector(history, mask, x_hat, in_session)
+    (session, session_mask), = session_calls
+    torch.testing.assert_close(session, torch.cat([history[:, -k:], x_hat[:, None]], dim=1))
+    assert session_mask.tolist() == [[False] * (k - 2) + [True] * 3]
+    (_, older, older_mask), = target_calls
+    torch.testing.assert_close(older, history)  # the whole history, the session's rows masked out
+    assert older_mask.tolist() == [[True] * 10 + [False] * 2]
+
+
 def test_without_target_attention_the_older_part_is_the_mean_of_the_older_real_rows(tiny_data):
     model = make_model(tiny_data, use_target_attention=False)
     model.eval()
