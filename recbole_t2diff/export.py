@@ -53,6 +53,12 @@ def export_embeddings(model_file, out_dir, split="test", overrides=None):
     loader = {"valid": valid, "test": test}[split]
     items = item_matrix(model).float().cpu().numpy()
     users, targets = (t.cpu().numpy() for t in user_matrix(model, loader))
+    if users.ndim != 2 or items.ndim != 2 or users.shape[1] != items.shape[1]:
+        raise UsageError(
+            f"{config['model']} does not score by the inner product of one user vector and one item vector "
+            f"(users {users.shape[1:]}, items {items.shape[1:]}): it has no two-tower export; a SparCode with "
+            "interaction: mlp serves through its sparse index (recbole_t2diff.sparse_index.SparseIndex)"
+        )
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, f"{name}.npy") for name in ("items", "users", "targets")}
     np.save(paths["items"], items)
