@@ -79,7 +79,7 @@ def test_time_gap_sessions_match_a_walk_back_from_the_last_item(time_gap_model, 
     lengths = torch.tensor(lengths)
     interaction = {model.TIME_SEQ: torch.tensor(times), model.ITEM_SEQ_LEN: lengths}
     mask = torch.arange(max_len)[None, :] >= max_len - lengths[:, None]
-    _, _, in_session = model.tower_inputs(interaction, torch.zeros(len(lengths), max_len, model.embedding_size), mask)
+    _, in_session = model.tower_inputs(interaction, torch.zeros(len(lengths), max_len, model.embedding_size), mask)
     assert in_session.tolist() == rows
 
 
@@ -100,7 +100,7 @@ def test_target_attention_reads_exactly_the_rows_before_the_session(timed_data):
     model = make_model((config, train, None, None), session_split="time_gap")
     batch = first_batch(train)
     history, mask = model.history(batch)
-    _, _, in_session = model.tower_inputs(batch, history, mask)
+    _, in_session = model.tower_inputs(batch, history, mask)
     assert (in_session.sum(1) < mask[:, -model.session_len:].sum(1)).any(), "some session must be cut by a gap"
     seen = []
     attention = model.target_attention.forward
@@ -138,7 +138,7 @@ def test_padding_rows_get_no_time_lag(timed_data):
     batch = first_batch(train)
     history, mask = model.history(batch)
     assert (~mask).any()
-    tokens, _, _ = model.tower_inputs(batch, history, mask)
+    tokens, _ = model.tower_inputs(batch, history, mask)
     assert tokens[~mask].abs().sum() == 0 and (tokens[mask] != history[mask]).any()
 
 

@@ -292,7 +292,7 @@ class T2Diff(SequentialRecommender):
             gaps = torch.cat([times[:, 1:] - times[:, :-1] >= self.session_gap, mask.new_zeros(len(mask), 1)], dim=1)
             in_session = (gaps.flip(1).cumsum(1).flip(1) == 0) & mask
             in_session[:, : -self.session_len] = False
-        return history, mask, in_session
+        return history, in_session
 
     def next_sequence(self, history, next_token):
         """What is diffused: the drift [x_2..x_L ; x_next] - X, or the next-token sequence itself."""
@@ -448,7 +448,7 @@ class T2Diff(SequentialRecommender):
     def forward(self, interaction):
         """User vectors e_u [B, 2d] for inference: x̂ comes from the reverse chain, never the target."""
         history, mask = self.history(interaction)
-        tokens, mask, in_session = self.tower_inputs(interaction, history, mask)
+        tokens, in_session = self.tower_inputs(interaction, history, mask)
         return self.user_vector(tokens, mask, self.inference_x_hat(history), in_session)
 
     def calculate_loss(self, interaction):
@@ -458,7 +458,7 @@ class T2Diff(SequentialRecommender):
             x_hat, diffusion_losses = self.diffusion_training(history, mask, interaction[self.POS_ITEM_ID])
         elif self.use_diffusion:  # the copy-last control: x̂ := x_L, treated like a generated x̂
             x_hat = history[:, -1].detach() if self.stop_grad else history[:, -1]
-        tokens, mask, in_session = self.tower_inputs(interaction, history, mask)
+        tokens, in_session = self.tower_inputs(interaction, history, mask)
         tower_loss = self.tower_loss(self.user_vector(tokens, mask, x_hat, in_session), interaction)
         return (tower_loss, *diffusion_losses) if diffusion_losses else tower_loss
 
