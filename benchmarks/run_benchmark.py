@@ -34,6 +34,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -58,8 +59,9 @@ ABLATIONS = {
 METRICS = ["recall@10", "mrr@10", "ndcg@10", "recall@20", "ndcg@20", "recall@2", "ndcg@2"]
 COLUMNS = ["variant", "seed", "settings", *[f"valid_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS],
            "params", "train_s_per_epoch", "eval_s", "epochs_run", "best_epoch", "peak_rss_mib",
-           "xhat_rel_error", "xhat_hit@1", "xhat_hit@10"]
-XHAT_COLUMNS = COLUMNS[-3:]
+           "xhat_rel_error", "xhat_hit@1", "xhat_hit@10", "run_s", "valid_curve", "machine", "date"]
+XHAT_COLUMNS = ["xhat_rel_error", "xhat_hit@1", "xhat_hit@10"]
+OURS = ("T2Diff", "SparCode")  # the package's models; every other model is a RecBole built-in
 
 
 def split_models(text):
@@ -177,7 +179,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
     from xhat_diagnosis import xhat_quality
 
     model, settings = parse_variant(variant)
-    timings = {"train": [], "valid": []}
+    timings, curve, started = {"train": [], "valid": []}, [], time.perf_counter()
 
     def timed(method, bucket):
         def wrapper(*args, **kwargs):
@@ -199,7 +201,17 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
 
         trainer.fit = fit_keeping_valid
         trainer._train_epoch = timed(trainer._train_epoch, "train")
-        trainer._valid_epoch = timed(trainer._valid_epoch, "valid")
+        valid_epoch = timed(trainer._valid_epoch, "valid")
+
+        def valid_epoch_reported(*args, **kwargs):
+            score, result = valid_epoch(*args, **kwargs)
+            curve.append(round(float(score), 5))
+            # One line per validation, read live by the runner (progress) and kept as the run's curve.
+            print("EPOCH " + json.dumps({"epoch": len(curve), "valid": curve[-1], "train_s": round(sum(timings["train"]), 1),
+                                          "run_s": round(time.perf_counter() - started, 1)}), flush=True)
+            return score, result
+
+        trainer._valid_epoch = valid_epoch_reported
         trainers.append(trainer)
 
     # A private checkpoint folder: RecBole names checkpoints by the second, and parallel runs of
@@ -212,7 +224,9 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
            "params": result["params"], "train_s_per_epoch": round(sum(timings["train"]) / budget.epochs, 2),
            "eval_s": round(statistics.mean(timings["valid"]), 2), "epochs_run": round(budget.epochs, 3),
            "best_epoch": len(timings["train"]) - trainer.cur_step * trainer.eval_step,
-           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+           "run_s": round(time.perf_counter() - started, 1), "valid_curve": json.dumps(curve),
+           "machine": describe(), "date": datetime.date.today().isoformat()}
     for metric in METRICS:
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
         row[f"test_{metric}"] = float(result["test_result"][metric])
@@ -240,7 +254,7 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="T2Diff,SASRec,GRU4Rec,BERT4Rec")
     parser.add_argument("--dataset", default="ml-100k")
@@ -251,62 +265,125 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores // jobs torch threads")
     parser.add_argument("--out", default=os.path.join(ROOT, "results"))
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
-    args, extra = parser.parse_known_args()
-    config_files = args.config_files.split() if args.config_files else None
+    return parser
+
+
+class Study:
+    """One command line of this script: its variants, seeds, search grid, CSV and the rows already in it."""
+
+    def __init__(self, argv):
+        self.args, extra = build_parser().parse_known_args(argv)
+        self.argv = list(argv)
+        self.overrides = [a for a in extra if a.startswith("--") and "=" in a]
+        self.csv_path = os.path.join(self.args.out, f"{self.args.dataset}.csv")
+        self.rows = read_rows(self.csv_path)
+        self.seeds = [int(s) for s in self.args.seeds.split(",")]
+        self.variants = split_models(self.args.models)
+        for v in self.variants:
+            parse_variant(v)  # a misspelt variant fails now, not after hours of other runs
+        self.grid = parse_grid(self.args.search) if self.args.search else None
+        self.trials = search_trials(self.variants, self.grid) if self.grid else None
+        self.lock = threading.Lock()
+
+    def command(self, variant, seed):
+        """The worker process of one (variant, seed)."""
+        a = self.args
+        return [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={a.dataset}",
+                *([f"--config_files={a.config_files}"] if a.config_files else []),
+                *([f"--time_budget={a.time_budget}"] if a.time_budget else []), *self.overrides]
+
+    def record(self, row):
+        """Appends a finished run's row to the CSV (a CSV from before a column was added keeps its columns)."""
+        with self.lock:
+            self.rows.append(row)
+            os.makedirs(self.args.out, exist_ok=True)
+            new_file = not os.path.isfile(self.csv_path)
+            fields = COLUMNS if new_file else read_header(self.csv_path)
+            with open(self.csv_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
+
+    def search(self):
+        """The search's outcome from the rows (``None`` without --search); call it once every trial ran or failed."""
+        if not self.grid:
+            return None
+        return {"grid": self.grid, "trials": self.trials, "seed": self.seeds[0],
+                "chosen": pick(self.variants, self.grid, self.seeds[0], self.rows, self.trials)}
+
+    def summarize(self, search=None, jobs=None):
+        chosen = self.variants if search is None else [search["chosen"][v] for v in self.variants]
+        summarize(self.rows, self.args, chosen, search, command="python benchmarks/run_benchmark.py " + shlex.join(self.argv), jobs=jobs)
+
+
+def run_worker(command, env, on_epoch=None, procs=None):
+    """Runs one worker process; returns (row, None) or (None, the end of its error output).
+
+    Its EPOCH lines go to ``on_epoch`` as they come (live progress); ``procs``, a set, holds the
+    process while it runs, so that a caller can stop it.
+    """
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
+        if procs is not None:
+            procs.add(proc)
+        row = None
+        for line in proc.stdout:
+            if line.startswith("EPOCH ") and on_epoch:
+                on_epoch(json.loads(line[len("EPOCH "):]))
+            elif line.startswith("RESULT "):
+                row = json.loads(line[len("RESULT "):])
+        proc.wait()
+        if procs is not None:
+            procs.discard(proc)
+        if proc.returncode or row is None:
+            errors.seek(0)
+            return None, errors.read()[-3000:] or f"exit status {proc.returncode}"
+        return row, None
+
+
+def main():
+    study = Study(sys.argv[1:])
+    args = study.args
     if args.worker:
+        config_files = args.config_files.split() if args.config_files else None
         print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.dataset, config_files, args.time_budget)), flush=True)
         return
-    overrides = [a for a in extra if a.startswith("--") and "=" in a]
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, f"{args.dataset}.csv")
-    rows = read_rows(csv_path)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    variants = split_models(args.models)
-    for v in variants:
-        parse_variant(v)  # a misspelt variant fails now, not after hours of other runs
-    started, lock, failed = time.time(), threading.Lock(), []
+    started, failed = time.time(), []
     # Parallel runs split the cores between them (torch threads = cores // jobs), so that timings
     # of runs that shared the machine stay comparable with each other.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads(args.jobs))}
 
     def run_job(number, total, variant, seed):
         say(f"[bench] {number}/{total} {variant} seed {seed} started ({(time.time() - started) / 60:.1f} min so far)")
-        command = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={args.dataset}",
-                   *([f"--config_files={args.config_files}"] if args.config_files else []),
-                   *([f"--time_budget={args.time_budget}"] if args.time_budget else []), *overrides]
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-        if done.returncode or not line:
-            say(f"[bench] {variant} seed {seed} failed:\n{done.stderr[-3000:]}")
+
+        def on_epoch(e):
+            say(f"[bench]   {variant} seed {seed} epoch {e['epoch']}: valid NDCG@10 {e['valid']:.4f} ({e['run_s']:.0f} s into the run)")
+
+        row, error = run_worker(study.command(variant, seed), env, on_epoch)
+        if row is None:
+            say(f"[bench] {variant} seed {seed} failed:\n{error}")
             failed.append(f"{variant} seed {seed}")
             return
-        row = json.loads(line[0][len("RESULT "):])
-        with lock:
-            rows.append(row)
-            new_file = not os.path.isfile(csv_path)
-            fields = COLUMNS if new_file else read_header(csv_path)  # a CSV from before a column was added keeps its columns
-            with open(csv_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-                if new_file:
-                    writer.writeheader()
-                writer.writerow(row)
+        study.record(row)
         say(f"[bench] {variant} seed {seed}: test NDCG@10 {row['test_ndcg@10']:.4f}, Recall@10 {row['test_recall@10']:.4f}, "
             f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch ({(time.time() - started) / 60:.1f} min so far)")
 
     def run_all(jobs):
         """Runs the (variant, seed) pairs not yet in the CSV, args.jobs at a time."""
-        todo = [(v, s) for v, s in jobs if find_row(rows, v, s) is None]
+        todo = [(v, s) for v, s in jobs if find_row(study.rows, v, s) is None]
         for variant, seed in sorted(set(jobs) - set(todo), key=jobs.index):
-            say(f"[bench] {variant} seed {seed}: already in {csv_path}, skipped")
+            say(f"[bench] {variant} seed {seed}: already in {study.csv_path}, skipped")
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: run_job(job[0], len(todo), *job[1]), enumerate(todo, 1)))
 
     search = None
-    if args.search:
-        search = choose(variants, parse_grid(args.search), seeds[0], run_all, rows)
-        variants = [search["chosen"][v] for v in variants]
-    run_all([(v, s) for v in variants for s in seeds])
-    summarize(rows, args, variants, search)
+    if study.grid:
+        run_all([(t, study.seeds[0]) for v in study.trials for t in study.trials[v]])
+        search = study.search()
+    variants = study.variants if search is None else [search["chosen"][v] for v in study.variants]
+    run_all([(v, s) for v in variants for s in study.seeds])
+    study.summarize(search, jobs=args.jobs)
     if failed:  # the table holds what finished; the exit status says it is incomplete
         raise SystemExit(f"error: {len(failed)} run(s) failed ({', '.join(failed)}); their errors are above, and the same command re-runs only them")
 
@@ -315,28 +392,38 @@ def find_row(rows, variant, seed):
     return next((r for r in rows if r["variant"] == variant and int(r["seed"]) == seed), None)
 
 
+def search_trials(variants, grid):
+    """{variant: its variant at every grid point} for the variants a search trains (not the ablations)."""
+    searched = [v for v in variants if base_name(v) not in ABLATIONS]
+    if len(searched) < len(variants) and "T2Diff" not in searched:
+        raise SystemExit("error: with --search the ablations take T2Diff's chosen settings: add T2Diff to --models")
+    return {v: [with_settings(v, point) for point in grid] for v in searched}
+
+
+def pick(variants, grid, seed, rows, trials):
+    """{variant: chosen variant}: the trial with the best validation NDCG@10; an ablation takes T2Diff's point."""
+    chosen, points = {}, {}
+    for v, mine in trials.items():
+        scores = [(float(row["valid_ndcg@10"]), i) for i, t in enumerate(mine) if (row := find_row(rows, t, seed))]
+        if not scores:
+            raise SystemExit(f"error: every search run of {v} failed; see the messages above")
+        best = max(scores, key=lambda score: score[0])[1]  # a tie goes to the earlier point
+        chosen[v], points[v] = mine[best], grid[best]
+    for v in variants:
+        if v not in chosen:  # an ablation (search_trials makes sure T2Diff was searched)
+            chosen[v] = with_settings(v, points["T2Diff"])
+    return chosen
+
+
 def choose(variants, grid, seed, run_all, rows):
     """The search: every grid point of every non-ablation variant with one seed; the best on validation wins.
 
     Returns {"grid": [points], "trials": {variant: [trial variants]}, "chosen": {variant: chosen variant}};
     an ablation's chosen variant is the ablation at T2Diff's chosen point.
     """
-    searched = [v for v in variants if base_name(v) not in ABLATIONS]
-    if len(searched) < len(variants) and "T2Diff" not in searched:
-        raise SystemExit("error: with --search the ablations take T2Diff's chosen settings: add T2Diff to --models")
-    trials = {v: [with_settings(v, point) for point in grid] for v in searched}
-    run_all([(t, seed) for v in searched for t in trials[v]])
-    chosen, points = {}, {}
-    for v in searched:
-        scores = [(float(row["valid_ndcg@10"]), i) for i, t in enumerate(trials[v]) if (row := find_row(rows, t, seed))]
-        if not scores:
-            raise SystemExit(f"error: every search run of {v} failed; see the messages above")
-        best = max(scores, key=lambda score: score[0])[1]  # a tie goes to the earlier point
-        chosen[v], points[v] = trials[v][best], grid[best]
-    for v in variants:
-        if v not in chosen:  # an ablation (the check above makes sure T2Diff was searched)
-            chosen[v] = with_settings(v, points["T2Diff"])
-    return {"grid": grid, "trials": trials, "chosen": chosen, "seed": seed}
+    trials = search_trials(variants, grid)
+    run_all([(t, seed) for v in trials for t in trials[v]])
+    return {"grid": grid, "trials": trials, "chosen": pick(variants, grid, seed, rows, trials), "seed": seed}
 
 
 def mean_std(values):
@@ -349,31 +436,41 @@ def threads(jobs):
 
 
 def margin(rows, variants):
-    """Each T2Diff row's (not the ablations') relative margin over the best built-in model (by mean test NDCG@10), as markdown lines."""
+    """Each of the package's models' rows (not the named ablations) as its relative margin over the best built-in model (by mean test NDCG@10), as markdown lines."""
     mean = {v: {k: mean_std(r[k] for r in rows if r["variant"] == v)[0] for k in ("test_ndcg@10", "test_recall@10")}
             for v in variants}
-    builtins = [v for v in variants if parse_variant(v)[0] != "T2Diff"]
+    builtins = [v for v in variants if parse_variant(v)[0] not in OURS]
     if not builtins:
         return []
     best = max(builtins, key=lambda v: mean[v]["test_ndcg@10"])
     lines = []
-    for t2diff in (v for v in variants if base_name(v) == "T2Diff"):
-        change = {k: 100 * (mean[t2diff][k] / mean[best][k] - 1) for k in mean[best]}
-        lines += [f"**{t2diff} vs the best built-in ({best}): NDCG@10 {change['test_ndcg@10']:+.1f}%, "
+    for ours in (v for v in variants if base_name(v) in OURS):
+        change = {k: 100 * (mean[ours][k] / mean[best][k] - 1) for k in mean[best]}
+        lines += [f"**{ours} vs the best built-in ({best}): NDCG@10 {change['test_ndcg@10']:+.1f}%, "
                   f"Recall@10 {change['test_recall@10']:+.1f}%** (test, mean over seeds).", ""]
     return lines
 
 
-def summarize(rows, args, requested, search=None):
+def title(variants):
+    models = list(dict.fromkeys(parse_variant(v)[0] for v in variants))
+    ours, builtins = [m for m in models if m in OURS], [m for m in models if m not in OURS]
+    if ours and builtins:
+        return f"{' and '.join(ours)} against RecBole's built-in models"
+    return ", ".join(models) + (" and their variants" if len(variants) > len(models) else "")
+
+
+def summarize(rows, args, requested, search=None, command=None, jobs=None):
     # The requested variants first, then any other rows of the CSV but the search's unchosen points.
     hidden = {t for trials in (search or {}).get("trials", {}).values() for t in trials}
     variants = sorted({r["variant"] for r in rows if r["variant"] in requested or r["variant"] not in hidden},
                       key=lambda v: requested.index(v) if v in requested else len(requested))
     lines = [
-        f"# {args.dataset}: T2Diff against RecBole's built-in models",
+        f"# {args.dataset}: {title(variants)}",
         "",
-        f"Command: `{command_line()}`  ",
-        f"Machine: {describe()}; date {datetime.date.today().isoformat()}.  ",
+        f"Command: `{command or command_line()}`  ",
+        f"Machine: {'; '.join(sorted({r.get('machine') or describe() for r in rows if r['variant'] in variants}))}; "
+        f"date {', '.join(sorted({r.get('date') or datetime.date.today().isoformat() for r in rows if r['variant'] in variants}))}"
+        f"{f'; {jobs} run(s) at a time' if jobs else ''}.  ",
         "Protocol: leave-one-out by time, full ranking over all items, MAX_ITEM_LIST_LENGTH 50, early stopping on",
         "validation NDCG@10; test metrics of the best-validation checkpoint. Mean ± std over the seeds listed.",
         *([f"Budget: each run had {args.time_budget:g} min of wall-clock from its start (data loading, training and validation; "

@@ -1,0 +1,203 @@
+"""Run several benchmark studies through one pool of workers, in order of priority.
+
+    python benchmarks/batch.py PLAN [--jobs=N] [--stop_starting_after=MIN] [--stop_after=MIN]
+
+PLAN has one study per line: the arguments run_benchmark.py would take for it (--models, --dataset,
+--seeds, --search, --out, --key=value ...); '#' starts a comment. Every (variant, seed) of every study
+runs in its own process, --jobs at a time, earlier lines first (a study's search runs before its seeds;
+the seeds of a searched model become ready once all the study's search runs have ended). Rows go to
+each study's <out>/<dataset>.csv exactly as run_benchmark.py writes them, and runs already there are
+skipped, so a plan resumes where it stopped and `run_benchmark.py` with a study's line completes or
+summarizes that study alone. Progress: one line per validation of every run and one per finished run,
+with an estimate of the time left. At the end every study's table is written.
+
+--stop_starting_after: no run starts after this many minutes; --stop_after: runs still going are
+stopped (and not recorded) after this many, so a lease of a fixed length still returns its tables;
+--abort_if_first_fail=K: stop everything when the first K runs to end all failed (a broken set-up
+costs seconds, not the lease). --check builds every run's config (the knob checks, no data, no
+training) and exits: a plan with a misspelt setting fails here, before a machine is paid for.
+Each run gets cores // jobs torch threads; with a GPU the runs share it.
+"""
+import argparse
+import heapq
+import os
+import shlex
+import sys
+import threading
+import time
+
+from run_benchmark import Study, find_row, run_worker, say, threads
+
+
+def read_plan(path):
+    """The studies of PLAN, one per non-comment line."""
+    with open(path) as f:
+        lines = [line.split("#", 1)[0].strip() for line in f]
+    studies = [Study(shlex.split(line)) for line in lines if line]
+    if not studies:
+        raise SystemExit(f"error: {path} holds no study: write one line of run_benchmark.py arguments per study")
+    return studies
+
+
+class Batch:
+    def __init__(self, studies, jobs, stop_starting_after=None, abort_if_first_fail=None):
+        self.studies, self.jobs, self.stop_starting_after = studies, jobs, stop_starting_after
+        self.abort_if_first_fail = abort_if_first_fail
+        self.ready, self.waiting, self.running, self.procs = [], {}, 0, set()
+        self.lock, self.changed, self.started = threading.Lock(), threading.Condition(threading.Lock()), time.time()
+        self.durations, self.failed, self.finished, self.order = [], [], 0, 0
+        self.searches = {}
+        for rank, study in enumerate(studies):
+            if study.grid:
+                trials = [(t, study.seeds[0]) for v in study.trials for t in study.trials[v]]
+                self.waiting[rank] = {job for job in trials if find_row(study.rows, *job) is None}
+                self.push(rank, trials)
+                if not self.waiting[rank]:
+                    self.search_done(rank)
+            else:
+                self.push(rank, [(v, s) for v in study.variants for s in study.seeds])
+
+    def push(self, rank, jobs):
+        for variant, seed in jobs:
+            if find_row(self.studies[rank].rows, variant, seed) is None:
+                self.order += 1
+                heapq.heappush(self.ready, (rank, self.order, variant, seed))
+
+    def search_done(self, rank):
+        """All search runs of study ``rank`` ended: its chosen variants' seeds become ready."""
+        study = self.studies[rank]
+        try:
+            self.searches[rank] = study.search()
+        except SystemExit as error:  # every search run of a model failed: the study stops there
+            say(f"[batch] {study.args.dataset} {study.args.out}: {error}")
+            return
+        chosen = [self.searches[rank]["chosen"][v] for v in study.variants]
+        self.push(rank, [(v, s) for v in chosen for s in study.seeds])
+
+    def minutes(self):
+        return (time.time() - self.started) / 60
+
+    def left(self):
+        """Runs not yet finished (the seeds of a search still running counted at their number)."""
+        pending = sum(len(s.variants) * (len(s.seeds) - 1) for r, s in enumerate(self.studies) if s.grid and r not in self.searches)
+        return len(self.ready) + self.running + pending
+
+    def eta(self):
+        if not self.durations:
+            return "no estimate yet"
+        per_run = sum(self.durations) / len(self.durations)
+        return f"about {self.left() * per_run / self.jobs / 60:.0f} min left at {per_run / 60:.1f} min per run"
+
+    def take(self):
+        """The next ready run, or None when nothing is left to start."""
+        with self.changed:
+            while True:
+                if self.stop_starting_after is not None and self.minutes() >= self.stop_starting_after:
+                    return None
+                if self.ready:
+                    self.running += 1
+                    return heapq.heappop(self.ready)
+                if self.running == 0:
+                    return None
+                self.changed.wait(timeout=5)
+
+    def work(self, env):
+        while (job := self.take()) is not None:
+            rank, _, variant, seed = job
+            study, begun = self.studies[rank], time.time()
+            name = f"{study.args.dataset} {variant} seed {seed}"
+            say(f"[batch] started {name} ({self.minutes():.1f} min so far)")
+
+            def on_epoch(e, name=name):
+                say(f"[batch]   {name} epoch {e['epoch']}: valid NDCG@10 {e['valid']:.4f} ({e['run_s']:.0f} s into the run)")
+
+            row, error = run_worker(study.command(variant, seed), env, on_epoch, self.procs)
+            with self.changed:
+                self.running -= 1
+                if row is None:
+                    self.failed.append(name)
+                    say(f"[batch] {name} failed:\n{error}")
+                    if self.finished == 0 and len(self.failed) == self.abort_if_first_fail:
+                        say(f"[batch] the first {len(self.failed)} runs to end all failed: stopping everything")
+                        self.stop_starting_after = 0
+                        for proc in list(self.procs):
+                            proc.kill()
+                else:
+                    study.record(row)
+                    self.durations.append(time.time() - begun)
+                    self.finished += 1
+                    say(f"[batch] finished {name}: test NDCG@10 {row['test_ndcg@10']:.4f}, valid {row['valid_ndcg@10']:.4f}, "
+                        f"{row['epochs_run']} epochs (best {row['best_epoch']}), {row['train_s_per_epoch']} s/epoch; "
+                        f"{self.finished} done, {self.eta()} ({self.minutes():.1f} min so far)")
+                if rank in self.waiting:
+                    self.waiting[rank].discard((variant, seed))
+                    if not self.waiting[rank] and rank not in self.searches:
+                        self.search_done(rank)
+                self.changed.notify_all()
+
+    def stop(self):
+        """Stops the runs still going (their rows are not written)."""
+        with self.changed:
+            self.stop_starting_after = 0
+        for proc in list(self.procs):
+            proc.kill()
+
+
+def check(studies):
+    """Builds the config of every variant (each search point too) of every study, in this process."""
+    from run_benchmark import parse_variant
+
+    from recbole_t2diff.config import Config
+
+    argv, count = sys.argv, 0
+    try:
+        for study in studies:
+            variants = [t for trials in study.trials.values() for t in trials] if study.grid else []
+            for variant in variants + study.variants:
+                model, settings = parse_variant(variant)
+                sys.argv = [argv[0], *study.overrides]  # RecBole reads --key=value from the command line
+                Config(model=model, dataset=study.args.dataset, config_dict={**settings, "seed": study.seeds[0], "state": "ERROR"},
+                       config_file_list=study.args.config_files.split() if study.args.config_files else None)
+                count += 1
+    finally:
+        sys.argv = argv
+    say(f"[batch] {count} configs of {len(studies)} studies checked")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("plan")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--stop_starting_after", type=float, default=None, help="minutes after which no run starts")
+    parser.add_argument("--stop_after", type=float, default=None, help="minutes after which running runs are stopped")
+    parser.add_argument("--abort_if_first_fail", type=int, default=None, help="stop when the first K runs to end all failed")
+    parser.add_argument("--check", action="store_true", help="build every run's config and exit")
+    args = parser.parse_args()
+    studies = read_plan(args.plan)
+    if args.check:
+        return check(studies)
+    batch = Batch(studies, args.jobs, args.stop_starting_after, args.abort_if_first_fail)
+    say(f"[batch] {len(batch.ready)} runs ready, {batch.left()} in all, {args.jobs} at a time, {threads(args.jobs)} torch thread(s) each")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads(args.jobs))}
+    workers = [threading.Thread(target=batch.work, args=(env,), daemon=True) for _ in range(args.jobs)]
+    for w in workers:
+        w.start()
+    deadline = None if args.stop_after is None else batch.started + 60 * args.stop_after
+    while any(w.is_alive() for w in workers):
+        if deadline is not None and time.time() >= deadline:
+            say(f"[batch] {args.stop_after:g} min reached: stopping {len(batch.procs)} run(s) still going")
+            batch.stop()
+            deadline = None
+        time.sleep(1)
+    for rank, study in enumerate(batch.studies):
+        if any(r["variant"] for r in study.rows):
+            study.summarize(batch.searches.get(rank), jobs=args.jobs)
+    unfinished = batch.left()
+    say(f"[batch] {batch.finished} runs finished, {len(batch.failed)} failed, {unfinished} not run ({batch.minutes():.1f} min)")
+    if batch.failed or unfinished:
+        raise SystemExit(f"error: {len(batch.failed)} run(s) failed ({', '.join(batch.failed)}) and {unfinished} did not run; "
+                         "the same command runs only those")
+
+
+if __name__ == "__main__":
+    main()
