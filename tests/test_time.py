@@ -60,7 +60,7 @@ def brute_force_session(times, length, k, gap):
 @pytest.fixture(scope="module")
 def time_gap_model(timed_data):
     config, train, *_ = timed_data
-    return make_model((config, train, None, None), session_split="time_gap")
+    return make_model((config, train, None, None), session_split="time_gap", time_lag="none")
 
 
 @settings(max_examples=100, deadline=None)
@@ -85,7 +85,7 @@ def test_time_gap_sessions_match_a_walk_back_from_the_last_item(time_gap_model, 
 
 def test_a_time_gap_session_spanning_the_last_k_equals_the_last_k_path(timed_data):
     config, train, *_ = timed_data
-    model = make_model((config, train, None, None), session_split="time_gap")
+    model = make_model((config, train, None, None), session_split="time_gap", time_lag="none")
     model.eval()
     batch = first_batch(train)
     history, mask = model.history(batch)
@@ -97,7 +97,7 @@ def test_a_time_gap_session_spanning_the_last_k_equals_the_last_k_path(timed_dat
 
 def test_target_attention_reads_exactly_the_rows_before_the_session(timed_data):
     config, train, *_ = timed_data
-    model = make_model((config, train, None, None), session_split="time_gap")
+    model = make_model((config, train, None, None), session_split="time_gap", time_lag="none")
     batch = first_batch(train)
     history, mask = model.history(batch)
     _, in_session = model.tower_inputs(batch, history, mask)
@@ -142,6 +142,17 @@ def test_padding_rows_get_no_time_lag(timed_data):
     assert tokens[~mask].abs().sum() == 0 and (tokens[mask] != history[mask]).any()
 
 
+def test_time_lag_auto_takes_the_lag_on_clock_time_and_goes_without_on_an_order_index(timed_data, tiny_data):
+    timed = timed_data[:4]
+    assert timed[0]["time_lag"] == "auto"  # the property file's default
+    on_clock = make_model(timed)
+    assert on_clock.time_lag == "bucket" and on_clock.lag_embedding is not None
+    on_index = make_model(tiny_data)  # tiny's timestamps are 0, 1, 2, ... per user
+    assert on_index.time_lag == "none" and on_index.lag_embedding is None
+    forced_off = make_model(timed, time_lag="none")
+    assert forced_off.time_lag == "none" and forced_off.lag_embedding is None
+
+
 @pytest.mark.parametrize("knob", [{"session_split": "time_gap"}, {"time_lag": "bucket"}])
 def test_time_knobs_refuse_a_timestamp_that_only_counts_interactions(tiny_data, knob):
     with pytest.raises(UsageError, match="only counts each user's interactions"):
@@ -164,7 +175,7 @@ def test_time_knobs_refuse_normalised_timestamps(timed_data, tmp_path):
     ({"session_split": "gap"}, "session_split=gap: use one of last_k, time_gap"),
     ({"session_split": "time_gap", "session_gap": 0}, "session_gap=0: give the gap"),
     ({"session_split": "time_gap", "mask_pads": False}, "session_split=time_gap with mask_pads=False"),
-    ({"time_lag": "log"}, "time_lag=log: use one of none, bucket"),
+    ({"time_lag": "log"}, "time_lag=log: use one of auto, none, bucket"),
 ])
 def test_bad_time_knobs_say_what_to_do(tiny_data, settings, message):
     with pytest.raises(UsageError, match=message):
