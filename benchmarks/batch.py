@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from run_benchmark import Study, find_row, run_worker, say, threads
+from run_benchmark import Study, find_row, read_rows, run_worker, say, summarize, threads
 
 
 def read_plan(path):
@@ -45,7 +45,8 @@ class Batch:
         self.abort_if_first_fail = abort_if_first_fail
         self.ready, self.waiting, self.running, self.procs = [], {}, 0, set()
         self.lock, self.changed, self.started = threading.Lock(), threading.Condition(threading.Lock()), time.time()
-        self.durations, self.failed, self.finished, self.order = [], [], 0, 0
+        self.durations, self.failed, self.stopped, self.finished, self.order = [], [], [], 0, 0
+        self.stopping = False
         self.searches = {}
         for rank, study in enumerate(studies):
             if study.grid:
@@ -79,7 +80,9 @@ class Batch:
 
     def left(self):
         """Runs not yet finished (the seeds of a search still running counted at their number)."""
-        pending = sum(len(s.variants) * (len(s.seeds) - 1) for r, s in enumerate(self.studies) if s.grid and r not in self.searches)
+        # a searched variant's first seed is its search run; an ablation runs every seed after the search
+        pending = sum(len(s.seeds) - (v in s.trials) for r, s in enumerate(self.studies) if s.grid and r not in self.searches
+                      for v in s.variants)
         return len(self.ready) + self.running + pending
 
     def eta(self):
@@ -114,12 +117,15 @@ class Batch:
             row, error = run_worker(study.command(variant, seed), env, on_epoch, self.procs)
             with self.changed:
                 self.running -= 1
-                if row is None:
+                if row is None and self.stopping:
+                    self.stopped.append(name)
+                    say(f"[batch] {name} stopped unfinished (not recorded)")
+                elif row is None:
                     self.failed.append(name)
                     say(f"[batch] {name} failed:\n{error}")
                     if self.finished == 0 and len(self.failed) == self.abort_if_first_fail:
                         say(f"[batch] the first {len(self.failed)} runs to end all failed: stopping everything")
-                        self.stop_starting_after = 0
+                        self.stop_starting_after, self.stopping = 0, True
                         for proc in list(self.procs):
                             proc.kill()
                 else:
@@ -138,7 +144,7 @@ class Batch:
     def stop(self):
         """Stops the runs still going (their rows are not written)."""
         with self.changed:
-            self.stop_starting_after = 0
+            self.stop_starting_after, self.stopping = 0, True
         for proc in list(self.procs):
             proc.kill()
 
@@ -164,6 +170,25 @@ def check(studies):
     say(f"[batch] {count} configs of {len(studies)} studies checked")
 
 
+def summarize_all(batch, jobs):
+    """One table per CSV: studies that share a CSV (same --out and --dataset) are summarized together."""
+    groups = {}
+    for rank, study in enumerate(batch.studies):
+        groups.setdefault(study.csv_path, []).append(rank)
+    for ranks in groups.values():
+        first = batch.studies[ranks[0]]
+        rows = read_rows(first.csv_path)
+        if not rows:
+            continue
+        requested, commands, search = [], [], None
+        for rank in ranks:
+            study, chosen = batch.studies[rank], batch.searches.get(rank)
+            requested += study.variants if chosen is None else [chosen["chosen"][v] for v in study.variants]
+            commands.append("python benchmarks/run_benchmark.py " + shlex.join(study.argv))
+            search = search or chosen
+        summarize(rows, first.args, requested, search, command=commands, jobs=jobs, overrides=first.overrides)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan")
@@ -175,7 +200,10 @@ def main():
     args = parser.parse_args()
     studies = read_plan(args.plan)
     if args.check:
-        return check(studies)
+        from recbole_t2diff.cli import exit_on_usage_error
+
+        with exit_on_usage_error():  # a bad knob is one line, as everywhere else
+            return check(studies)
     batch = Batch(studies, args.jobs, args.stop_starting_after, args.abort_if_first_fail)
     say(f"[batch] {len(batch.ready)} runs ready, {batch.left()} in all, {args.jobs} at a time, {threads(args.jobs)} torch thread(s) each")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads(args.jobs))}
@@ -188,14 +216,15 @@ def main():
             say(f"[batch] {args.stop_after:g} min reached: stopping {len(batch.procs)} run(s) still going")
             batch.stop()
             deadline = None
+        elif batch.stopping:  # a run whose process started as the others were stopped (or aborted) stops too
+            batch.stop()
         time.sleep(1)
-    for rank, study in enumerate(batch.studies):
-        if any(r["variant"] for r in study.rows):
-            study.summarize(batch.searches.get(rank), jobs=args.jobs)
-    unfinished = batch.left()
-    say(f"[batch] {batch.finished} runs finished, {len(batch.failed)} failed, {unfinished} not run ({batch.minutes():.1f} min)")
+    summarize_all(batch, args.jobs)
+    unfinished = batch.left() + len(batch.stopped)
+    say(f"[batch] {batch.finished} runs finished, {len(batch.failed)} failed, {len(batch.stopped)} stopped unfinished, "
+        f"{unfinished} not finished in all ({batch.minutes():.1f} min)")
     if batch.failed or unfinished:
-        raise SystemExit(f"error: {len(batch.failed)} run(s) failed ({', '.join(batch.failed)}) and {unfinished} did not run; "
+        raise SystemExit(f"error: {len(batch.failed)} run(s) failed ({', '.join(batch.failed)}) and {unfinished} did not finish; "
                          "the same command runs only those")
 
 

@@ -29,6 +29,7 @@ import argparse
 import concurrent.futures
 import csv
 import datetime
+import hashlib
 import itertools
 import json
 import os
@@ -173,13 +174,17 @@ class Budget:
         trainer_module.early_stopping = stop_when_spent
 
 
-def worker(variant, seed, dataset, config_files, time_budget=None):
-    """Train and test one (variant, seed); returns a row of COLUMNS."""
+def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=None):
+    """Train and test one (variant, seed); returns a row of COLUMNS.
+
+    With ``resume_dir`` the run keeps its training state there after every validated epoch (see
+    :class:`Resume`) and, started again after an interruption, goes on from the last such epoch.
+    """
     from recbole_t2diff.quick_start import run
     from xhat_diagnosis import xhat_quality
 
     model, settings = parse_variant(variant)
-    timings, curve, started = {"train": [], "valid": []}, [], time.perf_counter()
+    timings, curve, clock = {"train": [], "valid": []}, [], {"started": time.perf_counter()}
 
     def timed(method, bucket):
         def wrapper(*args, **kwargs):
@@ -190,6 +195,10 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
         return wrapper
 
     trainers, budget, splits = [], Budget(time_budget), {}
+    # A private checkpoint folder: RecBole names checkpoints by the second, and parallel runs of
+    # one model would otherwise overwrite each other's.
+    checkpoints = resume_dir or tempfile.mkdtemp(prefix="bench-")
+    resume = Resume(checkpoints, timings, curve, budget, clock) if resume_dir else None
 
     def on_trainer(trainer):
         budget.apply(trainer)
@@ -197,6 +206,9 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
 
         def fit_keeping_valid(train_data, valid_data=None, **kwargs):
             splits["valid"] = valid_data
+            if resume is not None:
+                resume.restore(trainer, train_data)
+                kwargs["callback_fn"] = lambda epoch, score: resume.save(trainer, train_data, epoch)
             return fit(train_data, valid_data, **kwargs)
 
         trainer.fit = fit_keeping_valid
@@ -208,15 +220,14 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
             curve.append(round(float(score), 5))
             # One line per validation, read live by the runner (progress) and kept as the run's curve.
             print("EPOCH " + json.dumps({"epoch": len(curve), "valid": curve[-1], "train_s": round(sum(timings["train"]), 1),
-                                          "run_s": round(time.perf_counter() - started, 1)}), flush=True)
+                                          "run_s": round(time.perf_counter() - clock["started"], 1)}), flush=True)
             return score, result
 
         trainer._valid_epoch = valid_epoch_reported
+        if resume is not None:  # a fixed name, so that a resumed run finds its best checkpoint
+            trainer.saved_model_file = os.path.join(checkpoints, "best.pth")
         trainers.append(trainer)
 
-    # A private checkpoint folder: RecBole names checkpoints by the second, and parallel runs of
-    # one model would otherwise overwrite each other's.
-    checkpoints = tempfile.mkdtemp(prefix="bench-")
     result = run(model, dataset, config_file_list=config_files, saved=True, on_trainer=on_trainer,
                  config_dict={"seed": seed, "show_progress": False, "checkpoint_dir": checkpoints, **settings})
     trainer = trainers[0]
@@ -225,7 +236,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
            "eval_s": round(statistics.mean(timings["valid"]), 2), "epochs_run": round(budget.epochs, 3),
            "best_epoch": len(timings["train"]) - trainer.cur_step * trainer.eval_step,
            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-           "run_s": round(time.perf_counter() - started, 1), "valid_curve": json.dumps(curve),
+           "run_s": round(time.perf_counter() - clock["started"], 1), "valid_curve": json.dumps(curve),
            "machine": describe(), "date": datetime.date.today().isoformat()}
     for metric in METRICS:
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
@@ -234,6 +245,72 @@ def worker(variant, seed, dataset, config_files, time_budget=None):
         row.update(xhat_quality(trainer.model, splits["valid"]))
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
     return row
+
+
+class Resume:
+    """A run's training state after its last validated epoch, in ``folder``/last.pth, to go on from.
+
+    Holds the weights, the optimizer, the early-stopping state, every random generator the training
+    draws from (torch, CUDA, numpy, random and the train loader's shuffling), and the run's curve and
+    timings, so that an interrupted and resumed run trains exactly as an uninterrupted one. Written
+    atomically; read with ``weights_only=True`` (plain tensors and numbers: loading runs no code).
+    """
+
+    def __init__(self, folder, timings, curve, budget, clock):
+        self.path, self.timings, self.curve, self.budget, self.clock = os.path.join(folder, "last.pth"), timings, curve, budget, clock
+        os.makedirs(folder, exist_ok=True)
+
+    def save(self, trainer, train_data, epoch):
+        import random
+
+        import numpy as np
+        import torch
+
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        state = {
+            "epoch": epoch, "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "cur_step": trainer.cur_step, "best_valid_score": float(trainer.best_valid_score),
+            "best_valid_result": {k: float(v) for k, v in (trainer.best_valid_result or {}).items()},
+            "curve": list(self.curve), "train_s": list(self.timings["train"]), "valid_s": list(self.timings["valid"]),
+            "budget_epochs": self.budget.epochs, "elapsed": time.perf_counter() - self.clock["started"],
+            "torch_rng": torch.get_rng_state(), "loader_rng": train_data.generator.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy_rng": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "random_rng": random.getstate(),
+        }
+        torch.save(state, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def restore(self, trainer, train_data):
+        """Sets the trainer up to go on after the saved epoch; nothing when no state was saved."""
+        import random
+
+        import numpy as np
+        import torch
+
+        if not os.path.isfile(self.path):
+            return
+        state = torch.load(self.path, map_location=trainer.device, weights_only=True)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.cur_step, trainer.best_valid_score = state["cur_step"], state["best_valid_score"]
+        trainer.best_valid_result = state["best_valid_result"] or None
+        # Early stopping had already fired at the saved epoch: train no further, test as it would have.
+        stopped = trainer.cur_step > trainer.stopping_step
+        trainer.start_epoch = trainer.epochs if stopped else state["epoch"] + 1
+        self.curve[:] = state["curve"]
+        self.timings["train"][:], self.timings["valid"][:] = state["train_s"], state["valid_s"]
+        self.budget.epochs = state["budget_epochs"]
+        self.clock["started"] = time.perf_counter() - state["elapsed"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        train_data.generator.set_state(state["loader_rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        kind, keys, position, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        version, internal, gauss_next = state["random_rng"]
+        random.setstate((version, tuple(internal), gauss_next))
+        print(f"resumed after epoch {state['epoch'] + 1} from {self.path}", file=sys.stderr, flush=True)
 
 
 def say(line):
@@ -288,9 +365,19 @@ class Study:
     def command(self, variant, seed):
         """The worker process of one (variant, seed)."""
         a = self.args
-        return [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={a.dataset}",
+        return [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={a.dataset}", f"--out={a.out}",
                 *([f"--config_files={a.config_files}"] if a.config_files else []),
                 *([f"--time_budget={a.time_budget}"] if a.time_budget else []), *self.overrides]
+
+    def resume_dir(self, variant, seed):
+        """Where a run keeps the state it resumes from: one folder per (dataset, variant, seed, settings).
+
+        None with a time budget: a budget counts from each start, so a resumed budgeted run would
+        train longer than the others."""
+        if self.args.time_budget:
+            return None
+        key = json.dumps([variant, int(seed), self.args.config_files, sorted(self.overrides)])
+        return os.path.join(self.args.out, ".resume", self.args.dataset, hashlib.sha1(key.encode()).hexdigest()[:16])
 
     def record(self, row):
         """Appends a finished run's row to the CSV (a CSV from before a column was added keeps its columns)."""
@@ -314,7 +401,8 @@ class Study:
 
     def summarize(self, search=None, jobs=None):
         chosen = self.variants if search is None else [search["chosen"][v] for v in self.variants]
-        summarize(self.rows, self.args, chosen, search, command="python benchmarks/run_benchmark.py " + shlex.join(self.argv), jobs=jobs)
+        summarize(self.rows, self.args, chosen, search, command="python benchmarks/run_benchmark.py " + shlex.join(self.argv), jobs=jobs,
+                  overrides=self.overrides)
 
 
 def run_worker(command, env, on_epoch=None, procs=None):
@@ -347,7 +435,8 @@ def main():
     args = study.args
     if args.worker:
         config_files = args.config_files.split() if args.config_files else None
-        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.dataset, config_files, args.time_budget)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.dataset, config_files, args.time_budget,
+                                            study.resume_dir(*args.worker))), flush=True)
         return
     started, failed = time.time(), []
     # Parallel runs split the cores between them (torch threads = cores // jobs), so that timings
@@ -459,15 +548,118 @@ def title(variants):
     return ", ".join(models) + (" and their variants" if len(variants) > len(models) else "")
 
 
-def summarize(rows, args, requested, search=None, command=None, jobs=None):
+def setting(key, variant, args, overrides=()):
+    """The value of config ``key`` a run of ``variant`` trained with, in RecBole's order of precedence.
+
+    Lowest first: RecBole's overall.yaml and model file, this package's property files, --config_files,
+    the variant's settings (the worker's config_dict), then the study's --key=value overrides (the
+    worker's command line, which RecBole reads last). ``None`` when no file sets it.
+    """
+    import yaml
+    import recbole
+
+    model = parse_variant(variant)[0]
+    ours = os.path.join(ROOT, "properties")
+    files = [os.path.join(os.path.dirname(recbole.__file__), "properties", "overall.yaml"),
+             os.path.join(os.path.dirname(recbole.__file__), "properties", "model", f"{model}.yaml"),
+             os.path.join(ours, "overall.yaml"), os.path.join(ours, "sequential.yaml"), os.path.join(ours, "model", f"{model}.yaml"),
+             *(args.config_files.split() if getattr(args, "config_files", None) else [])]
+    value = None
+    for file in files:
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                value = (yaml.safe_load(f) or {}).get(key, value)
+    value = parse_variant(variant)[1].get(key, value)
+    for override in overrides or ():
+        name, _, text = override[2:].partition("=")
+        if name == key:
+            value = parse_value(text)
+    return value
+
+
+def capped(rows, variant, args, overrides=()):
+    """The rows of ``variant`` that the epoch cap stopped: epochs_run reached ``epochs`` while early stopping was still waiting.
+
+    RecBole stops early once ``stopping_step`` + 1 validations in a row failed to beat the best, so a run
+    that reached the cap exactly then ended by early stopping (and a budget cuts runs below the cap).
+    """
+    cap, patience = setting("epochs", variant, args, overrides), setting("stopping_step", variant, args, overrides)
+    return [r for r in rows if r["variant"] == variant and cap is not None and float(r["epochs_run"]) >= float(cap)
+            and (patience is None or float(r["epochs_run"]) - float(r["best_epoch"]) <= float(patience))]
+
+
+def colours(variants):
+    """One colour per variant, the same in every plot of a study (tab10, or tab20 past ten variants)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def plot_curves(rows, variants, path, dataset, cap_of):
+    """Validation NDCG@10 against epoch, a line per run (seeds of a variant share its colour), a dot at the best epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colour = colours(variants)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for v in variants:
+        mine = sorted((r for r in rows if r["variant"] == v and r.get("valid_curve")), key=lambda r: int(r["seed"]))
+        for i, r in enumerate(mine):
+            curve = json.loads(r["valid_curve"])
+            ax.plot(range(1, len(curve) + 1), curve, color=colour[v], linewidth=1.2, alpha=0.85,
+                    label=f"{v} ({len(mine)} seed{'s' if len(mine) > 1 else ''})" if i == 0 else None)
+            best = int(float(r["best_epoch"]))
+            if 1 <= best <= len(curve):
+                ax.plot([best], [curve[best - 1]], "o", color=colour[v], markersize=4)
+    caps = {cap_of(v) for v in variants} - {None}
+    if len(caps) == 1:  # one cap for every variant: drawn where the longest run reached it
+        cap = float(caps.pop())
+        if cap <= max((len(json.loads(r["valid_curve"])) for r in rows if r["variant"] in variants and r.get("valid_curve")), default=0):
+            ax.axvline(cap, color="grey", linestyle=":", linewidth=1)
+            ax.text(cap, ax.get_ylim()[0], f" cap {cap:g}", color="grey", fontsize=7, va="bottom")
+    ax.set(xlabel="epoch",
+           ylabel="validation NDCG@10", title=f"{dataset}: validation NDCG@10 per epoch (dot: best epoch, whose weights are tested)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2 if len(variants) > 6 else 1)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def unfinished_search(rows, args, requested):
+    """The header line of a table summarized before its --search finished (no search outcome to apply)."""
+    seed = int(args.seeds.split(",")[0])
+    trials = [t for ts in search_trials(requested, parse_grid(args.search)).values() for t in ts]
+    done = [t for t in trials if find_row(rows, t, seed)]
+    searched = ", ".join(dict.fromkeys(base_name(t) for t in done))
+    return (f"Search: unfinished, {len(done)} of its {len(trials)} runs (seed {seed}, grid `{args.search}`) are in the CSV"
+            f"{f' ({searched})' if searched else ''}; the rows below are those search points, one seed each, "
+            "not yet each model's chosen point with every seed.")
+
+
+def order(variant, requested, rows):
+    """Where a variant's row goes: a requested one at its place, another (e.g. a search point of an unfinished search)
+    after the requested variant of the same model, in the order the CSV got them."""
+    names = [base_name(q) for q in requested]
+    place = requested.index(variant) if variant in requested else names.index(base_name(variant)) + 0.5 if base_name(variant) in names else len(requested)
+    return place, next(i for i, r in enumerate(rows) if r["variant"] == variant)
+
+
+def summarize(rows, args, requested, search=None, command=None, jobs=None, overrides=()):
     # The requested variants first, then any other rows of the CSV but the search's unchosen points.
     hidden = {t for trials in (search or {}).get("trials", {}).values() for t in trials}
-    variants = sorted({r["variant"] for r in rows if r["variant"] in requested or r["variant"] not in hidden},
-                      key=lambda v: requested.index(v) if v in requested else len(requested))
+    variants = sorted({r["variant"] for r in rows if r["variant"] in requested or r["variant"] not in hidden}, key=lambda v: order(v, requested, rows))
+    cap_of = lambda v: setting("epochs", v, args, overrides)  # noqa: E731
+    caps, patiences = {cap_of(v) for v in variants}, {setting("stopping_step", v, args, overrides) for v in variants}
+    cap = f"{next(iter(caps))} epochs" if len(caps) == 1 else "the epochs each variant sets"  # a variant may set its own
+    patience = f"{next(iter(patiences))} validations" if len(patiences) == 1 else "the stopping_step each variant sets"
     lines = [
         f"# {args.dataset}: {title(variants)}",
         "",
-        f"Command: `{command or command_line()}`  ",
+        # Several studies may share one CSV (a plan's lines with the same --out and --dataset): one line each.
+        *[f"Command: `{c}`  " for c in (command if isinstance(command, list) else [command or command_line()])],
         f"Machine: {'; '.join(sorted({r.get('machine') or describe() for r in rows if r['variant'] in variants}))}; "
         f"date {', '.join(sorted({r.get('date') or datetime.date.today().isoformat() for r in rows if r['variant'] in variants}))}"
         f"{f'; {jobs} run(s) at a time' if jobs else ''}.  ",
@@ -477,14 +669,26 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None):
            f"the epoch in progress when it ran out was cut at that batch and validated); {args.jobs} run(s) at a time, "
            f"{threads(args.jobs)} torch thread(s) each. s/epoch is per run, extrapolated to a whole epoch where one was cut."]
           if args.time_budget else []),
-        *([f"Search: every model trained once with seed {search['seed']} at each of the {len(search['grid'])} settings below, with the same "
-           f"budget per run; the one with the best validation NDCG@10 ran all seeds (its seed-{search['seed']} row is that search run). "
+        *([f"Search: every model trained once with seed {search['seed']} at each of the {len(search['grid'])} settings below, "
+           f"{'with the same budget per run' if args.time_budget else 'under the same stopping rule'}; the one with the best validation NDCG@10 ran all seeds (its seed-{search['seed']} row is that search run). "
            "Ablations use T2Diff's chosen settings."] if search else []),
+        *([unfinished_search(rows, args, requested)] if args.search and not search else []),
+        *([f"Stopping: patience {patience} (a run ends once more validations than that in a row fail to beat its best "
+           f"validation NDCG@10), at most {cap}. A run that the cap stopped before patience ran out is marked *cap* in the "
+           "epochs column (*cap: k of n runs* when only some seeds were): it had not converged by this rule."]
+          if not args.time_budget and None not in caps | patiences else []),
         "",
         *margin(rows, variants),
         "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | eval s | epochs (best) | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cap_mark(v):
+        hit = capped(rows, v, args, overrides)
+        if not hit:
+            return ""
+        return " *cap*" if len(hit) == sum(r["variant"] == v for r in rows) else f" *cap: {len(hit)} of {sum(r['variant'] == v for r in rows)} runs*"
+
     xhat_lines = []
     for v in variants:
         mine = sorted((r for r in rows if r["variant"] == v), key=lambda r: int(r["seed"]))
@@ -493,7 +697,7 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None):
             f"| {v} | {','.join(str(r['seed']) for r in mine)} | {cell('test_ndcg@10')} | {cell('test_recall@10')} | "
             f"{cell('test_mrr@10')} | {cell('test_ndcg@20')} | {cell('valid_ndcg@10')} | {mine[0]['params']} | "
             f"{mean_std(r['train_s_per_epoch'] for r in mine)[0]:.1f} | {mean_std(r['eval_s'] for r in mine)[0]:.1f} | "
-            f"{mean_std(r['epochs_run'] for r in mine)[0]:.3g} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}) | "
+            f"{mean_std(r['epochs_run'] for r in mine)[0]:.3g} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}){cap_mark(v)} | "
             f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
         if all(r.get(c) not in (None, "") for r in mine for c in XHAT_COLUMNS):
             xhat_lines.append(f"| {v} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_std(r[c] for r in mine)) for c in XHAT_COLUMNS) + " |")
@@ -505,7 +709,8 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None):
             cells = []
             for t in trials:
                 row = find_row(rows, t, search["seed"])
-                cell = "failed" if row is None else f"{float(row['valid_ndcg@10']):.4f} ({float(row['epochs_run']):.3g} ep)"
+                cell = "failed" if row is None else (f"{float(row['valid_ndcg@10']):.4f} ({float(row['epochs_run']):.3g} ep"
+                                                     f"{', cap' if row in capped(rows, t, args, overrides) else ''})")
                 cells.append(f"**{cell}**" if t == search["chosen"][v] else cell)
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if xhat_lines:
@@ -515,16 +720,20 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None):
                   "| model | x̂ relative error | x̂ nearest-item hit@1 | x̂ nearest-item hit@10 |", "|---|---|---|---|", *xhat_lines]
     with open(os.path.join(args.out, f"{args.dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(rows, variants, os.path.join(args.out, f"{args.dataset}.png"), args.dataset, args.time_budget)
+    plot(rows, variants, os.path.join(args.out, f"{args.dataset}.png"), args.dataset, args.time_budget,
+         stopped_by_cap=[r for v in variants for r in capped(rows, v, args, overrides)])
+    if any(r.get("valid_curve") for r in rows if r["variant"] in variants):  # rows from before the column have none
+        plot_curves(rows, variants, os.path.join(args.out, f"{args.dataset}_curves.png"), args.dataset, cap_of)
     print("\n".join(lines))
 
 
-def plot(rows, variants, path, dataset, time_budget=None):
+def plot(rows, variants, path, dataset, time_budget=None, stopped_by_cap=()):
     """Test NDCG@10 against training cost, a point per run.
 
     Without a budget the cost is the training time to early stopping. With one, every run trains for
     the same minutes, so the cost that tells the models apart is the time per epoch (how little of
-    the data a slow model sees in the budget), on a log axis.
+    the data a slow model sees in the budget), on a log axis. Runs in ``stopped_by_cap`` (rows the
+    epoch cap stopped before early stopping) are drawn hollow.
     """
     import matplotlib
 
@@ -535,10 +744,15 @@ def plot(rows, variants, path, dataset, time_budget=None):
         cost = lambda r: float(r["train_s_per_epoch"])  # noqa: E731
     else:
         cost = lambda r: float(r["train_s_per_epoch"]) * float(r["epochs_run"]) / 60  # noqa: E731
+    colour, at_cap = colours(variants), [id(r) for r in stopped_by_cap]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in variants:
         mine = [r for r in rows if r["variant"] == v]
-        ax.scatter([cost(r) for r in mine], [float(r["test_ndcg@10"]) for r in mine], label=v)
+        for hollow in (False, True):
+            part = [r for r in mine if (id(r) in at_cap) == hollow]
+            if part:
+                ax.scatter([cost(r) for r in part], [float(r["test_ndcg@10"]) for r in part], edgecolors=colour[v],
+                           facecolors="none" if hollow else colour[v], label=None if hollow and len(part) < len(mine) else v)
     if time_budget:
         ax.set_xscale("log")
         plain = lambda v, _=None: f"{v:g}"  # noqa: E731  "600", not "6 x 10^2"
@@ -547,10 +761,12 @@ def plot(rows, variants, path, dataset, time_budget=None):
         ax.set(xlabel=f"training time per epoch (s, log scale); every run trained {time_budget:g} min",
                title=f"{dataset}: accuracy vs cost per epoch, equal time budget")
     else:
-        ax.set(xlabel="training time to early stop (min)", title=f"{dataset}: accuracy vs training time")
+        ax.set(xlabel="training time to early stop (min)" + ("; hollow: stopped by the epoch cap" if stopped_by_cap else ""),
+               title=f"{dataset}: accuracy vs training time")
     ax.set_ylabel("test NDCG@10")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below the axes: never over a point
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2 if len(variants) > 6 else 1)  # below the axes: never over a point
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Benchmark helpers: the synthetic data generator, the model/variant syntax and the runner."""
 import csv
+import json
 import os
 import re
 import shlex
@@ -181,3 +182,58 @@ def test_xhat_diagnosis_chain_row_is_the_normal_evaluation(tiny_path, workdir, m
         monkeypatch.setattr(T2Diff, "one_step_estimate", estimate)
         _, records = diagnose(result["saved_model_file"], [1, 4])
         assert [r["last_row_rel_error"] for r in records[2:]] == [pytest.approx(error, abs=1e-6)] * 2
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(tiny_path, workdir, monkeypatch, capfd):
+    from run_benchmark import Resume, worker
+
+    settings = {k: v for k, v in TINY_MODEL.items() if k not in ("state", "show_progress")}
+    monkeypatch.setattr(sys, "argv", ["run_benchmark.py", f"--data_path={tiny_path}", "--state=ERROR",
+                                      *(f"--{k}={v}" for k, v in {**settings, "epochs": 4, "stopping_step": 10}.items())])
+    straight = worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "straight"))
+    assert not (workdir / "straight").exists()  # a finished run leaves no state behind
+
+    save = Resume.save
+
+    def save_then_die(self, trainer, train_data, epoch):
+        save(self, trainer, train_data, epoch)
+        if epoch == 1:
+            raise Interrupted  # killed after the second epoch's state was written
+
+    monkeypatch.setattr(Resume, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "broken"))
+    assert (workdir / "broken" / "last.pth").is_file()
+    monkeypatch.setattr(Resume, "save", save)
+    resumed = worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "broken"))
+    assert "resumed after epoch 2" in capfd.readouterr().err
+    assert json.loads(resumed["valid_curve"]) == json.loads(straight["valid_curve"]) and len(json.loads(straight["valid_curve"])) == 4
+    for key in ("test_ndcg@10", "test_recall@10", "valid_ndcg@10", "epochs_run", "best_epoch", "xhat_rel_error"):
+        assert resumed[key] == straight[key], key
+
+
+def test_a_run_stopped_early_at_its_last_saved_epoch_is_not_trained_further(tiny_path, workdir, monkeypatch):
+    from run_benchmark import Resume, worker
+
+    settings = {k: v for k, v in TINY_MODEL.items() if k not in ("state", "show_progress")}
+    monkeypatch.setattr(sys, "argv", ["run_benchmark.py", f"--data_path={tiny_path}", "--state=ERROR",
+                                      *(f"--{k}={v}" for k, v in {**settings, "epochs": 8, "stopping_step": 2}.items())])
+    save = Resume.save
+
+    def stop_then_die(self, trainer, train_data, epoch):
+        if epoch == 2:  # early stopping fires at the third epoch, and the run is killed before its test
+            trainer.cur_step = trainer.stopping_step + 1
+        save(self, trainer, train_data, epoch)
+        if epoch == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(Resume, "save", stop_then_die)
+    with pytest.raises(Interrupted):
+        worker("GRU4Rec", 5, "tiny", None, resume_dir=str(workdir / "run"))
+    monkeypatch.setattr(Resume, "save", save)
+    row = worker("GRU4Rec", 5, "tiny", None, resume_dir=str(workdir / "run"))
+    assert row["epochs_run"] == 3 and len(json.loads(row["valid_curve"])) == 3  # not trained on to epoch 8

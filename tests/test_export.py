@@ -7,7 +7,7 @@ import torch
 
 from recbole_t2diff.ann import build_index, exact_top_k, recall_ndcg, search
 from recbole_t2diff.errors import UsageError
-from recbole_t2diff.export import export_embeddings
+from recbole_t2diff.export import export_embeddings, user_matrix
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, run
 
 from conftest import TINY_MODEL, scratch_run
@@ -37,6 +37,20 @@ def test_exported_metrics_match_recboles_evaluation(trained, tmp_path):
     recall, ndcg = recall_ndcg(exact_top_k(items, users, 10), targets, 10)
     assert recall == pytest.approx(trained["test_result"]["recall@10"], abs=1e-4)
     assert ndcg == pytest.approx(trained["test_result"]["ndcg@10"], abs=1e-4)
+
+
+def test_export_applies_its_overrides(trained, tmp_path):
+    """The inference knobs passed to the export reach the exported user vectors (issue 16)."""
+    overrides = {"sampler": "ddpm", "infer_steps": None}  # the checkpoint's default is ddim with one step
+    _, items, users, _ = export_embeddings(trained["saved_model_file"], str(tmp_path / "ddpm"), overrides=overrides)
+    _, _, default_users, _ = export_embeddings(trained["saved_model_file"], str(tmp_path / "default"))
+    _, model, _, _, _, test = load_data_and_model(trained["saved_model_file"], overrides)
+    expected, _ = user_matrix(model, test)
+    np.testing.assert_allclose(users, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(users, default_users, atol=1e-4)  # the sampler changes x̂, hence the user tower
+    recall, ndcg = recall_ndcg(exact_top_k(items, users, 10), np.load(tmp_path / "ddpm" / "targets.npy"), 10)
+    metrics = evaluate_checkpoint(trained["saved_model_file"], "test", overrides)
+    assert (recall, ndcg) == (pytest.approx(metrics["recall@10"], abs=1e-4), pytest.approx(metrics["ndcg@10"], abs=1e-4))
 
 
 def test_flat_index_returns_the_exact_top_k():
