@@ -3,9 +3,13 @@
 #
 #   bash benchmarks/gpu.sh [MINUTES] [PLAN]     # on the device machine; defaults 8.3, benchmarks/plans/gpu.plan
 #
-# Needs, carried with the working tree: .gpu/whl (wheels of recbole 1.2.1 and the few of its
-# dependencies the machine's image lacks, pandas 2.3 among them) and .gpu/data/amazon-beauty (the
-# plan's ../shared/data, which does not travel). Runs start for MINUTES - 2.3, and whatever is still
+# Needs, carried with the working tree (`carry: [".gpu"]`; .gitignore ignores it): .gpu/whl (wheels of
+# recbole 1.2.1 and the few of its dependencies the machine's image lacks, pandas 2.3 among them) and
+# .gpu/data/amazon-beauty (the plan's ../shared/data, which does not travel). Made here with:
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
+#     recbole==1.2.1 colorlog==4.7.2 texttable thop pandas==2.3.3 pytz tzdata
+#   mkdir -p .gpu/data && cp -r ../shared/data/amazon-beauty .gpu/data/ Runs start for MINUTES - 2.3, and whatever is still
 # running at MINUTES is stopped, so the tables come back inside a 10-minute command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
