@@ -135,7 +135,7 @@ class Batch:
                     say(f"[batch] finished {name}: test NDCG@10 {row['test_ndcg@10']:.4f}, valid {row['valid_ndcg@10']:.4f}, "
                         f"{row['epochs_run']} epochs (best {row['best_epoch']}), {row['train_s_per_epoch']} s/epoch; "
                         f"{self.finished} done, {self.eta()} ({self.minutes():.1f} min so far)")
-                if rank in self.waiting:
+                if rank in self.waiting and not (row is None and self.stopping):  # a stopped search run is still to come
                     self.waiting[rank].discard((variant, seed))
                     if not self.waiting[rank] and rank not in self.searches:
                         self.search_done(rank)

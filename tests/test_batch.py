@@ -225,3 +225,19 @@ def test_check_passes_a_good_plan(fake, tmp_path, monkeypatch, capsys):
     batch.main()
     # 4 search points + the 3 variants themselves, then GRU4Rec; no run started.
     assert "[batch] 8 configs of 2 studies checked" in capsys.readouterr().out and fake.started() == []
+
+
+def test_a_search_whose_run_was_stopped_stays_unfinished(fake, tmp_path, monkeypatch):
+    """A search run stopped at the deadline is still to come: no point is chosen from the others, no
+    seed runs, and a later batch finishes the search first."""
+    fake.set({**SCORES, "SASRec[learning_rate=0.003]": {"sleep": 30}})
+    plan = fake.plan(SEARCHED.format(out=tmp_path))
+    monkeypatch.setattr(sys, "argv", ["batch.py", plan, "--jobs=4", "--stop_after=0.05"])
+    with pytest.raises(SystemExit, match="did not finish"):
+        batch.main()
+    assert sorted(rows(tmp_path / "fake.csv")) == sorted((v, int(s)) for v, s in TRIALS if not v.startswith("SASRec[learning_rate=0.003"))
+    assert "unfinished" in (tmp_path / "fake.md").read_text()  # the table does not present a choice
+    fake.set(SCORES)
+    b = run_batch(plan, jobs=1)
+    assert fake.started()[-5:] == [("SASRec[learning_rate=0.003]", "1"), *SEEDS]  # the missing trial, then the seeds
+    assert b.searches
