@@ -44,7 +44,7 @@ class Batch:
         self.studies, self.jobs, self.stop_starting_after = studies, jobs, stop_starting_after
         self.abort_if_first_fail = abort_if_first_fail
         self.ready, self.waiting, self.running, self.procs = [], {}, 0, set()
-        self.lock, self.changed, self.started = threading.Lock(), threading.Condition(threading.Lock()), time.time()
+        self.changed, self.started = threading.Condition(threading.Lock()), time.time()
         self.durations, self.failed, self.stopped, self.finished, self.order = [], [], [], 0, 0
         self.stopping = False
         self.searches = {}
@@ -125,9 +125,7 @@ class Batch:
                     say(f"[batch] {name} failed:\n{error}")
                     if self.finished == 0 and len(self.failed) == self.abort_if_first_fail:
                         say(f"[batch] the first {len(self.failed)} runs to end all failed: stopping everything")
-                        self.stop_starting_after, self.stopping = 0, True
-                        for proc in list(self.procs):
-                            proc.kill()
+                        self._stop_holding_lock()
                 else:
                     study.record(row)
                     self.durations.append(time.time() - begun)
@@ -142,9 +140,12 @@ class Batch:
                 self.changed.notify_all()
 
     def stop(self):
-        """Stops the runs still going (their rows are not written)."""
+        """Stops the runs still going (their rows are not written) and starts no more."""
         with self.changed:
-            self.stop_starting_after, self.stopping = 0, True
+            self._stop_holding_lock()
+
+    def _stop_holding_lock(self):
+        self.stop_starting_after, self.stopping = 0, True
         for proc in list(self.procs):
             proc.kill()
 
