@@ -185,7 +185,7 @@ def summarize_all(batch, jobs):
         for rank in ranks:
             study, chosen = batch.studies[rank], batch.searches.get(rank)
             requested += study.variants if chosen is None else [chosen["chosen"][v] for v in study.variants]
-            commands.append("python benchmarks/run_benchmark.py " + shlex.join(study.argv))
+            commands.append(study.command_line())
             search = search or chosen
         summarize(rows, first.args, requested, search, command=commands, jobs=jobs, overrides=first.overrides)
 

@@ -29,6 +29,7 @@ import argparse
 import concurrent.futures
 import csv
 import datetime
+import functools
 import hashlib
 import itertools
 import json
@@ -399,10 +400,13 @@ class Study:
         return {"grid": self.grid, "trials": self.trials, "seed": self.seeds[0],
                 "chosen": pick(self.variants, self.grid, self.seeds[0], self.rows, self.trials)}
 
+    def command_line(self):
+        """This study as the run_benchmark.py command a table states."""
+        return "python benchmarks/run_benchmark.py " + shlex.join(self.argv)
+
     def summarize(self, search=None, jobs=None):
         chosen = self.variants if search is None else [search["chosen"][v] for v in self.variants]
-        summarize(self.rows, self.args, chosen, search, command="python benchmarks/run_benchmark.py " + shlex.join(self.argv), jobs=jobs,
-                  overrides=self.overrides)
+        summarize(self.rows, self.args, chosen, search, command=self.command_line(), jobs=jobs, overrides=self.overrides)
 
 
 def run_worker(command, env, on_epoch=None, procs=None):
@@ -555,7 +559,6 @@ def setting(key, variant, args, overrides=()):
     the variant's settings (the worker's config_dict), then the study's --key=value overrides (the
     worker's command line, which RecBole reads last). ``None`` when no file sets it.
     """
-    import yaml
     import recbole
 
     model = parse_variant(variant)[0]
@@ -566,15 +569,24 @@ def setting(key, variant, args, overrides=()):
              *(args.config_files.split() if getattr(args, "config_files", None) else [])]
     value = None
     for file in files:
-        if os.path.isfile(file):
-            with open(file, encoding="utf-8") as f:
-                value = (yaml.safe_load(f) or {}).get(key, value)
+        value = read_yaml(file).get(key, value)
     value = parse_variant(variant)[1].get(key, value)
     for override in overrides or ():
         name, _, text = override[2:].partition("=")
         if name == key:
             value = parse_value(text)
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def read_yaml(file):
+    """A property file's settings ({} when absent), read once per process: a summary asks for them per variant and per cell."""
+    import yaml
+
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
 
 
 def capped(rows, variant, args, overrides=()):
