@@ -8,6 +8,7 @@
 #   TESTS=$'tests/test_model.py\n-k\nnot every_variant' scripts/mutation.sh  # pytest arguments, one a line
 #   JOBS=1 OUT=/tmp/mutation scripts/mutation.sh               # workers; where the report goes
 #   MINUTES=30 scripts/mutation.sh                             # stop then and report what was tried
+#   WORK=/tmp/mutation-work MINUTES=60 scripts/mutation.sh     # keep the scratch copy; rerun to resume
 #
 # It runs in a scratch copy of the files git does not ignore (mutmut writes mutants/ and its
 # state where it runs, and a concurrent edit of the sources must not reach the mutants) and writes to $OUT
@@ -16,14 +17,20 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$repo/results/mutation}
-# The in-process tests of the mutated code (the subprocess ones would re-import the package per mutant).
+# Every in-process test of the mutated code; tests marked `spawns` run a script in a child process,
+# which imports the unmutated package from disk, so they are deselected.
 tests=${TESTS:-$'tests/test_forward_logic.py\ntests/test_selection.py\ntests/test_model.py\ntests/test_diffusion.py
-tests/test_unet.py\ntests/test_export.py\ntests/test_sparcode.py\ntests/test_diffusion_signal.py
-tests/test_hyper.py::test_builtin_models_can_be_searched'}
+tests/test_unet.py\ntests/test_export.py\ntests/test_sparcode.py\ntests/test_diffusion_signal.py\ntests/test_hyper.py
+tests/test_config.py\ntests/test_time.py\ntests/test_trust.py\n-m\nnot spawns'}
 python -c "import mutmut" 2>/dev/null || { echo "error: mutmut is not installed: pip install mutmut==3.8.1" >&2; exit 1; }
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# WORK=<dir> keeps the scratch copy, and with it mutmut's results: the same command run again resumes
+# (mutants already tried keep their verdict; new tests are picked up; named mutants are re-tried).
+if [ -n "${WORK:-}" ]; then
+  work=$WORK; mkdir -p "$work"
+else
+  work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+fi
 (cd "$repo" && git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf -) | tar -xf - -C "$work"
 {
   echo

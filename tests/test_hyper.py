@@ -28,6 +28,7 @@ def run_hyper(args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.spawns
 def test_two_trial_search_on_ml100k_picks_the_better_validation_score(tmp_path):
     (tmp_path / "fixed.yaml").write_text(FIXED)
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.00001,0.005]\n")
@@ -87,6 +88,7 @@ def test_integer_quniform_gives_ints(tmp_path):
     assert 0.0003 < drawn["learning_rate"] < 0.007
 
 
+@pytest.mark.spawns
 def test_malformed_file_from_the_command_line_gives_one_line(tmp_path):
     (tmp_path / "bad.hyper").write_text("learning_rate uniform 0.1\n")
     result = run_hyper(["--params_file=bad.hyper"], tmp_path)

@@ -101,6 +101,7 @@ def test_a_safe_format_file_cannot_smuggle_code_through_a_setting(trained, tmp_p
     assert not marker.exists()
 
 
+@pytest.mark.spawns
 def test_converting_needs_an_explicit_opt_in(tmp_path):
     path, marker = tmp_path / "evil.pth", tmp_path / "marker"
     write_crafted(path, marker, "torch-zip")
@@ -234,6 +235,7 @@ def test_a_builtin_model_exports(tiny_path, workdir, tmp_path):
 
 # --- 6. run_hyper checks its output path first ------------------------------------------------------
 
+@pytest.mark.spawns
 def test_run_hyper_rejects_an_unwritable_output_file_before_any_trial(tmp_path):
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
     result = subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), "--params_file=space.hyper",
@@ -313,6 +315,7 @@ def test_bad_values_get_one_line(argument, message, monkeypatch):
     one_line_error(Config, model="T2Diff", dataset="ml-100k", match=re.escape(message))
 
 
+@pytest.mark.spawns
 def test_epochs_zero_leaves_no_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), "--epochs=0"], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
