@@ -41,7 +41,7 @@ fi
     echo "    $path"
   done
   echo "also_copy ="
-  for path in properties/ benchmarks/ run_recbole.py run_hyper.py; do echo "    $path"; done
+  for path in properties/ benchmarks/ results/ README.md run_recbole.py run_hyper.py; do echo "    $path"; done
   echo "pytest_add_cli_args_test_selection ="
   while IFS= read -r argument; do echo "    $argument"; done <<< "$tests"
   # Messages (raised directly or through _fail) and log lines are not behaviour the tests pin word for word: an error's tests match
