@@ -21,7 +21,7 @@ out=${OUT:-$repo/results/mutation}
 # which imports the unmutated package from disk, so they are deselected.
 tests=${TESTS:-$'tests/test_forward_logic.py\ntests/test_selection.py\ntests/test_model.py\ntests/test_diffusion.py
 tests/test_unet.py\ntests/test_export.py\ntests/test_sparcode.py\ntests/test_diffusion_signal.py\ntests/test_hyper.py
-tests/test_config.py\ntests/test_time.py\ntests/test_trust.py\n-m\nnot spawns'}
+tests/test_config.py\ntests/test_time.py\ntests/test_trust.py\ntests/test_knob_bounds.py\n-m\nnot spawns'}
 python -c "import mutmut" 2>/dev/null || { echo "error: mutmut is not installed: pip install mutmut==3.8.1" >&2; exit 1; }
 
 # WORK=<dir> keeps the scratch copy, and with it mutmut's results: the same command run again resumes

@@ -101,6 +101,11 @@ def test_a_searched_key_on_the_command_line_is_rejected(tmp_path):
     assert command_line_keys(["--learning_rate=0.1", "--epochs=1", "-m", "x"]) == {"learning_rate", "epochs"}
     with pytest.raises(UsageError, match="--learning_rate is given on the command line and searched"):
         Search("T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=["--learning_rate=0.1"])
+
+
+@pytest.mark.spawns
+def test_run_hyper_rejects_a_searched_key_on_its_command_line(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
     result = run_hyper(["--params_file=space.hyper", "--learning_rate=0.1"], tmp_path)
     assert result.returncode == 1 and "searched in space.hyper" in result.stderr
 
