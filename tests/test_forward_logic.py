@@ -7,7 +7,9 @@ put back together, how the running scale moves, what the token clip and the samp
 import pytest
 import torch
 
+from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.attention import SessionEncoder, TargetAttention, masked_mean
+from recbole_t2diff.model.t2diff import T2Diff
 
 from conftest import first_batch, make_model
 
@@ -125,6 +127,24 @@ def test_a_token_with_categories_is_its_id_embedding_then_the_mean_of_its_real_c
         real = categories[item][categories[item] > 0]
         expected.append(torch.cat([model.item_embedding.weight[item], model.category_embedding(real).mean(0)]))
     torch.testing.assert_close(model.tokens(ids[None])[0], torch.stack(expected))
+
+
+def test_a_single_token_category_field_becomes_one_column_per_item():
+    from recbole.data.interaction import Interaction
+
+    class Items:  # a `token` field (one category per item) loads as a 1-D column, a `token_seq` as 2-D
+        def __init__(self, column):
+            self.column = column
+
+        def get_item_feature(self):
+            return Interaction({"brand": self.column})
+
+    single = T2Diff._item_categories(Items(torch.tensor([0, 3, 1], dtype=torch.int32)), "brand")
+    assert single.dtype == torch.long and single.tolist() == [[0], [3], [1]]
+    several = T2Diff._item_categories(Items(torch.tensor([[0, 0], [3, 2], [1, 0]])), "brand")
+    assert several.tolist() == [[0, 0], [3, 2], [1, 0]]
+    with pytest.raises(UsageError, match="category_field 'genre' is not loaded"):
+        T2Diff._item_categories(Items(torch.tensor([1])), "genre")
 
 
 # ---- mixed attention: which rows feed which part -------------------------------------------------

@@ -1,4 +1,5 @@
 """run_hyper.py: a real two-trial search, params-file errors, command-line conflicts."""
+import inspect
 import os
 import re
 import subprocess
@@ -6,6 +7,9 @@ import sys
 
 import pytest
 
+from recbole.utils.utils import dict2str
+
+from recbole_t2diff.checkpoint import load_checkpoint
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import Search, command_line_keys, parse_params_file
 
@@ -44,12 +48,16 @@ def test_two_trial_search_on_ml100k_picks_the_better_validation_score(tmp_path):
     assert "test: " in text
 
 
-def test_builtin_models_can_be_searched(tmp_path, tiny_path, workdir):
+def test_builtin_models_can_be_searched(tmp_path, tiny_path, workdir, capsys):
     (tmp_path / "space.hyper").write_text("hidden_size choice [8,16]\n")
     (tmp_path / "fixed.yaml").write_text(f"data_path: {tiny_path}\nepochs: 1\nshow_progress: False\nstate: WARNING\n")
     search = Search("GRU4Rec", "tiny", str(tmp_path / "space.hyper"), [str(tmp_path / "fixed.yaml")], argv=[])
     search.run()
     assert len(search.trials) == 2
+    # hyperopt's progress bar shares the line: each line's text after its last carriage return
+    out = "\n".join(line.rsplit("\r", 1)[-1] for line in capsys.readouterr().out.splitlines())
+    progress = re.findall(r"^\[hyper\] trial (\d) of at most (\d): hidden_size:(\d+)$", out, re.M)
+    assert [(number, most) for number, most, _ in progress] == [("1", "2"), ("2", "2")]
     search.export_result(str(tmp_path / "out.result"))
     text = (tmp_path / "out.result").read_text()
     trials = re.findall(r"^trial (\d): hidden_size:(\d+)\n  valid score: (\S+)", text, re.M)
@@ -57,6 +65,12 @@ def test_builtin_models_can_be_searched(tmp_path, tiny_path, workdir):
     number, size, score = max(trials, key=lambda trial: float(trial[2]))  # ties: the earliest, as the search
     assert re.search(rf"^best trial {number}: hidden_size:{size}\n  valid score: {score}$", text, re.M)
     assert search.best_trial()[0] == {"hidden_size": int(size)}
+    assert text.endswith(f"  test: {dict2str(search.best_trial()[1]['test_result'])}\n")
+    # Each trial trained with its own value and kept its checkpoint (the best one is what a user reloads).
+    for params, result in search.trials:
+        checkpoint = load_checkpoint(result["saved_model_file"])
+        assert checkpoint["config"]["hidden_size"] == params["hidden_size"]
+        assert checkpoint["state_dict"]["gru_layers.weight_hh_l0"].shape[1] == params["hidden_size"]
 
 
 @pytest.mark.parametrize(
@@ -114,3 +128,26 @@ def test_shipped_search_spaces_parse():
     for name in ("T2Diff", "SASRec"):
         space = parse_params_file(os.path.join(REPO, "properties", "hyper", f"{name}.hyper"))
         assert "learning_rate" in space
+
+
+def test_a_searched_key_of_the_users_own_passes_when_a_config_file_lists_it(tmp_path):
+    (tmp_path / "space.hyper").write_text("my_flag choice [1,2]\n")
+    (tmp_path / "lists.yaml").write_text("extra_keys: [my_flag]\n")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "other.yaml").write_text("epochs: 1\n")
+    (tmp_path / "broken.yaml").write_text("epochs: [1\n")  # reported when the first trial builds its Config
+    files = [str(tmp_path / name) for name in ("lists.yaml", "empty.yaml", "other.yaml")]
+    search = Search("SASRec", "ml-100k", str(tmp_path / "space.hyper"), files, algo="random", argv=[])  # listed in the first file
+    stop_after = inspect.getclosurevars(search.early_stop_fn).nonlocals["iteration_stop_count"]  # hyperopt's closure
+    assert (search.max_evals, stop_after) == (10, 10)  # the documented defaults, as run_hyper.py's
+    assert Search("SASRec", "ml-100k", str(tmp_path / "space.hyper"), files, argv=[]).max_evals == 2  # exhaustive: the grid
+    Search("SASRec", "ml-100k", str(tmp_path / "space.hyper"), files[::-1], argv=[])  # ... or the last
+    Search("SASRec", "ml-100k", str(tmp_path / "space.hyper"), [str(tmp_path / "broken.yaml"), *files[::-1]], argv=[])
+    with pytest.raises(UsageError, match="unknown setting 'my_flag' \\(in .*space.hyper\\).*extra_keys"):
+        Search("SASRec", "ml-100k", str(tmp_path / "space.hyper"), files[1:], argv=[])
+
+
+def test_searched_keys_clash_with_the_scripts_own_command_line_by_default(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["run_hyper.py", "--learning_rate=0.1"])
+    assert command_line_keys() == {"learning_rate"}
+    assert command_line_keys([]) == set()

@@ -461,6 +461,10 @@ def test_score_mode_index_gives_recbole_the_exact_metrics(sparcode_data):
     built = model.sparse_index
     trainer.evaluate(test, load_best_model=False, show_progress=False)
     assert model.sparse_index is built, "an index of unchanged weights is reused"
+    model.index_settings = {**model.index_settings, "max_postings": 2, "keys": "used"}  # as the index_* knobs set them
+    capped = model.index()
+    assert capped is not built and capped.meta["max_postings"] == 2 and capped.meta["keys"] == "used"
+    assert capped.posting_lengths().max() <= 2 < built.posting_lengths().max()
 
 
 # ---- checkpoints and the runner -------------------------------------------------------------------
