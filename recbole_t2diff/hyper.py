@@ -5,6 +5,7 @@ model by name inside ``recbole``; :func:`make_objective` trains through this pac
 :func:`~recbole_t2diff.quick_start.run` instead. Trials are selected on the validation metric; test
 metrics are only reported.
 """
+import ast
 import math
 import os
 import re
@@ -46,12 +47,12 @@ def parse_params_file(path):
         parts = text.split(maxsplit=2)
         if len(parts) < 3 or parts[1] not in PARAM_TYPES:
             raise UsageError(f"{where} is not 'name type value' with type one of {', '.join(PARAM_TYPES)}")
-        name, kind, value = parts[0], parts[1], parts[2].replace(" ", "")
+        name, kind, value = parts
         if name in space:
             raise UsageError(f"{where} repeats '{name}': give each parameter once")
         if kind == "choice":
             try:
-                options = eval(value, {"__builtins__": {}})
+                options = ast.literal_eval(value)  # literals only: a params file never runs code
             except Exception as err:
                 raise UsageError(f"{where}: choice needs a Python list such as [0.001,0.01] ({err})") from err
             if not isinstance(options, list) or not options:

@@ -1,5 +1,6 @@
 """run_hyper.py: a real two-trial search, params-file errors, command-line conflicts."""
 import inspect
+import math
 import os
 import re
 import subprocess
@@ -100,6 +101,38 @@ def test_integer_quniform_gives_ints(tmp_path):
     drawn = sample(parse_params_file(str(path)))
     assert isinstance(drawn["embedding_size"], int) and drawn["embedding_size"] % 8 == 0
     assert 0.0003 < drawn["learning_rate"] < 0.007
+
+
+def test_a_choice_is_read_as_literals_and_never_runs_code(tmp_path):
+    path = tmp_path / "space.hyper"
+    path.write_text(f"learning_rate choice [open({str(tmp_path / 'ran')!r}, 'w')]\n")
+    with pytest.raises(UsageError, match="choice needs a Python list"):
+        parse_params_file(str(path))
+    assert not (tmp_path / "ran").exists()
+    path.write_text("loss_type choice ['CE', 'a b']\n")
+    from hyperopt.pyll.stochastic import sample
+
+    assert {sample(parse_params_file(str(path)))["loss_type"] for _ in range(30)} == {"CE", "a b"}
+
+
+def test_every_type_with_comments_and_spaces_in_values(tmp_path):
+    from hyperopt.pyll.stochastic import sample
+
+    path = tmp_path / "space.hyper"
+    path.write_text("# a whole-line comment\n\n"
+                    "learning_rate choice [0.001, 0.01]  # a comment # with two hashes\n"
+                    "dropout_prob uniform 0.1, 0.2\n"
+                    "embedding_size quniform 8, 64, 8\n"
+                    "step_emb_scale quniform 0.5,2.5,0.5\n"
+                    "weight_decay loguniform -8,-5\n")
+    space = parse_params_file(str(path))
+    assert sorted(space) == ["dropout_prob", "embedding_size", "learning_rate", "step_emb_scale", "weight_decay"]
+    draws = [sample(space) for _ in range(40)]
+    assert {d["learning_rate"] for d in draws} == {0.001, 0.01}
+    assert all(0.1 <= d["dropout_prob"] <= 0.2 for d in draws) and len({d["dropout_prob"] for d in draws}) > 30
+    assert all(type(d["embedding_size"]) is int and d["embedding_size"] % 8 == 0 and 8 <= d["embedding_size"] <= 64 for d in draws)
+    assert all(type(d["step_emb_scale"]) is float and d["step_emb_scale"] % 0.5 == 0 for d in draws)  # a fractional step: floats
+    assert all(math.exp(-8) <= d["weight_decay"] <= math.exp(-5) for d in draws)
 
 
 @pytest.mark.spawns
