@@ -12,7 +12,7 @@ from recbole.utils.utils import dict2str
 
 from recbole_t2diff.checkpoint import load_checkpoint
 from recbole_t2diff.errors import UsageError
-from recbole_t2diff.hyper import Search, command_line_keys, parse_params_file
+from recbole_t2diff.hyper import Search, check_output_file, command_line_keys, parse_params_file
 
 from conftest import REPO
 
@@ -81,8 +81,10 @@ def test_builtin_models_can_be_searched(tmp_path, tiny_path, workdir, capsys):
         ("learning_rate range 1,2", "is not 'name type value'"),
         ("learning_rate choice 0.1,", "choice needs a Python list"),
         ("learning_rate choice [0.1", "choice needs a Python list"),
-        ("learning_rate uniform 1", "uniform needs low,high"),
+        ("learning_rate uniform 1", "uniform needs low,high numbers"),
         ("learning_rate uniform 2,1", "with low < high"),
+        ("learning_rate uniform 1,1", "with low < high"),
+        ("learning_rate loguniform a,b", "loguniform needs low,high numbers"),
         ("embedding_size quniform 8,64", "quniform needs low,high,step"),
     ],
 )
@@ -184,3 +186,17 @@ def test_searched_keys_clash_with_the_scripts_own_command_line_by_default(monkey
     monkeypatch.setattr(sys, "argv", ["run_hyper.py", "--learning_rate=0.1"])
     assert command_line_keys() == {"learning_rate"}
     assert command_line_keys([]) == set()
+
+
+def test_the_output_file_is_checked_before_any_trial(tmp_path, monkeypatch):
+    check_output_file(str(tmp_path / "hyper.result"))  # a new file in a writable folder
+    check_output_file("hyper.result")  # in the current folder
+    with pytest.raises(UsageError, match="is a folder: name a file in it"):
+        check_output_file(str(tmp_path))
+    with pytest.raises(UsageError, match=f"folder {re.escape(str(tmp_path / 'missing'))} does not exist"):
+        check_output_file(str(tmp_path / "missing" / "hyper.result"))
+    asked = []
+    monkeypatch.setattr(os, "access", lambda path, mode: asked.append((path, mode)) or False)  # as for a read-only folder
+    with pytest.raises(UsageError, match=f"folder {re.escape(str(tmp_path))} is not writable"):
+        check_output_file(str(tmp_path / "hyper.result"))
+    assert asked == [(str(tmp_path), os.W_OK)]
