@@ -65,16 +65,28 @@ if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
   echo "error: mutmut failed (log: $out/mutmut.log)" >&2
   exit 1
 fi
-python - "$out" "$started" "$*" "$tests" <<'PY'
-import ast, collections, difflib, functools, os, subprocess, sys
+python - "$out" "$started" "$*" "$tests" "$repo/scripts/mutation_explained.txt" <<'PY'
+import ast, collections, difflib, fnmatch, functools, os, subprocess, sys
 
-out, started, selection, tests = sys.argv[1:]
+out, started, selection, tests, explained_file = sys.argv[1:]
 lines = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
 status = dict(line.strip().rsplit(": ", 1) for line in lines.splitlines() if ": " in line)
 tried = {name: s for name, s in status.items() if s != "not checked"}
-counts = collections.Counter(tried.values())
-killed = counts["killed"] + counts["timeout"] + counts["segfault"]
-survivors = sorted(name for name, s in tried.items() if s in ("survived", "no tests", "suspicious"))
+KILLED = ("killed", "timeout", "segfault")
+survivors = sorted(name for name, s in tried.items() if s not in KILLED)
+
+# scripts/mutation_explained.txt: "<name pattern> [<name pattern> ...]: why it survives" per line, the
+# patterns (fnmatch, without the leading "recbole_t2diff.") naming equivalent mutants and out-of-scope code.
+reasons = []
+for line in open(explained_file, encoding="utf-8"):
+    if line.strip() and not line.startswith("#"):
+        patterns, why = line.split(": ", 1)
+        reasons += [(pattern, why.strip()) for pattern in patterns.split()]
+
+
+def explanation(name):
+    short = name.split(".", 1)[1]
+    return next((why for pattern, why in reasons if fnmatch.fnmatchcase(short, pattern)), None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,14 +107,43 @@ def diff(name):
         lineterm="", n=0) if line[:1] in "+-" and not line.startswith(("+++", "---")))
 
 
+explained = {name: explanation(name) for name in survivors}
+unexplained = [name for name in survivors if explained[name] is None]
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "survivors.txt"), "w") as f:
-    for name in survivors:
+    for name in unexplained:
         f.write(f"## {name}: {tried[name]}\n{diff(name)}\n\n")
+with open(os.path.join(out, "explained.txt"), "w") as f:
+    for name in survivors:
+        if explained[name]:
+            f.write(f"## {name}: {tried[name]}: {explained[name]}\n{diff(name)}\n\n")
+
+rows = collections.defaultdict(collections.Counter)
+for name, s in status.items():
+    module = name.split(".x", 1)[0].split(".", 1)[1]
+    row = rows[module]
+    row["generated"] += 1
+    if s != "not checked":
+        row["tried"] += 1
+        row["killed"] += s in KILLED
+        row["explained"] += s not in KILLED and explained.get(name) is not None
+        row["unexplained"] += s not in KILLED and explained.get(name) is None
+total = sum(rows.values(), collections.Counter())
+
+
+def score(row):
+    counted = row["tried"] - row["explained"]
+    return f"{row['killed'] / counted:.1%}" if counted else "-"
+
+
 with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(f"# Mutation run of {started}\n\n")
     f.write(f"Command: `scripts/mutation.sh {selection}`; tests: {' '.join(tests.splitlines())}\n\n")
-    f.write(f"{len(tried)} mutants tried of {len(status)} generated; " + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + "\n\n")
-    f.write(f"Killed (timeouts and crashes included): {killed} of {len(tried)} = {killed / max(len(tried), 1):.1%}\n")
+    f.write("Explained: equivalent mutants and code out of the scope's tests, one line each in scripts/mutation_explained.txt "
+            "(listed with their diffs in explained.txt). Score: killed / (tried - explained). Unexplained survivors: survivors.txt.\n\n")
+    f.write("| module | generated | tried | killed | explained | unexplained | score |\n|---|---|---|---|---|---|---|\n")
+    for module, row in sorted(rows.items()) + [("**all**", total)]:
+        f.write(f"| {module} | {row['generated']} | {row['tried']} | {row['killed']} | {row['explained']} | {row['unexplained']} | {score(row)} |\n")
+    f.write("\nOutcomes of the tried mutants: " + ", ".join(f"{n} {s}" for s, n in collections.Counter(tried.values()).most_common()) + "\n")
 print(open(os.path.join(out, "summary.md")).read())
 PY

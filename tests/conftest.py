@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny generated dataset in RecBole's atomic format and configs that train in seconds."""
 import contextlib
+import functools
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -59,6 +61,23 @@ def pytest_configure(config):
     missing = [name for name in ("hypothesis", "faiss", "matplotlib") if importlib.util.find_spec(name) is None]
     if missing:
         raise pytest.UsageError(f"the tests need {', '.join(missing)} from the test extra: pip install -e \".[test]\"")
+
+
+@functools.lru_cache(maxsize=None)
+def _mutmut_durations():
+    try:
+        with open("mutmut-stats.json") as f:  # mutmut runs the tests from its mutants/ folder
+            return json.load(f)["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut (scripts/mutation.sh), fastest tests first: a mutant's run stops at its first failing
+    test, so the cheap checks (e.g. test_knob_bounds) should come before whole training runs."""
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        durations = _mutmut_durations()
+        items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
 
 
 @pytest.fixture(autouse=True)
