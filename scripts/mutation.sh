@@ -66,7 +66,7 @@ if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
   exit 1
 fi
 python - "$out" "$started" "$*" "$tests" "$repo/scripts/mutation_explained.txt" <<'PY'
-import ast, collections, difflib, fnmatch, functools, os, subprocess, sys
+import ast, collections, difflib, fnmatch, functools, os, re, subprocess, sys
 
 out, started, selection, tests, explained_file = sys.argv[1:]
 lines = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
@@ -84,9 +84,24 @@ for line in open(explained_file, encoding="utf-8"):
         reasons += [(pattern, why.strip()) for pattern in patterns.split()]
 
 
+# Two kinds are recognised from the diff alone: a changed or dropped ``device=`` (the tests run on a
+# CPU, where every tensor is on the one device; on a GPU the mismatch raises, it is not silent) and a
+# changed or dropped ``encoding=`` (None and "UTF-8" are utf-8 in the UTF-8 locale the tests run in).
+AUTOMATIC = {"device": "device placement only: one device on the CPU the tests run on; a GPU mismatch raises",
+             "encoding": "file encoding only: None and 'UTF-8' are utf-8 in a UTF-8 locale"}
+
+
+def only_changes(name, keyword):
+    removed = [line[1:] for line in diff(name).splitlines() if line.startswith("-")]
+    added = [line[1:] for line in diff(name).splitlines() if line.startswith("+")]
+    strip = lambda line: re.sub(rf",?\s*{keyword}=[^,)]*", "", line).replace(", )", ")").replace("(, ", "(").replace(" ", "")
+    return len(removed) == len(added) == 1 and keyword in removed[0] and strip(removed[0]) == strip(added[0])
+
+
 def explanation(name):
     short = name.split(".", 1)[1]
-    return next((why for pattern, why in reasons if fnmatch.fnmatchcase(short, pattern)), None)
+    listed = next((why for pattern, why in reasons if fnmatch.fnmatchcase(short, pattern)), None)
+    return listed or next((why for keyword, why in AUTOMATIC.items() if only_changes(name, keyword)), None)
 
 
 @functools.lru_cache(maxsize=None)

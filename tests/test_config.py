@@ -133,3 +133,53 @@ def test_recbole_ensure_dir_survives_a_folder_made_by_a_parallel_run(tmp_path, m
     ensure_dir(str(made))  # RecBole's own version raises FileExistsError here
     ensure_dir(str(tmp_path / "log" / "T2Diff"))
     assert (tmp_path / "log" / "T2Diff").is_dir()
+
+
+# ---- the keys and processes of RecBole's distributed mode (tests/test_distributed.py runs 2 real processes) ----
+
+def test_distributed_settings_fill_recboles_keys():
+    from recbole_t2diff.quick_start import distributed_settings
+
+    assert distributed_settings(2) == {"nproc": 2, "world_size": 2, "ip": "localhost", "port": "5678", "offset": 0}
+    assert distributed_settings(2, world_size=4, ip="10.0.0.1", port=29500, group_offset=2) == {
+        "nproc": 2, "world_size": 4, "ip": "10.0.0.1", "port": "29500", "offset": 2}
+    assert distributed_settings(3, world_size=1)["world_size"] == 1  # one machine's share of a larger group, as given
+    assert distributed_settings(3, world_size=0)["world_size"] == 3  # unset: this machine's processes
+
+
+def test_each_rank_gets_its_settings_and_only_global_rank_0_reports(monkeypatch, tmp_path):
+    from recbole_t2diff import quick_start
+
+    destroyed, calls = [], []
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: destroyed.append(True))
+
+    class Results(list):
+        put = list.append
+
+    def function(config_dict, tag):
+        calls.append((config_dict, tag))
+        return f"result of {config_dict['local_rank']}"
+
+    settings = {"nproc": 2, "offset": 0}
+    for rank, offset, given in [(0, 0, {"epochs": 1}), (1, 0, None), (1, 1, None), (0, 2, None)]:
+        results = Results()
+        quick_start._rank_main(rank, function, {**settings, "offset": offset}, "config_dict",
+                               {"config_dict": given, "tag": "x"}, results)
+        assert calls[-1] == ({**(given or {}), **settings, "offset": offset, "local_rank": rank}, "x")
+        assert results == (["result of 0"] if rank + offset == 0 else [])
+    assert len(destroyed) == 4
+
+    # spawn: every rank runs, rank 0's result comes back, and the shared folders exist first.
+    monkeypatch.chdir(tmp_path)
+    ranks = []
+
+    def fake_spawn(target, args, nprocs, join):
+        for rank in range(nprocs):
+            ranks.append(rank)
+            target(rank, *args)
+
+    monkeypatch.setattr(quick_start.mp, "spawn", fake_spawn)
+    config = {"model": "T2Diff", "checkpoint_dir": str(tmp_path / "ckpt")}
+    assert quick_start.spawn(function, 2, settings, config, "config_dict", config_dict=None, tag="y") == "result of 0"
+    assert ranks == [0, 1] and (tmp_path / "log" / "T2Diff").is_dir() and (tmp_path / "ckpt").is_dir()
+    assert quick_start.spawn(function, 2, {**settings, "offset": 2}, config, "config_dict", config_dict=None, tag="y") is None

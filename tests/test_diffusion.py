@@ -93,9 +93,11 @@ def test_reverse_chain_visits_every_step_downwards_and_ends_on_the_estimate():
         seen.append(s)
         return target
 
-    out = diffusion.reverse_chain(denoise, torch.randn(2, 3, 4), lambda shape: torch.randn(shape))
+    draws = []
+    out = diffusion.reverse_chain(denoise, torch.randn(2, 3, 4), lambda shape: draws.append(shape) or torch.randn(shape))
     assert seen == [7, 6, 5, 4, 3, 2, 1]
     torch.testing.assert_close(out, target)
+    assert draws == [(2, 3, 4)] * 6  # the last step returns the estimate and draws no noise (the RNG stream stays put)
 
 
 def test_official_step_embedding_is_sin_of_s_over_powers_of_two():
