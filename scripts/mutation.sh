@@ -8,12 +8,14 @@
 #   TESTS=$'tests/test_model.py\n-k\nnot every_variant' scripts/mutation.sh  # pytest arguments, one a line
 #   JOBS=1 OUT=/tmp/mutation scripts/mutation.sh               # workers; where the report goes
 #   MINUTES=30 scripts/mutation.sh                             # stop then and report what was tried
-#   WORK=/tmp/mutation-work MINUTES=60 scripts/mutation.sh     # keep the scratch copy; rerun to resume
+#   WORK=/tmp/mutation-work MINUTES=60 scripts/mutation.sh     # keep the scratch copy as well
 #
 # It runs in a scratch copy of the files git does not ignore (mutmut writes mutants/ and its
 # state where it runs, and a concurrent edit of the sources must not reach the mutants) and writes to $OUT
-# (default results/mutation/): summary.md (counts and kill score), survivors.txt (every mutant
-# that survived or had no covering test, with its diff). Needs mutmut 3.8 (pip install mutmut==3.8.1).
+# (default results/mutation/): summary.md (counts and kill score per module), survivors.txt (every
+# unexplained survivor with its diff), explained.txt (survivors explained by scripts/mutation_explained.txt
+# or recognised as device/encoding-only) and state/ (the verdicts: the next run resumes from them, from a
+# fresh clone too, and re-tries the survivors first). Needs mutmut 3.8 (pip install mutmut==3.8.1).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$repo/results/mutation}
@@ -55,16 +57,40 @@ fi
 cd "$work"
 started=$(date -u +%FT%TZ)
 mkdir -p "$out"
-# SIGINT at the time limit: mutmut stops its workers and keeps every result it has.
-limit=()
-[ -n "${MINUTES:-}" ] && limit=(timeout --signal=INT "${MINUTES}m")
-status=0
-OMP_NUM_THREADS=1 nice -n 10 "${limit[@]}" mutmut run --max-children "${JOBS:-2}" "$@" > "$out/mutmut.log" 2>&1 || status=$?
-if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
-  tail -n 30 "$out/mutmut.log" >&2
-  echo "error: mutmut failed (log: $out/mutmut.log)" >&2
-  exit 1
+# $out/state/ keeps mutmut's verdicts (one .meta per module, keyed by each function's hash) so a run
+# from a fresh clone resumes where the last one stopped: unchanged functions keep their verdicts, a
+# changed function's mutants are tried again. Survivors of earlier runs are re-tried first, against
+# the current tests.
+if [ ! -d mutants ] && [ -d "$out/state" ]; then
+  mkdir -p mutants && cp -r "$out/state/." mutants/
 fi
+retry=$(python - <<'PY'
+import glob, json
+names = []
+for path in glob.glob("mutants/**/*.meta", recursive=True):
+    names += [key for key, code in json.load(open(path))["exit_code_by_key"].items() if code in (0, 33)]  # survived, no tests
+print(" ".join(sorted(names)))
+PY
+)
+deadline=$(( $(date +%s) + ${MINUTES:-100000} * 60 ))
+mutate() {  # mutmut run [names], stopped with SIGINT at the deadline: it then keeps every verdict it has
+  local left=$(( deadline - $(date +%s) )) status=0
+  [ "$left" -gt 60 ] || return 0
+  OMP_NUM_THREADS=1 nice -n 10 timeout --signal=INT "$left" mutmut run --max-children "${JOBS:-2}" "$@" >> "$out/mutmut.log" 2>&1 || status=$?
+  if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
+    tail -n 30 "$out/mutmut.log" >&2
+    echo "error: mutmut failed (log: $out/mutmut.log)" >&2
+    exit 1
+  fi
+}
+: > "$out/mutmut.log"
+if [ -n "$retry" ] && [ $# -eq 0 ]; then
+  # shellcheck disable=SC2086  # the names hold no spaces
+  mutate $retry
+fi
+mutate "$@"
+mkdir -p "$out/state"
+(cd mutants && find . -name '*.meta' -print0 | tar --null -T - -cf -) | tar -xf - -C "$out/state"
 python - "$out" "$started" "$*" "$tests" "$repo/scripts/mutation_explained.txt" <<'PY'
 import ast, collections, difflib, fnmatch, functools, os, re, subprocess, sys
 
