@@ -149,6 +149,48 @@ def test_blocks_and_code_dedupe_change_no_score(sparcode_data):
     torch.testing.assert_close(full, per_token)
 
 
+def test_row_scores_split_rows_into_blocks_of_the_pair_budget_and_checkpoint_only_with_grad(sparcode_data, monkeypatch):
+    import recbole_t2diff.model.sparcode as sparcode_module
+
+    model = make_model(sparcode_data)
+    rows, items = torch.randn(7, 16), torch.randn(5, 16)
+    blocks, checkpointed = [], []
+    interact = model.interact
+    monkeypatch.setattr(model, "interact", lambda q, v: blocks.append(q.shape[0]) or interact(q, v))
+    whole = model.activate(interact(rows[:, None], items[None]))
+    for budget, expected in [(10, [2, 2, 2, 1]), (4, [1] * 7), (100, [7])]:  # rows per block: budget // items, at least 1
+        model.score_chunk_rows, blocks[:] = budget, []
+        torch.testing.assert_close(model.row_scores(rows, items), whole)
+        assert blocks == expected
+    model.score_chunk_rows, blocks[:] = 3, []
+    model.row_scores(rows, items[:1])
+    assert blocks == [3, 3, 1]  # one item: 3 rows per block
+    assert model.row_scores(rows[:0], items).shape == (0, 5)
+
+    real_checkpoint = sparcode_module.checkpoint
+    monkeypatch.setattr(sparcode_module, "checkpoint",
+                        lambda function, *args, **kwargs: checkpointed.append(kwargs) or real_checkpoint(function, *args, **kwargs))
+    model.score_chunk_rows = 10
+    plain = model.row_scores(rows, items).sum()
+    assert checkpointed == []
+    with torch.no_grad():
+        model.row_scores(rows, items, checkpointed=True)
+    assert checkpointed == []  # nothing to recompute without a backward pass
+    recomputed = model.row_scores(rows, items, checkpointed=True).sum()
+    assert checkpointed == [{"use_reentrant": False}] * 4
+    parameters = [p for p in model.mlp_tail.parameters()]
+    # Rows that need no gradient still give the MLP its gradient (the reentrant variant would not).
+    for expected, got in zip(torch.autograd.grad(plain, parameters), torch.autograd.grad(recomputed, parameters)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_dot_scores_are_one_product_not_blocks(sparcode_data, monkeypatch):
+    model = make_model(sparcode_data, interaction="dot")
+    rows, items = torch.randn(7, 8), torch.randn(5, 8)
+    monkeypatch.setattr(model, "interact", lambda q, v: pytest.fail("dot scoring went through the pairwise blocks"))
+    torch.testing.assert_close(model.row_scores(rows, items), model.activate(rows @ items.t()))
+
+
 # ---- quantizer ------------------------------------------------------------------------------------
 
 
