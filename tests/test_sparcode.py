@@ -98,6 +98,12 @@ def test_scoring_never_reads_the_target(sparcode_data):
     torch.testing.assert_close(before, scores(model, altered))
 
 
+def test_forward_is_the_query_tokens(sparcode_data):
+    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model.query_values(batch))
+
+
 def test_tokens_work_for_histories_of_one_item(sparcode_data):
     batch = copy_batch(valid_batch(sparcode_data))
     batch.interaction["item_length"] = torch.ones_like(batch["item_length"])
