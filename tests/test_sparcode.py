@@ -14,6 +14,7 @@ from torch import nn
 from recbole.data.interaction import Interaction
 
 from recbole_t2diff.errors import UsageError
+from recbole_t2diff.export import export_embeddings
 from recbole_t2diff.model.quantizer import ProductQuantizer
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, make_trainer, prepare, run
 from recbole_t2diff.sparse_index import SparseIndex
@@ -244,6 +245,47 @@ def test_codebooks_are_buffers_not_parameters(sparcode_data):
     names = {name for name, _ in model.named_parameters()}
     assert not any(name.startswith("quantizer") for name in names)
     assert {"quantizer.codewords", "quantizer.counts", "quantizer.sums", "quantizer.initialised"} <= set(model.state_dict())
+    assert "quantizer.radix" not in model.state_dict()  # derived from the sizes; checkpoints carry only the learned state
+    assert (model.quantizer.initialised.dtype, model.quantizer.restarts.dtype, model.quantizer.radix.dtype) == (
+        torch.bool, torch.long, torch.long)
+
+
+def test_the_quantizers_defaults_are_the_property_files():
+    knobs = yaml.safe_load(open(os.path.join(REPO, "properties", "model", "SparCode.yaml")))
+    quantizer = ProductQuantizer(8, 2, 4)
+    assert (quantizer.decay, quantizer.eps, quantizer.dead_code_threshold) == (
+        knobs["ema_decay"], knobs["ema_eps"], knobs["dead_code_threshold"])
+
+
+@pytest.mark.parametrize("n_vectors", [2, 5])
+def test_a_restart_with_fewer_batch_vectors_than_dead_codes_tiles_them_with_small_noise(n_vectors):
+    torch.manual_seed(0)
+    quantizer = ProductQuantizer(8, 2, 5)
+    vectors = torch.randn(n_vectors, 4)
+    quantizer._restart(0, torch.ones(5, dtype=torch.bool), vectors, mean_count=3.0)
+    codewords = quantizer.codewords[0]
+    offsets = codewords[:, None] - vectors[None]  # [codes, vectors, sub_dim]
+    nearest = offsets.abs().amax(-1).argmin(-1)
+    offset = offsets[torch.arange(5), nearest]
+    if n_vectors == 5:  # as many vectors as codes: each code takes one vector exactly
+        assert offset.abs().max() == 0 and sorted(nearest.tolist()) == [0, 1, 2, 3, 4]
+    else:  # 2 vectors tiled 3 times: codes sit within [0, 0.01/sqrt(sub_dim)) above a vector, no two alike
+        assert (offset >= 0).all() and (offset < 0.01 / 2).all() and offset.abs().max() > 0
+        assert len({tuple(c.tolist()) for c in codewords}) == 5
+    assert (quantizer.counts[0] == 3.0).all() and torch.equal(quantizer.sums[0], codewords * 3.0)
+    assert (quantizer.codewords[1] == 0).all(), "other codebooks untouched"
+
+
+def test_the_split_first_layer_starts_at_the_fan_in_of_the_concatenated_layer(sparcode_data):
+    model = make_model(sparcode_data, embedding_size=64, token_size=64, n_heads=2, mlp_hidden=[256, 128])
+    fan_in = model.query_layer.in_features + model.item_layer.in_features  # 128
+    for layer in (model.query_layer, model.item_layer):
+        assert abs(layer.weight.std().item() / (2.0 / fan_in) ** 0.5 - 1) < 0.05 and abs(layer.weight.mean().item()) < 0.01
+    assert (model.item_layer.bias == 0).all()
+    hidden = [layer for layer in model.mlp_tail if isinstance(layer, nn.Linear)]
+    assert all((layer.bias == 0).all() for layer in hidden)
+    wide = hidden[0]  # 256 x 128 weights: a std estimate within ~1%
+    assert abs(wide.weight.std().item() / (2.0 / wide.in_features) ** 0.5 - 1) < 0.05  # Kaiming for ReLU
 
 
 def test_with_no_decay_a_codeword_is_the_mean_of_its_vectors():
@@ -531,6 +573,13 @@ def test_checkpoint_restores_the_codebooks_and_the_metrics(tiny_path, workdir):
     assert dict(index_metrics) == dict(result["test_result"])
     again = run("SparCode", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **TINY_SPARCODE})
     assert dict(again["test_result"]) == dict(result["test_result"])
+    # Scores are a sum over query tokens of an MLP, not one inner product: no two-tower export, even
+    # when the token count equals the token width so the matrices' second sizes agree.
+    square = run("SparCode", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **TINY_SPARCODE, "n_query_tokens": 8,
+                                                  "epochs": 1})
+    for checkpoint in (result["saved_model_file"], square["saved_model_file"]):
+        with pytest.raises(UsageError, match="SparCode does not score by the inner product .* no two-tower export"):
+            export_embeddings(checkpoint, str(workdir / "export"))
 
 
 @pytest.mark.spawns
