@@ -64,11 +64,14 @@ mkdir -p "$out"
 if [ ! -d mutants ] && [ -d "$out/state" ]; then
   mkdir -p mutants && cp -r "$out/state/." mutants/
 fi
-retry=$(python - <<'PY'
-import glob, json
+retry=$(python - "$repo/scripts/mutation_explained.txt" <<'PY'
+import fnmatch, glob, json, sys
+patterns = [p for line in open(sys.argv[1], encoding="utf-8") if line.strip() and not line.startswith("#")
+            for p in line.split(": ", 1)[0].split()]
 names = []
 for path in glob.glob("mutants/**/*.meta", recursive=True):
-    names += [key for key, code in json.load(open(path))["exit_code_by_key"].items() if code in (0, 33)]  # survived, no tests
+    names += [key for key, code in json.load(open(path))["exit_code_by_key"].items()
+              if code in (0, 33) and not any(fnmatch.fnmatchcase(key.split(".", 1)[1], p) for p in patterns)]  # survived, no tests
 print(" ".join(sorted(names)))
 PY
 )
