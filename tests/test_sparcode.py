@@ -99,6 +99,34 @@ def test_scoring_never_reads_the_target(sparcode_data):
     torch.testing.assert_close(before, scores(model, altered))
 
 
+def test_the_sasrec_tokenizer_is_recboles_sasrec(sparcode_data, tiny_path):
+    from recbole.model.sequential_recommender.sasrec import SASRec
+
+    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
+    config = sparcode_data[0]
+    keys = ("n_layers", "n_heads", "inner_size", "hidden_dropout_prob", "attn_dropout_prob", "hidden_act", "layer_norm_eps")
+    sasrec_config = tiny_config(tiny_path, model="SASRec", hidden_size=config["embedding_size"], **{k: config[k] for k in keys})
+    sasrec = SASRec(sasrec_config, sparcode_data[1].dataset)
+    weights = {("LayerNorm" + name[len("input_norm"):] if name.startswith("input_norm") else name): value
+               for name, value in model.state_dict().items()}
+    sasrec.load_state_dict({name: weights[name] for name in sasrec.state_dict()})
+    sasrec.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.history_vector(batch), sasrec(batch["item_id_list"], batch["item_length"]))
+
+
+def test_the_dnn_tokenizer_pools_the_real_items_of_each_history(sparcode_data):
+    model, batch = trained(sparcode_data, tokenizer="dnn"), copy_batch(valid_batch(sparcode_data))
+    seq = batch["item_id_list"].clone()
+    seq[0], seq[1] = 0, 0
+    seq[0, 0], seq[1, :3] = 1, torch.tensor([1, 2, 1])  # a history of item 1 alone, and one with item 1 twice
+    batch.interaction["item_id_list"], batch.interaction["item_length"] = seq, (seq > 0).sum(1)
+    assert model.item_embedding.weight[0].abs().sum() > 0, "the padding row is not zero: the mask must exclude it"
+    expected = torch.stack([model.item_embedding(row[row > 0]).mean(0) for row in seq])
+    with torch.no_grad():
+        torch.testing.assert_close(model.history_vector(batch), model.dnn(expected))
+
+
 def test_forward_is_the_query_tokens(sparcode_data):
     model, batch = trained(sparcode_data), valid_batch(sparcode_data)
     with torch.no_grad():
