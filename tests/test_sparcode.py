@@ -377,6 +377,38 @@ def test_full_ce_is_cross_entropy_of_the_full_sort_logits(sparcode_data):
     torch.testing.assert_close(rec_loss, F.cross_entropy(logits, batch["item_id"]))
 
 
+QUIET = {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "mlp_dropout": 0.0}
+
+
+def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data, monkeypatch):
+    import recbole_t2diff.model.sparcode as sparcode_module
+
+    batch = first_batch(sparcode_data[1])
+    model = trained(sparcode_data, softmax_negatives=None, vq_beta=2.0, sparsity_weight=0.5, ce_checkpoint=True, **QUIET)
+    model.train()
+    with torch.no_grad():
+        tokens = model.query_tokens(batch)
+        quantized = model.quantizer.lookup(model.quantizer.assign(tokens))
+        values = model.row_scores(model.query_side(quantized).flatten(0, 1), model.item_side())
+        values = values.view(len(tokens), model.n_query_tokens, -1)
+        not_target = torch.ones(values.shape[0], values.shape[2], dtype=torch.bool)
+        not_target[torch.arange(len(tokens)), batch["item_id"]] = False
+        unscored = values.permute(0, 2, 1)[not_target].mean()  # over every non-target (row, item, token)
+    checkpointed = []
+    real_checkpoint = sparcode_module.checkpoint
+    monkeypatch.setattr(sparcode_module, "checkpoint",
+                        lambda function, *args, **kwargs: checkpointed.append(1) or real_checkpoint(function, *args, **kwargs))
+    losses = model.calculate_loss(batch)
+    assert len(losses) == 3 and checkpointed, "ce_checkpoint: the full-CE blocks are recomputed in backward"
+    torch.testing.assert_close(losses[1], 2.0 * F.mse_loss(tokens, quantized))
+    torch.testing.assert_close(losses[2], 0.5 * unscored)
+
+    for knobs, terms in [({"sparsity_weight": 0.0}, 2), ({"sparsity_weight": 0.5, "quantize": False}, 2)]:
+        assert len(trained(sparcode_data, steps=1, **knobs).train().calculate_loss(batch)) == terms
+    alone = trained(sparcode_data, steps=1, quantize=False).train().calculate_loss(batch)
+    assert isinstance(alone, torch.Tensor) and alone.dim() == 0
+
+
 def test_sampled_softmax_masks_accidental_hits(sparcode_data, monkeypatch):
     model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, relu_leak=0.0)
     batch = first_batch(sparcode_data[1])
