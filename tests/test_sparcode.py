@@ -127,6 +127,31 @@ def test_the_dnn_tokenizer_pools_the_real_items_of_each_history(sparcode_data):
         torch.testing.assert_close(model.history_vector(batch), model.dnn(expected))
 
 
+def test_scoring_knobs_reach_the_model(sparcode_data):
+    from recbole_t2diff.model.sparcode import DEFAULT_CHUNK
+
+    model = make_model(sparcode_data, ce_checkpoint=True, score_mode="index", score_chunk_rows=1234)
+    assert (model.ce_checkpoint, model.score_mode, model.score_chunk_rows) == (True, "index", 1234)
+    assert (make_model(sparcode_data).ce_checkpoint, make_model(sparcode_data).score_mode) == (False, "exact")
+    # Unset, the block size is the device type's: a GPU takes larger blocks; an unknown type, the CPU's.
+    devices = [("cpu", DEFAULT_CHUNK["cpu"]), ("meta", DEFAULT_CHUNK["cpu"])]
+    for device, expected in devices + ([("cuda", DEFAULT_CHUNK["cuda"])] if torch.cuda.is_available() else []):
+        assert make_model(sparcode_data, device=torch.device(device)).score_chunk_rows == expected
+
+
+def test_train_trains_and_eval_reports_then_clears_the_dead_positives(sparcode_data, caplog):
+    model = make_model(sparcode_data)
+    model.eval()
+    assert model.train() is model and model.training and model.quantizer.training
+    model.dead_positives += torch.tensor([1, 1])  # one positive seen, and it was dead
+    model.train()
+    assert model.dead_positives.tolist() == [1, 1], "counted over the epoch: training mode keeps them"
+    with caplog.at_level("INFO"):
+        model.eval()
+    assert "SparCode: 100.0% of training positives had every token score <= -score_bias" in caplog.text
+    assert model.dead_positives.tolist() == [0, 0] and not model.training
+
+
 def test_forward_is_the_query_tokens(sparcode_data):
     model, batch = trained(sparcode_data), valid_batch(sparcode_data)
     with torch.no_grad():
