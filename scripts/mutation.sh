@@ -71,7 +71,7 @@ patterns = [p for line in open(sys.argv[1], encoding="utf-8") if line.strip() an
 names = []
 for path in glob.glob("mutants/**/*.meta", recursive=True):
     names += [key for key, code in json.load(open(path))["exit_code_by_key"].items()
-              if code in (0, 33) and not any(fnmatch.fnmatchcase(key.split(".", 1)[1], p) for p in patterns)]  # survived, no tests
+              if code in (0, 33, 255) and not any(fnmatch.fnmatchcase(key.split(".", 1)[1], p) for p in patterns)]
 print(" ".join(sorted(names)))
 PY
 )
@@ -95,12 +95,18 @@ mutate "$@"
 mkdir -p "$out/state"
 (cd mutants && find . -name '*.meta' -print0 | tar --null -T - -cf -) | tar -xf - -C "$out/state"
 python - "$out" "$started" "$*" "$tests" "$repo/scripts/mutation_explained.txt" <<'PY'
-import ast, collections, difflib, fnmatch, functools, os, re, subprocess, sys
+import ast, collections, difflib, fnmatch, functools, glob, json, os, re, sys
 
 out, started, selection, tests, explained_file = sys.argv[1:]
-lines = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
-status = dict(line.strip().rsplit(": ", 1) for line in lines.splitlines() if ": " in line)
-tried = {name: s for name, s in status.items() if s != "not checked"}
+# Verdicts from mutmut's exit codes. 255 is not a verdict: the test harness raised (mutmut would call
+# it a timeout), e.g. when a test id it recorded no longer matches; such mutants are re-tried next run.
+OUTCOME = {0: "survived", 1: "killed", 3: "killed", 5: "no tests", 33: "no tests", 36: "timeout", 24: "timeout",
+           -24: "timeout", 152: "timeout", -9: "segfault", -11: "segfault", 255: "harness error"}
+status = {}
+for path in glob.glob("mutants/**/*.meta", recursive=True):
+    for name, code in json.load(open(path))["exit_code_by_key"].items():
+        status[name] = "not checked" if code is None else OUTCOME.get(code, "suspicious")
+tried = {name: s for name, s in status.items() if s not in ("not checked", "harness error")}
 KILLED = ("killed", "timeout", "segfault")
 survivors = sorted(name for name, s in tried.items() if s not in KILLED)
 
@@ -167,7 +173,9 @@ for name, s in status.items():
     module = name.split(".x", 1)[0].split(".", 1)[1]
     row = rows[module]
     row["generated"] += 1
-    if s != "not checked":
+    if s == "harness error":
+        row["harness errors"] += 1
+    elif s != "not checked":
         row["tried"] += 1
         row["killed"] += s in KILLED
         row["explained"] += s not in KILLED and explained.get(name) is not None
@@ -188,6 +196,6 @@ with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("| module | generated | tried | killed | explained | unexplained | score |\n|---|---|---|---|---|---|---|\n")
     for module, row in sorted(rows.items()) + [("**all**", total)]:
         f.write(f"| {module} | {row['generated']} | {row['tried']} | {row['killed']} | {row['explained']} | {row['unexplained']} | {score(row)} |\n")
-    f.write("\nOutcomes of the tried mutants: " + ", ".join(f"{n} {s}" for s, n in collections.Counter(tried.values()).most_common()) + "\n")
+    f.write("\nOutcomes: " + ", ".join(f"{n} {s}" for s, n in collections.Counter(status.values()).most_common()) + "\n")
 print(open(os.path.join(out, "summary.md")).read())
 PY

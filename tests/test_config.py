@@ -1,4 +1,6 @@
 """Model registry, property-file loading and priorities, knob validation, anomaly mode."""
+import re
+
 import pytest
 import torch
 
@@ -60,7 +62,7 @@ def test_builtin_models_get_the_same_protocol():
         ({"session_len": 50}, "session_len=50: it must be smaller than MAX_ITEM_LIST_LENGTH=50"),
         ({"n_steps": 0}, "n_steps=0: it must be an integer >= 1"),
         ({"beta_schedule": "cosine"}, "unknown beta_schedule 'cosine'"),
-        ({"beta_a": 0.5}, "outside \\(0, 1\\)"),
+        ({"beta_a": 0.5}, "outside (0, 1)"),
         ({"reverse_coef": "ddim"}, "reverse_coef=ddim"),
         ({"n_heads": 3}, "n_heads=3: it must divide embedding_size=64"),
         ({"unet_mult": [2, 4, 8, 16]}, "first factor must be 1"),
@@ -72,7 +74,7 @@ def test_builtin_models_get_the_same_protocol():
     ],
 )
 def test_invalid_knobs_fail_before_loading_data(knobs, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=re.escape(message)):
         Config(model="T2Diff", dataset="ml-100k", config_dict=knobs)
 
 
@@ -116,7 +118,7 @@ def test_every_t2diff_knob_is_documented_in_the_readme():
     ],
 )
 def test_invalid_sampler_settings(knobs, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=re.escape(message)):
         Config(model="T2Diff", dataset="ml-100k", config_dict=knobs)
 
 
