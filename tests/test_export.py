@@ -99,3 +99,21 @@ def test_checkpoints_from_before_a_new_knob_still_load(trained, tmp_path, workdi
     old = tmp_path / "old.pth"
     torch.save(checkpoint, old)
     assert dict(evaluate_checkpoint(str(old))) == dict(trained["test_result"])
+
+
+def test_evaluating_with_several_processes_hands_the_checkpoint_to_each_rank(trained, monkeypatch):
+    from recbole_t2diff import quick_start
+
+    calls = []
+    monkeypatch.setattr(quick_start, "spawn", lambda *args, **kwargs: calls.append((args, kwargs)) or "gathered")
+    path = trained["saved_model_file"]
+    assert quick_start.evaluate_checkpoint(path, "valid", {"infer_steps": 2}, nproc=2, port=1234) == "gathered"
+    assert quick_start.evaluate_checkpoint(path, nproc=2) == "gathered"
+    (function, nproc, settings, config, key), kwargs = calls[0]
+    assert (function, nproc, settings, key) == (
+        quick_start.evaluate_checkpoint, 2, quick_start.distributed_settings(2, port=1234), "overrides")
+    assert config["model"] == "T2Diff" and config["checkpoint_dir"] is not None  # the checkpoint's own config
+    assert kwargs == {"model_file": path, "split": "valid", "overrides": {"infer_steps": 2}}
+    assert calls[1][0][2]["port"] == "5679" and calls[1][1] == {"model_file": path, "split": "test", "overrides": None}
+    assert len(calls) == 2  # one process evaluates in place: no spawn
+    assert set(quick_start.evaluate_checkpoint(path, "valid")) >= {"ndcg@10"} and len(calls) == 2
