@@ -14,7 +14,7 @@
 # state where it runs, and a concurrent edit of the sources must not reach the mutants) and writes to $OUT
 # (default results/mutation/): summary.md (counts and kill score per module), survivors.txt (every
 # unexplained survivor with its diff), explained.txt (survivors explained by scripts/mutation_explained.txt
-# or recognised as device/encoding-only) and state/ (the verdicts: the next run resumes from them, from a
+# or recognised as device/encoding-only) and state.json.gz (the verdicts: the next run resumes from them, from a
 # fresh clone too, and re-tries the survivors first). Needs mutmut 3.8 (pip install mutmut==3.8.1).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,12 +57,17 @@ fi
 cd "$work"
 started=$(date -u +%FT%TZ)
 mkdir -p "$out"
-# $out/state/ keeps mutmut's verdicts (one .meta per module, keyed by each function's hash) so a run
+# $out/state.json.gz keeps mutmut's verdicts (per module, keyed by each function's hash) so a run
 # from a fresh clone resumes where the last one stopped: unchanged functions keep their verdicts, a
 # changed function's mutants are tried again. Survivors of earlier runs are re-tried first, against
 # the current tests.
-if [ ! -d mutants ] && [ -d "$out/state" ]; then
-  mkdir -p mutants && cp -r "$out/state/." mutants/
+if [ ! -d mutants ] && [ -f "$out/state.json.gz" ]; then
+  python - "$out/state.json.gz" <<'PY'
+import gzip, json, os, sys
+for path, meta in json.load(gzip.open(sys.argv[1], "rt")).items():  # mutmut's .meta files, timings left out
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    json.dump({**meta, "type_check_error_by_key": {}, "durations_by_key": {}, "estimated_durations_by_key": {}}, open(path, "w"))
+PY
 fi
 retry=$(python - "$repo/scripts/mutation_explained.txt" <<'PY'
 import fnmatch, glob, json, sys
@@ -92,8 +97,13 @@ if [ -n "$retry" ] && [ $# -eq 0 ]; then
   mutate $retry
 fi
 mutate "$@"
-mkdir -p "$out/state"
-(cd mutants && find . -name '*.meta' -print0 | tar --null -T - -cf -) | tar -xf - -C "$out/state"
+python - "$out/state.json.gz" <<'PY'
+import glob, gzip, json, sys
+state = {path: {key: json.load(open(path))[key] for key in ("exit_code_by_key", "hash_by_function_name")}
+         for path in sorted(glob.glob("mutants/**/*.meta", recursive=True))}
+with gzip.open(sys.argv[1], "wt") as f:
+    json.dump(state, f, sort_keys=True)
+PY
 python - "$out" "$started" "$*" "$tests" "$repo/scripts/mutation_explained.txt" <<'PY'
 import ast, collections, difflib, fnmatch, functools, glob, json, os, re, sys
 
