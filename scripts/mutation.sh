@@ -93,6 +93,7 @@ mutate() {  # mutmut run [names], stopped with SIGINT at the deadline: it then k
 }
 : > "$out/mutmut.log"
 if [ -n "$retry" ] && [ $# -eq 0 ]; then
+  rm -f mutants/mutmut-stats.json  # which tests cover which function, collected afresh: edited tests count too
   # shellcheck disable=SC2086  # the names hold no spaces
   mutate $retry
 fi

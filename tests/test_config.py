@@ -176,12 +176,16 @@ def test_each_rank_gets_its_settings_and_only_global_rank_0_reports(monkeypatch,
     ranks = []
 
     def fake_spawn(target, args, nprocs, join):
+        assert join is True, "spawn waits for every rank before reading rank 0's result"
         for rank in range(nprocs):
             ranks.append(rank)
             target(rank, *args)
 
     monkeypatch.setattr(quick_start.mp, "spawn", fake_spawn)
+    contexts, get_context = [], quick_start.mp.get_context
+    monkeypatch.setattr(quick_start.mp, "get_context", lambda method: contexts.append(method) or get_context(method))
     config = {"model": "T2Diff", "checkpoint_dir": str(tmp_path / "ckpt")}
     assert quick_start.spawn(function, 2, settings, config, "config_dict", config_dict=None, tag="y") == "result of 0"
     assert ranks == [0, 1] and (tmp_path / "log" / "T2Diff").is_dir() and (tmp_path / "ckpt").is_dir()
+    assert contexts == ["spawn"]  # torch is not fork-safe once it has run
     assert quick_start.spawn(function, 2, {**settings, "offset": 2}, config, "config_dict", config_dict=None, tag="y") is None

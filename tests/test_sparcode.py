@@ -102,10 +102,12 @@ def test_scoring_never_reads_the_target(sparcode_data):
 def test_the_sasrec_tokenizer_is_recboles_sasrec(sparcode_data, tiny_path):
     from recbole.model.sequential_recommender.sasrec import SASRec
 
-    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
+    model = trained(sparcode_data, n_heads=4, hidden_act="relu", layer_norm_eps=1e-5)  # no default left to fall back on
+    batch = valid_batch(sparcode_data)
     config = sparcode_data[0]
     keys = ("n_layers", "n_heads", "inner_size", "hidden_dropout_prob", "attn_dropout_prob", "hidden_act", "layer_norm_eps")
     sasrec_config = tiny_config(tiny_path, model="SASRec", hidden_size=config["embedding_size"], **{k: config[k] for k in keys})
+    sasrec_config["n_heads"], sasrec_config["hidden_act"], sasrec_config["layer_norm_eps"] = 4, "relu", 1e-5
     sasrec = SASRec(sasrec_config, sparcode_data[1].dataset)
     weights = {("LayerNorm" + name[len("input_norm"):] if name.startswith("input_norm") else name): value
                for name, value in model.state_dict().items()}
@@ -150,6 +152,42 @@ def test_train_trains_and_eval_reports_then_clears_the_dead_positives(sparcode_d
         model.eval()
     assert "SparCode: 100.0% of training positives had every token score <= -score_bias" in caplog.text
     assert model.dead_positives.tolist() == [0, 0] and not model.training
+
+
+def test_every_width_and_quantizer_knob_reaches_its_layer(sparcode_data):
+    model = make_model(sparcode_data, tokenizer="dnn", dnn_hidden=[16, 12], mlp_hidden=[16, 12, 10], n_item_tokens=2,
+                       ema_decay=0.5, ema_eps=0.1, dead_code_threshold=0.2)
+    d, d_t = model.embedding_size, model.token_size
+    shapes = lambda stack: [(layer.in_features, layer.out_features) for layer in stack if isinstance(layer, nn.Linear)]
+    assert shapes(model.dnn) == [(d, 16), (16, 12), (12, d)]
+    assert (model.query_layer.in_features, model.query_layer.out_features, model.query_layer.bias) == (d_t, 16, None)
+    assert (model.item_layer.in_features, model.item_layer.out_features) == (2 * d_t, 16)
+    assert shapes(model.mlp_tail) == [(16, 12), (12, 10), (10, 1)]
+    assert (model.quantizer.decay, model.quantizer.eps, model.quantizer.dead_code_threshold) == (0.5, 0.1, 0.2)
+    assert model.dead_positives.dtype == torch.long  # exact counts
+
+
+def test_sasrec_knobs_reach_the_encoder(sparcode_data):
+    model = make_model(sparcode_data, n_heads=4, attn_dropout_prob=0.2, hidden_dropout_prob=0.3, hidden_act="relu",
+                       layer_norm_eps=1e-5)
+    layer = model.trm_encoder.layer[0]
+    assert (layer.multi_head_attention.num_attention_heads, layer.multi_head_attention.attn_dropout.p) == (4, 0.2)
+    assert (layer.multi_head_attention.out_dropout.p, layer.feed_forward.LayerNorm.eps) == (0.3, 1e-5)
+    assert layer.feed_forward.intermediate_act_fn is F.relu
+
+
+def test_initial_weights_follow_recboles_sasrec_and_padding_never_learns(sparcode_data):
+    model = make_model(sparcode_data, initializer_range=0.05)
+    assert abs(model.item_embedding.weight.std().item() / 0.05 - 1) < 0.15 and abs(model.item_embedding.weight.mean()) < 0.02
+    assert (model.input_norm.weight == 1).all() and (model.input_norm.bias == 0).all()
+    assert (model.query_heads.bias == 0).all()
+    model.train()
+    batch = first_batch(sparcode_data[1])
+    loss = model.calculate_loss(batch)
+    sum(loss if isinstance(loss, tuple) else [loss]).backward()
+    grad = model.item_embedding.weight.grad
+    assert (grad[0] == 0).all(), "the padding id gets no gradient"
+    assert (grad[1] != 0).any(), "item 1 is a real item and learns"
 
 
 def test_forward_is_the_query_tokens(sparcode_data):
@@ -310,6 +348,16 @@ def test_the_quantizers_defaults_are_the_property_files():
         knobs["ema_decay"], knobs["ema_eps"], knobs["dead_code_threshold"])
 
 
+def test_restarted_codes_spread_over_the_batch_vectors():
+    # 2 vectors for 5 dead codes: tiled 3 times, 5 of the 6 copies drawn, so each vector gets 2 or 3 codes.
+    for seed in range(20):
+        torch.manual_seed(seed)
+        quantizer, vectors = ProductQuantizer(8, 2, 5), torch.randn(2, 4)
+        quantizer._restart(0, torch.ones(5, dtype=torch.bool), vectors, mean_count=1.0)
+        nearest = (quantizer.codewords[0][:, None] - vectors[None]).abs().amax(-1).argmin(-1)
+        assert sorted(torch.bincount(nearest, minlength=2).tolist()) in ([2, 3], [3, 2]), seed
+
+
 @pytest.mark.parametrize("n_vectors", [2, 5])
 def test_a_restart_with_fewer_batch_vectors_than_dead_codes_tiles_them_with_small_noise(n_vectors):
     torch.manual_seed(0)
@@ -425,8 +473,8 @@ def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data
                         lambda function, *args, **kwargs: checkpointed.append(1) or real_checkpoint(function, *args, **kwargs))
     losses = model.calculate_loss(batch)
     assert len(losses) == 3 and checkpointed, "ce_checkpoint: the full-CE blocks are recomputed in backward"
-    torch.testing.assert_close(losses[1], 2.0 * F.mse_loss(tokens, quantized))
-    torch.testing.assert_close(losses[2], 0.5 * unscored)
+    torch.testing.assert_close(losses[1], 2.0 * F.mse_loss(tokens, quantized), rtol=1e-4, atol=0)
+    torch.testing.assert_close(losses[2], 0.5 * unscored, rtol=1e-4, atol=0)  # scores are ~1e-2: relative only
 
     for knobs, terms in [({"sparsity_weight": 0.0}, 2), ({"sparsity_weight": 0.5, "quantize": False}, 2)]:
         assert len(trained(sparcode_data, steps=1, **knobs).train().calculate_loss(batch)) == terms
@@ -441,14 +489,51 @@ def test_sampled_softmax_masks_accidental_hits(sparcode_data, monkeypatch):
     other = int((target % (model.n_items - 1)) [0]) + 1  # an item that is not the first row's target
     assert other != int(target[0])
     forced = torch.tensor([int(target[0])] * 3 + [other])
-    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: forced)
+    drawn = []
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: drawn.append(args) or forced)
     model.train()
     with torch.no_grad():
-        loss = model.rec_loss(model.query_side(model.query_values(batch)), batch)[0]
+        query_side = model.query_side(model.query_values(batch))
+        loss, unscored = model.rec_loss(query_side, batch)
         y = model.full_sort_predict(batch)
+        negative_values = model.activate(model.interact(query_side[:, :, None], model.item_side(forced)[None, None]))
+    assert drawn == [(1, model.n_items, (model.softmax_negatives,))]  # real items only: id 0 is padding
     logits = torch.stack([y[torch.arange(len(target)), target]] + [y[:, i] for i in forced.tolist()], dim=1)
-    logits[:, 1:] = logits[:, 1:].masked_fill(forced[None] == target[:, None], -1e9)
+    hits = forced[None] == target[:, None]
+    logits[:, 1:] = logits[:, 1:].masked_fill(hits, -1e9)
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros_like(target)))
+    # The sparsity term averages the negatives that are not hits, over every token.
+    assert hits.any() and (~hits).any()
+    torch.testing.assert_close(unscored, negative_values.permute(0, 2, 1)[~hits].mean(), rtol=1e-5, atol=0)
+
+
+def test_a_single_kept_negative_is_its_own_sparsity_term(sparcode_data, monkeypatch):
+    model = make_model(sparcode_data, n_query_tokens=1, softmax_negatives=3, score_relu=False)  # no value clipped to 0
+    batch = copy_batch(first_batch(sparcode_data[1]))
+    batch.interaction = {key: value[:1] for key, value in batch.interaction.items()}  # one row, one token
+    target = int(batch["item_id"][0])
+    other = target % (model.n_items - 1) + 1
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.tensor([target, target, other]))
+    with torch.no_grad():
+        query_side = model.query_side(model.query_values(batch))
+        _, unscored = model.rec_loss(query_side, batch)
+        kept = model.activate(model.interact(query_side[:, 0], model.item_side(torch.tensor([other]))))
+    assert kept.abs().sum() > 0
+    torch.testing.assert_close(unscored, kept.sum())
+
+
+def test_the_full_ce_sparsity_term_averages_the_non_target_pairs(sparcode_data, monkeypatch):
+    model = make_model(sparcode_data, softmax_negatives=None)
+    batch = first_batch(sparcode_data[1])
+    rows, k, n = len(batch), model.n_query_tokens, model.n_items
+    target = batch["item_id"]
+    values = torch.rand(rows, k, n)
+    values[torch.arange(rows), :, target] = 100.0  # the targets far above the rest: counting them shows
+    monkeypatch.setattr(model, "row_scores", lambda *args: values.view(rows * k, n))
+    _, unscored = model.rec_loss(model.query_side(model.query_tokens(batch)), batch)
+    not_target = torch.ones(rows, n, dtype=torch.bool)
+    not_target[torch.arange(rows), target] = False
+    torch.testing.assert_close(unscored, values.permute(0, 2, 1)[not_target].mean())
 
 
 def test_bpr_reads_the_sampled_negative(sparcode_data):

@@ -315,7 +315,7 @@ class SparCode(SequentialRecommender):
         for rows in query_side.split(rows_per_block):
             use_checkpoint = checkpointed and torch.is_grad_enabled()
             blocks.append(checkpoint(block, rows, use_reentrant=False) if use_checkpoint else block(rows))
-        return torch.cat(blocks) if blocks else query_side.new_zeros(0, len(item_side))
+        return torch.cat(blocks)  # split() yields one empty block for no rows, so there is always one
 
     def code_scores(self, rows):
         """r [R, n_items] for query values ``rows`` [R, d_t] (codewords or tokens) in eval mode."""
