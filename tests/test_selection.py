@@ -164,3 +164,69 @@ def test_a_run_without_saving_reports_no_file_and_counts_trainable_parameters(ti
     assert result["params"] == sum(p.numel() for p in seen["model"].parameters() if p.requires_grad)
     assert set(result) == {"model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result",
                            "saved_model_file", "params"}
+
+
+def test_other_parameters_come_back_with_the_weights(trained, tmp_path, workdir, monkeypatch):
+    """RecBole models may keep state outside the state dict (``other_parameter``): both reload paths hand it back."""
+    from recbole_t2diff import quick_start
+    from recbole_t2diff.checkpoint import save_checkpoint
+
+    config, model, dataset, *_ = load_data_and_model(trained["saved_model_file"])
+    monkeypatch.setattr(model, "other_parameter", lambda: {"scale": torch.tensor(3.0)})
+    path = str(tmp_path / "with_other.pth")
+    save_checkpoint(path, config, model, dataset.identity)
+    received = []
+    monkeypatch.setattr(type(model), "load_other_parameter", lambda self, other: received.append(other))
+    load_data_and_model(path)
+    trainer = type("Trainer", (), {"saved_model_file": path, "device": torch.device("cpu"), "model": model})()
+    quick_start.load_best_model(trainer)
+    assert [set(r) for r in received] == [{"scale"}, {"scale"}] and all(float(r["scale"]) == 3.0 for r in received)
+
+
+def test_a_gpu_checkpoint_loads_on_a_machine_without_one(trained, workdir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the checkpoint would stay on it")
+    config, model, *_ = load_data_and_model(trained["saved_model_file"], {"device": "cuda"})
+    assert config["device"] == torch.device("cpu") and next(model.parameters()).device.type == "cpu"
+
+
+def test_a_checkpoint_from_several_processes_reloads_in_one(trained, tmp_path, workdir):
+    payload = torch.load(trained["saved_model_file"], weights_only=True)
+    payload["config"]["single_spec"], payload["config"]["local_rank"] = False, 1  # as rank 1 of a gloo run wrote it
+    path = tmp_path / "rank1.pth"
+    torch.save(payload, path)
+    config = load_data_and_model(str(path))[0]
+    assert (config["single_spec"], config["local_rank"]) == (True, 0)
+
+
+def test_every_rank_reloads_the_file_rank_0_saved(monkeypatch):
+    from recbole_t2diff import quick_start
+
+    sent = []
+
+    def broadcast(objects, src):
+        sent.append((list(objects), src))
+        objects[0] = "rank0.pth"
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    trainer = type("Trainer", (), {"config": {"single_spec": False}, "saved_model_file": "rank1.pth"})()
+    quick_start._share_checkpoint_name(trainer)
+    assert trainer.saved_model_file == "rank0.pth" and sent == [(["rank1.pth"], 0)]
+    alone = type("Trainer", (), {"config": {"single_spec": True}, "saved_model_file": "mine.pth"})()
+    quick_start._share_checkpoint_name(alone)
+    assert alone.saved_model_file == "mine.pth" and len(sent) == 1
+
+
+def test_a_rank_of_a_distributed_evaluation_joins_its_process_group(trained, workdir, monkeypatch):
+    from recbole_t2diff.config import Config
+
+    class Joined(Exception):
+        pass
+
+    def join(self):
+        raise Joined(self["local_rank"])
+
+    monkeypatch.setattr(Config, "_init_device", join)
+    with pytest.raises(Joined):
+        load_data_and_model(trained["saved_model_file"], {"local_rank": 1, "nproc": 2, "world_size": 2})
+    load_data_and_model(trained["saved_model_file"])  # one process: no group to join
