@@ -189,3 +189,32 @@ def test_each_rank_gets_its_settings_and_only_global_rank_0_reports(monkeypatch,
     assert ranks == [0, 1] and (tmp_path / "log" / "T2Diff").is_dir() and (tmp_path / "ckpt").is_dir()
     assert contexts == ["spawn"]  # torch is not fork-safe once it has run
     assert quick_start.spawn(function, 2, {**settings, "offset": 2}, config, "config_dict", config_dict=None, tag="y") is None
+
+
+def test_run_with_several_processes_hands_its_arguments_to_every_rank(monkeypatch, tmp_path):
+    from recbole_t2diff import quick_start
+
+    spawned, single, checked = [], [], []
+    monkeypatch.setattr(quick_start, "spawn", lambda *args, **kwargs: spawned.append((args, kwargs)) or "rank 0")
+    monkeypatch.setattr(quick_start, "_run", lambda *args: single.append(args) or "alone")
+    monkeypatch.setattr(quick_start, "ensure_dataset", lambda config: checked.append(config["dataset"]))
+    files, knobs = [str(tmp_path / "fixed.yaml")], {"n_steps": 3}
+    (tmp_path / "fixed.yaml").write_text("epochs: 1\n")
+
+    assert quick_start.run("T2Diff", "ml-100k", files, knobs, saved=False, verbose=False, nproc=2, world_size=4, ip="10.0.0.2",
+                           port=29500, group_offset=2) == "rank 0"
+    (function, nproc, settings, config, key), kwargs = spawned[-1]
+    assert (function, nproc, key) == (quick_start._run, 2, "config_dict")
+    assert settings == quick_start.distributed_settings(2, 4, "10.0.0.2", 29500, 2)
+    assert (config["model"], config["dataset"], config["n_steps"], config["epochs"], config["world_size"]) == (
+        "T2Diff", "ml-100k", 3, 1, 4)  # checked once here, with the distributed keys, before any process starts
+    assert kwargs == {"model": "T2Diff", "dataset": "ml-100k", "config_file_list": files, "config_dict": knobs,
+                      "saved": False, "verbose": False}
+    assert checked == ["ml-100k"]
+
+    quick_start.run("T2Diff", "ml-100k", nproc=2)
+    assert spawned[-1][0][2] == {"nproc": 2, "world_size": 2, "ip": "localhost", "port": "5678", "offset": 0}
+    quick_start.run("T2Diff", "ml-100k", world_size=2)  # one process here, one on another machine
+    assert len(spawned) == 3 and single == []
+    assert quick_start.run("T2Diff", "ml-100k", world_size=1) == "alone"
+    assert single[-1] == ("T2Diff", "ml-100k", None, None, True, True, None)
