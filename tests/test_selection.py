@@ -7,6 +7,7 @@ selection bug cannot pass by coincidence.
 """
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -230,3 +231,63 @@ def test_a_rank_of_a_distributed_evaluation_joins_its_process_group(trained, wor
     with pytest.raises(Joined):
         load_data_and_model(trained["saved_model_file"], {"local_rank": 1, "nproc": 2, "world_size": 2})
     load_data_and_model(trained["saved_model_file"])  # one process: no group to join
+
+
+def test_only_rank_0_of_a_distributed_run_writes_checkpoints(trained, tmp_path, workdir, caplog):
+    from recbole_t2diff.checkpoint import load_checkpoint
+    from recbole_t2diff.quick_start import make_trainer
+
+    config, model, dataset, *_ = load_data_and_model(trained["saved_model_file"])
+    config["checkpoint_dir"] = str(tmp_path)
+    trainer = make_trainer(config, model, dataset)
+    assert os.path.basename(trainer.saved_model_file).startswith("T2Diff-") and trainer.saved_model_file.startswith(str(tmp_path))
+    trainer.best_valid_score = 0.25
+    with caplog.at_level("INFO"):
+        trainer._save_checkpoint(3)
+    assert f"Saving current: {trainer.saved_model_file}" in caplog.text
+    stored = load_checkpoint(trainer.saved_model_file)
+    assert (stored["epoch"], stored["best_valid_score"]) == (3, 0.25)
+    elsewhere = str(tmp_path / "elsewhere.pth")
+    trainer._save_checkpoint(4, verbose=False, saved_model_file=elsewhere)
+    assert load_checkpoint(elsewhere)["epoch"] == 4
+    for single_spec, rank, writes in [(False, 1, False), (False, 0, True), (True, 1, True)]:
+        target = str(tmp_path / f"{single_spec}-{rank}.pth")
+        trainer.config["single_spec"], trainer.config["local_rank"] = single_spec, rank
+        trainer._save_checkpoint(5, saved_model_file=target)
+        assert os.path.exists(target) == writes, (single_spec, rank)
+
+
+def test_a_cpu_rank_of_a_distributed_run_gets_ddp_without_devices(trained, workdir):
+    import socket
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from recbole_t2diff.quick_start import make_trainer
+
+    config, model, dataset, *_ = load_data_and_model(trained["saved_model_file"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        config["single_spec"] = False
+        trainer = make_trainer(config, model, dataset)
+        assert isinstance(trainer.distributed_model, DistributedDataParallel) and trainer.distributed_model.module is model
+        assert trainer.model is model and config["single_spec"] is False and trainer.checkpoint_dataset is dataset
+        assert type(trainer).__name__ == "Trainer"  # RecBole's trainer for a sequential model, with safe checkpoints
+    finally:
+        torch.distributed.destroy_process_group()
+        config["single_spec"] = True
+    assert not isinstance(getattr(make_trainer(config, model, dataset), "distributed_model", None), DistributedDataParallel)
+
+
+def test_each_model_type_gets_recboles_trainer_for_it(monkeypatch):
+    from recbole.trainer import KGTrainer, TraditionalTrainer, Trainer
+    from recbole.utils import ModelType
+
+    from recbole_t2diff import quick_start
+
+    monkeypatch.setattr(quick_start, "_safe_trainer_class", lambda trainer_class: lambda config, model, dataset: trainer_class)
+    for model_type, model, expected in [(ModelType.TRADITIONAL, "Pop", TraditionalTrainer),
+                                        (ModelType.KNOWLEDGE, "CKE", KGTrainer), (ModelType.SEQUENTIAL, "T2Diff", Trainer)]:
+        assert quick_start.make_trainer({"MODEL_TYPE": model_type, "model": model, "single_spec": True}, None) is expected
