@@ -80,6 +80,48 @@ def test_infer_samples_averages_each_users_own_chains(tiny_data):
     torch.testing.assert_close(chain_x_hat(averaged, history), chains.mean(1))
 
 
+# ---- the diffusion loss --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("diff_loss,positions", [("l2norm", "all"), ("mse", "valid"), ("l2norm", "last"), ("mse", "all")])
+def test_the_diffusion_loss_regresses_the_true_drift_at_uniform_steps_on_the_chosen_rows(tiny_data, diff_loss, positions):
+    model = make_model(tiny_data, diffusion_scale="rms", diff_loss=diff_loss, diff_loss_positions=positions, lambda_diff=0.7)
+    model.drift_rms.fill_(0.5)
+    model.eval()  # the running scale stays 0.5
+    batch = first_batch(tiny_data[1])
+    history, mask = model.history(batch)
+    target = batch["item_id"]
+    torch.manual_seed(3)
+    _, losses = model.diffusion_training(history, mask, target)
+    torch.manual_seed(3)  # the same draws, in the same order: the steps, then the noise
+    steps = torch.randint(1, model.n_steps + 1, (len(target),))
+    drift = torch.cat([history[:, 1:], model.tokens(target)[:, None]], dim=1) - history
+    noise = torch.randn_like(drift)
+    with torch.no_grad():
+        estimate = model.one_step_estimate(drift / 0.5, history / 0.5, steps, noise)
+        error = estimate - drift / 0.5
+        per_row = error.norm(dim=-1) if diff_loss == "l2norm" else error.pow(2).mean(-1)
+        rows = {"all": torch.ones_like(mask), "valid": torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], dim=1),
+                "last": torch.zeros_like(mask).index_fill(1, torch.tensor([mask.size(1) - 1]), True)}[positions]
+        if positions == "valid":
+            assert not rows.all(), "the batch must hold padded rows for 'valid' to differ from 'all'"
+        expected = 0.7 * (per_row * rows).sum() / rows.sum()
+    torch.testing.assert_close(losses[0], expected)
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_stop_grad_decides_whether_the_diffusion_loss_reaches_the_history(tiny_data, stop_grad):
+    model = make_model(tiny_data, stop_grad=stop_grad)
+    model.train()
+    batch = first_batch(tiny_data[1])
+    history, mask = model.history(batch)
+    history = history.detach().requires_grad_(True)  # so the table's gradient can only come through the next item
+    x_hat, losses = model.diffusion_training(history, mask, batch["item_id"])
+    losses[0].backward()
+    grad = lambda tensor: tensor.grad is not None and bool(tensor.grad.abs().sum() > 0)
+    assert grad(history) != stop_grad and grad(model.item_embedding.weight) != stop_grad
+    assert x_hat.requires_grad != stop_grad
+
+
 # ---- the running scale of the drift --------------------------------------------------------------
 
 def test_drift_rms_is_set_by_the_first_batch_then_moves_by_one_percent(tiny_data):
