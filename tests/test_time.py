@@ -190,3 +190,24 @@ def test_a_run_with_both_time_knobs_trains_and_repeats(timed_data, workdir):
     first = run("T2Diff", "timed", config_dict=settings, verbose=False)
     second = run("T2Diff", "timed", config_dict=settings, verbose=False)
     assert first["test_result"] == second["test_result"]
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_training_scores_the_time_gap_session_with_the_copied_last_item(timed_data, stop_grad):
+    config, train, *_ = timed_data
+    model = make_model((config, train, None, None), session_split="time_gap", time_lag="none", x_hat_source="copy_last",
+                       stop_grad=stop_grad)
+    model.train()
+    batch = first_batch(train)
+    seen, user_vector = [], model.user_vector
+    model.user_vector = lambda tokens, mask, x_hat, in_session=None: seen.append(x_hat) or user_vector(tokens, mask, x_hat, in_session)
+    torch.manual_seed(0)
+    loss = model.calculate_loss(batch)
+    del model.user_vector
+    assert seen[0].requires_grad != stop_grad, "stop_grad detaches the copied x̂"
+    torch.manual_seed(0)  # the same dropout draws
+    history, mask = model.history(batch)
+    tokens, in_session = model.tower_inputs(batch, history, mask)
+    assert (in_session != mask).any(), "the batch must hold time-gap sessions shorter than the last k"
+    expected = model.tower_loss(model.user_vector(tokens, mask, history[:, -1], in_session), batch)
+    torch.testing.assert_close(loss, expected)
