@@ -164,3 +164,16 @@ def test_deterministic_ddim_calls_the_denoiser_once_per_step():
 
     diffusion.ddim_chain(denoise, torch.randn(1, 2, 2), no_noise, 5, eta=0.0)
     assert seen == [50, 38, 26, 13, 1]
+
+
+def test_ddim_is_deterministic_unless_asked_for_noise():
+    diffusion = GaussianDiffusion(10)
+    draws = []
+    z_T = torch.randn(2, 3, 4)
+
+    def draw(shape):
+        draws.append(shape)
+        return torch.randn(shape)
+
+    diffusion.ddim_chain(lambda z, s: torch.zeros_like(z), z_T, draw, 4)
+    assert draws == [], "eta defaults to 0: no noise is drawn"
