@@ -1,4 +1,5 @@
 """U-Net geometry and shapes for several sequence lengths and depths (spec §8)."""
+import numpy as np
 import pytest
 import torch
 
@@ -53,3 +54,24 @@ def test_unet_parameter_count_at_d64_is_about_the_spec():
     denoiser = Denoiser(64, n_steps=50)
     n = sum(p.numel() for p in denoiser.parameters())
     assert 1.0e6 < n < 1.4e6  # spec §8: about 1.2 M at d = 64
+
+
+def test_valid_padding_mirrors_the_edge_rows_as_numpy_symmetric():
+    net = UNet1d(3, [4, 8], "valid")
+    u = torch.randn(2, 5, 3)
+    seen = []
+    net.down[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    net(u)
+    geometry = unet_geometry(5, 2, "valid")
+    left_padded = np.pad(u.transpose(1, 2).numpy(), ((0, 0), (0, 0), (geometry.padded_length - 5, 0)))
+    expected = np.pad(left_padded, ((0, 0), (0, 0), (geometry.mirror, geometry.mirror)), mode="symmetric")
+    assert geometry.mirror > 1
+    np.testing.assert_allclose(seen[0].numpy(), expected, rtol=0, atol=0)
+
+
+def test_film_scales_and_shifts_every_channel_by_the_condition():
+    film = torch.nn.Linear(2, 6)
+    x, condition = torch.randn(4, 3, 7), torch.randn(4, 2)
+    gamma, beta = film(condition)[:, :3, None], film(condition)[:, 3:, None]
+    torch.testing.assert_close(UNet1d._modulate(x, film, condition), x * (1 + gamma) + beta)
+    assert UNet1d._modulate(x, None, condition) is x
