@@ -356,3 +356,11 @@ def test_sampled_negatives_are_drawn_from_every_real_item_and_never_the_padding(
     expected = [torch.logsumexp(torch.cat([user[row] @ items[[target]].t(), user[row] @ items[negatives[negatives != target]].t()]), 0)
                 - user[row] @ items[target] for row, target in enumerate(targets.tolist())]
     torch.testing.assert_close(loss, torch.stack(expected).mean())
+
+
+def test_the_item_tower_reads_unclipped_tokens(tiny_data):
+    model = make_model(tiny_data, emb_max_norm=0.01)  # far below the initial token norms: every user-side token is clipped
+    ids = torch.arange(1, model.n_items)
+    raw, clipped = model.tokens(ids, clip=False), model.tokens(ids)
+    assert not torch.allclose(raw, clipped)
+    torch.testing.assert_close(model.item_vectors(ids), model.item_tower(raw))

@@ -75,3 +75,10 @@ def test_film_scales_and_shifts_every_channel_by_the_condition():
     gamma, beta = film(condition)[:, :3, None], film(condition)[:, 3:, None]
     torch.testing.assert_close(UNet1d._modulate(x, film, condition), x * (1 + gamma) + beta)
     assert UNet1d._modulate(x, None, condition) is x
+
+
+def test_same_padding_rounds_up_to_the_stride_and_mirrors_nothing():
+    as_tuple = lambda g: (g.padded_length, g.mirror, g.crops)
+    assert as_tuple(unet_geometry(5, 3, "same")) == (8, 0, (0, 0, 0))
+    assert as_tuple(unet_geometry(8, 3, "same")) == (8, 0, (0, 0, 0))
+    assert as_tuple(unet_geometry(9, 2, "same")) == (10, 0, (0, 0))
