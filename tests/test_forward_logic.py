@@ -364,3 +364,12 @@ def test_the_item_tower_reads_unclipped_tokens(tiny_data):
     raw, clipped = model.tokens(ids, clip=False), model.tokens(ids)
     assert not torch.allclose(raw, clipped)
     torch.testing.assert_close(model.item_vectors(ids), model.item_tower(raw))
+
+
+def test_the_target_attention_score_is_linear_elu_layernorm_linear_without_biases(tiny_data):
+    model = make_model(tiny_data, layer_norm_eps=1e-6, att_hidden=12)
+    first, act, norm, last = model.target_attention.score
+    assert isinstance(act, torch.nn.ELU) and isinstance(norm, torch.nn.LayerNorm) and norm.eps == 1e-6
+    assert (first.in_features, first.out_features, last.in_features, last.out_features) == (4 * model.embedding_size, 12, 12, 1)
+    assert first.bias is None and last.bias is None
+    assert TargetAttention(8).score[2].eps == 1e-8 and TargetAttention(8).score[0].out_features == 8  # defaults: as T2Diff's

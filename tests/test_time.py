@@ -211,3 +211,26 @@ def test_training_scores_the_time_gap_session_with_the_copied_last_item(timed_da
     assert (in_session != mask).any(), "the batch must hold time-gap sessions shorter than the last k"
     expected = model.tower_loss(model.user_vector(tokens, mask, history[:, -1], in_session), batch)
     torch.testing.assert_close(loss, expected)
+
+
+def test_the_time_lag_bucket_is_one_plus_log2_of_one_plus_the_minutes(timed_data):
+    from recbole_t2diff.model.t2diff import LAG_BUCKETS
+
+    config, train, *_ = timed_data
+    model = make_model((config, train, None, None), time_lag="bucket")
+    batch = first_batch(train)
+    lengths = batch["item_length"]
+    row = int(torch.nonzero(lengths >= 6)[0])
+    request = float(batch["timestamp"][row])
+    lags_seconds = torch.tensor([59.0, 0.0, 60.0, 180.0, 10 ** 9, -120.0])  # the last: logged after the request
+    times = batch["timestamp_list"].clone()
+    times[row, :6] = request - lags_seconds
+    batch.interaction["timestamp_list"] = times
+    captured = []
+    lag_embedding = model.lag_embedding
+    lag_embedding.register_forward_hook(lambda module, args, out: captured.append(args[0]))
+    history, mask = model.history(batch)
+    lagged, _ = model.tower_inputs(batch, history, mask)
+    buckets = captured[0][row][mask[row]][:6]  # right-aligned: the first 6 real rows of this user
+    assert buckets.tolist() == [1, 1, 2, 3, LAG_BUCKETS, 1]
+    torch.testing.assert_close(lagged, history + lag_embedding(captured[0]) * mask.unsqueeze(-1))
