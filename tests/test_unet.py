@@ -82,3 +82,37 @@ def test_same_padding_rounds_up_to_the_stride_and_mirrors_nothing():
     assert as_tuple(unet_geometry(5, 3, "same")) == (8, 0, (0, 0, 0))
     assert as_tuple(unet_geometry(8, 3, "same")) == (8, 0, (0, 0, 0))
     assert as_tuple(unet_geometry(9, 2, "same")) == (10, 0, (0, 0))
+
+
+def test_the_sinusoidal_step_table_is_sin_then_cos_at_geometric_frequencies():
+    from recbole_t2diff.model.unet import step_table
+
+    for width in (6, 7):
+        table, half = step_table("sinusoidal_mlp", 5, width).double(), width // 2
+        s = torch.arange(6, dtype=torch.float64)[:, None]
+        freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+        expected = torch.cat([torch.sin(s * freqs), torch.cos(s * freqs), torch.zeros(6, width - 2 * half, dtype=torch.float64)], 1)
+        torch.testing.assert_close(table, expected, rtol=0, atol=1e-6)
+    official = step_table("official", 5, 4).double()
+    torch.testing.assert_close(official, torch.sin(torch.arange(6.0)[:, None] / 2.0 ** torch.arange(4.0)).double(), rtol=0, atol=1e-6)
+
+
+def test_the_denoisers_knobs_reach_its_parts_and_its_defaults_are_the_property_files():
+    import os
+
+    import yaml
+
+    from conftest import REPO
+    from recbole_t2diff.model.unet import step_table
+
+    knobs = yaml.safe_load(open(os.path.join(REPO, "properties", "model", "T2Diff.yaml")))
+    default = Denoiser(8, 10)
+    assert (default.unet.levels, default.unet.out_proj, default.step_scale, default.film, default.slot) == (
+        knobs["unet_levels"], None, knobs["step_emb_scale"], False, None)
+    torch.testing.assert_close(default.steps, step_table("official", 10, 16))
+    assert "steps" not in default.state_dict()  # derived from the knobs; checkpoints carry only the learned weights
+    assert {m.eps for m in default.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-8}
+    mlp = Denoiser(8, 10, levels=2, out_proj=True, step_emb="sinusoidal_mlp", eps=1e-6)
+    assert [type(m) for m in mlp.step_mlp] == [torch.nn.Linear, torch.nn.SiLU, torch.nn.Linear] and mlp.step_scale == 1.0
+    assert mlp.unet.out_proj is not None and {m.eps for m in mlp.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    torch.testing.assert_close(mlp.steps, step_table("sinusoidal_mlp", 10, 16))
