@@ -177,3 +177,11 @@ def test_ddim_is_deterministic_unless_asked_for_noise():
 
     diffusion.ddim_chain(lambda z, s: torch.zeros_like(z), z_T, draw, 4)
     assert draws == [], "eta defaults to 0: no noise is drawn"
+
+
+def test_the_schedule_constants_reach_the_schedule_and_no_table_is_saved():
+    from recbole_t2diff.model.diffusion import beta_schedule
+
+    diffusion = GaussianDiffusion(10, "linear", 0.001, 0.05)
+    torch.testing.assert_close(diffusion.betas[1:].double(), torch.tensor(beta_schedule("linear", 10, 0.001, 0.05)), rtol=1e-6, atol=0)
+    assert diffusion.betas[0] == 0 and len(diffusion.state_dict()) == 0  # derived from the knobs, not learned

@@ -373,3 +373,12 @@ def test_the_target_attention_score_is_linear_elu_layernorm_linear_without_biase
     assert (first.in_features, first.out_features, last.in_features, last.out_features) == (4 * model.embedding_size, 12, 12, 1)
     assert first.bias is None and last.bias is None
     assert TargetAttention(8).score[2].eps == 1e-8 and TargetAttention(8).score[0].out_features == 8  # defaults: as T2Diff's
+
+
+def test_switching_the_sampler_keeps_ddim_deterministic_unless_told(tiny_data):
+    model = make_model(tiny_data, ddim_eta=0.5)
+    assert model.ddim_eta == 0.5
+    model.set_sampler("ddim", 2)
+    assert (model.sampler, model.infer_steps, model.ddim_eta) == ("ddim", 2, 0.0)
+    model.set_sampler("ddpm")
+    assert model.infer_steps == model.n_steps

@@ -116,3 +116,12 @@ def test_the_denoisers_knobs_reach_its_parts_and_its_defaults_are_the_property_f
     assert [type(m) for m in mlp.step_mlp] == [torch.nn.Linear, torch.nn.SiLU, torch.nn.Linear] and mlp.step_scale == 1.0
     assert mlp.unet.out_proj is not None and {m.eps for m in mlp.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
     torch.testing.assert_close(mlp.steps, step_table("sinusoidal_mlp", 10, 16))
+
+
+def test_every_unet_block_is_conv_silu_layernorm_and_the_defaults_are_the_property_files():
+    from recbole_t2diff.model.unet import ChannelLayerNorm
+
+    net = UNet1d(6, [4, 8])
+    for block in [*net.down, *net.merge]:
+        assert [type(m) for m in block] == [torch.nn.Conv1d, torch.nn.SiLU, ChannelLayerNorm] and block[2].eps == 1e-8
+    assert net.down[0][0].padding == (0,) and net.padding == "valid"  # valid convs, mirror padding outside

@@ -73,7 +73,6 @@ class GaussianDiffusion(nn.Module):
         tables = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
-            "posterior_variance": posterior_variance,
             "coef_x0": coef_x0,
             "coef_zs": coef_zs,
             "sigma": sigma,
