@@ -26,6 +26,7 @@ TINY_SPARCODE = {
     "token_size": 8, "n_layers": 1, "inner_size": 16, "dnn_hidden": [16], "mlp_hidden": [16, 16],
     "n_query_tokens": 2, "codebook_size": 8, "softmax_negatives": 10,
 }
+QUIET = {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "mlp_dropout": 0.0}  # no dropout: losses recomputable
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,8 @@ def test_scoring_knobs_reach_the_model(sparcode_data):
 
     model = make_model(sparcode_data, ce_checkpoint=True, score_mode="index", score_chunk_rows=1234)
     assert (model.ce_checkpoint, model.score_mode, model.score_chunk_rows) == (True, "index", 1234)
-    assert (make_model(sparcode_data).ce_checkpoint, make_model(sparcode_data).score_mode) == (False, "exact")
+    default = make_model(sparcode_data)
+    assert (default.ce_checkpoint, default.score_mode) == (False, "exact")
     # Unset, the block size is the device type's: a GPU takes larger blocks; an unknown type, the CPU's.
     devices = [("cpu", DEFAULT_CHUNK["cpu"]), ("meta", DEFAULT_CHUNK["cpu"])]
     for device, expected in devices + ([("cuda", DEFAULT_CHUNK["cuda"])] if torch.cuda.is_available() else []):
@@ -442,15 +444,12 @@ def test_scoring_changes_no_buffer_even_in_training_mode(sparcode_data):
 
 
 def test_full_ce_is_cross_entropy_of_the_full_sort_logits(sparcode_data):
-    model = trained(sparcode_data, softmax_negatives=None, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, mlp_dropout=0.0, relu_leak=0.0)
+    model = trained(sparcode_data, softmax_negatives=None, relu_leak=0.0, **QUIET)
     batch = first_batch(sparcode_data[1])
     logits = scores(model, batch)
     model.train()
     rec_loss = model.calculate_loss(batch)[0]
     torch.testing.assert_close(rec_loss, F.cross_entropy(logits, batch["item_id"]))
-
-
-QUIET = {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "mlp_dropout": 0.0}
 
 
 def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data, monkeypatch):
@@ -483,7 +482,7 @@ def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data
 
 
 def test_sampled_softmax_masks_accidental_hits(sparcode_data, monkeypatch):
-    model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, relu_leak=0.0)
+    model = trained(sparcode_data, relu_leak=0.0, **QUIET)
     batch = first_batch(sparcode_data[1])
     target = batch["item_id"]
     other = int((target % (model.n_items - 1)) [0]) + 1  # an item that is not the first row's target
@@ -537,7 +536,7 @@ def test_the_full_ce_sparsity_term_averages_the_non_target_pairs(sparcode_data, 
 
 
 def test_bpr_reads_the_sampled_negative(sparcode_data):
-    model = trained(sparcode_data, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, relu_leak=0.0,
+    model = trained(sparcode_data, relu_leak=0.0, **QUIET,
                     loss_type="BPR", softmax_negatives=None, train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
     batch = with_negatives(first_batch(sparcode_data[1]), model.n_items)
     model.train()
@@ -562,7 +561,7 @@ def test_bpr_reads_the_sampled_negative(sparcode_data):
 ])
 def test_each_loss_trains(sparcode_data, overrides):
     """Training steps on one batch lower its recommendation loss (fixed negatives, no dropout)."""
-    model = trained(sparcode_data, steps=1, mlp_dropout=0.0, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, **overrides)
+    model = trained(sparcode_data, steps=1, **QUIET, **overrides)
     batch = with_negatives(first_batch(sparcode_data[1]), model.n_items)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
