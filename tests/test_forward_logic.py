@@ -31,17 +31,19 @@ def capture_x_hat(model):
     return seen
 
 
-@pytest.mark.parametrize("use_drift", [True, False])
-def test_a_perfect_denoiser_makes_the_training_x_hat_the_true_next_item(tiny_data, use_drift):
-    """Whatever is diffused (drift or next tokens), a denoiser that returns the clean ẑ_0 gives x̂ = x_next."""
+@pytest.mark.parametrize("use_drift,diffusion_scale", [(True, "none"), (False, "none"), (True, "rms")])
+def test_a_perfect_denoiser_makes_the_training_x_hat_the_true_next_item(tiny_data, use_drift, diffusion_scale):
+    """Whatever is diffused (drift or next tokens, in token units or in drift-RMS units), a denoiser that
+    returns the clean ẑ_0 gives x̂ = x_next."""
     _, train, _, _ = tiny_data
-    model = make_model(tiny_data, use_drift=use_drift)
+    model = make_model(tiny_data, use_drift=use_drift, diffusion_scale=diffusion_scale)
     model.train()
     model.one_step_estimate = lambda z0, condition, s, noise: z0
     seen = capture_x_hat(model)
     batch = first_batch(train)
     model.calculate_loss(batch)
     torch.testing.assert_close(seen[0], model.tokens(batch[model.POS_ITEM_ID]))
+    assert diffusion_scale == "none" or abs(float(model.scale()) - 1) > 0.5, "a unit of ~1 would not test the rescaling"
 
 
 @pytest.mark.parametrize("use_drift", [True, False])
@@ -289,6 +291,20 @@ def test_a_lonely_token_attends_to_itself_under_the_diagonal_mask():
     admissible = torch.tensor([[False, False, True]] * 3)
     admissible[2, 2] = True
     torch.testing.assert_close(encoder(tokens, mask), reference_session_encoder(encoder, tokens, mask, admissible))
+
+
+def test_the_session_layer_is_bias_free_attention_then_linear_elu_layernorm_per_ffn_width():
+    """The layer of spec §11 (official code): bias-free q/k/v/out, and each FFN step Linear (no bias), ELU, LayerNorm."""
+    default = SessionEncoder(6)
+    assert (default.n_heads, default.mask_diag, default.mask_pads) == (2, True, True)
+    assert default.attention_norm.eps == default.ffn_norm.eps == 1e-8
+    encoder = SessionEncoder(6, ffn_hidden=(5, 4), eps=1e-5)
+    for projection in (encoder.query, encoder.key, encoder.value, encoder.out):
+        assert projection.bias is None and projection.weight.shape == (6, 6)
+    assert encoder.attention_norm.eps == encoder.ffn_norm.eps == 1e-5
+    assert [[type(m) for m in step] for step in encoder.ffn] == [[torch.nn.Linear, torch.nn.ELU, torch.nn.LayerNorm]] * 3
+    assert [(step[0].in_features, step[0].out_features, step[0].bias, step[2].normalized_shape, step[2].eps)
+            for step in encoder.ffn] == [(6, 5, None, (5,), 1e-5), (5, 4, None, (4,), 1e-5), (4, 6, None, (6,), 1e-5)]
 
 
 def test_target_attention_weights_are_a_softmax_over_the_real_older_rows_only():

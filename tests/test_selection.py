@@ -57,6 +57,19 @@ def test_the_best_validation_epoch_is_the_one_tested_even_when_it_is_not_the_las
     assert dict(last_epoch) != dict(result["test_result"]), "the last epoch must score differently, or the reload is not tested"
 
 
+def test_show_progress_reaches_the_test_evaluation_and_the_result_names_its_model(tiny_path, workdir):
+    flags = []
+
+    def on_trainer(trainer):
+        evaluate = trainer.evaluate
+        trainer.evaluate = lambda data, *args, **kwargs: flags.append(kwargs.get("show_progress")) or evaluate(data, *args, **kwargs)
+
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "show_progress": True},
+                 saved=False, on_trainer=on_trainer)
+    assert flags == [True, True]  # the epoch's validation, then the test
+    assert result["model"] == "T2Diff"
+
+
 def fake_result(valid, test):
     return {"model": "T2Diff", "best_valid_score": valid, "valid_score_bigger": True,
             "best_valid_result": {"ndcg@10": valid}, "test_result": {"ndcg@10": test}}

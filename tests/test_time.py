@@ -155,8 +155,26 @@ def test_time_lag_auto_takes_the_lag_on_clock_time_and_goes_without_on_an_order_
 
 @pytest.mark.parametrize("knob", [{"session_split": "time_gap"}, {"time_lag": "bucket"}])
 def test_time_knobs_refuse_a_timestamp_that_only_counts_interactions(tiny_data, knob):
-    with pytest.raises(UsageError, match="only counts each user's interactions"):
+    (name, value), = knob.items()
+    with pytest.raises(UsageError, match=f"^{name}: {value} needs clock time, but 'timestamp' only counts each user's interactions"):
         make_model(tiny_data, **knob)
+
+
+def test_an_order_index_is_recognised_when_no_history_fills_the_window(tmp_path):
+    """Only steps between two real items count: with a window longer than every user, each row starts with padding."""
+    from recbole_t2diff.config import Config
+    from recbole_t2diff.quick_start import build_model, prepare
+
+    from conftest import write_tiny_dataset
+
+    path = write_tiny_dataset(str(tmp_path / "data"))
+    with scratch_run(tmp_path):
+        config = Config(model="T2Diff", dataset="tiny", config_dict={"data_path": path, **TINY_MODEL, "MAX_ITEM_LIST_LENGTH": 500,
+                                                                     "time_lag": "bucket"})
+        _, train, _, _ = prepare(config)
+        assert not bool((train.dataset.inter_feat["item_length"] == 500).any())
+        with pytest.raises(UsageError, match="only counts each user's interactions"):
+            build_model(config, train)
 
 
 def test_time_knobs_refuse_normalised_timestamps(timed_data, tmp_path):
@@ -222,7 +240,8 @@ def test_the_time_lag_bucket_is_one_plus_log2_of_one_plus_the_minutes(timed_data
     lengths = batch["item_length"]
     row = int(torch.nonzero(lengths >= 6)[0])
     request = float(batch["timestamp"][row])
-    lags_seconds = torch.tensor([59.0, 0.0, 60.0, 180.0, 10 ** 9, -120.0])  # the last: logged after the request
+    # 10^10 s is 2^27 minutes, past the last bucket's start (2^22 min): capped there. The last: logged after the request.
+    lags_seconds = torch.tensor([59.0, 0.0, 60.0, 180.0, 10 ** 10, -120.0])
     times = batch["timestamp_list"].clone()
     times[row, :6] = request - lags_seconds
     batch.interaction["timestamp_list"] = times

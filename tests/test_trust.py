@@ -183,7 +183,8 @@ def test_reordered_or_changed_data_is_refused(tmp_path, workdir):
     header, rows = original[0], original[1:]
     with open(inter, "w") as f:  # the same interactions, rows in another order: ids are re-mapped
         f.write("\n".join([header] + rows[::-1]) + "\n")
-    one_line_error(evaluate_checkpoint, model_file, match="trained on other data: field item_id maps its ids to other tokens")
+    one_line_error(evaluate_checkpoint, model_file,
+                   match=f"checkpoint '{re.escape(model_file)}' was trained on other data: field item_id maps its ids to other tokens")
     one_line_error(export_embeddings, model_file, str(tmp_path / "export"), match="trained on other data")
     user, item, time = rows[-1].split("\t")
     with open(inter, "w") as f:  # same order, one timestamp moved (still the user's last)
@@ -265,7 +266,8 @@ def test_a_misspelt_key_in_a_params_file_fails_before_any_trial(tmp_path):
 
 
 def test_a_misspelt_override_of_a_checkpoint_is_refused(trained, workdir):
-    one_line_error(evaluate_checkpoint, trained["saved_model_file"], "test", {"infer_step": 2}, match="did you mean 'infer_steps'")
+    one_line_error(evaluate_checkpoint, trained["saved_model_file"], "test", {"infer_step": 2},
+                   match=r"unknown setting 'infer_step' \(overrides\).*did you mean 'infer_steps'")
 
 
 def test_deliberate_extra_keys_pass_when_listed():

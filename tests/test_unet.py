@@ -125,3 +125,7 @@ def test_every_unet_block_is_conv_silu_layernorm_and_the_defaults_are_the_proper
     for block in [*net.down, *net.merge]:
         assert [type(m) for m in block] == [torch.nn.Conv1d, torch.nn.SiLU, ChannelLayerNorm] and block[2].eps == 1e-8
     assert net.down[0][0].padding == (0,) and net.padding == "valid"  # valid convs, mirror padding outside
+    assert [type(m) for m in net.up[0]] == [torch.nn.Upsample, torch.nn.Conv1d, torch.nn.SiLU]
+    film = UNet1d(6, [4, 8, 16], film_dim=5)  # FiLM on every down block and every merge, each sized for its level
+    assert [layer.out_features for layer in film.film_down] == [8, 16, 32]
+    assert [layer.out_features for layer in film.film_merge] == [8, 16]
