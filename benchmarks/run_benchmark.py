@@ -354,7 +354,6 @@ class Study:
         self.argv = list(argv)
         self.overrides = [a for a in extra if a.startswith("--") and "=" in a]
         self.csv_path = os.path.join(self.args.out, f"{self.args.dataset}.csv")
-        self.rows = read_rows(self.csv_path)
         self.seeds = [int(s) for s in self.args.seeds.split(",")]
         self.variants = split_models(self.args.models)
         for v in self.variants:
@@ -362,6 +361,11 @@ class Study:
         self.grid = parse_grid(self.args.search) if self.args.search else None
         self.trials = search_trials(self.variants, self.grid) if self.grid else None
         self.lock = threading.Lock()
+
+    @functools.cached_property
+    def rows(self):
+        """The rows already in the CSV, read when first needed: a worker process never needs them."""
+        return read_rows(self.csv_path)
 
     def command(self, variant, seed):
         """The worker process of one (variant, seed)."""
@@ -555,17 +559,19 @@ def title(variants):
 def setting(key, variant, args, overrides=()):
     """The value of config ``key`` a run of ``variant`` trained with, in RecBole's order of precedence.
 
-    Lowest first: RecBole's overall.yaml and model file, this package's property files, --config_files,
-    the variant's settings (the worker's config_dict), then the study's --key=value overrides (the
-    worker's command line, which RecBole reads last). ``None`` when no file sets it.
+    Lowest first: RecBole's overall.yaml, model and dataset files, this package's property files (overall,
+    sequential, model, dataset), --config_files, the variant's settings (the worker's config_dict), then the
+    study's --key=value overrides (the worker's command line, which RecBole reads last). ``None`` when no
+    file sets it. (Not a Config: building one would read this script's own command line as settings.)
     """
     import recbole
 
     model = parse_variant(variant)[0]
-    ours = os.path.join(ROOT, "properties")
-    files = [os.path.join(os.path.dirname(recbole.__file__), "properties", "overall.yaml"),
-             os.path.join(os.path.dirname(recbole.__file__), "properties", "model", f"{model}.yaml"),
+    theirs, ours = os.path.join(os.path.dirname(recbole.__file__), "properties"), os.path.join(ROOT, "properties")
+    files = [os.path.join(theirs, "overall.yaml"), os.path.join(theirs, "model", f"{model}.yaml"),
+             os.path.join(theirs, "dataset", f"{args.dataset}.yaml"),
              os.path.join(ours, "overall.yaml"), os.path.join(ours, "sequential.yaml"), os.path.join(ours, "model", f"{model}.yaml"),
+             os.path.join(ours, "dataset", f"{args.dataset}.yaml"),
              *(args.config_files.split() if getattr(args, "config_files", None) else [])]
     value = None
     for file in files:

@@ -20,7 +20,7 @@ from conftest import REPO, TINY_MODEL
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from make_synthetic import generate, write  # noqa: E402
-from run_benchmark import Budget, choose, parse_grid, parse_variant, split_models, with_settings  # noqa: E402
+from run_benchmark import Budget, choose, parse_grid, parse_variant, setting, split_models, with_settings  # noqa: E402
 
 
 def test_generator_writes_atomic_files_recbole_loads(tmp_path, workdir):
@@ -52,6 +52,35 @@ def test_variant_syntax():
     assert parse_variant("T2Diff-noDP[n_steps=20]") == ("T2Diff", {"use_drift": False, "n_steps": 20})
     with pytest.raises(SystemExit, match="T2Diff-noDiff"):
         parse_variant("T2Diff-noDif")
+
+
+@pytest.mark.parametrize("variant,overrides", [("T2Diff", ()), ("SASRec", ()), ("T2Diff-noDiff[learning_rate=0.003]", ("--epochs=7",))])
+def test_the_tables_read_each_setting_as_recboles_config_does(variant, overrides, tmp_path):
+    """The stopping rule a table states comes from the files, settings and overrides the run's Config read, in its order."""
+    import argparse
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("stopping_step: 4\nnormalize_all: True\n")
+    args = argparse.Namespace(dataset="ml-100k", config_files=str(mine))
+    name, settings = parse_variant(variant)
+    config = Config(model=name, dataset="ml-100k", config_file_list=[str(mine)],
+                    config_dict={**settings, **{o[2:].split("=")[0]: int(o.split("=")[1]) for o in overrides}})
+    for key in ("epochs", "stopping_step", "learning_rate", "train_batch_size", "normalize_all", "TIME_FIELD", "MAX_ITEM_LIST_LENGTH", "use_diffusion"):
+        assert setting(key, variant, args, overrides) == config[key], key
+    args.config_files = None  # the dataset files: RecBole's ml-100k.yaml normalises every float field, ours keeps timestamps
+    assert setting("normalize_all", variant, args, overrides) is False
+
+
+def test_a_worker_process_never_reads_the_studys_csv(tmp_path, monkeypatch):
+    import run_benchmark
+
+    reads = []
+    monkeypatch.setattr(run_benchmark, "read_rows", lambda path: reads.append(path) or [])
+    study = run_benchmark.Study(["--worker", "SASRec", "2020", "--dataset=ml-100k", f"--out={tmp_path}"])
+    assert study.resume_dir("SASRec", 2020).startswith(str(tmp_path)) and reads == []
+    assert study.rows == [] and reads == [str(tmp_path / "ml-100k.csv")]  # the parent reads it, once, when it needs it
+    study.rows.append({})
+    assert len(study.rows) == 1 and len(reads) == 1
 
 
 def test_search_grid_and_its_variant_names():
