@@ -163,6 +163,9 @@ def test_emb_max_norm_shrinks_long_tokens_to_the_cap_and_leaves_short_ones_alone
 
 def test_a_token_with_categories_is_its_id_embedding_then_the_mean_of_its_real_categories(tiny_data):
     model = make_model(tiny_data, category_field="genre", category_dim=3)
+    assert (model.item_embedding.embedding_dim, model.category_embedding.embedding_dim) == (5, 3)  # d = 8
+    halves = make_model(tiny_data, category_field="genre")  # category_dim: ~ gives the categories half the width
+    assert (halves.item_embedding.embedding_dim, halves.category_embedding.embedding_dim) == (4, 4)
     categories = model.item_categories  # [n_items, G], 0 = no category
     ids = torch.arange(1, model.n_items)
     assert (categories[ids] == 0).any() and (categories[ids] == 1).any(), "padded slots and category 1 must both occur"
@@ -171,6 +174,20 @@ def test_a_token_with_categories_is_its_id_embedding_then_the_mean_of_its_real_c
         real = categories[item][categories[item] > 0]
         expected.append(torch.cat([model.item_embedding.weight[item], model.category_embedding(real).mean(0)]))
     torch.testing.assert_close(model.tokens(ids[None])[0], torch.stack(expected))
+
+
+@pytest.mark.parametrize("category_field", [None, "genre"])
+def test_every_real_item_and_category_learns_and_padding_never_does(tiny_data, category_field):
+    """The full softmax reaches every item's token (and through it every category that occurs); id 0 is padding."""
+    _, train, _, _ = tiny_data
+    model = make_model(tiny_data, category_field=category_field)
+    model.train()
+    loss = model.calculate_loss(first_batch(train))
+    sum(loss if isinstance(loss, tuple) else [loss]).backward()
+    for table, used in [(model.item_embedding, torch.arange(1, model.n_items))] + (
+            [(model.category_embedding, model.item_categories[1:].unique())] if category_field else []):
+        assert (table.weight.grad[0] == 0).all()
+        assert (table.weight.grad[used[used > 0]] != 0).any(dim=1).all()
 
 
 def test_a_single_token_category_field_becomes_one_column_per_item():
@@ -298,13 +315,13 @@ def test_the_session_layer_is_bias_free_attention_then_linear_elu_layernorm_per_
     default = SessionEncoder(6)
     assert (default.n_heads, default.mask_diag, default.mask_pads) == (2, True, True)
     assert default.attention_norm.eps == default.ffn_norm.eps == 1e-8
-    encoder = SessionEncoder(6, ffn_hidden=(5, 4), eps=1e-5)
+    encoder = SessionEncoder(6, ffn_hidden=(5, 4), eps=1e-6)
     for projection in (encoder.query, encoder.key, encoder.value, encoder.out):
         assert projection.bias is None and projection.weight.shape == (6, 6)
-    assert encoder.attention_norm.eps == encoder.ffn_norm.eps == 1e-5
+    assert encoder.attention_norm.eps == encoder.ffn_norm.eps == 1e-6
     assert [[type(m) for m in step] for step in encoder.ffn] == [[torch.nn.Linear, torch.nn.ELU, torch.nn.LayerNorm]] * 3
     assert [(step[0].in_features, step[0].out_features, step[0].bias, step[2].normalized_shape, step[2].eps)
-            for step in encoder.ffn] == [(6, 5, None, (5,), 1e-5), (5, 4, None, (4,), 1e-5), (4, 6, None, (6,), 1e-5)]
+            for step in encoder.ffn] == [(6, 5, None, (5,), 1e-6), (5, 4, None, (4,), 1e-6), (4, 6, None, (6,), 1e-6)]
 
 
 def test_target_attention_weights_are_a_softmax_over_the_real_older_rows_only():

@@ -122,8 +122,8 @@ def test_every_type_with_comments_and_spaces_in_values(tmp_path):
 
     path = tmp_path / "space.hyper"
     path.write_text("# a whole-line comment\n\n"
-                    "learning_rate choice [0.001, 0.01]  # a comment # with two hashes\n"
-                    "dropout_prob uniform 0.1, 0.2\n"
+                    "learning_rate choice [0.001, 0.01]  # a comment\n"
+                    "dropout_prob uniform 0.1, 0.2  # a comment # with two hashes\n"
                     "embedding_size quniform 8, 64, 8\n"
                     "step_emb_scale quniform 0.5,2.5,0.5\n"
                     "weight_decay loguniform -8,-5\n")

@@ -206,7 +206,9 @@ def test_a_gpu_checkpoint_loads_on_a_machine_without_one(trained, workdir):
 
 def test_a_checkpoint_from_several_processes_reloads_in_one(trained, tmp_path, workdir):
     payload = torch.load(trained["saved_model_file"], weights_only=True)
-    payload["config"]["single_spec"], payload["config"]["local_rank"] = False, 1  # as rank 1 of a gloo run wrote it
+    settings = payload["config"]["settings"]
+    assert (settings["single_spec"], settings["local_rank"]) == (True, 0)
+    settings["single_spec"], settings["local_rank"] = False, 1  # as rank 1 of a gloo run wrote it
     path = tmp_path / "rank1.pth"
     torch.save(payload, path)
     config = load_data_and_model(str(path))[0]
