@@ -32,6 +32,21 @@ def test_log_schedule_hits_both_endpoints():
     assert np.prod(1 - betas) == pytest.approx(0.019, abs=0.002)
 
 
+def test_given_schedule_constants_replace_the_defaults():
+    np.testing.assert_allclose(beta_schedule("exp", 4, 0.01, 1.0), 0.01 * np.exp(np.arange(1, 5) / 4), rtol=1e-12)
+    log = beta_schedule("log", 5, 0.01, 0.3)
+    assert log[0] == pytest.approx(0.01) and log[-1] == pytest.approx(0.3)
+    np.testing.assert_allclose(beta_schedule("log", 2, 0.05, 0.2), [0.05, 0.2], rtol=1e-12)
+    np.testing.assert_array_equal(beta_schedule("log", 1, 0.05, 0.2), [0.05])  # one step: β_1 = a
+
+
+@pytest.mark.parametrize("name,a,b", [("linear", 0.0, 0.0), ("exp", 1.0, 0.0)])
+def test_a_beta_of_exactly_0_or_1_is_rejected(name, a, b):
+    """β = 0 adds no noise and β = 1 leaves nothing of the signal: both break the posterior's divisions."""
+    with pytest.raises(UsageError, match="outside \\(0, 1\\)"):
+        beta_schedule(name, 10, a, b)
+
+
 @pytest.mark.parametrize("name,a,b", [("exp", 0.1, 4.5), ("linear", 2.0, 0.01), ("cosine", None, None)])
 def test_bad_schedules_are_rejected_with_a_fix(name, a, b):
     with pytest.raises(UsageError, match="beta_schedule"):

@@ -415,3 +415,33 @@ def test_switching_the_sampler_keeps_ddim_deterministic_unless_told(tiny_data):
     assert (model.sampler, model.infer_steps, model.ddim_eta) == ("ddim", 2, 0.0)
     model.set_sampler("ddpm")
     assert model.infer_steps == model.n_steps
+
+
+# ---- the knobs reach their parts -----------------------------------------------------------------
+
+def test_every_architecture_knob_reaches_its_part(tiny_data):
+    """Spec §6-§12's layout, built from non-default knobs (d = 8): a knob read under the wrong key or dropped
+    on the way to its module would otherwise leave the module at its own default."""
+    from recbole_t2diff.model.diffusion import GaussianDiffusion
+
+    model = make_model(tiny_data, beta_schedule="linear", beta_a=0.03, beta_b=0.02, reverse_coef="official", unet_levels=2,
+                       unet_out_proj=True, session_ffn_hidden=[5, 6], mask_diag=False, mask_pads=False, layer_norm_eps=1e-6,
+                       use_user_ffn=True, xhat_loss="ce", initializer_range=0.05)
+    schedule = GaussianDiffusion(model.n_steps, "linear", 0.03, 0.02, "official")
+    for name in ("betas", "alphas_cumprod", "coef_x0", "coef_zs", "sigma"):
+        torch.testing.assert_close(getattr(model.diffusion, name), getattr(schedule, name), rtol=0, atol=0)
+    assert model.denoiser.unet.levels == 2 and model.denoiser.unet.out_proj is not None
+
+    session = model.session_encoder
+    assert (session.mask_diag, session.mask_pads, session.attention_norm.eps) == (False, False, 1e-6)
+    assert [(step[0].in_features, step[0].out_features) for step in session.ffn] == [(8, 5), (5, 6), (6, 8)]
+    assert [[type(m) for m in tower] for tower in (model.user_ffn, model.item_tower)] == [[torch.nn.Linear, torch.nn.ELU, torch.nn.LayerNorm]] * 2
+    assert (model.user_ffn[0].in_features, model.user_ffn[0].out_features, model.user_ffn[0].bias is not None) == (16, 16, True)
+    assert (model.item_tower[0].in_features, model.item_tower[0].out_features, model.item_tower[0].bias) == (8, 16, None)
+    assert model.user_ffn[2].eps == model.item_tower[2].eps == 1e-6
+    # x̂'s logit scale starts where a token's product with itself is 1: d·σ² = 8·0.05² = 0.02, so 50.
+    assert model.xhat_logit_scale.exp().item() == pytest.approx(50.0)
+
+    plain = make_model(tiny_data, session_ffn_hidden=None)  # ~: no hidden layer; and no x̂ objective, so no logit scale
+    assert [(step[0].in_features, step[0].out_features) for step in plain.session_encoder.ffn] == [(8, 8)]
+    assert "xhat_logit_scale" not in plain.state_dict() and plain.user_ffn is None

@@ -252,4 +252,5 @@ def test_the_time_lag_bucket_is_one_plus_log2_of_one_plus_the_minutes(timed_data
     lagged, _ = model.tower_inputs(batch, history, mask)
     buckets = captured[0][row][mask[row]][:6]  # right-aligned: the first 6 real rows of this user
     assert buckets.tolist() == [1, 1, 2, 3, LAG_BUCKETS, 1]
+    assert (lag_embedding.num_embeddings, lag_embedding.padding_idx) == (LAG_BUCKETS + 1, 0)  # bucket 0: padding rows only
     torch.testing.assert_close(lagged, history + lag_embedding(captured[0]) * mask.unsqueeze(-1))
