@@ -198,3 +198,10 @@ def test_the_first_rejected_value_names_its_knob(defaults, model, knobs, message
     with pytest.raises(UsageError, match=re.escape(f"invalid {model.__name__} setting {message}")) as raised:
         check(defaults, model, knobs)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("knobs,message", [({"beta_a": 0.5}, "beta_a=0.5, beta_b=4.5"), ({"beta_b": 10}, "beta_a=0.01, beta_b=10.0")])
+def test_the_schedule_constants_are_checked_with_the_other_knobs(defaults, knobs, message):
+    """Both constants reach the check that runs with the config, before any data is loaded."""
+    with pytest.raises(UsageError, match=re.escape(message) + r".*outside \(0, 1\)"):
+        check(defaults, T2Diff, knobs)

@@ -215,6 +215,15 @@ def test_a_checkpoint_from_several_processes_reloads_in_one(trained, tmp_path, w
     assert (config["single_spec"], config["local_rank"]) == (True, 0)
 
 
+def test_each_rank_builds_its_model_from_the_seed_plus_its_rank(tiny_data):
+    from conftest import make_model
+
+    seed = tiny_data[0]["seed"]
+    rank_1 = make_model(tiny_data, local_rank=1).state_dict()
+    assert all(torch.equal(rank_1[k], v) for k, v in make_model(tiny_data, seed=seed + 1).state_dict().items())
+    assert not all(torch.equal(rank_1[k], v) for k, v in make_model(tiny_data).state_dict().items())
+
+
 def test_every_rank_reloads_the_file_rank_0_saved(monkeypatch):
     from recbole_t2diff import quick_start
 
