@@ -196,6 +196,24 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
     assert shlex.split(stated) == command[2:]  # quoted: pasted into a shell, the ";" stays in --search
 
 
+def test_xhat_quality_of_the_copied_last_item_is_1_and_its_hits_are_the_repeats(tiny_data):
+    """x̂ := x_L is the unit of the relative error; and x_L's nearest token is its own, so a hit@1 is exactly
+    a user whose next item repeats the last one (made so here for every third user)."""
+    from conftest import make_model
+    from xhat_diagnosis import xhat_quality
+
+    model = make_model(tiny_data, x_hat_source="copy_last")
+    interaction = next(iter(tiny_data[2]))[0]
+    last = interaction[model.ITEM_SEQ].gather(1, (interaction[model.ITEM_SEQ_LEN] - 1)[:, None]).squeeze(1)
+    repeat = torch.arange(len(last)) % 3 == 0
+    interaction.interaction[model.ITEM_ID] = torch.where(repeat, last, interaction[model.ITEM_ID])
+    repeats = int((interaction[model.ITEM_ID] == last).sum())
+    quality = xhat_quality(model, [(interaction,)])
+    assert quality["xhat_rel_error"] == 1.0 and 0 < repeats < len(last)
+    assert quality["xhat_hit@1"] == round(repeats / len(last), 4) and quality["xhat_hit@1"] <= quality["xhat_hit@10"] <= 1
+    assert xhat_quality(make_model(tiny_data, use_diffusion=False), [(interaction,)]) == {"xhat_rel_error": "", "xhat_hit@1": "", "xhat_hit@10": ""}
+
+
 def test_xhat_diagnosis_chain_row_is_the_normal_evaluation(tiny_path, workdir, monkeypatch):
     from recbole_t2diff.model.t2diff import T2Diff
     from recbole_t2diff.quick_start import evaluate_checkpoint, run
