@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Mutation testing (issue 16): mutmut changes T2Diff's model code and the selection / reload /
-# export code one small edit at a time, runs the tests that cover each changed function, and lists
+# Mutation testing (issue 16): mutmut changes the model code (T2Diff, SparCode and its index) and the
+# selection / reload / export code one small edit at a time, runs the tests that cover each changed function, and lists
 # the mutants no test notices. Not part of CI: the full scope takes hours on 2 CPU cores.
 #
 #   scripts/mutation.sh                                        # the whole scope below
@@ -40,7 +40,8 @@ fi
   echo "[mutmut]"
   echo "source_paths = recbole_t2diff/"
   echo "only_mutate ="
-  for path in "recbole_t2diff/model/*.py" recbole_t2diff/quick_start.py recbole_t2diff/hyper.py recbole_t2diff/export.py; do
+  for path in "recbole_t2diff/model/*.py" recbole_t2diff/quick_start.py recbole_t2diff/hyper.py recbole_t2diff/export.py \
+              recbole_t2diff/checkpoint.py recbole_t2diff/sparse_index.py; do
     echo "    $path"
   done
   echo "also_copy ="
