@@ -178,9 +178,14 @@ class SparseIndex:
             meta = json.load(f)
         if meta.get("format") != FORMAT_VERSION:
             raise UsageError(f"index in '{folder}' has format {meta.get('format')}, this package reads {FORMAT_VERSION}: rebuild it")
-        with np.load(os.path.join(folder, "index.npz"), allow_pickle=False) as arrays:
-            keys = arrays["keys"] if "keys" in arrays.files else None
-            return cls(arrays["indptr"], arrays["indices"], arrays["values"], keys, meta)
+        path = os.path.join(folder, "index.npz")
+        try:
+            with np.load(path, allow_pickle=False) as arrays:  # an object array would be unpickled: code would run
+                keys = arrays["keys"] if "keys" in arrays.files else None
+                return cls(arrays["indptr"], arrays["indices"], arrays["values"], keys, meta)
+        except ValueError as err:
+            raise UsageError(f"'{path}' holds pickled objects, not the plain arrays an index is made of; it is not read: "
+                             "rebuild it with SparseIndex.build(model)") from err
 
     # ---- retrieval ------------------------------------------------------------------------------
 

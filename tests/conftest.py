@@ -147,3 +147,13 @@ def random_ranking_ndcg(n_items, k=10):
 def first_batch(loader):
     batch = next(iter(loader))
     return batch[0] if isinstance(batch, tuple) else batch
+
+
+class RunsCommand:
+    """Unpickling this object runs ``touch <marker>``: the shape of a malicious checkpoint or cache."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

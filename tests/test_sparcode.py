@@ -17,9 +17,9 @@ from recbole_t2diff.errors import UsageError
 from recbole_t2diff.export import export_embeddings
 from recbole_t2diff.model.quantizer import ProductQuantizer
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, make_trainer, prepare, run
-from recbole_t2diff.sparse_index import SparseIndex
+from recbole_t2diff.sparse_index import SparseIndex, top_items
 
-from conftest import REPO, TINY_MODEL, first_batch, make_model, scratch_run, tiny_config
+from conftest import REPO, TINY_MODEL, RunsCommand, first_batch, make_model, scratch_run, tiny_config
 
 # The spec's tiny preset: d = d_t = 8, one layer, MLP [16, 16], K_u = 2, N = 8 (64 keys), L = 12.
 TINY_SPARCODE = {
@@ -708,6 +708,58 @@ def test_missed_keys_are_computed_or_dropped(sparcode_data):
     dropped, _ = index.accumulate(model, queries)
     torch.testing.assert_close(computed[1], dropped[1])
     torch.testing.assert_close(computed[0] - dropped[0], exact_rows(model, torch.tensor([missing]))[0])
+
+
+def test_top_items_are_the_best_scores_ties_by_ascending_id_and_never_padding():
+    scores = torch.tensor([[9.0, 0.5, 2.0, 2.0, 0.0, 1.0], [9.0, 0.0, 0.0, 3.0, 0.0, 0.0]])  # column 0: padding
+    assert top_items(scores, 3).tolist() == [[2, 3, 5], [3, 1, 2]]
+    assert top_items(scores, 5).tolist() == [[2, 3, 5, 1, 4], [3, 1, 2, 4, 5]]
+
+
+def test_search_returns_the_index_scores_best_first(sparcode_data):
+    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
+    index = SparseIndex.build(model)
+    full = index.scores(model, batch)
+    found, items = index.search(model, batch)
+    assert items.shape == (len(full), 10) and (items > 0).all()
+    torch.testing.assert_close(found, full.gather(1, items))
+    assert torch.equal(found, full[:, 1:].sort(dim=1, descending=True).values[:, :10])
+    assert index.search(model, batch, k=3)[1].tolist() == items[:, :3].tolist()
+
+
+def test_pruning_keeps_the_dtype_the_keys_and_only_entries_above_the_threshold(sparcode_data):
+    model = trained(sparcode_data)
+    half = SparseIndex.build(model, keys="used", dtype="float16")
+    on_an_entry = float(np.median(half.values.astype(np.float32)))  # a stored value: "> threshold" drops it
+    pruned = half.pruned(model, threshold=on_an_entry)
+    assert pruned.values.dtype == np.float16 and pruned.meta["dtype"] == "float16" and pruned.indptr.dtype == np.int64
+    assert np.array_equal(pruned.keys, half.keys) and pruned.nnz == int((half.values.astype(np.float32) > on_an_entry).sum())
+    assert half.pruned(model, dtype="float32").values.dtype == np.float32
+    # Both rules at once, as a fresh build applies them (in float32: float16 rounding can tie two values a build still tells apart).
+    both = SparseIndex.build(model, keys="used", threshold=on_an_entry, max_postings=2)
+    derived = SparseIndex.build(model, keys="used").pruned(model, threshold=on_an_entry, max_postings=2)
+    for name in ("indptr", "indices", "values", "keys"):
+        assert np.array_equal(getattr(both, name), getattr(derived, name)) and getattr(both, name).dtype == getattr(derived, name).dtype, name
+    assert both.meta == derived.meta and 0 < derived.nnz < pruned.nnz
+
+
+def test_an_index_of_all_keys_saves_into_an_existing_folder_and_loads_without_keys(sparcode_data, tmp_path):
+    model = trained(sparcode_data)
+    index = SparseIndex.build(model)
+    assert index.keys is None and index.nbytes() == index.predicted_bytes() == index.nnz * 8 + 8 * (64 + 1)
+    loaded = SparseIndex.load(index.save(str(tmp_path)))  # the folder exists already
+    assert loaded.keys is None and np.array_equal(loaded.values, index.values) and loaded.meta == index.meta
+
+
+def test_an_index_file_with_pickled_objects_is_refused_without_unpickling(sparcode_data, tmp_path):
+    model = trained(sparcode_data)
+    folder = SparseIndex.build(model).save(str(tmp_path / "index"))
+    marker = tmp_path / "marker"
+    arrays = dict(np.load(os.path.join(folder, "index.npz")))
+    np.savez(os.path.join(folder, "index.npz"), **{**arrays, "values": np.array([RunsCommand(marker)], dtype=object)})
+    with pytest.raises(UsageError, match="pickled objects") as raised:
+        SparseIndex.load(folder)
+    assert "\n" not in str(raised.value) and not marker.exists()
 
 
 def test_score_mode_index_gives_recbole_the_exact_metrics(sparcode_data):

@@ -23,7 +23,7 @@ from recbole_t2diff.hyper import Search
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, prepare, run
 from recbole_t2diff.settings import known_keys, script_options
 
-from conftest import REPO, TINY_MODEL, scratch_run, write_tiny_dataset
+from conftest import REPO, TINY_MODEL, RunsCommand, scratch_run, write_tiny_dataset
 
 ENTRY_POINTS = {
     "load_data_and_model": load_data_and_model,
@@ -41,16 +41,6 @@ def one_line_error(call, *args, match=None, **kwargs):
     if match is not None:
         assert re.search(match, message), message
     return message
-
-
-class RunsCommand:
-    """Unpickling this object runs ``touch <marker>``: the shape of a malicious checkpoint or cache."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def write_crafted(path, marker, form):
@@ -101,11 +91,23 @@ def test_a_safe_format_file_cannot_smuggle_code_through_a_setting(trained, tmp_p
     assert not marker.exists()
 
 
-@pytest.mark.spawns
 def test_converting_needs_an_explicit_opt_in(tmp_path):
     path, marker = tmp_path / "evil.pth", tmp_path / "marker"
     write_crafted(path, marker, "torch-zip")
     one_line_error(convert_checkpoint, str(path), match="trust_checkpoint=True")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [{"state_dict": {}}, {"config": {}}, ["config", "state_dict"]], ids=["no config", "no state_dict", "a list"])
+def test_converting_a_file_that_is_no_checkpoint_says_so(tmp_path, content):
+    torch.save(content, tmp_path / "other.pth")
+    one_line_error(convert_checkpoint, str(tmp_path / "other.pth"), trust_checkpoint=True, match="is not a RecBole checkpoint")
+
+
+@pytest.mark.spawns
+def test_the_convert_command_needs_an_explicit_opt_in(tmp_path):
+    path, marker = tmp_path / "evil.pth", tmp_path / "marker"
+    write_crafted(path, marker, "torch-zip")
     cli = subprocess.run([sys.executable, "-m", "recbole_t2diff.convert", str(path)], cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
     lines = [line for line in cli.stderr.splitlines() if line.strip()]
