@@ -19,6 +19,7 @@ from recbole_t2diff.checkpoint import convert_checkpoint, load_checkpoint, save_
 from recbole_t2diff.config import Config
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.export import export_embeddings
+from recbole_t2diff.model.t2diff import T2Diff
 from recbole_t2diff.hyper import Search
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, prepare, run
 from recbole_t2diff.settings import known_keys, script_options
@@ -115,13 +116,39 @@ def test_the_convert_command_needs_an_explicit_opt_in(tmp_path):
     assert not marker.exists()
 
 
-def test_an_old_format_checkpoint_is_refused_then_converted_on_request(trained, tmp_path, workdir):
+def test_an_old_format_checkpoint_is_refused_then_converted_on_request(trained, tmp_path, workdir, monkeypatch):
     new = load_checkpoint(trained["saved_model_file"])
-    old = tmp_path / "old.pth"  # as written before the safe format: the Config object pickled
-    torch.save({"config": new["config"], "state_dict": new["state_dict"], "other_parameter": new["other_parameter"]}, old)
+    old = tmp_path / "old.pth"  # as written before the safe format, here by rank 1 of a distributed run: the Config object pickled
+    new["config"]["single_spec"], new["config"]["local_rank"] = False, 1
+    torch.save({"config": new["config"], "state_dict": new["state_dict"], "other_parameter": {"scale": torch.tensor(3.0)}}, old)
     one_line_error(evaluate_checkpoint, str(old), match=f"convert it once: python -m recbole_t2diff.convert --trust_checkpoint {re.escape(str(old))}")
-    converted = convert_checkpoint(str(old), trust_checkpoint=True)
+    received = []
+    with monkeypatch.context() as patch:
+        patch.setattr(T2Diff, "load_other_parameter", lambda self, other: received.append(other))
+        converted = convert_checkpoint(str(old), trust_checkpoint=True)
+    assert converted == str(tmp_path / "old-safe.pth") and [set(r) for r in received] == [{"scale"}] and float(received[0]["scale"]) == 3.0
+    stored = load_checkpoint(converted)
+    assert stored["converted_from"] == str(old) and (stored["config"]["single_spec"], stored["config"]["local_rank"]) == (True, 0)
     assert dict(evaluate_checkpoint(converted)) == dict(trained["test_result"])
+
+
+def test_settings_are_stored_as_plain_data_and_come_back_as_they_were(tmp_path):
+    from recbole.utils.enum_type import InputType, ModelType
+
+    from recbole_t2diff.checkpoint import _plain, _restore
+
+    settings = {"int": np.int64(3), "float": np.float32(0.5), "flag": np.bool_(True), "name": np.str_("x"), "pair": (1, 2.5, None),
+                "type": ModelType.SEQUENTIAL, "device": torch.device("cpu"), "nested": {"inputs": [InputType.POINTWISE]},
+                "tensor": torch.ones(2)}
+    plain = _plain(settings, "settings")
+    assert [type(plain[k]) for k in ("int", "float", "flag", "name", "pair")] == [int, float, bool, str, list]
+    torch.save(plain, tmp_path / "plain.pth")
+    restored = _restore(torch.load(tmp_path / "plain.pth", weights_only=True))  # plain data only: loads without unpickling code
+    assert torch.equal(restored.pop("tensor"), torch.ones(2))
+    assert restored == {"int": 3, "float": 0.5, "flag": True, "name": "x", "pair": [1, 2.5, None], "type": ModelType.SEQUENTIAL,
+                        "device": torch.device("cpu"), "nested": {"inputs": [InputType.POINTWISE]}}
+    for value in ({1: "a"}, object(), {"a": {2}}):
+        one_line_error(_plain, value, "my_key", match="setting my_key=.* cannot be stored in a checkpoint")
 
 
 # --- 2. RecBole's pickle caches are never read -------------------------------------------------------
