@@ -741,6 +741,10 @@ def test_pruning_keeps_the_dtype_the_keys_and_only_entries_above_the_threshold(s
     for name in ("indptr", "indices", "values", "keys"):
         assert np.array_equal(getattr(both, name), getattr(derived, name)) and getattr(both, name).dtype == getattr(derived, name).dtype, name
     assert both.meta == derived.meta and 0 < derived.nnz < pruned.nnz
+    # A threshold a hair below a stored value is that value in float32, as the build compares: pruning agrees.
+    full = SparseIndex.build(model)
+    below = float(np.nextafter(np.float64(full.values[0]), -np.inf))
+    assert below < float(full.values[0]) and np.array_equal(full.pruned(model, threshold=below).values, SparseIndex.build(model, threshold=below).values)
 
 
 def test_an_index_of_all_keys_saves_into_an_existing_folder_and_loads_without_keys(sparcode_data, tmp_path):
