@@ -49,7 +49,7 @@ def fingerprint(model, settings):
     return digest.hexdigest()
 
 
-def index_settings(keys="all", miss="compute", threshold=0.0, max_postings=None, dtype="float32"):
+def index_settings(keys, miss, threshold, max_postings, dtype):
     """The index knobs in one canonical form (the fingerprint hashes it)."""
     return {"keys": keys, "miss": miss, "threshold": float(threshold),
             "max_postings": None if max_postings is None else int(max_postings), "dtype": dtype}
@@ -113,7 +113,7 @@ class SparseIndex:
         sequences, lengths = model.train_sequences
         device = model.item_embedding.weight.device
         found = []
-        for seq, length in zip(sequences.split(1024), lengths.split(1024)):
+        for seq, length in zip(*(tensor.split(1024) for tensor in (sequences, lengths))):  # 1024 histories at a time
             batch = {model.ITEM_SEQ: seq.to(device), model.ITEM_SEQ_LEN: length.to(device)}
             tokens = model.query_tokens(batch)
             found.append(torch.unique(model.quantizer.keys(model.quantizer.assign(tokens))))

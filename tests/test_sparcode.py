@@ -708,6 +708,9 @@ def test_missed_keys_are_computed_or_dropped(sparcode_data):
     dropped, _ = index.accumulate(model, queries)
     torch.testing.assert_close(computed[1], dropped[1])
     torch.testing.assert_close(computed[0] - dropped[0], exact_rows(model, torch.tensor([missing]))[0])
+    index.meta["miss"] = "compute"  # scores() of histories whose keys miss: computed with the model
+    index.query_keys = lambda model, interaction: queries
+    torch.testing.assert_close(index.scores(model, valid_batch(sparcode_data)), computed)
 
 
 def test_top_items_are_the_best_scores_ties_by_ascending_id_and_never_padding():
@@ -764,6 +767,38 @@ def test_an_index_file_with_pickled_objects_is_refused_without_unpickling(sparco
     with pytest.raises(UsageError, match="pickled objects") as raised:
         SparseIndex.load(folder)
     assert "\n" not in str(raised.value) and not marker.exists()
+
+
+def test_the_index_is_stale_once_any_part_its_rows_depend_on_changes(sparcode_data):
+    """Codebooks, item side, interaction network and bias make the rows; the tokenizer only picks keys."""
+    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
+    index = SparseIndex.build(model)
+    for part in ("quantizer", "item_embedding", "item_heads", "query_layer", "item_layer", "mlp_tail", "trm_encoder"):
+        name, tensor = next((n, t) for n, t in model.state_dict().items() if n.split(".")[0] == part and t.is_floating_point())
+        original = tensor.clone()
+        with torch.no_grad():
+            tensor.add_(0.5)
+        if part == "trm_encoder":
+            index.check(model)
+        else:
+            with pytest.raises(UsageError, match="stale"):
+                index.check(model)
+        with torch.no_grad():
+            tensor.copy_(original)
+    index.check(model)
+    model.score_bias += 0.5
+    with pytest.raises(UsageError, match="stale"):
+        index.scores(model, batch)
+
+
+def test_posting_caps_keep_the_largest_scores_ties_by_ascending_id():
+    from recbole_t2diff.sparse_index import _prune
+
+    rows = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5], [0.0, 3.0, 0.0, 1.0, 1.0]])
+    indptr, items, values = _prune(rows, 0.0, 2)
+    assert indptr.tolist() == [0, 2, 4] and items.tolist() == [1, 2, 1, 3] and values.tolist() == [2.0, 2.0, 3.0, 1.0]
+    indptr, items, _ = _prune(rows, 0.0, 5)  # a cap at the row length keeps every positive entry
+    assert indptr.tolist() == [0, 5, 8] and items.tolist() == [0, 1, 2, 3, 4, 1, 3, 4]
 
 
 def test_score_mode_index_gives_recbole_the_exact_metrics(sparcode_data):

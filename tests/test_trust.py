@@ -1,4 +1,5 @@
 """Issue 14: no file runs code it was not meant to, no run overwrites another, no knob or data line is silently ignored."""
+import enum
 import json
 import logging
 import os
@@ -147,8 +148,63 @@ def test_settings_are_stored_as_plain_data_and_come_back_as_they_were(tmp_path):
     assert torch.equal(restored.pop("tensor"), torch.ones(2))
     assert restored == {"int": 3, "float": 0.5, "flag": True, "name": "x", "pair": [1, 2.5, None], "type": ModelType.SEQUENTIAL,
                         "device": torch.device("cpu"), "nested": {"inputs": [InputType.POINTWISE]}}
-    for value in ({1: "a"}, object(), {"a": {2}}):
+    for value in ({1: "a"}, object(), {"a": {2}}, [object()], enum.Enum("Colour", "RED").RED):  # RecBole's enums only
         one_line_error(_plain, value, "my_key", match="setting my_key=.* cannot be stored in a checkpoint")
+
+
+def test_a_checkpoint_names_the_setting_it_cannot_store(trained, tmp_path, monkeypatch):
+    stored = load_checkpoint(trained["saved_model_file"])
+    _, model, *_ = load_data_and_model(trained["saved_model_file"])
+    path = str(tmp_path / "new.pth")
+    stored["config"]["my_setting"] = object()
+    one_line_error(save_checkpoint, path, stored["config"], model, stored["data"], match="setting my_setting=")
+    del stored["config"].final_config_dict["my_setting"]
+    one_line_error(save_checkpoint, path, stored["config"], model, stored["data"], epoch=object(), match="setting epoch=")
+    monkeypatch.setattr(model, "other_parameter", lambda: {"state": object()})
+    one_line_error(save_checkpoint, path, stored["config"], model, stored["data"], match="setting other_parameter=")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_reloaded_config_is_the_stored_one_and_reads_nothing_else(trained):
+    payload = torch.load(trained["saved_model_file"], weights_only=True)
+    assert (payload["config"]["model"], payload["config"]["dataset"]) == ("T2Diff", "tiny")
+    config = load_checkpoint(trained["saved_model_file"])["config"]
+    assert (config.model, config.dataset, config.model_class) == ("T2Diff", "tiny", T2Diff)
+    assert config.parameters == payload["config"]["parameters"] and config.parameters["Dataset"]  # RecBole's groups of keys
+    assert "learning_rate" in str(config)  # RecBole's printout reads the groups
+    assert config.file_config_dict == config.variable_config_dict == config.cmd_config_dict == {}  # no file or command line again
+
+
+def test_the_temporary_file_is_written_beside_the_checkpoint(trained, tmp_path, monkeypatch):
+    """os.replace is atomic only within one file system: the temporary file goes in the checkpoint's folder."""
+    stored = load_checkpoint(trained["saved_model_file"])
+    _, model, *_ = load_data_and_model(trained["saved_model_file"])
+    written, save = [], torch.save
+    monkeypatch.setattr(checkpoint_module.torch, "save", lambda payload, file: written.append(file) or save(payload, file))
+    save_checkpoint(str(tmp_path / "sub" / "best.pth"), stored["config"], model, stored["data"])
+    assert os.path.dirname(written[0]) == str(tmp_path / "sub") and os.listdir(tmp_path / "sub") == ["best.pth"]
+
+
+@pytest.mark.parametrize("error,reason", [(EOFError(), "EOFError"), (RuntimeError("bad magic number\nsee the docs"), "bad magic number")])
+def test_an_unreadable_file_is_named_with_the_first_line_of_the_reason(tmp_path, monkeypatch, error, reason):
+    (tmp_path / "x.pth").write_bytes(b"PK")
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checkpoint_module.torch, "load", fails)
+    one_line_error(load_checkpoint, str(tmp_path / "x.pth"), match=f"damaged or not a checkpoint \\({reason}\\): use a .pth file")
+
+
+def test_data_that_lost_a_token_field_is_refused_by_name():
+    from recbole_t2diff.checkpoint import check_data
+
+    stored = {"tokens": {"genre": ["[PAD]", "drama"]}, "fingerprint": "f"}
+    one_line_error(check_data, "x.pth", stored, {"tokens": {}, "fingerprint": "f"},
+                   match="checkpoint 'x.pth' was trained on other data: field genre is missing")
+    one_line_error(check_data, "x.pth", stored, {"tokens": {"genre": ["[PAD]"]}, "fingerprint": "f"},
+                   match="field genre maps its ids to other tokens \\(2 ids at training, 1 now\\)")
+    check_data("x.pth", stored, {"tokens": {"genre": ["[PAD]", "drama"], "new": ["[PAD]"]}, "fingerprint": "f"})
 
 
 # --- 2. RecBole's pickle caches are never read -------------------------------------------------------
