@@ -196,6 +196,39 @@ def test_an_unreadable_file_is_named_with_the_first_line_of_the_reason(tmp_path,
     one_line_error(load_checkpoint, str(tmp_path / "x.pth"), match=f"damaged or not a checkpoint \\({reason}\\): use a .pth file")
 
 
+def test_the_data_fingerprint_covers_every_table_and_sequence_field():
+    import pandas as pd
+
+    from recbole_t2diff.checkpoint import _column_arrays, data_identity
+
+    plain = np.array([1.0, 2.0])
+    assert [part is plain for part in _column_arrays(plain)] == [True]
+    sequences = np.empty(3, dtype=object)
+    sequences[:] = [np.array([4, 5]), np.array([6]), np.array([], dtype=np.int64)]
+    lengths, flat = _column_arrays(sequences)
+    assert lengths.tolist() == [2, 1, 0] and flat.tolist() == [4, 5, 6] and flat.dtype == np.int64
+    mixed = np.empty(2, dtype=object)
+    mixed[:] = [np.array(["a", None], dtype=object), "b"]  # object cells are hashed as their text
+    assert _column_arrays(mixed)[1].tolist() == ["a", "None", "b"]
+    empty = _column_arrays(np.array([], dtype=object))
+    assert [part.shape for part in empty] == [(0,), (0,)]
+
+    class Data:  # what data_identity reads of a RecBole dataset; item_feat None and no user_feat attribute at all
+        field2id_token = {"item_id": np.array(["[PAD]", "a"])}
+
+        def __init__(self, **tables):
+            self.inter_feat, self.item_feat = pd.DataFrame({"item_id": [1]}), None
+            self.__dict__.update(tables)
+
+    base = data_identity(Data())
+    assert base["tokens"] == {"item_id": ["[PAD]", "a"]}
+    with_users = data_identity(Data(user_feat=pd.DataFrame({"age": [30]})))
+    fingerprints = {base["fingerprint"], with_users["fingerprint"], data_identity(Data(user_feat=pd.DataFrame({"age": [31]})))["fingerprint"],
+                    data_identity(Data(item_feat=pd.DataFrame({"genre": [2]})))["fingerprint"],
+                    data_identity(Data(item_feat=pd.DataFrame({"genre": [3]})))["fingerprint"]}
+    assert len(fingerprints) == 5
+
+
 def test_data_that_lost_a_token_field_is_refused_by_name():
     from recbole_t2diff.checkpoint import check_data
 
@@ -293,7 +326,7 @@ def test_damaged_weights_are_refused(trained, tmp_path):
     one_line_error(load_checkpoint, str(path), match="is damaged: its weights do not match the SHA-256")
 
 
-@pytest.mark.parametrize("kind", ["truncated", "text", "state-dict only", "missing"])
+@pytest.mark.parametrize("kind", ["truncated", "text", "state-dict only", "missing", "empty dict", "other dict", "list"])
 def test_files_that_are_not_checkpoints_get_one_line(trained, tmp_path, kind):
     path = tmp_path / "x.pth"
     if kind == "truncated":
@@ -303,9 +336,11 @@ def test_files_that_are_not_checkpoints_get_one_line(trained, tmp_path, kind):
         path.write_text("user_id:token\titem_id:token\n")
     elif kind == "state-dict only":
         torch.save(load_checkpoint(trained["saved_model_file"])["state_dict"], path)
+    elif kind != "missing":
+        torch.save({"empty dict": {}, "other dict": {"weights": torch.ones(1), "epoch": 3}, "list": [torch.ones(1)]}[kind], path)
     message = one_line_error(load_checkpoint, str(path))
-    assert {"truncated": "damaged or not a checkpoint", "text": "damaged or not a checkpoint",
-            "state-dict only": "holds only weights", "missing": "does not exist"}[kind] in message
+    assert {"truncated": "damaged or not a checkpoint", "text": "damaged or not a checkpoint", "state-dict only": "holds only weights",
+            "missing": "does not exist"}.get(kind, "is not a recbole_t2diff checkpoint (no 'recbole_t2diff checkpoint 1' format tag)") in message
 
 
 # --- 5. exporting a built-in model ------------------------------------------------------------------
