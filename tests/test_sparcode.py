@@ -717,6 +717,8 @@ def test_top_items_are_the_best_scores_ties_by_ascending_id_and_never_padding():
     scores = torch.tensor([[9.0, 0.5, 2.0, 2.0, 0.0, 1.0], [9.0, 0.0, 0.0, 3.0, 0.0, 0.0]])  # column 0: padding
     assert top_items(scores, 3).tolist() == [[2, 3, 5], [3, 1, 2]]
     assert top_items(scores, 5).tolist() == [[2, 3, 5, 1, 4], [3, 1, 2, 4, 5]]
+    ties = torch.ones(2, 301)  # wide enough that an unstable sort (torch's from ~100 columns) would shuffle the ties
+    assert top_items(ties, 50).tolist() == [list(range(1, 51))] * 2
 
 
 def test_search_returns_the_index_scores_best_first(sparcode_data):
@@ -797,6 +799,8 @@ def test_posting_caps_keep_the_largest_scores_ties_by_ascending_id():
     rows = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5], [0.0, 3.0, 0.0, 1.0, 1.0]])
     indptr, items, values = _prune(rows, 0.0, 2)
     assert indptr.tolist() == [0, 2, 4] and items.tolist() == [1, 2, 1, 3] and values.tolist() == [2.0, 2.0, 3.0, 1.0]
+    wide = torch.ones(2, 300)  # ties across a row wide enough for an unstable sort to shuffle them
+    assert _prune(wide, 0.0, 5)[1].tolist() == [0, 1, 2, 3, 4] * 2
     indptr, items, _ = _prune(rows, 0.0, 5)  # a cap at the row length keeps every positive entry
     assert indptr.tolist() == [0, 5, 8] and items.tolist() == [0, 1, 2, 3, 4, 1, 3, 4]
 

@@ -165,10 +165,14 @@ def test_a_checkpoint_names_the_setting_it_cannot_store(trained, tmp_path, monke
     assert os.listdir(tmp_path) == []
 
 
-def test_a_reloaded_config_is_the_stored_one_and_reads_nothing_else(trained):
-    payload = torch.load(trained["saved_model_file"], weights_only=True)
+def test_a_reloaded_config_is_the_stored_one_and_reads_nothing_else(trained, tmp_path):
+    stored = load_checkpoint(trained["saved_model_file"])
+    _, model, *_ = load_data_and_model(trained["saved_model_file"])
+    path = str(tmp_path / "again.pth")
+    save_checkpoint(path, stored["config"], model, stored["data"])  # written here, not by the shared fixture: under
+    payload = torch.load(path, weights_only=True)                   # mutmut a fixture's calls count for its first test only
     assert (payload["config"]["model"], payload["config"]["dataset"]) == ("T2Diff", "tiny")
-    config = load_checkpoint(trained["saved_model_file"])["config"]
+    config = load_checkpoint(path)["config"]
     assert (config.model, config.dataset, config.model_class) == ("T2Diff", "tiny", T2Diff)
     assert config.parameters == payload["config"]["parameters"] and config.parameters["Dataset"]  # RecBole's groups of keys
     assert "learning_rate" in str(config)  # RecBole's printout reads the groups
