@@ -184,6 +184,8 @@ class SparseIndex:
                 keys = arrays["keys"] if "keys" in arrays.files else None
                 return cls(arrays["indptr"], arrays["indices"], arrays["values"], keys, meta)
         except ValueError as err:
+            if "allow_pickle" not in str(err):  # numpy's words for an object array; anything else is another fault
+                raise
             raise UsageError(f"'{path}' holds pickled objects, not the plain arrays an index is made of; it is not read: "
                              "rebuild it with SparseIndex.build(model)") from err
 
