@@ -559,19 +559,19 @@ def title(variants):
 def setting(key, variant, args, overrides=()):
     """The value of config ``key`` a run of ``variant`` trained with, in RecBole's order of precedence.
 
-    Lowest first: RecBole's overall.yaml, model and dataset files, this package's property files (overall,
-    sequential, model, dataset), --config_files, the variant's settings (the worker's config_dict), then the
-    study's --key=value overrides (the worker's command line, which RecBole reads last). ``None`` when no
-    file sets it. (Not a Config: building one would read this script's own command line as settings.)
+    Lowest first: RecBole's overall.yaml, model and dataset files, this package's property files (the ones
+    a Config reads, for a sequential model), --config_files, the variant's settings (the worker's config_dict),
+    then the study's --key=value overrides (the worker's command line, which RecBole reads last). ``None`` when
+    no file sets it. (Not a Config: building one would read this script's own command line as settings.)
     """
     import recbole
 
+    from recbole_t2diff.config import property_files
+
     model = parse_variant(variant)[0]
-    theirs, ours = os.path.join(os.path.dirname(recbole.__file__), "properties"), os.path.join(ROOT, "properties")
+    theirs = os.path.join(os.path.dirname(recbole.__file__), "properties")
     files = [os.path.join(theirs, "overall.yaml"), os.path.join(theirs, "model", f"{model}.yaml"),
-             os.path.join(theirs, "dataset", f"{args.dataset}.yaml"),
-             os.path.join(ours, "overall.yaml"), os.path.join(ours, "sequential.yaml"), os.path.join(ours, "model", f"{model}.yaml"),
-             os.path.join(ours, "dataset", f"{args.dataset}.yaml"),
+             os.path.join(theirs, "dataset", f"{args.dataset}.yaml"), *map(str, property_files(model, args.dataset, sequential=True)),
              *(args.config_files.split() if getattr(args, "config_files", None) else [])]
     value = None
     for file in files:

@@ -106,6 +106,16 @@ def _check_yaml_file(file):
         raise UsageError(f"config file '{file}' must hold 'key: value' lines")
 
 
+def property_files(model, dataset, sequential):
+    """This package's property files a ``Config`` reads after RecBole's own, lowest precedence first
+    (those that exist). The sequential protocol (leave-one-out, full ranking, CE without sampled
+    negatives) would break other model types, e.g. RecBole's general BPR model, which needs negatives."""
+    properties = properties_dir()
+    files = [properties / "overall.yaml", *([properties / "sequential.yaml"] if sequential else []),
+             properties / "model" / f"{model}.yaml", properties / "dataset" / f"{dataset}.yaml"]
+    return [file for file in files if file.is_file()]
+
+
 class Config(RecBoleConfig):
     """RecBole's Config, aware of this package's models and property files."""
 
@@ -131,15 +141,10 @@ class Config(RecBoleConfig):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
-        properties = properties_dir()
-        # The sequential protocol (leave-one-out, full ranking, CE without sampled negatives) would
-        # break other model types, e.g. RecBole's general BPR model, which needs negatives.
-        protocol = [properties / "sequential.yaml"] if model_class.type == ModelType.SEQUENTIAL else []
-        for file in [properties / "overall.yaml"] + protocol + [properties / "model" / f"{model}.yaml", properties / "dataset" / f"{dataset}.yaml"]:
-            if file.is_file():
-                loaded = self._update_internal_config_dict(str(file)) or {}
-                if file.parent.name == "dataset":
-                    self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+        for file in property_files(model, dataset, model_class.type == ModelType.SEQUENTIAL):
+            loaded = self._update_internal_config_dict(str(file)) or {}
+            if file.parent.name == "dataset":
+                self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
 
     def _init_device(self):
         """RecBole's device set-up, plus a gloo process group for distributed runs on CPU.
