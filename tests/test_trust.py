@@ -152,9 +152,13 @@ def test_settings_are_stored_as_plain_data_and_come_back_as_they_were(tmp_path):
         one_line_error(_plain, value, "my_key", match="setting my_key=.* cannot be stored in a checkpoint")
 
 
+def stored_and_model(trained):
+    """The trained run's checkpoint as read back, and its model rebuilt: what save_checkpoint is called with."""
+    return load_checkpoint(trained["saved_model_file"]), load_data_and_model(trained["saved_model_file"])[1]
+
+
 def test_a_checkpoint_names_the_setting_it_cannot_store(trained, tmp_path, monkeypatch):
-    stored = load_checkpoint(trained["saved_model_file"])
-    _, model, *_ = load_data_and_model(trained["saved_model_file"])
+    stored, model = stored_and_model(trained)
     path = str(tmp_path / "new.pth")
     stored["config"]["my_setting"] = object()
     one_line_error(save_checkpoint, path, stored["config"], model, stored["data"], match="setting my_setting=")
@@ -166,8 +170,7 @@ def test_a_checkpoint_names_the_setting_it_cannot_store(trained, tmp_path, monke
 
 
 def test_a_reloaded_config_is_the_stored_one_and_reads_nothing_else(trained, tmp_path):
-    stored = load_checkpoint(trained["saved_model_file"])
-    _, model, *_ = load_data_and_model(trained["saved_model_file"])
+    stored, model = stored_and_model(trained)
     path = str(tmp_path / "again.pth")
     save_checkpoint(path, stored["config"], model, stored["data"])  # written here, not by the shared fixture: under
     payload = torch.load(path, weights_only=True)                   # mutmut a fixture's calls count for its first test only
@@ -181,8 +184,7 @@ def test_a_reloaded_config_is_the_stored_one_and_reads_nothing_else(trained, tmp
 
 def test_the_temporary_file_is_written_beside_the_checkpoint(trained, tmp_path, monkeypatch):
     """os.replace is atomic only within one file system: the temporary file goes in the checkpoint's folder."""
-    stored = load_checkpoint(trained["saved_model_file"])
-    _, model, *_ = load_data_and_model(trained["saved_model_file"])
+    stored, model = stored_and_model(trained)
     written, save = [], torch.save
     monkeypatch.setattr(checkpoint_module.torch, "save", lambda payload, file: written.append(file) or save(payload, file))
     save_checkpoint(str(tmp_path / "sub" / "best.pth"), stored["config"], model, stored["data"])
