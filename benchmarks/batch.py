@@ -26,17 +26,36 @@ import sys
 import threading
 import time
 
-from run_benchmark import Study, find_row, read_rows, run_worker, say, summarize, threads
+from run_benchmark import Study, find_row, read_rows, run_worker, say, setting, summarize, threads
 
 
-def read_plan(path):
-    """The studies of PLAN, one per non-comment line."""
+def read_plan(path, resume_root=None):
+    """The studies of PLAN, one per non-comment line (each keeping its runs' resume state under ``resume_root`` if given)."""
     with open(path) as f:
         lines = [line.split("#", 1)[0].strip() for line in f]
-    studies = [Study(shlex.split(line)) for line in lines if line]
+    extra = [f"--resume_root={resume_root}"] if resume_root else []
+    studies = [Study(shlex.split(line) + extra) for line in lines if line]
     if not studies:
         raise SystemExit(f"error: {path} holds no study: write one line of run_benchmark.py arguments per study")
     return studies
+
+
+def epoch_reporter(name, patience, cap):
+    """The progress line of one run's validations (the worker's EPOCH records), with when it will end at the latest.
+
+    RecBole stops after ``patience`` + 1 validations in a row without a new best, so a run ends within
+    that many epochs unless it improves, and at the epoch cap in any case.
+    """
+    def on_epoch(e):
+        epoch = e["epoch"]
+        left = [int(cap) - epoch] if cap is not None else []
+        if patience is not None:
+            left.append(e["best_epoch"] + int(patience) + 1 - epoch)
+        ends = f"; ends within {min(left)} epoch(s), about {min(left) * e['run_s'] / epoch / 60:.0f} min, unless it improves" if left else ""
+        say(f"[batch]   {name} epoch {epoch}: valid NDCG@10 {e['valid']:.4f} (best {e['best']:.4f} at {e['best_epoch']}), "
+            f"{e['train_s'] / epoch:.0f} s/epoch training, {e['run_s'] / 60:.0f} min into the run{ends}")
+
+    return on_epoch
 
 
 class Batch:
@@ -111,8 +130,8 @@ class Batch:
             name = f"{study.args.dataset} {variant} seed {seed}"
             say(f"[batch] started {name} ({self.minutes():.1f} min so far)")
 
-            def on_epoch(e, name=name):
-                say(f"[batch]   {name} epoch {e['epoch']}: valid NDCG@10 {e['valid']:.4f} ({e['run_s']:.0f} s into the run)")
+            on_epoch = epoch_reporter(name, setting("stopping_step", variant, study.args, study.overrides),
+                                      setting("epochs", variant, study.args, study.overrides))
 
             row, error = run_worker(study.command(variant, seed), env, on_epoch, self.procs)
             with self.changed:
@@ -198,8 +217,9 @@ def main():
     parser.add_argument("--stop_after", type=float, default=None, help="minutes after which running runs are stopped")
     parser.add_argument("--abort_if_first_fail", type=int, default=None, help="stop when the first K runs to end all failed")
     parser.add_argument("--check", action="store_true", help="build every run's config and exit")
+    parser.add_argument("--resume_root", default=None, help="where interrupted runs keep their state (default <out>/.resume of each study)")
     args = parser.parse_args()
-    studies = read_plan(args.plan)
+    studies = read_plan(args.plan, args.resume_root)
     if args.check:
         from recbole_t2diff.cli import exit_on_usage_error
 

@@ -220,7 +220,9 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
             score, result = valid_epoch(*args, **kwargs)
             curve.append(round(float(score), 5))
             # One line per validation, read live by the runner (progress) and kept as the run's curve.
-            print("EPOCH " + json.dumps({"epoch": len(curve), "valid": curve[-1], "train_s": round(sum(timings["train"]), 1),
+            best = max(range(len(curve)), key=lambda i: (curve[i], -i))  # RecBole keeps the first of equal scores
+            print("EPOCH " + json.dumps({"epoch": len(curve), "valid": curve[-1], "best": curve[best], "best_epoch": best + 1,
+                                          "train_s": round(sum(timings["train"]), 1),
                                           "run_s": round(time.perf_counter() - clock["started"], 1)}), flush=True)
             return score, result
 
@@ -342,6 +344,8 @@ def build_parser():
     parser.add_argument("--search", default=None, help='grid searched for every model with the first seed, e.g. "learning_rate=0.001,0.002;train_batch_size=512,2048"')
     parser.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores // jobs torch threads")
     parser.add_argument("--out", default=os.path.join(ROOT, "results"))
+    parser.add_argument("--resume_root", default=None,
+                        help="where interrupted runs keep their state (default <out>/.resume); outside the work tree it survives a fresh checkout")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     return parser
 
@@ -372,7 +376,8 @@ class Study:
         a = self.args
         return [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seed), f"--dataset={a.dataset}", f"--out={a.out}",
                 *([f"--config_files={a.config_files}"] if a.config_files else []),
-                *([f"--time_budget={a.time_budget}"] if a.time_budget else []), *self.overrides]
+                *([f"--time_budget={a.time_budget}"] if a.time_budget else []),
+                *([f"--resume_root={a.resume_root}"] if a.resume_root else []), *self.overrides]
 
     def resume_dir(self, variant, seed):
         """Where a run keeps the state it resumes from: one folder per (dataset, variant, seed, settings).
@@ -382,7 +387,8 @@ class Study:
         if self.args.time_budget:
             return None
         key = json.dumps([variant, int(seed), self.args.config_files, sorted(self.overrides)])
-        return os.path.join(self.args.out, ".resume", self.args.dataset, hashlib.sha1(key.encode()).hexdigest()[:16])
+        root = self.args.resume_root or os.path.join(self.args.out, ".resume")
+        return os.path.join(root, self.args.dataset, hashlib.sha1(key.encode()).hexdigest()[:16])
 
     def record(self, row):
         """Appends a finished run's row to the CSV (a CSV from before a column was added keeps its columns)."""
@@ -405,8 +411,8 @@ class Study:
                 "chosen": pick(self.variants, self.grid, self.seeds[0], self.rows, self.trials)}
 
     def command_line(self):
-        """This study as the run_benchmark.py command a table states."""
-        return "python benchmarks/run_benchmark.py " + shlex.join(self.argv)
+        """This study as the run_benchmark.py command a table states (where runs kept their resume state is no setting)."""
+        return "python benchmarks/run_benchmark.py " + shlex.join(a for a in self.argv if not a.startswith("--resume_root="))
 
     def summarize(self, search=None, jobs=None):
         chosen = self.variants if search is None else [search["chosen"][v] for v in self.variants]
