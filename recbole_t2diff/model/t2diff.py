@@ -29,6 +29,7 @@ from recbole_t2diff.model.unet import PADDINGS, STEP_CONDITIONINGS, STEP_EMBEDDI
 
 SESSION_SPLITS = ("last_k", "time_gap")
 TIME_LAGS = ("auto", "none", "bucket")
+POSITIONS = ("none", "learned")
 LAG_BUCKETS = 24  # log2 buckets of the lag in minutes: the last one starts at 2^22 min (~8 years)
 X_HAT_SOURCES = ("diffusion", "copy_last")
 XHAT_LOSSES = ("none", "ce")
@@ -80,6 +81,7 @@ class T2Diff(SequentialRecommender):
             if not config["mask_pads"]:
                 raise UsageError("invalid T2Diff setting session_split=time_gap with mask_pads=False: sessions of varying length need the padding masks")
         _one_of(config, "time_lag", TIME_LAGS)
+        _one_of(config, "position_embedding", POSITIONS)
         d = _integer(config, "embedding_size", 2)
         heads = _integer(config, "n_heads", 1)
         if d % heads:
@@ -210,6 +212,11 @@ class T2Diff(SequentialRecommender):
             d, int(config["n_heads"]), config["session_ffn_hidden"] or [], config["mask_diag"], mask_pads, eps
         )
         self.lag_embedding = nn.Embedding(LAG_BUCKETS + 1, d, padding_idx=0) if self.time_lag == "bucket" else None
+        # Row j of the right-aligned history is L - 1 - j steps before the request: attention alone is
+        # blind to order (a permuted session gives the same h_s), so this embedding is what tells it.
+        self.position_embedding = (
+            nn.Embedding(self.max_seq_length, d) if config["position_embedding"] == "learned" else None
+        )
         self.target_attention = TargetAttention(d, config["att_hidden"], mask_pads, eps) if self.use_target_attention else None
         self.user_ffn = (
             nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ELU(), nn.LayerNorm(2 * d, eps=eps)) if config["use_user_ffn"] else None
@@ -284,7 +291,11 @@ class T2Diff(SequentialRecommender):
     def tower_inputs(self, interaction, history, mask):
         """What the mixed attention reads besides x̂: the history tokens, plus the embedded time lag
         between the request (the target's timestamp, known when serving; its item never is) and each
-        item (``time_lag: bucket``), and the current session's rows (``session_split: time_gap``)."""
+        item (``time_lag: bucket``), plus each row's distance from the most recent item
+        (``position_embedding: learned``), and the current session's rows (``session_split: time_gap``)."""
+        if self.position_embedding is not None:
+            distance = torch.arange(history.size(1) - 1, -1, -1, device=history.device)
+            history = history + self.position_embedding(distance) * mask.unsqueeze(-1)  # padding rows stay exactly 0
         times = None
         if self.lag_embedding is not None or self.session_split == "time_gap":
             times, _ = realign(interaction[self.TIME_SEQ], interaction[self.ITEM_SEQ_LEN])
