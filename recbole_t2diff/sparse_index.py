@@ -27,6 +27,7 @@ the index; scoring with a model whose weights have changed raises a one-line ``U
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -35,6 +36,11 @@ from recbole_t2diff.errors import UsageError
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
+KEY_MODES = ("all", "used")
+MISS_MODES = ("compute", "empty")
+ARRAYS = ("indptr", "indices", "values")
+META_FIELDS = ("format", "keys", "miss", "threshold", "max_postings", "dtype", "n_codebooks", "codebook_size",
+               "n_query_tokens", "score_bias", "n_items", "fingerprint")
 
 
 def fingerprint(model, settings):
@@ -49,8 +55,26 @@ def fingerprint(model, settings):
     return digest.hexdigest()
 
 
+def _refuse(name, value, why):
+    raise UsageError(f"invalid sparse index setting {name}={value!r}: {why}")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def index_settings(keys, miss, threshold, max_postings, dtype):
-    """The index knobs in one canonical form (the fingerprint hashes it)."""
+    """The index knobs in one canonical form (the fingerprint hashes it); a bad one is refused in one line."""
+    if keys not in KEY_MODES:
+        _refuse("keys", keys, "use all (every code key) or used (the keys the training split tokenizes to)")
+    if miss not in MISS_MODES:
+        _refuse("miss", miss, "use compute (score a key without a list on the fly) or empty (drop it)")
+    if not _is_number(threshold) or not float(threshold) >= 0:  # "not >=" also refuses NaN
+        _refuse("threshold", threshold, "give a number >= 0 (0 keeps every positive entry)")
+    if max_postings is not None and (not _is_number(max_postings) or max_postings != int(max_postings) or max_postings < 1):
+        _refuse("max_postings", max_postings, "give an integer >= 1, or None for no cap")
+    if dtype not in DTYPES:
+        _refuse("dtype", dtype, f"use one of {', '.join(DTYPES)}")
     return {"keys": keys, "miss": miss, "threshold": float(threshold),
             "max_postings": None if max_postings is None else int(max_postings), "dtype": dtype}
 
@@ -75,21 +99,21 @@ class SparseIndex:
         """The index of ``model``'s current weights. ``keys``: ``all`` N^M keys, or ``used``: the
         keys the training split's histories tokenize to (eval mode). ``block_keys`` rows are scored
         at a time (default: as many as ``score_chunk_rows`` pairs allow, at least 1)."""
-        if model.quantizer is None:
-            raise UsageError("the sparse index needs a quantized SparCode (quantize: true); quantize: false has no codes to key it by")
+        _check_model(model)
         settings = index_settings(keys, miss, threshold, max_postings, dtype)
+        if block_keys is not None and (not _is_number(block_keys) or block_keys != int(block_keys) or block_keys < 1):
+            _refuse("block_keys", block_keys, "give an integer >= 1, or None for as many keys as score_chunk_rows allows")
         was_training = model.training
         model.eval()
         try:
             used = cls._used_keys(model) if keys == "used" else None
             n_rows = model.quantizer.n_keys if used is None else len(used)
             item_side = model.item_side()[1:]  # item 0 is padding, never stored
-            block = block_keys or max(1, model.score_chunk_rows // max(1, len(item_side)))
+            block = int(block_keys or max(1, model.score_chunk_rows // max(1, len(item_side))))
             indptr, indices, values = [np.zeros(1, dtype=np.int64)], [], []
             for start in range(0, n_rows, block):
                 row_keys = torch.arange(start, min(start + block, n_rows), device=item_side.device) if used is None else used[start:start + block]
-                codewords = model.quantizer.lookup(model.quantizer.codes(row_keys))
-                rows = torch.relu(model.interact(model.query_side(codewords)[:, None], item_side[None]) + model.score_bias)
+                rows = model.posting_rows(row_keys, item_side)
                 row_ptr, row_items, row_values = _prune(rows, settings["threshold"], settings["max_postings"])
                 indptr.append(row_ptr[1:] + indptr[-1][-1])
                 indices.append(row_items)
@@ -114,15 +138,14 @@ class SparseIndex:
         device = model.item_embedding.weight.device
         found = []
         for seq, length in zip(*(tensor.split(1024) for tensor in (sequences, lengths))):  # 1024 histories at a time
-            batch = {model.ITEM_SEQ: seq.to(device), model.ITEM_SEQ_LEN: length.to(device)}
-            tokens = model.query_tokens(batch)
-            found.append(torch.unique(model.quantizer.keys(model.quantizer.assign(tokens))))
+            found.append(torch.unique(model.query_keys({model.ITEM_SEQ: seq.to(device), model.ITEM_SEQ_LEN: length.to(device)})))
         return torch.unique(torch.cat(found))
 
     def pruned(self, model, threshold=0.0, max_postings=None, dtype=None):
         """A smaller index from this one without re-running the network: entries > ``threshold``, at
         most ``max_postings`` per key (ties by ascending item id), values stored as ``dtype``. Only
         as exact as a fresh build when this index keeps at least as much (lower τ, larger P)."""
+        _check_model(model)
         settings = index_settings(self.meta["keys"], self.meta["miss"], threshold, max_postings, dtype or self.meta["dtype"])
         lengths = self.posting_lengths()
         rows = np.repeat(np.arange(self.n_rows), lengths)
@@ -174,24 +197,37 @@ class SparseIndex:
 
     @classmethod
     def load(cls, folder):
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT_VERSION:
-            raise UsageError(f"index in '{folder}' has format {meta.get('format')}, this package reads {FORMAT_VERSION}: rebuild it")
+        """The index ``save`` wrote to ``folder``; anything else is refused in one line naming the fault."""
+        if not os.path.isdir(folder):
+            what = "is a file" if os.path.exists(folder) else "does not exist"
+            raise UsageError(f"'{folder}' {what}: give the folder SparseIndex.save wrote (index.npz and meta.json), "
+                             "e.g. SparseIndex.build(model).save('saved/sparcode_index')")
+        meta = _read_meta(os.path.join(folder, "meta.json"))
         path = os.path.join(folder, "index.npz")
+        if not os.path.isfile(path):
+            raise UsageError(f"'{folder}' has meta.json but no index.npz: rebuild the index with SparseIndex.build(model).save('{folder}')")
         try:
-            with np.load(path, allow_pickle=False) as arrays:  # an object array would be unpickled: code would run
-                keys = arrays["keys"] if "keys" in arrays.files else None
-                return cls(arrays["indptr"], arrays["indices"], arrays["values"], keys, meta)
+            with np.load(path, allow_pickle=False) as stored:  # an object array would be unpickled: code would run
+                lacking = [name for name in ARRAYS + (("keys",) if meta["keys"] == "used" else ()) if name not in stored.files]
+                if lacking:
+                    raise UsageError(f"'{path}' lacks the array(s) {', '.join(lacking)}: it is incomplete; rebuild it with SparseIndex.build(model)")
+                arrays = {name: stored[name] for name in ARRAYS}
+                keys = stored["keys"] if meta["keys"] == "used" else None
         except ValueError as err:
             if "allow_pickle" not in str(err):  # numpy's words for an object array; anything else is another fault
-                raise
+                raise UsageError(f"'{path}' cannot be read ({err}): it is damaged; rebuild it with SparseIndex.build(model)") from err
             raise UsageError(f"'{path}' holds pickled objects, not the plain arrays an index is made of; it is not read: "
                              "rebuild it with SparseIndex.build(model)") from err
+        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            raise UsageError(f"'{path}' cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; "
+                             "rebuild it with SparseIndex.build(model)") from err
+        _check_arrays(path, meta, arrays, keys)
+        return cls(arrays["indptr"], arrays["indices"], arrays["values"], keys, meta)
 
     # ---- retrieval ------------------------------------------------------------------------------
 
     def check(self, model):
+        _check_model(model)
         settings = {name: self.meta[name] for name in ("keys", "miss", "threshold", "max_postings", "dtype")}
         if self.meta["fingerprint"] != fingerprint(model, settings):
             raise UsageError("the sparse index is stale: it was built from other weights or settings; rebuild it with SparseIndex.build(model)")
@@ -199,7 +235,7 @@ class SparseIndex:
     @torch.no_grad()
     def query_keys(self, model, interaction):
         """Keys [B, K_u] of the histories in ``interaction`` (eval mode: no buffer changes)."""
-        return model.quantizer.keys(model.quantizer.assign(model.query_tokens(interaction)))
+        return model.query_keys(interaction)
 
     @torch.no_grad()
     def accumulate(self, model, keys):
@@ -230,8 +266,7 @@ class SparseIndex:
         scores.index_put_((torch.repeat_interleave(users[found], lengths), items), values, accumulate=True)
         missed = ~found
         if missed.any() and self.meta["miss"] == "compute":
-            codewords = model.quantizer.lookup(model.quantizer.codes(flat[missed]))
-            computed = torch.relu(model.interact(model.query_side(codewords)[:, None], model.item_side()[None]) + model.score_bias)
+            computed = model.posting_rows(flat[missed])
             computed[:, 0] = 0
             scores.index_add_(0, users[missed], computed)
         return scores, int(missed.sum())
@@ -246,6 +281,64 @@ class SparseIndex:
         scores = self.scores(model, interaction)
         items = top_items(scores, k)
         return scores.gather(1, items), items
+
+
+def _check_model(model):
+    from recbole_t2diff.model.sparcode import SparCode
+
+    if not isinstance(model, SparCode):
+        raise UsageError(f"a sparse index belongs to a SparCode model, not {type(model).__name__}: load a SparCode checkpoint "
+                         "(two-tower models such as T2Diff export through recbole_t2diff.export and ann.py)")
+    if model.quantizer is None:
+        raise UsageError("the sparse index needs a quantized SparCode (quantize: true); quantize: false has no codes to key it by")
+
+
+def _read_meta(path):
+    """meta.json as ``save`` wrote it, or a one-line refusal."""
+    def refuse(why):
+        raise UsageError(f"'{path}' is not an index's meta.json ({why}): rebuild the index with SparseIndex.build(model).save(folder)")
+
+    if not os.path.isfile(path):
+        refuse("no such file")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        refuse(f"not JSON: {err}")
+    if not isinstance(meta, dict):
+        refuse(f"a JSON {type(meta).__name__}, not an object")
+    lacking = [name for name in META_FIELDS if name not in meta]
+    if lacking:
+        refuse(f"no {', '.join(lacking)}")
+    if meta["format"] != FORMAT_VERSION:
+        raise UsageError(f"index in '{os.path.dirname(path)}' has format {meta['format']}, this package reads {FORMAT_VERSION}: rebuild it")
+    try:
+        index_settings(**{name: meta[name] for name in ("keys", "miss", "threshold", "max_postings", "dtype")})
+    except UsageError as err:
+        refuse(str(err))
+    return meta
+
+
+def _check_arrays(path, meta, arrays, keys):
+    """The CSR arrays agree with each other and with meta.json, so scoring cannot index out of range."""
+    indptr, indices, values = arrays["indptr"], arrays["indices"], arrays["values"]
+    expected = {"indptr": np.int64, "indices": np.int32, "values": DTYPES[meta["dtype"]], "keys": np.int64}
+    faults = [f"{name} is {array.dtype}[{array.ndim}-d], not 1-d {np.dtype(expected[name])}"
+              for name, array in (*arrays.items(), ("keys", keys)) if array is not None and (array.dtype != expected[name] or array.ndim != 1)]
+    if not faults:
+        n_rows = len(keys) if keys is not None else int(meta["codebook_size"]) ** int(meta["n_codebooks"])
+        if len(indptr) != n_rows + 1:
+            faults.append(f"indptr has {len(indptr)} entries for {n_rows} keys")
+        elif indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] != len(indices):
+            faults.append("indptr is not 0, non-decreasing, ending at the number of postings")
+        if len(values) != len(indices):
+            faults.append(f"{len(indices)} item indices but {len(values)} values")
+        if len(indices) and (indices.min() < 0 or indices.max() >= int(meta["n_items"]) - 1):
+            faults.append(f"item indices outside [0, {int(meta['n_items']) - 1})")
+        if keys is not None and len(keys) > 1 and (np.diff(keys) <= 0).any():
+            faults.append("keys are not sorted and distinct")
+    if faults:
+        raise UsageError(f"'{path}' does not hold a consistent index ({'; '.join(faults)}): rebuild it with SparseIndex.build(model)")
 
 
 def _prune(rows, threshold, max_postings):

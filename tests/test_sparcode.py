@@ -1,4 +1,5 @@
 """SparCode (spec §15): layout, split-layer algebra, quantizer maths, losses, the sparse index, the runner."""
+import json
 import os
 import re
 import subprocess
@@ -769,6 +770,138 @@ def test_an_index_file_with_pickled_objects_is_refused_without_unpickling(sparco
     with pytest.raises(UsageError, match="pickled objects") as raised:
         SparseIndex.load(folder)
     assert "\n" not in str(raised.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"keys": "bogus"}, "keys='bogus': use all"),
+    ({"miss": "bogus"}, "miss='bogus': use compute"),
+    ({"threshold": -1}, "threshold=-1: give a number >= 0"),
+    ({"threshold": float("nan")}, "threshold=nan"),
+    ({"threshold": "0.1"}, "threshold='0.1'"),
+    ({"max_postings": 0}, "max_postings=0: give an integer >= 1, or None"),
+    ({"max_postings": 2.5}, "max_postings=2.5"),
+    ({"max_postings": True}, "max_postings=True"),
+    ({"dtype": "int8"}, "dtype='int8': use one of float32, float16"),
+    ({"block_keys": 0}, "block_keys=0"),
+])
+def test_bad_index_settings_are_refused_in_one_line(sparcode_data, settings, message):
+    model = trained(sparcode_data, steps=1)
+    calls = [lambda: SparseIndex.build(model, **settings)]
+    if "block_keys" not in settings and "keys" not in settings and "miss" not in settings:
+        full = SparseIndex.build(model)
+        calls.append(lambda: full.pruned(model, **settings))
+    for call in calls:
+        with pytest.raises(UsageError) as raised:
+            call()
+        assert f"invalid sparse index setting {message}" in str(raised.value) and "\n" not in str(raised.value)
+    SparseIndex.build(model, threshold=0, max_postings=1, block_keys=1)  # the edges themselves are accepted
+
+
+def test_an_index_refuses_a_model_without_codes(sparcode_data, tiny_data):
+    sparcode = trained(sparcode_data, steps=1)
+    index = SparseIndex.build(sparcode)
+    t2diff = make_model(tiny_data)
+    for call in (lambda: SparseIndex.build(t2diff), lambda: index.scores(t2diff, valid_batch(sparcode_data)),
+                 lambda: index.pruned(t2diff, threshold=0.1)):
+        with pytest.raises(UsageError, match="belongs to a SparCode model, not T2Diff") as raised:
+            call()
+        assert "\n" not in str(raised.value)
+    with pytest.raises(UsageError, match="quantize: true"):
+        SparseIndex.build(make_model(sparcode_data, quantize=False))
+
+
+def damage(folder, what):
+    """Break a saved index one way; returns the path to load."""
+    meta_path, npz_path = os.path.join(folder, "meta.json"), os.path.join(folder, "index.npz")
+    meta = json.load(open(meta_path))
+    arrays = dict(np.load(npz_path))
+    if what == "missing folder":
+        return os.path.join(folder, "absent")
+    if what == "a checkpoint file":
+        torch.save({"state_dict": {}}, os.path.join(folder, "T2Diff-1.pth"))
+        return os.path.join(folder, "T2Diff-1.pth")
+    if what == "no meta.json":
+        os.remove(meta_path)
+    elif what == "meta not JSON":
+        open(meta_path, "w").write("{not json")
+    elif what == "meta a list":
+        json.dump([meta], open(meta_path, "w"))
+    elif what == "meta without a field":
+        json.dump({k: v for k, v in meta.items() if k != "n_items"}, open(meta_path, "w"))
+    elif what == "meta with a bad setting":
+        json.dump({**meta, "dtype": "int8"}, open(meta_path, "w"))
+    elif what == "meta of another format":
+        json.dump({**meta, "format": 99}, open(meta_path, "w"))
+    elif what == "no index.npz":
+        os.remove(npz_path)
+    elif what.startswith("truncated"):
+        raw = open(npz_path, "rb").read()
+        open(npz_path, "wb").write(raw[: {"truncated": len(raw) // 2, "truncated to nothing": 0}[what]])
+    elif what == "flipped byte":
+        raw = bytearray(open(npz_path, "rb").read())
+        raw[len(raw) // 3] ^= 0xFF
+        open(npz_path, "wb").write(bytes(raw))
+    elif what == "no keys array":
+        np.savez(npz_path, **{k: v for k, v in arrays.items() if k != "keys"})
+    elif what == "no values array":
+        np.savez(npz_path, **{k: v for k, v in arrays.items() if k != "values"})
+    elif what == "short indptr":
+        np.savez(npz_path, **{**arrays, "indptr": arrays["indptr"][:-1]})
+    elif what == "item out of range":
+        np.savez(npz_path, **{**arrays, "indices": arrays["indices"] + 1000})
+    elif what == "values of another dtype":
+        np.savez(npz_path, **{**arrays, "values": arrays["values"].astype(np.float64)})
+    elif what == "fewer values":
+        np.savez(npz_path, **{**arrays, "values": arrays["values"][:-1]})
+    elif what == "unsorted keys":
+        np.savez(npz_path, **{**arrays, "keys": arrays["keys"][::-1].copy()})
+    return folder
+
+
+@pytest.mark.parametrize("what,message", [
+    ("missing folder", "does not exist: give the folder SparseIndex.save wrote"),
+    ("a checkpoint file", "is a file: give the folder SparseIndex.save wrote"),
+    ("no meta.json", "is not an index's meta.json (no such file)"),
+    ("meta not JSON", "is not an index's meta.json (not JSON"),
+    ("meta a list", "(a JSON list, not an object)"),
+    ("meta without a field", "(no n_items)"),
+    ("meta with a bad setting", "dtype='int8'"),
+    ("meta of another format", "has format 99"),
+    ("no index.npz", "has meta.json but no index.npz"),
+    ("truncated", "it is truncated or damaged"),
+    ("truncated to nothing", "it is truncated or damaged"),
+    ("flipped byte", "it is truncated or damaged"),
+    ("no keys array", "lacks the array(s) keys"),
+    ("no values array", "lacks the array(s) values"),
+    ("short indptr", "indptr has"),
+    ("item out of range", "item indices outside"),
+    ("values of another dtype", "values is float64"),
+    ("fewer values", "item indices but"),
+    ("unsorted keys", "keys are not sorted"),
+])
+def test_loading_anything_but_a_saved_index_is_refused_in_one_line(sparcode_data, tmp_path, what, message):
+    model = trained(sparcode_data, steps=1)
+    folder = SparseIndex.build(model, keys="used").save(str(tmp_path / "index"))
+    with pytest.raises(UsageError) as raised:
+        SparseIndex.load(damage(folder, what))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_index_scoring_hashes_the_weights_once_per_batch(sparcode_data, monkeypatch):
+    from recbole_t2diff import sparse_index
+
+    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
+    model.score_mode = "index"
+    hashed = []
+    real = sparse_index.fingerprint
+    monkeypatch.setattr(sparse_index, "fingerprint", lambda *args: hashed.append(1) or real(*args))
+    first = scores(model, batch)  # builds the index: one hash, stored with it
+    assert len(hashed) == 1
+    for _ in range(2):
+        torch.testing.assert_close(scores(model, batch), first)
+    assert len(hashed) == 3, "one staleness check per scored batch"
+    torch.testing.assert_close(model.sparse_index.scores(model, batch), first)
+    assert len(hashed) == 4
 
 
 def test_the_index_is_stale_once_any_part_its_rows_depend_on_changes(sparcode_data):

@@ -264,12 +264,16 @@ class SparCode(SequentialRecommender):
         code fixes the token's value, so one row per distinct code is exact. Continuous tokens are
         each their own row. No buffer changes here.
         """
-        tokens = self.query_tokens(interaction)
         if self.quantizer is None:
+            tokens = self.query_tokens(interaction)
             return tokens.reshape(-1, self.token_size), torch.arange(tokens.size(0) * tokens.size(1), device=tokens.device)
-        keys = self.quantizer.keys(self.quantizer.assign(tokens)).flatten()
-        distinct, token_row = torch.unique(keys, return_inverse=True)
+        distinct, token_row = torch.unique(self.query_keys(interaction).flatten(), return_inverse=True)
         return self.quantizer.lookup(self.quantizer.codes(distinct)), token_row
+
+    @torch.no_grad()
+    def query_keys(self, interaction):
+        """Code keys [B, K_u] of the histories' query tokens (quantize: true); no buffer changes."""
+        return self.quantizer.keys(self.quantizer.assign(self.query_tokens(interaction)))
 
     # ---- item side and interaction --------------------------------------------------------------
 
@@ -293,23 +297,25 @@ class SparCode(SequentialRecommender):
             return (query_side * item_side).sum(-1)
         return self.mlp_tail(torch.relu(query_side + item_side)).squeeze(-1)
 
-    def activate(self, scores, leaky=False):
-        """φ(s + b): ReLU (leaky by ``relu_leak`` for training positives), or the identity with score_relu: false."""
+    def activate(self, scores, leaky=False, relu=None):
+        """φ(s + b): ReLU (leaky by ``relu_leak`` for training positives), or the identity with score_relu: false;
+        ``relu`` overrides score_relu (the index always stores the ReLU'd scores)."""
         shifted = scores + self.score_bias
-        if not self.score_relu:
+        if not (self.score_relu if relu is None else relu):
             return shifted
         return F.leaky_relu(shifted, self.relu_leak) if leaky and self.relu_leak > 0 else torch.relu(shifted)
 
-    def row_scores(self, query_side, item_side, checkpointed=False):
+    def row_scores(self, query_side, item_side, checkpointed=False, relu=None):
         """r = φ(s(row, item) + b) [R, I] for rows [R, H_1] against items [I, H_1], in blocks of
         at most ``score_chunk_rows`` pairs so no hidden tensor grows past that x H_1 floats;
-        ``checkpointed`` blocks are recomputed in backward instead of kept (``ce_checkpoint``)."""
+        ``checkpointed`` blocks are recomputed in backward instead of kept (``ce_checkpoint``);
+        ``relu`` as in :meth:`activate`."""
         if self.interaction == "dot":
-            return self.activate(query_side @ item_side.t())
+            return self.activate(query_side @ item_side.t(), relu=relu)
         rows_per_block = max(1, self.score_chunk_rows // max(1, len(item_side)))
 
         def block(rows):
-            return self.activate(self.interact(rows[:, None], item_side[None]))
+            return self.activate(self.interact(rows[:, None], item_side[None]), relu=relu)
 
         blocks = []
         for rows in query_side.split(rows_per_block):
@@ -320,6 +326,12 @@ class SparCode(SequentialRecommender):
     def code_scores(self, rows):
         """r [R, n_items] for query values ``rows`` [R, d_t] (codewords or tokens) in eval mode."""
         return self.row_scores(self.query_side(rows), self.item_side())
+
+    def posting_rows(self, keys, item_side=None):
+        """ReLU(s(c(key), i) + b) [len(keys), I] for code keys against ``item_side`` (default: every item
+        id, padding included): the rows the sparse index stores, ReLU'd whatever ``score_relu`` (spec §10)."""
+        item_side = self.item_side() if item_side is None else item_side
+        return self.row_scores(self.query_side(self.quantizer.lookup(self.quantizer.codes(keys))), item_side, relu=True)
 
     @staticmethod
     def accumulate(row_values, token_row, n_users):
@@ -412,8 +424,8 @@ class SparCode(SequentialRecommender):
         return self.activate(self.interact(query_side, self.item_side(interaction[self.ITEM_ID])[:, None])).sum(-1)
 
     def full_sort_predict(self, interaction):
-        if self.score_mode == "index":
-            return self.index().scores(self, interaction)
+        if self.score_mode == "index":  # index() has just checked the weights' fingerprint: hash them once per batch
+            return self.index().accumulate(self, self.query_keys(interaction))[0]
         rows, token_row = self.query_rows(interaction)
         return self.accumulate(self.code_scores(rows), token_row, len(interaction[self.ITEM_SEQ]))
 
