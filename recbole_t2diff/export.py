@@ -2,7 +2,10 @@
 
 T2Diff scores are inner products ``e_u · e_i``, so the item tower can be computed once and served
 from an index while only the user tower runs per request. Built-in RecBole models that score with
-``forward(seq, len) @ item_embedding.weight.T`` (SASRec, GRU4Rec, NARM, ...) export the same way.
+``forward(seq, len) @ item_embedding.weight.T`` (SASRec, GRU4Rec, NARM, ...) export the same way, and
+so does SparCode's two-tower reduction (``interaction: dot, score_relu: false``: users Σ_k q̃_k, items
+v_i; its scores add the constant K_u·score_bias, which changes no ranking). Any other SparCode is
+refused: its scores are sums of ReLU'd MLP outputs, served by ``recbole_t2diff.sparse_index``.
 """
 import json
 import os
@@ -17,6 +20,8 @@ from recbole_t2diff.quick_start import load_data_and_model
 def item_matrix(model):
     """[n_items, D] item vectors; row 0 is the padding id, which is never recommended."""
     with torch.no_grad():
+        if hasattr(model, "check_two_tower"):  # SparCode: its two-tower reduction only
+            model.check_two_tower()
         if hasattr(model, "item_vectors"):
             return model.item_vectors()
         if hasattr(model, "item_embedding"):  # a Parameter: no_grad does not detach what it returns
@@ -35,7 +40,9 @@ def user_matrix(model, loader):
     with torch.no_grad():
         for interaction, _, _, positive_items in loader:
             interaction = interaction.to(model.device)
-            if hasattr(model, "item_vectors"):
+            if hasattr(model, "user_vectors"):
+                users.append(model.user_vectors(interaction))
+            elif hasattr(model, "item_vectors"):
                 users.append(model.forward(interaction))
             else:
                 users.append(model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]))
@@ -56,8 +63,7 @@ def export_embeddings(model_file, out_dir, split="test", overrides=None):
     if users.ndim != 2 or items.ndim != 2 or users.shape[1] != items.shape[1]:
         raise UsageError(
             f"{config['model']} does not score by the inner product of one user vector and one item vector "
-            f"(users {users.shape[1:]}, items {items.shape[1:]}): it has no two-tower export; a SparCode with "
-            "interaction: mlp serves through its sparse index (recbole_t2diff.sparse_index.SparseIndex)"
+            f"(users {users.shape[1:]}, items {items.shape[1:]}): it has no two-tower export"
         )
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, f"{name}.npy") for name in ("items", "users", "targets")}

@@ -53,6 +53,38 @@ def test_export_applies_its_overrides(trained, tmp_path):
     assert (recall, ndcg) == (pytest.approx(metrics["recall@10"], abs=1e-4), pytest.approx(metrics["ndcg@10"], abs=1e-4))
 
 
+# SparCode's two-tower reduction on the tiny data (spec §11): quantized tokens, dot interaction, no ReLU.
+# A non-zero bias: the constant K_u·b it adds to every score must change no ranking the export serves.
+SPARCODE_DOT = {"token_size": 8, "n_layers": 1, "inner_size": 16, "n_query_tokens": 2, "codebook_size": 8,
+                "softmax_negatives": 10, "interaction": "dot", "score_relu": False, "score_bias": -0.5}
+
+
+@pytest.fixture(scope="module")
+def sparcode_dot(tiny_path, tmp_path_factory):
+    with scratch_run(tmp_path_factory.mktemp("sparcode_dot_run")):
+        return run("SparCode", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **SPARCODE_DOT})
+
+
+def test_sparcode_two_tower_reduction_exports_its_scores(sparcode_dot, tmp_path, workdir):
+    _, items, users, targets = export_embeddings(sparcode_dot["saved_model_file"], str(tmp_path))
+    _, model, _, _, _, test = load_data_and_model(sparcode_dot["saved_model_file"])
+    model.eval()
+    interaction = next(iter(test))[0]
+    with torch.no_grad():
+        full = model.full_sort_predict(interaction).numpy()
+        tokens = model.query_values(interaction)
+    assert items.shape[1] == users.shape[1] == 8 and len(torch.unique(model.query_keys(interaction))) > 1
+    # Σ_k (q̃_k · v_i + b) = (Σ_k q̃_k) · v_i + K_u·b, with q̃ the codewords the model scores with.
+    np.testing.assert_allclose(users[: len(full)] @ items.T + 2 * -0.5, full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(users[: len(full)], tokens.sum(1).numpy(), rtol=1e-6, atol=1e-6)
+    # faiss's exact index returns the full-sort top-k, and its metrics are RecBole's.
+    found, _ = search(build_index(items, "flat"), users, 10)
+    assert np.array_equal(found, exact_top_k(items, users, 10))
+    recall, ndcg = recall_ndcg(found, targets, 10)
+    assert recall == pytest.approx(sparcode_dot["test_result"]["recall@10"], abs=1e-4)
+    assert ndcg == pytest.approx(sparcode_dot["test_result"]["ndcg@10"], abs=1e-4)
+
+
 def test_flat_index_returns_the_exact_top_k():
     rng = np.random.default_rng(0)
     items, users = rng.normal(size=(200, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)

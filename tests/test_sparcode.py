@@ -423,6 +423,78 @@ def test_restart_touches_only_dead_codes_and_puts_them_on_batch_vectors():
     assert quantizer.restarts == 15 + unused_in_codebook_1
 
 
+def test_codes_left_unused_restart_after_the_patience_not_after_the_ema_decays():
+    """64 vectors a step for 16 codes, threshold 0.01: a code used at 1 % of the mean rate is assigned once
+    in 16 / (0.01·64) = 25 steps; the EMA count (decay 0.99) would take ~458 steps to fall below 1 %."""
+    quantizer = seeded_quantizer(decay=0.99, dead_code_threshold=0.01)
+    assert quantizer.patience(64) == 25 and quantizer.patience(10**6) == 1
+    generator = torch.Generator().manual_seed(1)
+    on_code_3 = torch.cat([quantizer.codewords[0, 3], quantizer.codewords[1, 3]])
+    for step in range(1, 26):
+        tokens = on_code_3 + 0.001 * torch.randn(64, 8, generator=generator)  # every vector on code 3 in both codebooks
+        if step == 10:
+            tokens[0] = torch.cat([quantizer.codewords[0, 7], quantizer.codewords[1, 7]])  # code 7 used once
+        before = quantizer.codewords.clone()
+        quantizer.update(tokens, quantizer.assign(tokens))
+        if step < 25:
+            assert quantizer.restarts == 0, f"restarted at step {step}, before any code was idle for 25 steps"
+    restarted = (quantizer.codewords - before).abs().amax(-1) > 1e-3
+    assert quantizer.restarts == 28 and restarted.sum() == 28
+    for m in range(2):
+        assert not restarted[m, 3] and not restarted[m, 7], "a code used within the patience is kept"
+    assert (quantizer.idle[restarted] == 0).all() and (quantizer.idle[:, 7] == 15).all()
+
+
+def test_code_stats_measure_usage_perplexity_keys_and_quantization_error(sparcode_data):
+    model = trained(sparcode_data)
+    valid = sparcode_data[2]
+    before = {name: tensor.clone() for name, tensor in model.named_buffers()}
+    model.train()
+    stats = model.code_stats(valid)
+    assert model.training, "the caller's mode is restored"
+    for name, tensor in model.named_buffers():
+        assert torch.equal(before[name], tensor), name
+    model.eval()
+    with torch.no_grad():
+        tokens = torch.cat([model.query_tokens(batch[0]) for batch in valid])
+        codes = model.quantizer.assign(tokens).reshape(-1, 2)
+    assert stats["tokens"] == len(codes) and stats["restarts"] == int(model.quantizer.restarts)
+    for m in range(2):
+        counts = torch.bincount(codes[:, m], minlength=8).double()
+        shares = counts[counts > 0] / counts.sum()
+        assert stats["usage"][m] == pytest.approx((counts > 0).double().mean().item())
+        assert stats["perplexity"][m] == pytest.approx(torch.exp(-(shares * shares.log()).sum()).item())
+    assert stats["distinct_keys"] == len(torch.unique(model.quantizer.keys(codes)))
+    error = (tokens - model.quantizer.lookup(model.quantizer.assign(tokens))).pow(2).sum() / tokens.pow(2).sum()
+    assert stats["relative_error"] == pytest.approx(error.item(), rel=1e-5) and 0 < stats["relative_error"] < 1
+    with pytest.raises(UsageError, match="quantize: true"):
+        make_model(sparcode_data, quantize=False).code_stats(valid)
+
+
+def test_each_epoch_logs_its_code_usage_and_restarts(sparcode_data, caplog):
+    model = make_model(sparcode_data)
+    model.train()
+    batches = iter(sparcode_data[1])
+    tallied = []
+    for _ in range(2):
+        batch = next(batches)
+        model.calculate_loss(batch)
+        tallied.append(len(batch) * model.n_query_tokens)
+    assert model.epoch_codes.tokens == sum(tallied)
+    restarts = int(model.quantizer.restarts)
+    with caplog.at_level("INFO"):
+        model.eval()
+    line = next(line for line in caplog.text.splitlines() if "SparCode codes in training" in line)
+    assert re.search(r"usage \d+%/\d+% of 8 codes per codebook, perplexity [0-9.]+/[0-9.]+, \d+ distinct keys, "
+                     rf"relative quantization error [0-9.]+, {restarts} restarts", line), line
+    assert model.epoch_codes.tokens == 0, "the next epoch starts a new tally"
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        model.train()
+        model.eval()
+    assert "SparCode codes" not in caplog.text, "an epoch without training batches logs nothing"
+
+
 def test_seeding_leaves_no_zero_codeword_after_the_first_step(sparcode_data):
     model = trained(sparcode_data, steps=1)
     assert bool(model.quantizer.initialised)
@@ -632,6 +704,24 @@ def test_dot_interaction_is_a_two_tower_model(sparcode_data):
     with torch.no_grad():
         user = model.query_values(batch).sum(1)
         torch.testing.assert_close(scores(model, batch), user @ model.item_vectors().t())
+
+
+@pytest.mark.parametrize("overrides,unlike", [
+    ({"interaction": "dot", "score_relu": True}, "score_relu: true"),
+    ({"interaction": "mlp", "score_relu": False}, "interaction: mlp"),
+    ({"interaction": "mlp", "score_relu": True}, "interaction: mlp and score_relu: true"),
+])
+def test_only_the_two_tower_reduction_has_user_and_item_towers(sparcode_data, overrides, unlike):
+    from recbole_t2diff.export import item_matrix, user_matrix
+
+    model = make_model(sparcode_data, **overrides)
+    for call in (lambda: item_matrix(model), lambda: user_matrix(model, sparcode_data[3])):
+        with pytest.raises(UsageError, match=f"SparCode with {unlike} does not score by the inner product") as raised:
+            call()
+        assert "sparse_index" in str(raised.value) and "\n" not in str(raised.value)
+    dot = make_model(sparcode_data, interaction="dot", score_relu=False)
+    users, _ = user_matrix(dot, sparcode_data[3])
+    assert users.shape[1] == item_matrix(dot).shape[1] == 8
 
 
 # ---- the sparse index -----------------------------------------------------------------------------
@@ -975,7 +1065,7 @@ def test_checkpoint_restores_the_codebooks_and_the_metrics(tiny_path, workdir):
     square = run("SparCode", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **TINY_SPARCODE, "n_query_tokens": 8,
                                                   "epochs": 1})
     for checkpoint in (result["saved_model_file"], square["saved_model_file"]):
-        with pytest.raises(UsageError, match="SparCode does not score by the inner product .* no two-tower export"):
+        with pytest.raises(UsageError, match="SparCode with interaction: mlp and score_relu: true does not score by the inner product .* no two-tower export"):
             export_embeddings(checkpoint, str(workdir / "export"))
 
 

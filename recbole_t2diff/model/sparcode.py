@@ -28,7 +28,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.layers import TransformerEncoder
 
 from recbole_t2diff.errors import UsageError
-from recbole_t2diff.model.quantizer import ProductQuantizer
+from recbole_t2diff.model.quantizer import CodeTally, ProductQuantizer
 
 TOKENIZERS = ("sasrec", "dnn")
 INTERACTIONS = ("mlp", "dot")
@@ -77,6 +77,14 @@ def _widths(config, key):
     if not isinstance(widths, (list, tuple)) or not widths or any(int(w) != w or w < 1 for w in widths):
         _fail(key, widths, "give a non-empty list of positive integers, e.g. [256, 256, 256]")
     return [int(w) for w in widths]
+
+
+def describe_codes(stats, quantizer):
+    """One log line's worth of :meth:`SparCode.code_stats`."""
+    usage = "/".join(f"{share:.0%}" for share in stats["usage"])
+    perplexity = "/".join(f"{value:.1f}" for value in stats["perplexity"])
+    return (f"usage {usage} of {quantizer.codebook_size} codes per codebook, perplexity {perplexity}, "
+            f"{stats['distinct_keys']} distinct keys, relative quantization error {stats['relative_error']:.3f}")
 
 
 class SparCode(SequentialRecommender):
@@ -201,6 +209,9 @@ class SparCode(SequentialRecommender):
                 float(config["ema_eps"]), float(config["dead_code_threshold"]),
             )
         self.item_heads = nn.Linear(d, self.n_item_tokens * d_t)
+        # The training batches' code usage since the last eval(), logged there (not saved).
+        self.epoch_codes = None if self.quantizer is None else CodeTally(self.quantizer)
+        self.restarts_logged = 0
 
         self.initializer_range = float(config["initializer_range"])
         self.apply(self._init_weights)
@@ -351,6 +362,7 @@ class SparCode(SequentialRecommender):
             quantized = self.quantizer.lookup(codes)
             query = tokens + (quantized - tokens).detach()  # straight-through: the loss reaches the tokenizer
             commitment = F.mse_loss(tokens, quantized.detach())
+            self.epoch_codes.add(tokens, codes, quantized)
         else:
             query = tokens
         rec_loss, unscored = self.rec_loss(self.query_side(query), interaction)
@@ -402,12 +414,37 @@ class SparCode(SequentialRecommender):
             self.dead_positives += torch.tensor([int(dead.sum()), dead.numel()])
 
     def train(self, mode=True):
-        # RecBole calls eval() before every validation: report the epoch's dead positives there.
+        # RecBole calls eval() before every validation: report the epoch's dead positives and code usage there.
         if not mode and self.dead_positives[1] > 0:
             dead, seen = self.dead_positives.tolist()
             logging.getLogger().info(f"SparCode: {dead / seen:.1%} of training positives had every token score <= -score_bias (no gradient)")
             self.dead_positives.zero_()
+        if not mode and self.epoch_codes is not None and self.epoch_codes.tokens > 0:
+            restarts = int(self.quantizer.restarts)
+            logging.getLogger().info(f"SparCode codes in training: {describe_codes(self.epoch_codes.stats(), self.quantizer)}, "
+                                     f"{restarts - self.restarts_logged} restarts")
+            self.epoch_codes, self.restarts_logged = CodeTally(self.quantizer), restarts
         return super().train(mode)
+
+    @torch.no_grad()
+    def code_stats(self, loader):
+        """Codebook diagnostics (spec §5, §12) over the histories of ``loader`` (training or evaluation), in
+        eval mode: per codebook the share of its N codes used and the perplexity of their use, distinct
+        keys, the relative quantization error Σ‖z_e − z_q‖² / Σ‖z_e‖², and the restarts so far."""
+        if self.quantizer is None:
+            raise UsageError("code_stats needs a quantized SparCode (quantize: true): quantize: false has no codes")
+        was_training = self.training
+        super().train(False)  # not self.eval(): that would log and reset the training epoch's tally
+        tally = CodeTally(self.quantizer)
+        try:
+            for batch in loader:
+                interaction = (batch[0] if isinstance(batch, tuple) else batch).to(self.item_embedding.weight.device)
+                tokens = self.query_tokens(interaction)
+                codes = self.quantizer.assign(tokens)
+                tally.add(tokens, codes, self.quantizer.lookup(codes))
+        finally:
+            super().train(was_training)
+        return {**tally.stats(), "restarts": int(self.quantizer.restarts)}
 
     # ---- scoring --------------------------------------------------------------------------------
 
@@ -418,6 +455,23 @@ class SparCode(SequentialRecommender):
 
     def forward(self, interaction):
         return self.query_values(interaction)
+
+    # ---- the two-tower reduction (spec §11, §14) ------------------------------------------------
+
+    def check_two_tower(self):
+        """Refuse, in one line, a model whose scores are not one user vector · one item vector."""
+        unlike = [knob for knob, is_set in (("interaction: mlp", self.interaction == "mlp"), ("score_relu: true", self.score_relu)) if is_set]
+        if unlike:
+            raise UsageError(
+                f"SparCode with {' and '.join(unlike)} does not score by the inner product of one user vector and one item "
+                "vector: it has no two-tower export; serve it through its sparse index (recbole_t2diff.sparse_index.SparseIndex), "
+                "or train the two-tower reduction (interaction: dot, score_relu: false)")
+
+    def user_vectors(self, interaction):
+        """Σ_k q̃_k [B, d_t], the user tower of the two-tower reduction: there y(u, i) = Σ_k (q̃_k · v_i + b)
+        = (Σ_k q̃_k) · v_i + K_u·b, and the constant K_u·b changes no ranking, so it is left out."""
+        self.check_two_tower()
+        return self.query_values(interaction).sum(1)
 
     def predict(self, interaction):
         query_side = self.query_side(self.query_values(interaction))
