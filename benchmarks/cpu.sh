@@ -22,4 +22,7 @@ echo "[cpu.sh] $(date -u '+%F %T') UTC: $plan started in $PWD" >> "$runs/batch.l
 PYTHONUNBUFFERED=1 nohup setsid nice -n 15 python benchmarks/batch.py "$plan" --jobs=2 --resume_root="$runs/resume" \
   >> "$runs/batch.log" 2>&1 < /dev/null &
 echo $! > "$runs/batch.pid"
+# setsid gives the batch its own scheduler autogroup, inside which nice alone has no effect against other sessions:
+# the group's own nice value is what makes it yield to tests and foreground work.
+echo 15 > "/proc/$!/autogroup" 2>/dev/null || echo "note: could not lower the batch's autogroup priority (/proc/$!/autogroup)"
 echo "started (pid $!): tail -f $runs/batch.log"

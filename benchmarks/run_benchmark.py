@@ -11,8 +11,9 @@ every run the same wall-clock, counted from the start of the run (loading the da
 a few seconds, count too): the epoch in progress when it runs out ends at that batch, is validated, and
 the run is tested at its best-validation epoch as usual. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
-T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log, and the control T2Diff-copyLast
-(x̂ := x_L). For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch
+T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log, the control T2Diff-copyLast
+(x̂ := x_L) and T2Diff-positions (order in the user tower); an ablation takes settings in brackets too,
+e.g. "T2Diff-copyLast[position_embedding=learned]". For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch
 (benchmarks/xhat_diagnosis.py: relative error against the true next item, nearest-item hit@1/@10).
 
 --search gives every model the same hyperparameter search: each point of the grid (keys separated by
@@ -53,6 +54,7 @@ sys.path.insert(0, ROOT)
 ABLATIONS = {
     "T2Diff-noDiff": {"use_diffusion": False},
     "T2Diff-copyLast": {"x_hat_source": "copy_last"},
+    "T2Diff-positions": {"position_embedding": "learned"},
     "T2Diff-noDP": {"use_drift": False},
     "T2Diff-noTA": {"use_target_attention": False},
     "T2Diff-linear": {"beta_schedule": "linear"},
@@ -182,7 +184,6 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     :class:`Resume`) and, started again after an interruption, goes on from the last such epoch.
     """
     from recbole_t2diff.quick_start import run
-    from xhat_diagnosis import xhat_quality
 
     model, settings = parse_variant(variant)
     timings, curve, clock = {"train": [], "valid": []}, [], {"started": time.perf_counter()}
@@ -195,7 +196,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
             return out
         return wrapper
 
-    trainers, budget, splits = [], Budget(time_budget), {}
+    trainers, budget = [], Budget(time_budget)
     # A private checkpoint folder: RecBole names checkpoints by the second, and parallel runs of
     # one model would otherwise overwrite each other's.
     checkpoints = resume_dir or tempfile.mkdtemp(prefix="bench-")
@@ -203,16 +204,15 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
 
     def on_trainer(trainer):
         budget.apply(trainer)
-        fit = trainer.fit
+        if resume is not None:
+            fit = trainer.fit
 
-        def fit_keeping_valid(train_data, valid_data=None, **kwargs):
-            splits["valid"] = valid_data
-            if resume is not None:
+            def fit_resuming(train_data, valid_data=None, **kwargs):
                 resume.restore(trainer, train_data)
                 kwargs["callback_fn"] = lambda epoch, score: resume.save(trainer, train_data, epoch)
-            return fit(train_data, valid_data, **kwargs)
+                return fit(train_data, valid_data, **kwargs)
 
-        trainer.fit = fit_keeping_valid
+            trainer.fit = fit_resuming
         trainer._train_epoch = timed(trainer._train_epoch, "train")
         valid_epoch = timed(trainer._valid_epoch, "valid")
 
@@ -244,8 +244,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     for metric in METRICS:
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
         row[f"test_{metric}"] = float(result["test_result"][metric])
-    if model == "T2Diff":  # the trainer holds the best-validation weights now
-        row.update(xhat_quality(trainer.model, splits["valid"]))
+    row.update(result.get("xhat_quality") or dict.fromkeys(XHAT_COLUMNS, ""))
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
     return row
 
@@ -538,6 +537,14 @@ def threads(jobs):
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
+def per_machine(rows, key):
+    """The mean of a timing column over ``rows``, or "mixed machines" when they ran on different machines:
+    seconds from a GPU and a CPU are never averaged together."""
+    if len({r.get("machine") or "" for r in rows}) > 1:
+        return "mixed machines"
+    return f"{mean_std(r[key] for r in rows)[0]:.1f}"
+
+
 def margin(rows, variants):
     """Each of the package's models' rows (not the named ablations) as its relative margin over the best built-in model (by mean test NDCG@10), as markdown lines."""
     mean = {v: {k: mean_std(r[k] for r in rows if r["variant"] == v)[0] for k in ("test_ndcg@10", "test_recall@10")}
@@ -720,7 +727,7 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None, overr
         lines.append(
             f"| {v} | {','.join(str(r['seed']) for r in mine)} | {cell('test_ndcg@10')} | {cell('test_recall@10')} | "
             f"{cell('test_mrr@10')} | {cell('test_ndcg@20')} | {cell('valid_ndcg@10')} | {mine[0]['params']} | "
-            f"{mean_std(r['train_s_per_epoch'] for r in mine)[0]:.1f} | {mean_std(r['eval_s'] for r in mine)[0]:.1f} | "
+            f"{per_machine(mine, 'train_s_per_epoch')} | {per_machine(mine, 'eval_s')} | "
             f"{mean_std(r['epochs_run'] for r in mine)[0]:.3g} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}){cap_mark(v)} | "
             f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
         if all(r.get(c) not in (None, "") for r in mine for c in XHAT_COLUMNS):

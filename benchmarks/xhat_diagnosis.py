@@ -30,37 +30,6 @@ from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
 from recbole_t2diff.quick_start import load_data_and_model, make_trainer  # noqa: E402
 
 
-def xhat_quality(model, loader):
-    """How close the x̂ that inference serves is to the true next item, over a full-sort split.
-
-    Returns ``xhat_rel_error`` = Σ|x̂ - x_next| / Σ|x_next - x_L| (pooled over users: 1.0 is what
-    copying x_L scores) and ``xhat_hit@1`` / ``xhat_hit@10``: how often the true next item is the
-    nearest item token to x̂ in L2, or among its 10 nearest (the padding item excluded). Empty values
-    for a model without x̂.
-    """
-    if not model.use_diffusion:
-        return {"xhat_rel_error": "", "xhat_hit@1": "", "xhat_hit@10": ""}
-    model.eval()  # also re-seeds the chain's noise, as every evaluation does
-    error = drift = hit1 = hit10 = count = 0.0
-    with torch.no_grad():
-        items = model.tokens(torch.arange(1, model.n_items, device=model.item_embedding.weight.device))
-        for batch in loader:
-            interaction = batch[0].to(items.device)
-            history, _ = model.history(interaction)
-            x_hat = model.inference_x_hat(history)
-            target_ids = interaction[model.ITEM_ID]
-            target = model.tokens(target_ids)
-            error += (x_hat - target).norm(dim=-1).sum().item()
-            drift += (target - history[:, -1]).norm(dim=-1).sum().item()
-            distance = torch.cdist(x_hat, items)
-            rank = (distance < distance.gather(1, (target_ids - 1)[:, None])).sum(1)
-            hit1 += (rank < 1).sum().item()
-            hit10 += (rank < 10).sum().item()
-            count += len(rank)
-    return {"xhat_rel_error": round(error / max(drift, 1e-12), 4), "xhat_hit@1": round(hit1 / count, 4),
-            "xhat_hit@10": round(hit10 / count, 4)}
-
-
 def teacher_forward(model, step, errors):
     """A forward whose x̂ is the one-step estimate from the target's drift noised at ``step``;
     appends the estimate's relative error on the last row to ``errors``."""

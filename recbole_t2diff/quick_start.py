@@ -17,6 +17,7 @@ from recbole_t2diff.checkpoint import check_data, load_checkpoint, save_checkpoi
 from recbole_t2diff.config import Config, check_model_config, get_model, properties_dir
 from recbole_t2diff.data import check_dataset, create_dataset, ensure_dataset
 from recbole_t2diff.errors import UsageError
+from recbole_t2diff.model.t2diff import T2Diff
 from recbole_t2diff.settings import check_known_keys
 
 from recbole.data import data_preparation
@@ -176,6 +177,10 @@ def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_train
     test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
     logger.info(set_color("best valid ", "yellow") + f": {dict2str(best_valid_result)}")
     logger.info(set_color("test result", "yellow") + f": {dict2str(test_result)}")
+    xhat_quality = model.xhat_quality(valid_data) if isinstance(model, T2Diff) else None
+    if xhat_quality and model.denoises and 0.98 <= xhat_quality["xhat_rel_error"] <= 1.02:
+        logger.warning(f"x̂'s relative error on validation is {xhat_quality['xhat_rel_error']} (1 = a copy of the last item): the "
+                       "diffusion module learned to copy the last item; x_hat_source: copy_last gives the same tower without the U-Net")
     return {
         "model": config["model"],
         "best_valid_score": best_valid_score,
@@ -184,6 +189,7 @@ def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_train
         "test_result": test_result,
         "saved_model_file": os.path.abspath(trainer.saved_model_file) if saved else None,
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "xhat_quality": xhat_quality,  # T2Diff with x̂: how close the served x̂ is to the next item (valid split, best weights)
     }
 
 

@@ -25,7 +25,7 @@ log, spec, variant, seed = sys.argv[1:]
 with open(log, "a") as f:
     f.write(f"{variant} {seed}\n")
 me = json.load(open(spec)).get(variant, {})
-print("EPOCH " + json.dumps({"epoch": 1, "valid": 0.125, "train_s": 0.0, "run_s": 0.0}), flush=True)
+print("EPOCH " + json.dumps({"epoch": 1, "valid": 0.125, "best": 0.125, "best_epoch": 1, "train_s": 0.0, "run_s": 0.0}), flush=True)
 time.sleep(me.get("sleep", 0))
 if me.get("fail"):
     sys.exit("fake failure of " + variant)
@@ -179,7 +179,7 @@ def test_stop_after_stops_runs_unfinished_and_records_only_the_finished(fake, tm
     assert "fake SASRec seed 1 stopped unfinished (not recorded)" in out and "failed:" not in out
     assert "1 runs finished, 0 failed, 1 stopped unfinished" in out
     # The workers' EPOCH lines are progress lines, the stopped run's too (it printed one before it slept).
-    assert "[batch]   fake GRU4Rec seed 1 epoch 1: valid NDCG@10 0.1250 (0 s into the run)" in out
+    assert "[batch]   fake GRU4Rec seed 1 epoch 1: valid NDCG@10 0.1250 (best 0.1250 at 1), 0 s/epoch training, 0 min into the run" in out
     assert "[batch]   fake SASRec seed 1 epoch 1: valid NDCG@10 0.1250" in out
     assert rows(tmp_path / "fake.csv") == [("GRU4Rec", 1)] and (tmp_path / "fake.md").is_file()
 
@@ -187,10 +187,11 @@ def test_stop_after_stops_runs_unfinished_and_records_only_the_finished(fake, tm
 def test_stop_after_also_stops_a_run_that_was_starting_when_the_others_were_stopped(fake, tmp_path, monkeypatch, capsys):
     """A run taken before the stop whose process starts after it (here: 2 s later) is stopped too, not
     waited for (it would hold a lease of a fixed length past its end)."""
-    real = batch.run_worker
+    real, launched = batch.run_worker, []
 
     def slow_to_start(command, *args, **kwargs):
         time.sleep(2)
+        launched.append(command[-2])  # the variant; the fake's own log may be killed before it writes
         return real(command, *args, **kwargs)
 
     monkeypatch.setattr(batch, "run_worker", slow_to_start)
@@ -200,7 +201,7 @@ def test_stop_after_also_stops_a_run_that_was_starting_when_the_others_were_stop
     begun = time.time()
     with pytest.raises(SystemExit, match="1 did not finish"):
         batch.main()
-    assert time.time() - begun < 20 and fake.started() == [("SASRec", "1")]
+    assert time.time() - begun < 20 and launched == ["SASRec"]
     assert "stopped unfinished" in capsys.readouterr().out
 
 
@@ -241,3 +242,16 @@ def test_a_search_whose_run_was_stopped_stays_unfinished(fake, tmp_path, monkeyp
     b = run_batch(plan, jobs=1)
     assert fake.started()[-5:] == [("SASRec[learning_rate=0.003]", "1"), *SEEDS]  # the missing trial, then the seeds
     assert b.searches
+
+
+def test_each_validation_line_says_when_the_run_ends_at_the_latest(capsys):
+    """RecBole stops after patience + 1 validations without a new best, and at the cap in any case."""
+    report = batch.epoch_reporter("ml-100k SASRec seed 1", patience=10, cap=50)
+    report({"epoch": 6, "valid": 0.05, "best": 0.06, "best_epoch": 4, "train_s": 120.0, "run_s": 180.0})
+    report({"epoch": 45, "valid": 0.07, "best": 0.07, "best_epoch": 45, "train_s": 900.0, "run_s": 1350.0})
+    first, second = capsys.readouterr().out.splitlines()
+    assert "epoch 6: valid NDCG@10 0.0500 (best 0.0600 at 4), 20 s/epoch training, 3 min into the run" in first
+    assert "ends within 9 epoch(s), about 4 min" in first  # 4 + 10 + 1 - 6 epochs of 30 s
+    assert "ends within 5 epoch(s)" in second  # the cap comes first
+    batch.epoch_reporter("x", patience=None, cap=None)({"epoch": 1, "valid": 0.1, "best": 0.1, "best_epoch": 1, "train_s": 1.0, "run_s": 1.0})
+    assert "ends within" not in capsys.readouterr().out

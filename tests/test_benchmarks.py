@@ -200,7 +200,6 @@ def test_xhat_quality_of_the_copied_last_item_is_1_and_its_hits_are_the_repeats(
     """x̂ := x_L is the unit of the relative error; and x_L's nearest token is its own, so a hit@1 is exactly
     a user whose next item repeats the last one (made so here for every third user)."""
     from conftest import make_model
-    from xhat_diagnosis import xhat_quality
 
     model = make_model(tiny_data, x_hat_source="copy_last")
     interaction = next(iter(tiny_data[2]))[0]
@@ -208,10 +207,10 @@ def test_xhat_quality_of_the_copied_last_item_is_1_and_its_hits_are_the_repeats(
     repeat = torch.arange(len(last)) % 3 == 0
     interaction.interaction[model.ITEM_ID] = torch.where(repeat, last, interaction[model.ITEM_ID])
     repeats = int((interaction[model.ITEM_ID] == last).sum())
-    quality = xhat_quality(model, [(interaction,)])
+    quality = model.xhat_quality([(interaction,)])
     assert quality["xhat_rel_error"] == 1.0 and 0 < repeats < len(last)
     assert quality["xhat_hit@1"] == round(repeats / len(last), 4) and quality["xhat_hit@1"] <= quality["xhat_hit@10"] <= 1
-    assert xhat_quality(make_model(tiny_data, use_diffusion=False), [(interaction,)]) == {"xhat_rel_error": "", "xhat_hit@1": "", "xhat_hit@10": ""}
+    assert make_model(tiny_data, use_diffusion=False).xhat_quality([(interaction,)]) is None
 
 
 def test_xhat_diagnosis_chain_row_is_the_normal_evaluation(tiny_path, workdir, monkeypatch):
@@ -284,3 +283,12 @@ def test_a_run_stopped_early_at_its_last_saved_epoch_is_not_trained_further(tiny
     monkeypatch.setattr(Resume, "save", save)
     row = worker("GRU4Rec", 5, "tiny", None, resume_dir=str(workdir / "run"))
     assert row["epochs_run"] == 3 and len(json.loads(row["valid_curve"])) == 3  # not trained on to epoch 8
+
+
+def test_timings_from_different_machines_are_never_averaged():
+    from run_benchmark import per_machine
+
+    gpu = {"machine": "x86_64, 16 cores, NVIDIA H200", "train_s_per_epoch": "5.4"}
+    cpu = {"machine": "x86_64, 2 cores, CPU", "train_s_per_epoch": "123.0"}
+    assert per_machine([gpu, {**gpu, "train_s_per_epoch": "5.6"}], "train_s_per_epoch") == "5.5"
+    assert per_machine([gpu, cpu, cpu], "train_s_per_epoch") == "mixed machines"

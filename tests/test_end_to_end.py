@@ -101,3 +101,26 @@ def test_builtin_models_run_through_the_same_function(tiny_path, workdir):
     assert set(result["test_result"]) == {f"{m}@{k}" for m in ("recall", "mrr", "ndcg", "hit") for k in (2, 10, 20)}  # the protocol
     assert dict(evaluate_checkpoint(result["saved_model_file"])) == dict(result["test_result"])
 
+
+
+@pytest.mark.parametrize("rel_error, warned", [(0.985, True), (1.02, True), (0.975, False), (1.03, False)])
+def test_a_run_warns_when_the_diffusion_module_learned_to_copy_the_last_item(tiny_path, workdir, monkeypatch, rel_error, warned):
+    import logging
+
+    from recbole_t2diff.model.t2diff import T2Diff
+
+    measured, warnings = [], []
+    quality = T2Diff.xhat_quality
+    monkeypatch.setattr(T2Diff, "xhat_quality", lambda self, loader: measured.append(quality(self, loader)) or {**measured[0], "xhat_rel_error": rel_error})
+    monkeypatch.setattr(logging.Logger, "warning", lambda self, message, *args, **kwargs: warnings.append(message))
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1}, saved=False)
+    assert 0 < measured[0]["xhat_rel_error"] and 0 <= measured[0]["xhat_hit@1"] <= measured[0]["xhat_hit@10"] <= 1
+    assert result["xhat_quality"]["xhat_rel_error"] == rel_error
+    assert any("learned to copy the last item" in w for w in warnings) == warned
+
+
+def test_a_run_without_a_generated_item_reports_no_xhat_quality_and_never_warns(tiny_path, workdir):
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "x_hat_source": "copy_last"}, saved=False)
+    assert result["xhat_quality"]["xhat_rel_error"] == 1.0  # the copy is the unit; a control is not warned about
+    assert run("SASRec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "show_progress": False, "state": "WARNING"},
+               saved=False)["xhat_quality"] is None

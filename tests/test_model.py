@@ -266,6 +266,19 @@ def test_the_tower_trains_on_the_one_step_estimate_or_on_the_inference_chain(tin
     assert grads(model, tower_loss) == (False, True) and grads(model, diffusion_loss) == (True, False)
 
 
+def test_without_stop_gradients_the_tower_loss_reaches_the_unet_through_the_chain(tiny_data):
+    """train_xhat: chain with stop_grad: False trains the denoiser on the x̂ it serves (a no_grad chain reached nothing)."""
+    _, train, _, _ = tiny_data
+    model = make_model(tiny_data, train_xhat="chain", stop_grad=False, infer_steps=2)
+    model.train()
+    seen = []
+    user_vector = model.user_vector
+    model.user_vector = lambda history, mask, x_hat, *rest: seen.append(x_hat) or user_vector(history, mask, x_hat, *rest)
+    tower_loss, diffusion_loss = model.calculate_loss(first_batch(train))
+    assert seen[0].requires_grad
+    assert grads(model, tower_loss) == (True, True)
+
+
 @pytest.mark.parametrize("diffusion_scale", ["rms", "none"])
 def test_diffusion_runs_in_units_of_the_drifts_running_rms(tiny_data, diffusion_scale):
     _, train, _, _ = tiny_data

@@ -231,6 +231,8 @@ class T2Diff(SequentialRecommender):
 
         self.initializer_range = float(config["initializer_range"])
         self.apply(self._init_weights)
+        if self.denoises:  # _init_weights drew the FiLM maps like any Linear: back to their zero start
+            self.denoiser.unet.zero_film()
 
     @staticmethod
     def _item_categories(dataset, field):
@@ -380,8 +382,8 @@ class T2Diff(SequentialRecommender):
         of ẑ_0 (λ_diff) and, with ``xhat_loss: ce``, a softmax over the item table that asks x̂ to
         name the true next item (λ_xhat; gradients reach the item embeddings through the table).
         The tower's x̂ is that one-step estimate (``train_xhat: one_step`` [P][C]; at small s it is
-        nearly the target, which inference never delivers), or ``chain``: a detached run of the
-        inference sampler from noise, so the tower trains on the x̂ it will be served.
+        nearly the target, which inference never delivers), or ``chain``: a run of the inference
+        sampler from noise (detached under ``stop_grad``), so the tower trains on the x̂ it will be served.
         """
         condition = history.detach() if self.stop_grad else history
         next_token = self.tokens(target)
@@ -405,8 +407,10 @@ class T2Diff(SequentialRecommender):
             logits = self.xhat_logit_scale.exp() * x_hat @ self.tokens(torch.arange(self.n_items, device=target.device)).t()
             losses.append(self.lambda_xhat * F.cross_entropy(logits.index_fill(1, logits.new_zeros(1, dtype=torch.long), NEG_LOGIT), target))
         if self.train_xhat == "chain":
-            with torch.no_grad():
-                x_hat = self.sample_generated_item(condition.detach())
+            # Under stop_grad the chain runs without a graph; without it the tower loss reaches the
+            # denoiser through every step of the x̂ it will be served, as it does through one_step.
+            with torch.set_grad_enabled(not self.stop_grad):
+                x_hat = self.sample_generated_item(condition)
         return (x_hat.detach() if self.stop_grad else x_hat), losses
 
     def sample_generated_item(self, history, generator=None):
@@ -459,6 +463,36 @@ class T2Diff(SequentialRecommender):
         if not mode:
             self._eval_generator = None
         return super().train(mode)
+
+    def xhat_quality(self, loader):
+        """How close the x̂ that inference serves is to the true next item, over a full-sort split.
+
+        Returns ``xhat_rel_error`` = Σ|x̂ - x_next| / Σ|x_next - x_L| (pooled over users: 1.0 is what
+        copying x_L scores) and ``xhat_hit@1`` / ``xhat_hit@10``: how often the true next item is the
+        nearest item token to x̂ in L2, or among its 10 nearest (the padding item excluded). None for a
+        model without x̂.
+        """
+        if not self.use_diffusion:
+            return None
+        self.eval()  # also re-seeds the chain's noise, as every evaluation does
+        error = drift = hit1 = hit10 = count = 0.0
+        with torch.no_grad():
+            items = self.tokens(torch.arange(1, self.n_items, device=self.item_embedding.weight.device))
+            for batch in loader:
+                interaction = batch[0].to(items.device)
+                history, _ = self.history(interaction)
+                x_hat = self.inference_x_hat(history)
+                target_ids = interaction[self.ITEM_ID]
+                target = self.tokens(target_ids)
+                error += (x_hat - target).norm(dim=-1).sum().item()
+                drift += (target - history[:, -1]).norm(dim=-1).sum().item()
+                distance = torch.cdist(x_hat, items)
+                rank = (distance < distance.gather(1, (target_ids - 1)[:, None])).sum(1)
+                hit1 += (rank < 1).sum().item()
+                hit10 += (rank < 10).sum().item()
+                count += len(rank)
+        return {"xhat_rel_error": round(error / max(drift, 1e-12), 4), "xhat_hit@1": round(hit1 / count, 4),
+                "xhat_hit@10": round(hit10 / count, 4)}
 
     # ---- RecBole interface ----------------------------------------------------------------------
 

@@ -66,8 +66,9 @@ class UNet1d(nn.Module):
 
     With ``film_dim``, every block's output is modulated as x·(1 + γ) + β, with (γ, β) a linear map of
     a per-sample conditioning vector (the step embedding): conditioning that every level sees, rather
-    than a small offset added once to the input (FiLM, Perez et al. 2018). The maps are built at zero
-    (an untrained FiLM U-Net computes what the plain one does) unless the owner re-initialises them.
+    than a small offset added once to the input (FiLM, Perez et al. 2018). The maps start at zero, so an
+    untrained FiLM U-Net computes what the plain one does; an owner that re-initialises every Linear
+    calls ``zero_film`` after it.
     """
 
     def __init__(self, in_channels, channels, padding="valid", out_channels=None, eps=1e-8, film_dim=None):
@@ -93,9 +94,13 @@ class UNet1d(nn.Module):
         if film_dim is not None:
             self.film_down = nn.ModuleList(nn.Linear(film_dim, 2 * c) for c in channels)
             self.film_merge = nn.ModuleList(nn.Linear(film_dim, 2 * c) for c in channels[:-1])
-            for layer in [*self.film_down, *self.film_merge]:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+            self.zero_film()
+
+    def zero_film(self):
+        """Sets every FiLM map to zero: γ = β = 0, each level passes its input unmodulated."""
+        for layer in [*(self.film_down or []), *(self.film_merge or [])]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @staticmethod
     def _modulate(x, film, condition):
