@@ -10,7 +10,7 @@ the params file searches (it would override every trial: that is rejected).
 import argparse
 import sys
 
-from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.cli import check_settings_arguments, exit_on_usage_error
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import ALGOS, Search, check_output_file
 
@@ -26,8 +26,9 @@ def main():
     parser.add_argument("--max_evals", type=int, default=10, help="trials for random/bayes (exhaustive runs the grid)")
     parser.add_argument("--early_stop", type=int, default=10, help="stop after this many trials without improvement")
     parser.add_argument("--tool", default="Hyperopt", help="only Hyperopt is supported")
-    args, _ = parser.parse_known_args()
+    args, settings = parser.parse_known_args()
     with exit_on_usage_error():
+        check_settings_arguments(settings)
         if args.tool != "Hyperopt":
             raise UsageError(f"--tool={args.tool} is not supported, only Hyperopt: RecBole's Ray path works with no ray available here (its pin ray<=2.6.3 has no wheels past Python 3.11 and fails with numpy 2; current ray rejects its tune.run(local_dir=...) and tune.report(**result)); use --tool=Hyperopt")
         check_output_file(args.output_file)

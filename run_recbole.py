@@ -10,7 +10,7 @@ Every other --key=value reaches RecBole's Config and overrides the property file
 import argparse
 import sys
 
-from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.cli import check_settings_arguments, exit_on_usage_error
 from recbole_t2diff.quick_start import run
 
 
@@ -24,9 +24,10 @@ def main():
     parser.add_argument("--ip", default="localhost", help="address of the rank-0 machine")
     parser.add_argument("--port", default="5678", help="port of the rank-0 machine")
     parser.add_argument("--group_offset", type=int, default=0, help="global rank of this machine's first process")
-    args, _ = parser.parse_known_args()
+    args, settings = parser.parse_known_args()
     config_files = args.config_files.split() if args.config_files else None
     with exit_on_usage_error():
+        check_settings_arguments(settings)
         run(args.model, args.dataset, config_file_list=config_files, nproc=args.nproc, world_size=args.world_size,
             ip=args.ip, port=args.port, group_offset=args.group_offset)
 

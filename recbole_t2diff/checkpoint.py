@@ -2,8 +2,9 @@
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain data (str, int, float,
 bool, None, lists and dicts): the weights, the run's settings as plain values, the token maps and a
-fingerprint of the data it was trained on, and a SHA-256 of the weights. It is read with
-``torch.load(weights_only=True)``, which refuses anything else, so a crafted file cannot run code.
+fingerprint of the data it was trained on, a SHA-256 of the weights and one of the settings. It is
+read with ``torch.load(weights_only=True)``, which refuses anything else, so a crafted file cannot
+run code.
 
 RecBole's own checkpoints (and this package's before this format) pickle the ``Config`` object:
 they are refused with a one-line error, and :func:`convert_checkpoint` rewrites one in this format
@@ -12,9 +13,14 @@ when the caller says it trusts the file (``trust_checkpoint=True``, or on the co
 """
 import enum
 import hashlib
+import io
+import json
 import numbers
 import os
+import pickletools
 import secrets
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -28,6 +34,13 @@ FORMAT = "recbole_t2diff checkpoint 1"
 CONVERT_HINT = "python -m recbole_t2diff.convert --trust_checkpoint"
 # The enums RecBole puts into a Config's settings (MODEL_TYPE, MODEL_INPUT_TYPE, eval_type, ...).
 _ENUMS = {cls.__name__: cls for cls in (EvaluatorType, FeatureSource, FeatureType, InputType, ModelType)}
+# Settings the SHA-256 of the settings leaves out: where and how a process runs and reports, never
+# what the model computes (the data's content is checked by its own fingerprint, wherever it lies).
+# Every other setting is covered, a knob added later too.
+UNCHECKED_SETTINGS = frozenset({
+    "gpu_id", "use_gpu", "device", "single_spec", "local_rank", "nproc", "world_size", "ip", "port", "offset",
+    "dist_backend", "state", "show_progress", "checkpoint_dir", "data_path", "worker", "log_wandb", "wandb_project",
+})
 
 
 def unique_checkpoint_path(folder, model_name):
@@ -43,6 +56,21 @@ def weights_digest(state_dict):
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def settings_digest(plain_config):
+    """SHA-256 over a stored config (:func:`config_to_plain`'s result): model, dataset and every setting
+    but :data:`UNCHECKED_SETTINGS`, as canonical JSON (tensors by dtype, shape and bytes)."""
+    covered = {"model": plain_config["model"], "dataset": plain_config["dataset"],
+               "settings": {key: value for key, value in plain_config["settings"].items() if key not in UNCHECKED_SETTINGS}}
+
+    def tensor(value):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{type(value).__name__} is not plain data")
+        value = value.detach().cpu().contiguous()
+        return {"__tensor__": [str(value.dtype), list(value.shape), value.reshape(-1).view(torch.uint8).numpy().tobytes().hex()]}
+
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, default=tensor).encode()).hexdigest()
 
 
 def data_identity(dataset):
@@ -144,8 +172,10 @@ def config_from_plain(plain):
     """The ``Config`` a checkpoint was trained with, rebuilt from its stored settings (no file, no
     command line and no property default is read again, so a changed default cannot change the model)."""
     from recbole_t2diff.config import Config, get_model
+    from recbole_t2diff.settings import check_dataset_name, check_no_pickle_caches
 
     settings = _restore(plain["settings"])
+    check_dataset_name(plain["dataset"])  # joined into the log file's path: a stored path would write outside
     # RecBole's KD_DAGFM builds its teacher with eval(config["teacher"]): from a file, only a class name.
     teacher = settings.get("teacher")
     if teacher is not None and not (isinstance(teacher, str) and teacher.isidentifier()):
@@ -158,6 +188,7 @@ def config_from_plain(plain):
     config.file_config_dict = config.variable_config_dict = config.cmd_config_dict = {}
     config.external_config_dict, config.internal_config_dict = {}, {}
     config.final_config_dict = settings
+    check_no_pickle_caches(config)  # RecBole would write (and a later run read) a pickle cache
     return config
 
 
@@ -165,15 +196,21 @@ def save_checkpoint(path, config, model, data, **training_state):
     """Write the checkpoint atomically (a temporary file in the same folder, then a rename), so a
     crash or a parallel reader never sees half a file. ``data`` is :func:`data_identity`'s result."""
     state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    plain_config = config_to_plain(config)
     payload = {
         "format": FORMAT,
-        "config": config_to_plain(config),
+        "config": plain_config,
         "state_dict": state_dict,
         "other_parameter": _plain(model.other_parameter(), "other_parameter"),
         "weights_sha256": weights_digest(state_dict),
+        "settings_sha256": settings_digest(plain_config),
         "data": data,
         **{key: _plain(value, key) for key, value in training_state.items()},
     }
+    _write_atomically(payload, path)
+
+
+def _write_atomically(payload, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -190,21 +227,22 @@ def load_checkpoint(path, map_location="cpu"):
 
     Every failure is a one-line :class:`UsageError`: a missing, damaged or foreign file, a bare
     state dict, a file that needs unpickling (an old-format checkpoint, or a crafted one), or
-    weights that do not match the checksum written with them.
+    weights or settings that do not match the checksums written with them.
     """
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' does not exist: pass the .pth file a training run saved (its path is in run()'s saved_model_file)")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the "protocol" of bytes that are no pickle, before failing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for foreign or damaged files: all mean "not loadable"
-        if "Weights only load failed" in str(err):
+        if "Weights only load failed" in str(err) and _pickles_objects(path):
             raise UsageError(
                 f"checkpoint '{path}' is not in the safe format: loading it would unpickle objects, which can run code "
                 f"(a checkpoint from RecBole or an earlier recbole_t2diff, or a crafted file); if you trust where it came "
                 f"from, convert it once: {CONVERT_HINT} {path}"
             ) from None
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"checkpoint '{path}' is damaged or not a checkpoint ({reason[:200]}): use a .pth file a training run saved") from None
+        raise UsageError(f"checkpoint '{path}' is damaged or not a checkpoint ({_reason(err)[:200]}): use a .pth file a training run saved") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
             raise UsageError(
@@ -212,15 +250,75 @@ def load_checkpoint(path, map_location="cpu"):
                 "the model: use the .pth file a training run saved"
             )
         raise UsageError(f"'{path}' is not a recbole_t2diff checkpoint (no '{FORMAT}' format tag): use the .pth file a training run saved")
+    check_digests(path, payload)
     try:
-        intact = weights_digest(payload["state_dict"]) == payload["weights_sha256"]
-        if intact:
-            payload["config"] = config_from_plain(payload["config"])
+        payload["config"] = config_from_plain(payload["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:  # a tagged file with parts missing or of the wrong kind
         raise UsageError(f"checkpoint '{path}' is damaged: its {type(err).__name__} ({err}) shows a part missing or malformed; use an intact copy") from None
-    if not intact:
-        raise UsageError(f"checkpoint '{path}' is damaged: its weights do not match the SHA-256 written with them; use an intact copy")
     return payload
+
+
+def check_digests(path, payload):
+    """The weights and the settings (all but :data:`UNCHECKED_SETTINGS`) match the SHA-256 written
+    with them: a damaged or edited file fails in one line instead of computing something else."""
+    try:
+        weights_intact = weights_digest(payload["state_dict"]) == payload["weights_sha256"]
+        stored = payload.get("settings_sha256")
+        settings_intact = stored is not None and settings_digest(payload["config"]) == stored
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UsageError(f"checkpoint '{path}' is damaged: its {type(err).__name__} ({err}) shows a part missing or malformed; use an intact copy") from None
+    if not weights_intact:
+        raise UsageError(f"checkpoint '{path}' is damaged: its weights do not match the SHA-256 written with them; use an intact copy")
+    if stored is None:
+        raise UsageError(
+            f"checkpoint '{path}' has no SHA-256 of its settings (written before they were checked): add one, taking its settings "
+            f"as they are now, with python -m recbole_t2diff.convert {path} (no unpickling: the file is in the safe format)"
+        )
+    if not settings_intact:
+        raise UsageError(
+            f"checkpoint '{path}' is damaged or edited: its settings do not match the SHA-256 written with them; use an intact copy, "
+            "and change settings for an evaluation with overrides=..., not in the file"
+        )
+
+
+def _reason(err):
+    """The informative line of a torch.load error: torch's weights-only message starts with advice
+    and gives the reason after "WeightsUnpickler error:" (on that line or the next)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    marker = next((index for index, line in enumerate(lines) if "WeightsUnpickler error:" in line), None)
+    if marker is not None:
+        rest = [lines[marker].partition("WeightsUnpickler error:")[2].strip(), *lines[marker + 1:marker + 2]]
+        return next((line for line in rest if line), type(err).__name__)
+    return lines[0] if lines else type(err).__name__
+
+
+# Opcodes that name a Python callable or class to build: what only an object pickle needs.
+_OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST"}
+
+
+def _pickles_objects(path):
+    """Whether the file is a pickle that builds Python objects (torch's zip format, or a raw pickle
+    stream as torch's legacy format writes several): an old-format or crafted checkpoint, as opposed
+    to bytes that are no pickle at all. Only reads the opcodes (pickletools), builds nothing."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                records = [name for name in archive.namelist() if name.rpartition("/")[2] == "data.pkl"]
+                streams = [io.BytesIO(archive.read(records[0]))] if records else []
+        else:
+            streams = [open(path, "rb")]
+        for stream in streams:
+            with stream:
+                for _ in range(4):  # torch's legacy format: magic number, protocol, system info, then the object
+                    names = {opcode.name for opcode, _, _ in pickletools.genops(stream)}  # the whole pickle, up to STOP
+                    if names & _OBJECT_OPCODES:
+                        return True
+                    if not stream.read(1):
+                        break
+                    stream.seek(-1, io.SEEK_CUR)
+    except Exception:  # genops rejects an unknown opcode or a cut-off stream: no pickle
+        return False
+    return False
 
 
 def convert_checkpoint(path, out_path=None, trust_checkpoint=False):
@@ -228,24 +326,47 @@ def convert_checkpoint(path, out_path=None, trust_checkpoint=False):
 
     Unpickling runs whatever code the file holds, so this needs ``trust_checkpoint=True``. The
     data identity is taken from the data files as they are now: convert before changing them.
+    A file already in the safe format is never unpickled: one written before settings were
+    checksummed gets the SHA-256 of its settings as they are now (no trust needed); any other is
+    refused, as there is nothing to convert.
     Returns the new file's path (default: ``<name>-safe.pth`` beside the old one).
     """
-    if not trust_checkpoint:
-        raise UsageError(f"converting '{path}' unpickles it, which runs any code it holds: pass trust_checkpoint=True (--trust_checkpoint) only for a file you trust")
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' does not exist")
+    out_path = out_path or f"{os.path.splitext(path)[0]}-safe.pth"
+    try:
+        safe = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # needs unpickling (or is no torch file): the trusted path below
+        safe = None
+    if isinstance(safe, dict) and safe.get("format") == FORMAT:
+        return _add_settings_digest(path, safe, out_path)
+    if not trust_checkpoint:
+        raise UsageError(f"converting '{path}' unpickles it, which runs any code it holds: pass trust_checkpoint=True (--trust_checkpoint) only for a file you trust")
     from recbole_t2diff.quick_start import build_model, prepare
 
     old = torch.load(path, map_location="cpu", weights_only=False)  # the caller vouched for this file
-    if not isinstance(old, dict) or "config" not in old or "state_dict" not in old:
-        raise UsageError(f"'{path}' is not a RecBole checkpoint (no config and state_dict): nothing to convert")
+    if not isinstance(old, dict) or not hasattr(old.get("config"), "final_config_dict") or "state_dict" not in old:
+        raise UsageError(f"'{path}' is not a RecBole checkpoint (no pickled Config and state_dict): nothing to convert")
     config = old["config"]
     config["single_spec"], config["local_rank"] = True, 0
     dataset, train_data, _, _ = prepare(config)
     model = build_model(config, train_data)
     model.load_state_dict(old["state_dict"])
     model.load_other_parameter(old.get("other_parameter"))
-    out_path = out_path or f"{os.path.splitext(path)[0]}-safe.pth"
     save_checkpoint(out_path, config, model, dataset.identity, converted_from=os.path.abspath(path))
     return out_path
 
+
+def _add_settings_digest(path, payload, out_path):
+    """A safe-format checkpoint written before settings were checksummed, with the SHA-256 of its
+    settings as they are now; one that has it already is refused (nothing to convert)."""
+    if "settings_sha256" in payload:
+        raise UsageError(f"checkpoint '{path}' is already in the safe format, settings checksummed: nothing to convert; load it as it is")
+    try:
+        payload["settings_sha256"] = settings_digest(payload["config"])
+        check_digests(path, payload)
+        config_from_plain(payload["config"])  # the settings must make a config: refused now rather than at every load
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UsageError(f"checkpoint '{path}' is damaged: its {type(err).__name__} ({err}) shows a part missing or malformed; use an intact copy") from None
+    _write_atomically(payload, out_path)
+    return out_path

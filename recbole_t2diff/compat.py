@@ -18,11 +18,19 @@
 - RecBole's ``ensure_dir`` checks, then creates: two runs started together in a fresh folder (the
   benchmark's parallel runs, both writing ``log/<model>/``) race, and the loser dies with
   FileExistsError. It is made to create with ``exist_ok``.
+- RecBole's log file, ``log/<model>/<model>-<dataset>-<time>-<md5 of the settings>.log``, and the
+  tensorboard folder named after it were shared by two runs of one setting started in the same
+  second (their lines interleaved), and ``logging.basicConfig`` adds nothing once the root logger has
+  handlers, so every later run in a process (search trials) logged into the first run's file:
+  :func:`init_logger` (called by ``quick_start.prepare`` instead of RecBole's) gives each run a file
+  of its own, and RecBole's trainers get :func:`get_tensorboard`, which names the folder after it.
 
 (torch >= 2.6 loads with ``weights_only=True`` and refuses RecBole's checkpoints, which pickle the
 ``Config``, §8 row 3: this package writes and reads its own safe format, see ``checkpoint.py``.)
 """
+import logging
 import os
+import secrets
 import warnings
 
 import numpy as np
@@ -45,7 +53,12 @@ with warnings.catch_warnings():  # asking numpy about np.object / np.str warns
         if not hasattr(np, _alias):
             setattr(np, _alias, _value)
 
-import recbole.utils.utils as recbole_utils  # noqa: E402  (after the aliases, like every RecBole import)
+import colorama  # noqa: E402
+import colorlog  # noqa: E402
+
+import recbole.trainer.trainer as recbole_trainer  # noqa: E402  (after the aliases, like every RecBole import)
+import recbole.utils.utils as recbole_utils  # noqa: E402
+from recbole.utils.logger import RemoveColorFilter, log_colors_config  # noqa: E402
 
 
 def _ensure_dir(dir_path):
@@ -58,3 +71,51 @@ recbole_utils.ensure_dir.__code__ = _ensure_dir.__code__
 
 def disable_anomaly_mode():
     torch.autograd.set_detect_anomaly(False)
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+_RUN_HANDLERS = []  # the handlers init_logger last added to the root logger: the running run's
+
+
+def init_logger(config):
+    """RecBole's ``init_logger`` (same handlers, formats and levels), with a log file per run:
+    ``log/<model>/<model>-<dataset>-<time>-<8 random hex>.log``. The previous run's handlers are
+    replaced; a root logger that someone else configured (an application, pytest) is left alone and
+    gets no file, as with RecBole's ``basicConfig``."""
+    colorama.init(autoreset=True)
+    root = logging.getLogger()
+    for handler in _RUN_HANDLERS:
+        root.removeHandler(handler)
+        handler.close()
+    _RUN_HANDLERS.clear()
+    if root.handlers:
+        return
+    level = _LEVELS.get(str(config["state"]).lower(), logging.INFO)  # RecBole: None or an unknown state is INFO
+    folder = os.path.join("log", config["model"])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{config['model']}-{config['dataset']}-{recbole_utils.get_local_time()}-{secrets.token_hex(4)}.log")
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)-15s %(levelname)s  %(message)s", "%a %d %b %Y %H:%M:%S"))
+    to_file.addFilter(RemoveColorFilter())
+    to_screen = logging.StreamHandler()
+    to_screen.setFormatter(colorlog.ColoredFormatter("%(log_color)s%(asctime)-15s %(levelname)s  %(message)s", "%d %b %H:%M",
+                                                     log_colors=log_colors_config))
+    for handler in (to_screen, to_file):
+        handler.setLevel(level)
+        root.addHandler(handler)
+        _RUN_HANDLERS.append(handler)
+    root.setLevel(level)
+
+
+def get_tensorboard(logger):
+    """RecBole's ``get_tensorboard``: ``log_tensorboard/<the run's log file name>``, or without one
+    ``model-<time>-<8 random hex>`` (RecBole's ``model-<time>`` was shared within a second)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_file = next((handler.baseFilename for handler in _RUN_HANDLERS if isinstance(handler, logging.FileHandler)), None)
+    name = os.path.splitext(os.path.basename(log_file))[0] if log_file else f"model-{recbole_utils.get_local_time()}-{secrets.token_hex(4)}"
+    return SummaryWriter(os.path.join("log_tensorboard", name))
+
+
+# RecBole's trainers look it up in their module when they are built.
+recbole_trainer.get_tensorboard = get_tensorboard

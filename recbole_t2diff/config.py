@@ -8,6 +8,8 @@ RecBole's defaults, while user yaml files, ``config_dict`` and ``--key=value`` s
 import importlib
 import importlib.util
 import os
+import sys
+from logging import getLogger
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ import yaml
 
 from recbole_t2diff import compat
 from recbole_t2diff.errors import UsageError
-from recbole_t2diff.settings import check_user_keys, check_values
+from recbole_t2diff.settings import check_dataset_name, check_user_keys, check_values, parse_settings, script_options
 
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
@@ -64,6 +66,8 @@ def get_model(name):
 
 
 def _builtin_model(name):
+    if not name.isidentifier():  # "../x" would reach importlib as a relative module name
+        raise UsageError(f"unknown model {name!r}: a model name is a Python class name, e.g. --model=T2Diff or --model=SASRec")
     for submodule in _BUILTIN_SUBMODULES:
         module_path = f"recbole.model.{submodule}.{name.lower()}"
         if importlib.util.find_spec(module_path) is None:
@@ -104,6 +108,26 @@ def _check_yaml_file(file):
         raise UsageError(f"config file '{file}' is not valid yaml{where}: {problem}") from None
     if document is not None and not isinstance(document, yaml.MappingNode):
         raise UsageError(f"config file '{file}' must hold 'key: value' lines")
+    node = _python_tagged(document)
+    if node is not None:  # RecBole's FullLoader builds Python objects for these (a function for !!python/name:)
+        raise UsageError(
+            f"config file '{file}' line {node.start_mark.line + 1}: the tag {node.tag.replace('tag:yaml.org,2002:', '!!')} asks for a "
+            "Python object; settings are plain yaml (numbers, strings, true/false, null, lists, mappings): drop the tag"
+        )
+
+
+def _python_tagged(node):
+    """The first node of a composed yaml document with a ``!!python/...`` tag, or None."""
+    pending = [node] if node is not None else []
+    while pending:
+        node = pending.pop()
+        if node.tag.startswith("tag:yaml.org,2002:python/"):
+            return node
+        if isinstance(node, yaml.MappingNode):
+            pending += [part for pair in reversed(node.value) for part in reversed(pair)]
+        elif isinstance(node, yaml.SequenceNode):
+            pending += reversed(node.value)
+    return None
 
 
 def property_files(model, dataset, sequential):
@@ -137,7 +161,32 @@ class Config(RecBoleConfig):
             raise UsageError("no model given: pass --model=NAME (e.g. --model=T2Diff)")
         if dataset is None:
             raise UsageError("no dataset given: pass --dataset=NAME (e.g. --dataset=ml-100k)")
+        check_dataset_name(dataset)  # before anything (RecBole's log file first) is written under its name
         return super()._get_model_and_dataset(get_model(model), dataset)
+
+    def _load_variable_config_dict(self, config_dict):
+        # RecBole eval()s every string of config_dict (HyperTuning may hand lists over as text): literals only
+        return parse_settings(config_dict, "in config_dict") if config_dict else dict()
+
+    def _load_cmd_line(self):
+        """RecBole's reading of ``--key=value`` from ``sys.argv`` (anything else is logged as unused,
+        which run_recbole.py and run_hyper.py refuse first), with values read as literals, never
+        ``eval()``-ed (``settings.parse_setting``), and a key given twice refused in one line."""
+        settings, unread = {}, []
+        if "ipykernel_launcher" in sys.argv[0]:
+            return settings
+        for arg in sys.argv[1:]:
+            if not arg.startswith("--") or arg.count("=") != 1:
+                unread.append(arg)
+                continue
+            key, value = arg[2:].split("=")
+            if settings.get(key, value) != value:
+                raise UsageError(f"--{key} is given twice, as --{key}={settings[key]} and {arg}: give it once")
+            settings[key] = value
+        if unread:
+            getLogger().warning(f"command line args [{' '.join(unread)}] will not be used in RecBole")
+        # The running script's own options are argparse's to read, not settings: never refused as code.
+        return parse_settings(settings, "on the command line", code_is_text=script_options())
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)

@@ -15,7 +15,7 @@ import yaml
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import run
-from recbole_t2diff.settings import check_known_keys
+from recbole_t2diff.settings import check_known_keys, parse_setting
 
 from recbole.trainer import HyperTuning
 from recbole.utils.utils import dict2str
@@ -57,6 +57,8 @@ def parse_params_file(path):
                 raise UsageError(f"{where}: choice needs a Python list such as [0.001,0.01] ({err})") from err
             if not isinstance(options, list) or not options:
                 raise UsageError(f"{where}: choice needs a Python list such as [0.001,0.01]")
+            for option in options:  # a trial hands each option to the Config, which reads a string as a literal: refuse code now
+                parse_setting(name, option, f"a choice in {path}, line {number}")
             space[name] = hp.choice(name, list(options))
             continue
         try:

@@ -14,21 +14,22 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_t2diff.checkpoint import check_data, load_checkpoint, save_checkpoint, unique_checkpoint_path
+from recbole_t2diff.compat import init_logger
 from recbole_t2diff.config import Config, check_model_config, get_model, properties_dir
 from recbole_t2diff.data import check_dataset, create_dataset, ensure_dataset
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.t2diff import T2Diff
-from recbole_t2diff.settings import check_known_keys
+from recbole_t2diff.settings import apply_overrides
 
 from recbole.data import data_preparation
-from recbole.utils import dict2str, get_trainer, init_logger, init_seed, set_color
+from recbole.utils import dict2str, get_trainer, init_seed, set_color
 
 
 def prepare(config):
     """Seed, set up logging and build the three data loaders for ``config``."""
     init_seed(config["seed"], config["reproducibility"])
+    ensure_dataset(config)  # first: a missing dataset leaves no empty log file behind
     init_logger(config)
-    ensure_dataset(config)
     logger = logging.getLogger()
     logger.info(sys.argv)
     logger.info(config)
@@ -61,6 +62,7 @@ class _SafeCheckpoints:
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_path(self.checkpoint_dir, config["model"])
         self.checkpoint_dataset = dataset
+        self.saved_epoch = None  # the epoch saved_model_file holds, once written
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
@@ -70,6 +72,8 @@ class _SafeCheckpoints:
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         save_checkpoint(saved_model_file, self.config, self.model, self.checkpoint_dataset.identity, epoch=epoch,
                         best_valid_score=self.best_valid_score)
+        if saved_model_file == self.saved_model_file:
+            self.saved_epoch = epoch
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
@@ -167,9 +171,12 @@ def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_train
     _share_checkpoint_name(trainer)
     if on_trainer is not None:
         on_trainer(trainer)
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"]
-    )
+    try:
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"]
+        )
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(trainer) from None
     if saved:
         if not config["single_spec"]:
             torch.distributed.barrier()  # rank 0 may still be writing the checkpoint
@@ -193,6 +200,20 @@ def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_train
     }
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says what was kept (the scripts print it in one line)."""
+
+    def __init__(self, trainer):
+        path, epoch = trainer.saved_model_file, getattr(trainer, "saved_epoch", None)
+        if epoch is not None and os.path.isfile(path):  # checkpoints are written atomically: the file is whole
+            metric = trainer.config["valid_metric"]
+            kept = (f"kept {os.path.abspath(path)}, the best model so far (epoch {epoch}, valid {metric} {trainer.best_valid_score:.4f}); "
+                    f"evaluate it with evaluate_checkpoint('{os.path.abspath(path)}')")
+        else:
+            kept = "no checkpoint was kept (no validation had run yet, or saved=False)"
+        super().__init__(f"training stopped by Ctrl-C; {kept}")
+
+
 def load_data_and_model(model_file, overrides=None):
     """Rebuild config, model and data loaders from a checkpoint written by :func:`run`.
 
@@ -204,9 +225,7 @@ def load_data_and_model(model_file, overrides=None):
     checkpoint = load_checkpoint(model_file)
     config = checkpoint["config"]
     _add_new_knobs(config)
-    check_known_keys(overrides or {}, "overrides")
-    for key, value in (overrides or {}).items():
-        config[key] = value
+    apply_overrides(config, overrides)
     if "local_rank" in (overrides or {}):  # a distributed evaluation: join the process group
         config._init_device()
     else:  # one process, whatever the checkpoint was trained with
@@ -217,7 +236,14 @@ def load_data_and_model(model_file, overrides=None):
     dataset, train_data, valid_data, test_data = prepare(config)
     check_data(model_file, checkpoint["data"], dataset.identity)
     model = build_model(config, train_data)
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:  # only overrides can make the model differ from the weights: the file's are checked
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise UsageError(
+            f"overrides {overrides} change the model's shape, so the checkpoint's weights do not fit ({first[:160]}); "
+            "override only settings that leave the weights alone (e.g. sampler, infer_steps, topk, eval_batch_size)"
+        ) from None
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data
 

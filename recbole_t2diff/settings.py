@@ -15,6 +15,7 @@ never listed by hand, so a knob added to a property file is accepted at once:
 Keys from the user's own yaml files are checked like every other source. A deliberate key of your
 own (read by your code from the config) is listed in ``extra_keys``.
 """
+import ast
 import difflib
 import functools
 import numbers
@@ -111,6 +112,14 @@ def _check_count(config, key):
     config[key] = int(value)
 
 
+def _check_kind(key, value, reference, what):
+    """``value`` is of the kind of ``reference`` (a default or a stored value): True/False, or a number."""
+    if isinstance(reference, bool) and not isinstance(value, bool):
+        raise UsageError(f"invalid setting {key}={value}: it must be True or False")
+    if _is_number(reference) and not (_is_number(value) or value is None):
+        raise UsageError(f"invalid setting {key}={value}: it must be a number ({what} is {reference})")
+
+
 def check_values(config):
     """Training settings every model uses, and the kind of every value the user gave.
 
@@ -119,11 +128,7 @@ def check_values(config):
     """
     given = {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
     for key, value in given.items():
-        default = config.internal_config_dict.get(key)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise UsageError(f"invalid setting {key}={value}: it must be True or False")
-        if _is_number(default) and not (_is_number(value) or value is None):
-            raise UsageError(f"invalid setting {key}={value}: it must be a number (the default is {default})")
+        _check_kind(key, value, config.internal_config_dict.get(key), "the default")
     for key in ("epochs", "train_batch_size", "eval_batch_size"):
         _check_count(config, key)
     learning_rate = config["learning_rate"]
@@ -141,3 +146,125 @@ def check_no_pickle_caches(config):
                 f"{key}={config[key]} is not supported: RecBole's dataset caches are pickles, and loading one runs any code "
                 "it holds; datasets are rebuilt from the atomic files on every run (drop the setting)"
             )
+
+
+# --- setting strings are read as literals, never run -------------------------------------------------
+
+# What RecBole's eval() kept (other results it replaced by the text): ast.literal_eval gives these too.
+_LITERAL_TYPES = (str, int, float, bool, list, tuple, dict, type(None))
+# Syntax that only code has: a value holding one of these is refused, not kept as text.
+_CODE_SYNTAX = {
+    ast.Call: "a function call", ast.Subscript: "indexing", ast.Lambda: "a lambda", ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension", ast.DictComp: "a comprehension", ast.GeneratorExp: "a generator",
+    ast.NamedExpr: "an assignment", ast.Starred: "unpacking", ast.IfExp: "a conditional", ast.BoolOp: "and/or",
+    ast.Compare: "a comparison", ast.Await: "await", ast.Yield: "yield", ast.YieldFrom: "yield", ast.JoinedStr: "an f-string",
+}
+_CONTAINERS = (ast.List, ast.Tuple, ast.Dict, ast.Set)
+LITERAL_FORMS = "a number, True/False/None, a word or a quoted string, or a list or dict of those (strings in it quoted)"
+
+
+def parse_setting(key, value, source, code_is_text=False):
+    """A setting's value as RecBole would read it from ``--key=value`` or ``config_dict``, without
+    running anything: RecBole's ``Config`` passes such strings to ``eval()``, so a value could run
+    any code. Here a string is read with ``ast.literal_eval``, and what is no literal is:
+
+    - text, when it is no Python expression at all (``ml-1m``, ``../data``, ``~``) or only words
+      joined by operators or dots (``SASRec``, ``amazon-beauty``, ``NDCG@10``, ``data/ml``,
+      ``my.yaml``), as RecBole kept them (its eval failed with NameError or SyntaxError);
+      ``true``/``false`` in any case become booleans, as in RecBole;
+    - refused in one line when it is code: a call, indexing, a comprehension, a lambda, ... (eval
+      would have run it), arithmetic on numbers (``1e-3*2``: eval would have computed it; write the
+      result), or a list or dict with unquoted words (eval failed and RecBole kept the whole text).
+
+    ``code_is_text`` (a running script's own options, which argparse reads, not RecBole) keeps what
+    would be refused as text. Non-strings are returned unchanged.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        pass
+    else:  # a set, bytes or complex number: RecBole kept the text as well
+        return parsed if isinstance(parsed, _LITERAL_TYPES) else value
+    if value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    try:
+        tree = ast.parse(value.strip(), mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return value  # not Python: plain text
+    problem = _code_in(tree)
+    if problem is None or code_is_text:
+        return value
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    raise UsageError(
+        f"setting {key}={shown!r} ({source}) is {problem}: settings are read as literals only, never run as code; "
+        f"give {LITERAL_FORMS}; text that looks like code goes in quotes ('...')"
+    )
+
+
+def _code_in(tree):
+    """What makes the parsed expression ``tree`` code rather than a literal or plain text, or None."""
+    present = {type(node) for node in ast.walk(tree)}
+    for syntax, name in _CODE_SYNTAX.items():  # a call first: it is what eval would have run
+        if syntax in present:
+            return f"Python code ({name})"
+    if isinstance(tree, _CONTAINERS):
+        return "a list, tuple or dict with unquoted words (quote each string, e.g. ['Recall','NDCG'])"
+    if isinstance(tree, (ast.BinOp, ast.UnaryOp)) and all(
+            isinstance(node, ast.Constant) for node in ast.walk(tree) if not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop))):
+        return "arithmetic, not a value (write its result)"
+    return None
+
+
+def parse_settings(settings, source, code_is_text=()):
+    """``parse_setting`` for every value of the dict ``settings``, in place (RecBole's own reader also
+    replaces the values in the dict it is given); keys in ``code_is_text`` keep code-like text."""
+    for key, value in settings.items():
+        settings[key] = parse_setting(key, value, source, code_is_text=key in code_is_text)
+    return settings
+
+
+# --- dataset names ------------------------------------------------------------------------------------
+
+def check_dataset_name(name):
+    """A dataset is named by its folder's name; RecBole joins the name into the log file's path and
+    the data path, so a name with a path in it wrote (an empty log file) outside the working folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep)):
+        raise UsageError(
+            f"dataset name {name!r} is not a folder name: pass the name of the folder holding <name>.inter as --dataset=NAME "
+            "and its parent folder as --data_path=DIR"
+        )
+
+
+# --- overrides of a checkpoint's settings ---------------------------------------------------------------
+
+def apply_overrides(config, overrides):
+    """Set ``overrides`` on a checkpoint's reloaded config, read and checked as a Config reads and
+    checks the same keys: names that something reads, literals (as ``config_dict``), values of the
+    stored value's kind, and what RecBole checks once when it builds a Config (counts >= 1, topk,
+    metrics of the stored kind), which a reloaded config skips."""
+    overrides = parse_settings(dict(overrides or {}), "in overrides")
+    check_known_keys(overrides, "overrides")
+    for key, value in overrides.items():
+        _check_kind(key, value, config[key], "the checkpoint's value")
+        config[key] = value
+    for key in ("epochs", "train_batch_size", "eval_batch_size"):
+        if key in overrides:
+            _check_count(config, key)
+    if "topk" in overrides:
+        topk = [config["topk"]] if _is_number(config["topk"]) else config["topk"]
+        if not isinstance(topk, list) or not topk or not all(_is_number(k) and k == int(k) and k >= 1 for k in topk):
+            raise UsageError(f"invalid setting topk={overrides['topk']}: it must be a whole number >= 1 or a list of them, e.g. [10,20]")
+        config["topk"] = [int(k) for k in topk]
+    if "metrics" in overrides:
+        from recbole.evaluator import metric_types
+
+        metrics = [config["metrics"]] if isinstance(config["metrics"], str) else config["metrics"]
+        kinds = [metric_types.get(metric.lower()) if isinstance(metric, str) else None for metric in metrics or [None]]
+        if not all(kind == config["eval_type"] for kind in kinds):
+            raise UsageError(
+                f"invalid setting metrics={overrides['metrics']}: it must be a list of RecBole metric names of the kind the model "
+                f"was evaluated with ({config['eval_type'].name.lower()}), e.g. ['Recall','NDCG']"
+            )
+        config["metrics"] = metrics

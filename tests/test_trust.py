@@ -62,6 +62,12 @@ def trained(tmp_path_factory):
     return {**result, "data_path": data}
 
 
+def resealed(payload):
+    """``payload`` with the SHA-256 of its settings recomputed, as the maker of a crafted file would do."""
+    payload["settings_sha256"] = checkpoint_module.settings_digest(payload["config"])
+    return payload
+
+
 # --- 1. checkpoint loading never unpickles ---------------------------------------------------------
 
 @pytest.mark.parametrize("form", ["torch-zip", "raw-pickle"])
@@ -88,7 +94,7 @@ def test_a_safe_format_file_cannot_smuggle_code_through_a_setting(trained, tmp_p
     marker = tmp_path / "marker"
     payload["config"]["model"] = payload["config"]["settings"]["model"] = "KD_DAGFM"
     payload["config"]["settings"]["teacher"] = f"__import__('os').system('touch {marker}')"
-    torch.save(payload, tmp_path / "crafted.pth")
+    torch.save(resealed(payload), tmp_path / "crafted.pth")
     one_line_error(evaluate_checkpoint, str(tmp_path / "crafted.pth"), match="teacher=.* is not a model class name")
     assert not marker.exists()
 
@@ -507,3 +513,301 @@ def test_duplicate_lines_are_counted(tmp_path, workdir, caplog):
     with caplog.at_level(logging.WARNING):
         prepare(Config(model="T2Diff", dataset="tiny", config_dict={"data_path": data, **TINY_MODEL}))
     assert "2 duplicate interaction line(s)" in caplog.text
+
+
+# === Issue 28: no setting string runs code, no mistyped flag is ignored, no bad input ends in a traceback ===
+
+CODE = "__import__('os').system('touch {marker}') or 0.002"
+
+
+def load_script(name):
+    """run_recbole.py or run_hyper.py as a module, so that main() runs in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), os.path.join(REPO, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_error(module, argv, monkeypatch, capsys, code=1):
+    """main() of a script module exits with ``code`` and one stderr line; returns that line."""
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert info.value.code == code and len(lines) == 1, lines
+    return lines[0]
+
+
+# --- 10. setting strings are literals: nothing eval()s them ------------------------------------------
+
+@pytest.mark.parametrize("source", ["command line", "config_dict"])
+def test_a_setting_string_runs_no_code(tmp_path, monkeypatch, source):
+    marker = tmp_path / "marker"
+    value = CODE.format(marker=marker)
+    if source == "command line":
+        monkeypatch.setattr(sys, "argv", ["run_recbole.py", f"--learning_rate={value}"])
+        kwargs = {}
+    else:
+        kwargs = {"config_dict": {"learning_rate": value}}
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", **kwargs,
+                   match=r"setting learning_rate=.* is Python code \(a function call\): settings are read as literals only")
+    assert not marker.exists()
+
+
+def test_a_params_file_choice_runs_no_code(tmp_path):
+    """Each trial handed the option to RecBole's eval(): the file is refused before any trial."""
+    marker = tmp_path / "marker"
+    (tmp_path / "space.hyper").write_text(f'learning_rate choice ["{CODE.format(marker=marker)}"]\n')
+    one_line_error(Search, "T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=[],
+                   match=r"learning_rate=.* \(a choice in .*space.hyper, line 1\) is Python code")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("0.002", 0.002), ("[10,20]", [10, 20]), ("{'distribution':'uniform','sample_num':1}", {"distribution": "uniform", "sample_num": 1}),
+     ("SASRec", "SASRec"), ("None", None), ("True", True), ("true", True), ("FALSE", False), ("none", "none"), ("~", "~"),
+     ("0,1", (0, 1)), ("-1", -1), ("1e-3", 0.001), ("ml-1m", "ml-1m"), ("amazon-beauty", "amazon-beauty"), ("NDCG@10", "NDCG@10"),
+     ("../shared/data", "../shared/data"), ("data/ml", "data/ml"), ("my.yaml", "my.yaml"), ("a b", "a b"), ("'2*3'", "2*3"), ("", "")],
+)
+def test_setting_strings_are_read_as_recbole_read_them(text, value):
+    """What RecBole's eval() gave for literals and plain words (its NameError and SyntaxError kept the text)."""
+    from recbole_t2diff.settings import parse_setting
+
+    parsed = parse_setting("key", text, "on the command line")
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize(
+    "text,problem",
+    [("2*3", "arithmetic"), ("2019-12-31", "arithmetic"), ("[Recall,NDCG]", "unquoted words"), ("Recall,NDCG", "unquoted words"),
+     ("{distribution:'uniform'}", "unquoted words"), ("os.environ['HOME']", r"Python code \(indexing\)"),
+     ("lambda: 1", r"Python code \(a lambda\)"), ("[x for x in 'ab']", r"Python code \(a comprehension\)"),
+     ("f'{1}'", r"Python code \(an f-string\)"), ("open('x')", r"Python code \(a function call\)"), ("1 if x else 2", "a conditional")],
+)
+def test_code_and_expressions_are_refused_not_kept_as_text(text, problem, monkeypatch):
+    """eval() computed or ran these (or kept a list with unquoted words as one string): refused in one line."""
+    monkeypatch.setattr(sys, "argv", ["run_recbole.py", f"--topk={text}"])
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", match=rf"setting topk=.* \(on the command line\) is .*{problem}")
+
+
+def test_a_scripts_own_option_may_look_like_code(monkeypatch):
+    """argparse reads run_hyper.py's --output_file, not RecBole: a file name such as report(1).txt is no setting."""
+    monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "run_hyper.py"), "--output_file=report(1).txt"])
+    assert Config(model="T2Diff", dataset="ml-100k")["output_file"] == "report(1).txt"
+
+
+def test_a_key_given_twice_on_the_command_line_gets_one_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["run_recbole.py", "--epochs=1", "--epochs=2"])
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", match="--epochs is given twice, as --epochs=1 and --epochs=2")
+
+
+# --- 11. a mistyped flag is refused, not logged and ignored -----------------------------------------
+
+@pytest.mark.parametrize("script", ["run_recbole.py", "run_hyper.py"])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [(["--epochs", "1"], "'--epochs' has no value: .*use --epochs=1"),
+     (["--train_batch_size", "256", "--epochs=2"], "use --train_batch_size=256"),
+     (["--epochs"], "use --epochs=VALUE"),
+     (["--eval_args={'a'=1}"], "has more than one '='"),
+     (["epochs=1"], "unexpected argument 'epochs=1'")],
+)
+def test_an_argument_recbole_would_not_read_is_refused(script, arguments, message, monkeypatch, capsys, tmp_path):
+    module = load_script(script)
+    started = []
+    monkeypatch.setattr(module, "run" if script == "run_recbole.py" else "Search", lambda *a, **k: started.append(a))
+    line = script_error(module, [script, f"--output_file={tmp_path}/out", *arguments], monkeypatch, capsys)
+    assert line.startswith("error: ") and re.search(message, line), line
+    assert not started
+
+
+def test_the_scripts_own_options_may_take_a_space(monkeypatch):
+    module = load_script("run_recbole.py")
+    started = []
+    monkeypatch.setattr(module, "run", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(sys, "argv", ["run_recbole.py", "--dataset", "tiny", "--model", "SASRec", "--epochs=1"])
+    module.main()
+    assert started == [("SASRec", "tiny")]
+
+
+# --- 12. one line, not a traceback ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("tagged", ["!!python/object/apply:os.system ['true']", "!!python/name:os.system", "!!python/tuple [1, 2]"])
+def test_a_python_yaml_tag_gets_one_line(tmp_path, tagged):
+    (tmp_path / "mine.yaml").write_text(f"epochs: 1\ntopk: {tagged}\n")
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "mine.yaml")],
+                   match=r"mine.yaml' line 2: the tag !!python/\S+ asks for a Python object.*drop the tag")
+
+
+@pytest.mark.parametrize("name", ["/etc", "../../../../etc/passwd", "../../../../../name", "a\\b", "..", ""])
+def test_a_dataset_name_that_is_a_path_is_refused_before_anything_is_written(tmp_path, monkeypatch, name):
+    workdir = tmp_path / "a" / "b" / "c"
+    workdir.mkdir(parents=True)
+    monkeypatch.chdir(workdir)
+    one_line_error(run, "T2Diff", name, config_dict=TINY_MODEL, match=f"dataset name {re.escape(repr(name))} is not a folder name")
+    assert [str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")] == ["a", "a/b", "a/b/c"]
+
+
+def test_a_model_name_that_is_a_path_is_an_unknown_model():
+    one_line_error(Config, model="../x", dataset="ml-100k", match="unknown model '../x'")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [({"topk": [0]}, r"topk=\[0\]: it must be a whole number >= 1"), ({"topk": "[10,0]"}, "topk=.*it must be a whole number >= 1"),
+     ({"eval_batch_size": 0}, "eval_batch_size=0: it must be a whole number >= 1"),
+     ({"metrics": ["MAE"]}, r"metrics=\['MAE'\]: it must be a list of RecBole metric names of the kind .*\(ranking\)"),
+     ({"sampler": "__import__('os')"}, r"sampler=.* \(in overrides\) is Python code"),
+     ({"embedding_size": 32}, r"overrides \{'embedding_size': 32\} change the model's shape.*size mismatch")],
+)
+def test_a_bad_override_gets_one_line(trained, workdir, overrides, message):
+    one_line_error(evaluate_checkpoint, trained["saved_model_file"], "test", overrides, match=message)
+
+
+def test_an_override_of_the_right_kind_is_read_as_config_dict_reads_it(trained, workdir):
+    config = load_data_and_model(trained["saved_model_file"], {"topk": "5", "eval_batch_size": 32.0})[0]
+    assert config["topk"] == [5] and config["eval_batch_size"] == 32 and isinstance(config["eval_batch_size"], int)
+
+
+def interrupt_at_epoch(epoch):
+    """An on_trainer hook: Ctrl-C when training epoch ``epoch`` starts."""
+    def hook(trainer):
+        train_epoch = trainer._train_epoch
+
+        def interrupted(train_data, epoch_idx, *args, **kwargs):
+            if epoch_idx == epoch:
+                raise KeyboardInterrupt
+            return train_epoch(train_data, epoch_idx, *args, **kwargs)
+
+        trainer._train_epoch = interrupted
+    return hook
+
+
+def test_ctrl_c_during_training_says_what_was_kept(tiny_path, workdir, capsys):
+    from recbole_t2diff.cli import exit_on_usage_error
+
+    settings = {"data_path": tiny_path, **TINY_MODEL, "epochs": 5}
+    with pytest.raises(KeyboardInterrupt) as info:
+        run("T2Diff", "tiny", config_dict=settings, on_trainer=interrupt_at_epoch(2))
+    saved = [os.path.abspath(os.path.join("saved", name)) for name in os.listdir("saved")]
+    assert len(saved) == 1 and load_checkpoint(saved[0])["epoch"] in (0, 1)
+    assert re.fullmatch(rf"training stopped by Ctrl-C; kept {re.escape(saved[0])}, the best model so far \(epoch {load_checkpoint(saved[0])['epoch']}, "
+                        rf"valid NDCG@10 \d\.\d{{4}}\); evaluate it with evaluate_checkpoint\('{re.escape(saved[0])}'\)", str(info.value)), str(info.value)
+    with pytest.raises(SystemExit) as exit_info, exit_on_usage_error():
+        raise info.value
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 130 and lines == [f"interrupted: {info.value}"]
+    assert evaluate_checkpoint(saved[0])  # the kept file is whole
+    with pytest.raises(KeyboardInterrupt, match="training stopped by Ctrl-C; no checkpoint was kept"):
+        run("T2Diff", "tiny", config_dict=settings, on_trainer=interrupt_at_epoch(0))
+
+
+def test_converting_a_file_already_in_the_safe_format_says_so(trained, tmp_path, capsys):
+    from recbole_t2diff.convert import main
+
+    one_line_error(convert_checkpoint, trained["saved_model_file"], trust_checkpoint=True, match="is already in the safe format.*nothing to convert")
+    with pytest.raises(SystemExit) as info:
+        main(["--trust_checkpoint", trained["saved_model_file"]])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert info.value.code == 1 and len(lines) == 1 and "already in the safe format" in lines[0], lines
+
+
+# --- 13. the checkpoint's checksum covers its settings ---------------------------------------------------
+
+def test_an_edited_setting_is_refused(trained, tmp_path, workdir):
+    payload = torch.load(trained["saved_model_file"], weights_only=True)
+    assert payload["config"]["settings"]["session_len"] == 4
+    payload["config"]["settings"]["session_len"] = 3  # weights untouched: they fit, the metrics differ
+    torch.save(payload, tmp_path / "edited.pth")
+    one_line_error(evaluate_checkpoint, str(tmp_path / "edited.pth"), match="is damaged or edited: its settings do not match the SHA-256")
+
+
+def test_the_settings_checksum_covers_every_setting_but_where_the_process_runs(trained):
+    from recbole_t2diff.checkpoint import UNCHECKED_SETTINGS, settings_digest
+
+    plain = torch.load(trained["saved_model_file"], weights_only=True)["config"]
+    before = settings_digest(plain)
+    assert before == torch.load(trained["saved_model_file"], weights_only=True)["settings_sha256"]
+    for key in sorted(plain["settings"]):
+        edited = {**plain, "settings": {**plain["settings"], key: [plain["settings"][key]]}}
+        assert (settings_digest(edited) == before) == (key in UNCHECKED_SETTINGS), key
+    assert UNCHECKED_SETTINGS <= known_keys() and {"session_len", "seed", "n_steps", "MAX_ITEM_LIST_LENGTH"} <= set(plain["settings"]) - UNCHECKED_SETTINGS
+    for part in ("model", "dataset"):
+        assert settings_digest({**plain, part: "other"}) != before
+
+
+def test_a_checkpoint_without_a_settings_checksum_is_refused_then_upgraded_without_unpickling(trained, tmp_path, workdir, monkeypatch):
+    payload = torch.load(trained["saved_model_file"], weights_only=True)
+    del payload["settings_sha256"]  # as written before settings were checksummed
+    old = tmp_path / "old.pth"
+    torch.save(payload, old)
+    one_line_error(evaluate_checkpoint, str(old), match=f"has no SHA-256 of its settings.*python -m recbole_t2diff.convert {re.escape(str(old))}")
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(checkpoint_module.torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
+    upgraded = convert_checkpoint(str(old))  # no trust needed: nothing is unpickled
+    assert upgraded == str(tmp_path / "old-safe.pth") and loads == [True]
+    assert dict(evaluate_checkpoint(upgraded)) == dict(trained["test_result"])
+
+
+# --- 14. misleading messages ---------------------------------------------------------------------------
+
+def test_random_bytes_are_called_no_checkpoint_not_an_old_one(tmp_path):
+    import random
+
+    for seed in range(25):
+        (tmp_path / "x.pth").write_bytes(random.Random(seed).randbytes(4000))
+        message = one_line_error(load_checkpoint, str(tmp_path / "x.pth"), match="is damaged or not a checkpoint")
+        assert "trust_checkpoint" not in message and "Weights only" not in message, message
+
+
+@pytest.mark.parametrize("setting,value,message", [("save_dataloaders", True, "save_dataloaders=True is not supported"),
+                                                    ("dataset", "../escape", "dataset name '../escape' is not a folder name")])
+def test_a_crafted_checkpoint_setting_writes_nothing(trained, tmp_path, workdir, setting, value, message):
+    payload = torch.load(trained["saved_model_file"], weights_only=True)
+    if setting == "dataset":
+        payload["config"]["dataset"] = value
+    payload["config"]["settings"][setting] = value
+    torch.save(resealed(payload), tmp_path / "crafted.pth")
+    one_line_error(evaluate_checkpoint, str(tmp_path / "crafted.pth"), match=message)
+    assert not os.path.exists(workdir / "saved") and not os.path.exists(workdir / "log")
+
+
+# --- 15. every run has its own log file and tensorboard folder --------------------------------------------
+
+def test_two_runs_in_one_folder_and_second_log_to_their_own_files(tiny_path, workdir, monkeypatch):
+    from recbole.utils import logger as recbole_logger
+    from recbole.utils import utils as recbole_utils
+
+    from recbole_t2diff import compat
+
+    for module in (recbole_utils, recbole_logger, checkpoint_module):  # one second for both (each imported it by name)
+        monkeypatch.setattr(module, "get_local_time", lambda: "Dec-06-2026_12-00-00")
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a script: pytest's capture handlers would keep RecBole from writing a file
+    try:
+        for seed in (1, 2):
+            run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "state": "INFO", "seed": seed})
+    finally:
+        for handler in compat._RUN_HANDLERS:
+            handler.close()
+        compat._RUN_HANDLERS.clear()
+    logs = sorted(os.listdir(workdir / "log" / "T2Diff"))
+    assert len(logs) == 2 and all(name.startswith("T2Diff-tiny-Dec-06-2026_12-00-00-") for name in logs), logs
+    texts = [(workdir / "log" / "T2Diff" / name).read_text() for name in logs]
+    assert sorted(("seed = 1" in text, "seed = 2" in text) for text in texts) == [(False, True), (True, False)]
+    assert sorted(os.listdir(workdir / "log_tensorboard")) == [os.path.splitext(name)[0] for name in logs]
+
+
+def test_without_a_log_file_tensorboard_folders_are_still_unique(monkeypatch, workdir):
+    from recbole.utils import utils as recbole_utils
+
+    from recbole_t2diff.compat import get_tensorboard
+
+    monkeypatch.setattr(recbole_utils, "get_local_time", lambda: "Dec-06-2026_12-00-00")
+    writers = [get_tensorboard(logging.getLogger()) for _ in range(2)]
+    for writer in writers:
+        writer.close()
+    assert len(set(os.listdir(workdir / "log_tensorboard"))) == 2
