@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from recbole_t2diff.ann import build_index, exact_top_k, recall_ndcg, search
+from recbole_t2diff.checkpoint import settings_digest
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.export import export_embeddings, user_matrix
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, run
@@ -128,6 +129,7 @@ def test_checkpoints_from_before_a_new_knob_still_load(trained, tmp_path, workdi
     checkpoint = torch.load(trained["saved_model_file"], weights_only=True)
     for knob in ("sampler", "diffusion_scale"):  # as written by a version without these knobs
         del checkpoint["config"]["settings"][knob]
+    checkpoint["settings_sha256"] = settings_digest(checkpoint["config"])  # which signed the settings it had
     old = tmp_path / "old.pth"
     torch.save(checkpoint, old)
     assert dict(evaluate_checkpoint(str(old))) == dict(trained["test_result"])

@@ -118,6 +118,8 @@ SPARCODE_ACCEPTED = [
     {"mlp_hidden": (1,), "mlp_dropout": 0},
     {"mlp_hidden": [2.0]},
     {"score_relu": False, "score_bias": -1},
+    {"last_layer_read_only": False, "bf16_autocast": True},
+    {"tokenizer": "dnn", "last_layer_read_only": "n/a"},  # only the sasrec tokenizer has layers
     {"score_bias": 0.5},
     {"sparsity_weight": 0, "relu_leak": 0},
     {"loss_type": "BPR", "train_neg_sample_args": UNIFORM, "softmax_negatives": None},
@@ -164,6 +166,8 @@ SPARCODE_REJECTED = [
     ({"mlp_hidden": [128, 0]}, "mlp_hidden=[128, 0]"),
     ({"mlp_dropout": 1}, "mlp_dropout=1"),
     ({"score_relu": "no"}, "score_relu=no"),
+    ({"last_layer_read_only": "yes"}, "last_layer_read_only=yes"),
+    ({"bf16_autocast": 1.0}, "bf16_autocast=1.0"),
     ({"score_bias": True}, "score_bias=True"),
     ({"score_bias": "0.5"}, "score_bias=0.5"),
     ({"sparsity_weight": -1}, "sparsity_weight=-1"),

@@ -1,4 +1,5 @@
 """SparCode (spec §15): layout, split-layer algebra, quantizer maths, losses, the sparse index, the runner."""
+import contextlib
 import json
 import os
 import re
@@ -117,6 +118,29 @@ def test_the_sasrec_tokenizer_is_recboles_sasrec(sparcode_data, tiny_path):
     sasrec.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.history_vector(batch), sasrec(batch["item_id_list"], batch["item_length"]))
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_the_last_layer_at_the_read_position_is_the_full_stack_read_there(sparcode_data, monkeypatch, n_layers):
+    batch = valid_batch(sparcode_data)
+    assert len(set(batch["item_length"].tolist())) > 1, "read positions must differ across the batch"
+    full = trained(sparcode_data, n_layers=n_layers, n_heads=2, last_layer_read_only=False, **QUIET)
+    read_only = make_model(sparcode_data, n_layers=n_layers, n_heads=2, last_layer_read_only=True, **QUIET)
+    read_only.load_state_dict(full.state_dict())
+    assert (full.last_layer_read_only, read_only.last_layer_read_only) == (False, True)
+    with torch.no_grad():
+        torch.testing.assert_close(read_only.eval().history_vector(batch), full.eval().history_vector(batch), rtol=1e-5, atol=1e-6)
+    # Gradients in float64: in float32 the input LayerNorm's cancellation (eps 1e-12) amplifies rounding.
+    for model in (full.double(), read_only.double()):
+        model.train()  # dropout 0: training mode computes the same function, and gradients flow
+        model.zero_grad()
+        model.history_vector(batch).pow(2).sum().backward()
+    for (name, weight), (_, other) in zip(full.named_parameters(), read_only.named_parameters()):
+        if weight.grad is not None:
+            torch.testing.assert_close(other.grad, weight.grad, rtol=1e-9, atol=1e-20, msg=name)
+    last = read_only.trm_encoder.layer[-1]
+    monkeypatch.setattr(last, "forward", lambda *args: pytest.fail("the last layer ran at every position"))
+    read_only.history_vector(batch)
 
 
 def test_the_dnn_tokenizer_pools_the_real_items_of_each_history(sparcode_data):
@@ -493,6 +517,39 @@ def test_each_epoch_logs_its_code_usage_and_restarts(sparcode_data, caplog):
         model.train()
         model.eval()
     assert "SparCode codes" not in caplog.text, "an epoch without training batches logs nothing"
+
+
+def test_the_quantizer_learns_from_bfloat16_tokens_in_float32():
+    quantizer = ProductQuantizer(8, 2, 16)
+    tokens = torch.randn(64, 8).to(torch.bfloat16)
+    quantizer.seed(tokens)
+    quantizer.update(tokens, quantizer.assign(tokens))
+    assert quantizer.codewords.dtype == quantizer.sums.dtype == torch.float32
+    assert torch.equal(quantizer.assign(tokens), quantizer.assign(tokens.float()))
+
+
+@pytest.mark.parametrize("how", ["bf16_autocast", "enable_amp"])
+def test_bfloat16_training_keeps_the_codebooks_and_losses_float32(sparcode_data, how):
+    """bf16_autocast, or RecBole's enable_amp wrapping the whole calculate_loss (which used to crash
+    in ProductQuantizer.seed, writing bfloat16 tokens into the float32 codewords)."""
+    batch = first_batch(sparcode_data[1])
+    reference = make_model(sparcode_data, **QUIET)
+    model = make_model(sparcode_data, bf16_autocast=how == "bf16_autocast", **QUIET)
+    assert model.bf16_autocast == (how == "bf16_autocast") and not reference.bf16_autocast
+    outer = torch.autocast("cpu", dtype=torch.bfloat16) if how == "enable_amp" else contextlib.nullcontext()
+    reference.train(), model.train()
+    torch.manual_seed(3)
+    expected = reference.calculate_loss(batch)
+    with outer:
+        torch.manual_seed(3)
+        losses = model.calculate_loss(batch)
+    sum(losses).backward()
+    assert all(loss.dtype == torch.float32 for loss in losses)
+    assert all(buffer.dtype == torch.float32 for name, buffer in model.quantizer.named_buffers() if buffer.is_floating_point())
+    torch.testing.assert_close(model.quantizer.codewords, reference.quantizer.codewords, rtol=0.02, atol=0.02)
+    for loss, reference_loss in zip(losses, expected):
+        torch.testing.assert_close(loss, reference_loss, rtol=0.05, atol=1e-3)
+    assert losses[0] != expected[0], "bfloat16 arithmetic ran: the loss is not the float32 one to the last bit"
 
 
 def test_seeding_leaves_no_zero_codeword_after_the_first_step(sparcode_data):

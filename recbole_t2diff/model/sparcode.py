@@ -17,6 +17,7 @@ positive entries only, in a code-keyed sparse inverted index (``recbole_t2diff.s
 serving then runs the tokenizer and adds K_u posting lists. Every knob is documented in
 ``properties/model/SparCode.yaml``; the maths is in ``SPARCODE_SPEC.md``.
 """
+import contextlib
 import logging
 
 import torch
@@ -105,6 +106,8 @@ class SparCode(SequentialRecommender):
             _integer(config, "inner_size", 1)
             _fraction(config, "hidden_dropout_prob")
             _fraction(config, "attn_dropout_prob")
+            if not isinstance(config["last_layer_read_only"], bool):
+                _fail("last_layer_read_only", config["last_layer_read_only"], "use true or false")
         else:
             _widths(config, "dnn_hidden")
             _fraction(config, "dnn_dropout")
@@ -139,6 +142,8 @@ class SparCode(SequentialRecommender):
         negatives = config["train_neg_sample_args"] or {}
         if loss_type == "BPR" and negatives.get("distribution", "none") == "none":
             _fail("loss_type", loss_type, "BPR needs sampled negatives, set train_neg_sample_args: {distribution: uniform, sample_num: 1}")
+        if not isinstance(config["bf16_autocast"], bool):
+            _fail("bf16_autocast", config["bf16_autocast"], "use true or false")
         if config["softmax_negatives"] is not None:
             if loss_type != "CE":
                 _fail("softmax_negatives", config["softmax_negatives"], "it samples the softmax of loss_type: CE; set softmax_negatives: ~ for BPR")
@@ -165,6 +170,7 @@ class SparCode(SequentialRecommender):
         self.n_query_tokens = int(config["n_query_tokens"])
         self.n_item_tokens = int(config["n_item_tokens"])
         self.tokenizer = config["tokenizer"]
+        self.last_layer_read_only = bool(config["last_layer_read_only"])
         self.interaction = config["interaction"]
         self.score_relu = config["score_relu"]
         self.score_bias = float(config["score_bias"])
@@ -174,6 +180,7 @@ class SparCode(SequentialRecommender):
         self.loss_type = config["loss_type"]
         self.softmax_negatives = None if config["softmax_negatives"] is None else int(config["softmax_negatives"])
         self.ce_checkpoint = bool(config["ce_checkpoint"])
+        self.bf16_autocast = bool(config["bf16_autocast"])
         self.score_mode = config["score_mode"]
         device = torch.device(config["device"]).type
         self.score_chunk_rows = int(config["score_chunk_rows"] or DEFAULT_CHUNK.get(device, DEFAULT_CHUNK["cpu"]))
@@ -257,12 +264,36 @@ class SparCode(SequentialRecommender):
             positions = torch.arange(item_seq.size(1), device=item_seq.device)
             tokens = self.item_embedding(item_seq) + self.position_embedding(positions)[None]
             tokens = self.input_dropout(self.input_norm(tokens))
-            encoded = self.trm_encoder(tokens, self.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
+            mask = self.get_attention_mask(item_seq)
+            if self.last_layer_read_only:
+                return self._encode_to_read_position(tokens, mask, item_seq_len - 1)
+            encoded = self.trm_encoder(tokens, mask, output_all_encoded_layers=True)[-1]
             return self.gather_indexes(encoded, item_seq_len - 1)
         # Padding is excluded from the sum and the count: RecBole-style init overwrites row 0 too.
         mask = (item_seq > 0).unsqueeze(-1).float()
         mean = (self.item_embedding(item_seq) * mask).sum(1) / mask.sum(1).clamp(min=1)
         return self.dnn(mean)
+
+    def _encode_to_read_position(self, tokens, mask, read):
+        """SASRec's encoder output at position ``read`` [B] only: the layers before the last run at every
+        position (the last attends to them all), the last one for the read position's query alone. The
+        same function as the full stack read there (RecBole's MultiHeadAttention, restated for one query
+        row), at 1/L of the last layer's query, output and feed-forward work."""
+        *earlier, last = self.trm_encoder.layer
+        for layer in earlier:
+            tokens = layer(tokens, mask)
+        attention = last.multi_head_attention
+        query_input = tokens.gather(1, read.view(-1, 1, 1).expand(-1, 1, tokens.size(-1)))  # [B, 1, d]
+        mask_row = mask.gather(2, read.view(-1, 1, 1, 1).expand(-1, mask.size(1), 1, mask.size(-1)))  # [B, 1, 1, L]
+
+        def heads(x):  # [B, n, d] -> [B, heads, n, d/heads]
+            return attention.transpose_for_scores(x).permute(0, 2, 1, 3)
+
+        scores = heads(attention.query(query_input)) @ heads(attention.key(tokens)).transpose(-1, -2)
+        probabilities = attention.attn_dropout(attention.softmax(scores / attention.sqrt_attention_head_size + mask_row))
+        context = (probabilities @ heads(attention.value(tokens))).permute(0, 2, 1, 3).reshape_as(query_input)
+        hidden = attention.LayerNorm(attention.out_dropout(attention.dense(context)) + query_input)
+        return last.feed_forward(hidden)[:, 0]
 
     def query_tokens(self, interaction):
         """z_e [B, K_u, d_t]: every head sees the whole history, however short."""
@@ -352,8 +383,17 @@ class SparCode(SequentialRecommender):
 
     # ---- training -------------------------------------------------------------------------------
 
+    def training_autocast(self):
+        """``bf16_autocast``: the tokenizer and the interaction network of a training step in bfloat16. Off, no
+        context at all: ``autocast(enabled=False)`` would switch off the autocast of RecBole's ``enable_amp``."""
+        if not self.bf16_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.item_embedding.weight.device.type, dtype=torch.bfloat16)
+
     def calculate_loss(self, interaction):
-        tokens = self.query_tokens(interaction)
+        with self.training_autocast():
+            tokens = self.query_tokens(interaction)
+        tokens = tokens.float()  # the quantizer, its EMA and the commitment term stay float32 (a no-op without autocast)
         losses = []
         if self.quantizer is not None:
             if not self.quantizer.initialised:
@@ -365,7 +405,8 @@ class SparCode(SequentialRecommender):
             self.epoch_codes.add(tokens, codes, quantized)
         else:
             query = tokens
-        rec_loss, unscored = self.rec_loss(self.query_side(query), interaction)
+        with self.training_autocast():
+            rec_loss, unscored = self.rec_loss(self.query_side(query), interaction)
         losses.append(rec_loss)
         if self.quantizer is not None:
             losses.append(self.vq_beta * commitment)
@@ -387,23 +428,23 @@ class SparCode(SequentialRecommender):
         positive = positive_values.sum(1)
         if self.loss_type == "BPR":
             negative_values = self.activate(self.interact(query_side, self.item_side(interaction[self.NEG_ITEM_ID])[:, None]))
-            return -F.logsigmoid(positive - negative_values.sum(1)).mean(), negative_values.mean()
+            return -F.logsigmoid((positive - negative_values.sum(1)).float()).mean(), negative_values.float().mean()
         if self.softmax_negatives is None:  # full CE over all items, column 0 included as in SASRec
             batch = len(query_side)
             values = self.row_scores(query_side.reshape(-1, query_side.size(-1)), self.item_side(), self.ce_checkpoint)
             values = values.view(batch, self.n_query_tokens, -1)
             logits = values.sum(1).scatter(1, target[:, None], positive[:, None])
             not_target = torch.ones_like(logits, dtype=torch.bool).scatter_(1, target[:, None], False)
-            unscored = (values * not_target[:, None]).sum() / (not_target.sum() * self.n_query_tokens)
-            return F.cross_entropy(logits, target), unscored
+            unscored = (values.float() * not_target[:, None]).sum() / (not_target.sum() * self.n_query_tokens)
+            return F.cross_entropy(logits.float(), target), unscored
         # Sampled softmax: uniform negatives shared by the batch; a negative equal to a row's target
         # (an accidental hit) is masked out of that row.
         negatives = torch.randint(1, self.n_items, (self.softmax_negatives,), device=target.device)
         negative_values = self.activate(self.interact(query_side[:, :, None], self.item_side(negatives)[None, None]))  # [B, K, n]
         hits = negatives[None, :] == target[:, None]  # [B, n]
-        logits = torch.cat([positive[:, None], negative_values.sum(1).masked_fill(hits, -1e9)], dim=1)
+        logits = torch.cat([positive[:, None], negative_values.sum(1).masked_fill(hits, -1e9)], dim=1).float()
         kept = (~hits).unsqueeze(1).float()
-        unscored = (negative_values * kept).sum() / (kept.sum() * self.n_query_tokens).clamp(min=1)
+        unscored = (negative_values.float() * kept).sum() / (kept.sum() * self.n_query_tokens).clamp(min=1)
         return F.cross_entropy(logits, torch.zeros_like(target)), unscored
 
     @torch.no_grad()
