@@ -100,19 +100,14 @@ def size(index):
     }
 
 
-@torch.no_grad()
 def code_usage(model, test):
-    """Per-codebook share of codes used and perplexity over the test users' tokens."""
-    quantizer = model.quantizer
-    codes = torch.cat([quantizer.assign(model.query_tokens(interaction)).reshape(-1, quantizer.n_codebooks)
-                       for interaction, _, _, _ in test])
-    usage = []
-    for m in range(quantizer.n_codebooks):
-        counts = torch.bincount(codes[:, m], minlength=quantizer.codebook_size).float()
-        p = counts[counts > 0] / counts.sum()
-        usage.append({"codes_used": int((counts > 0).sum()), "perplexity": round(float(torch.exp(-(p * p.log()).sum())), 1)})
-    return {"codebooks": usage, "distinct_test_keys": int(torch.unique(quantizer.keys(codes)).numel()),
-            "restarts_during_training": int(quantizer.restarts)}
+    """SparCode.code_stats over the test users' tokens: per-codebook share of codes used and perplexity,
+    distinct keys, relative quantization error, restarts during training."""
+    stats = model.code_stats(test)
+    return {"codebooks": [{"codes_used": round(share * model.quantizer.codebook_size), "perplexity": round(perplexity, 1)}
+                          for share, perplexity in zip(stats["usage"], stats["perplexity"])],
+            "distinct_test_keys": stats["distinct_keys"], "relative_quantization_error": round(stats["relative_error"], 4),
+            "restarts_during_training": stats["restarts"]}
 
 
 def timed(function, runs=100, warmups=10, max_seconds=30.0):
