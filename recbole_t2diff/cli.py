@@ -18,7 +18,7 @@ def exit_on_usage_error():
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:
-        print(f"interrupted: {err or 'stopped by Ctrl-C before training started; nothing was saved'}", file=sys.stderr)
+        print(f"interrupted: {err or 'stopped by Ctrl-C'}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)
 
 

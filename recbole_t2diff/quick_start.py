@@ -123,6 +123,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, ver
     (or ``world_size`` > 1 across machines) it runs RecBole's distributed mode, one process per
     device, on gloo (CPU) or NCCL (GPU) by ``dist_backend``; rank 0's result is returned.
     ``on_trainer(trainer)``, single-process only, is called before training (benchmarks time it).
+    Ctrl-C during training or testing raises :class:`TrainingInterrupted`, a ``KeyboardInterrupt``
+    whose message names the checkpoint kept.
     """
     if nproc == 1 and world_size <= 1:
         return _run(model, dataset, config_file_list, config_dict, saved, verbose, on_trainer)
@@ -171,17 +173,19 @@ def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_train
     _share_checkpoint_name(trainer)
     if on_trainer is not None:
         on_trainer(trainer)
+    phase = "training"
     try:
         best_valid_score, best_valid_result = trainer.fit(
             train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"]
         )
+        phase = "the test evaluation"
+        if saved:
+            if not config["single_spec"]:
+                torch.distributed.barrier()  # rank 0 may still be writing the checkpoint
+            load_best_model(trainer)
+        test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
     except KeyboardInterrupt:
-        raise TrainingInterrupted(trainer) from None
-    if saved:
-        if not config["single_spec"]:
-            torch.distributed.barrier()  # rank 0 may still be writing the checkpoint
-        load_best_model(trainer)
-    test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
+        raise TrainingInterrupted(trainer, phase) from None
     logger.info(set_color("best valid ", "yellow") + f": {dict2str(best_valid_result)}")
     logger.info(set_color("test result", "yellow") + f": {dict2str(test_result)}")
     xhat_quality = model.xhat_quality(valid_data) if isinstance(model, T2Diff) else None
@@ -201,9 +205,10 @@ def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_train
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message says what was kept (the scripts print it in one line)."""
+    """Ctrl-C during training or the test evaluation after it; the message says what was kept (the
+    scripts print it in one line)."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, phase="training"):
         path, epoch = trainer.saved_model_file, getattr(trainer, "saved_epoch", None)
         if epoch is not None and os.path.isfile(path):  # checkpoints are written atomically: the file is whole
             metric = trainer.config["valid_metric"]
@@ -211,7 +216,7 @@ class TrainingInterrupted(KeyboardInterrupt):
                     f"evaluate it with evaluate_checkpoint('{os.path.abspath(path)}')")
         else:
             kept = "no checkpoint was kept (no validation had run yet, or saved=False)"
-        super().__init__(f"training stopped by Ctrl-C; {kept}")
+        super().__init__(f"{phase} stopped by Ctrl-C; {kept}")
 
 
 def load_data_and_model(model_file, overrides=None):

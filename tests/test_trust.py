@@ -705,6 +705,17 @@ def test_ctrl_c_during_training_says_what_was_kept(tiny_path, workdir, capsys):
         run("T2Diff", "tiny", config_dict=settings, on_trainer=interrupt_at_epoch(0))
 
 
+def test_ctrl_c_after_training_says_the_checkpoint_is_kept(tiny_path, workdir, monkeypatch):
+    from recbole_t2diff import quick_start
+
+    def interrupted(trainer):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quick_start, "load_best_model", interrupted)
+    with pytest.raises(KeyboardInterrupt, match=r"^the test evaluation stopped by Ctrl-C; kept .*saved/T2Diff-.*\.pth, the best model so far \(epoch 0,"):
+        run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1})
+
+
 def test_converting_a_file_already_in_the_safe_format_says_so(trained, tmp_path, capsys):
     from recbole_t2diff.convert import main
 
