@@ -63,7 +63,7 @@ ABLATIONS = {
 METRICS = ["recall@10", "mrr@10", "ndcg@10", "recall@20", "ndcg@20", "recall@2", "ndcg@2"]
 COLUMNS = ["variant", "seed", "settings", *[f"valid_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS],
            "params", "train_s_per_epoch", "eval_s", "epochs_run", "best_epoch", "peak_rss_mib",
-           "xhat_rel_error", "xhat_hit@1", "xhat_hit@10", "run_s", "valid_curve", "machine", "date"]
+           "xhat_rel_error", "xhat_hit@1", "xhat_hit@10", "run_s", "valid_curve", "machine", "date", "reads"]
 XHAT_COLUMNS = ["xhat_rel_error", "xhat_hit@1", "xhat_hit@10"]
 OURS = ("T2Diff", "SparCode")  # the package's models; every other model is a RecBole built-in
 
@@ -245,6 +245,8 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
         row[f"test_{metric}"] = float(result["test_result"][metric])
     row.update(result.get("xhat_quality") or dict.fromkeys(XHAT_COLUMNS, ""))
+    # What the run reads that RecBole's built-ins do not: T2Diff's time lag reads the request time.
+    row["reads"] = "request time" if getattr(trainer.model, "lag_embedding", None) is not None else ""
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
     return row
 
@@ -349,6 +351,12 @@ def build_parser():
     return parser
 
 
+@functools.lru_cache(maxsize=None)
+def csv_lock(path):
+    """One lock per CSV file in this process (a batch's studies with the same --out and --dataset share one)."""
+    return threading.Lock()
+
+
 class Study:
     """One command line of this script: its variants, seeds, search grid, CSV and the rows already in it."""
 
@@ -363,7 +371,6 @@ class Study:
             parse_variant(v)  # a misspelt variant fails now, not after hours of other runs
         self.grid = parse_grid(self.args.search) if self.args.search else None
         self.trials = search_trials(self.variants, self.grid) if self.grid else None
-        self.lock = threading.Lock()
 
     @functools.cached_property
     def rows(self):
@@ -390,12 +397,20 @@ class Study:
         return os.path.join(root, self.args.dataset, hashlib.sha1(key.encode()).hexdigest()[:16])
 
     def record(self, row):
-        """Appends a finished run's row to the CSV (a CSV from before a column was added keeps its columns)."""
-        with self.lock:
+        """Appends a finished run's row to the CSV. A CSV from before a column was added is first rewritten
+        with the new columns (empty in its old rows), so that no new row loses a value."""
+        with csv_lock(self.csv_path):  # studies of one batch may share a CSV
             self.rows.append(row)
             os.makedirs(self.args.out, exist_ok=True)
             new_file = not os.path.isfile(self.csv_path)
             fields = COLUMNS if new_file else read_header(self.csv_path)
+            if missing := [c for c in COLUMNS if c not in fields]:
+                fields = fields + missing
+                with open(self.csv_path + ".tmp", "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(read_rows(self.csv_path))
+                os.replace(self.csv_path + ".tmp", self.csv_path)
             with open(self.csv_path, "a", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
                 if new_file:
@@ -545,20 +560,57 @@ def per_machine(rows, key):
     return f"{mean_std(r[key] for r in rows)[0]:.1f}"
 
 
+def welch_p(a, b):
+    """Welch's t-test p-value (two-sided) of two groups of seeds, or None when either has fewer than 2 values
+    or both have no spread. Seeds are not paired across models, so the test is unpaired and unequal-variance."""
+    from scipy import stats
+
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) < 2 or len(b) < 2 or statistics.pstdev(a) == statistics.pstdev(b) == 0:
+        return None
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
 def margin(rows, variants):
-    """Each of the package's models' rows (not the named ablations) as its relative margin over the best built-in model (by mean test NDCG@10), as markdown lines."""
-    mean = {v: {k: mean_std(r[k] for r in rows if r["variant"] == v)[0] for k in ("test_ndcg@10", "test_recall@10")}
-            for v in variants}
+    """Each of the package's rows against the best built-in (by mean test NDCG@10): the difference of means
+    of test NDCG@10 and Recall@10 with Welch's p-value over the seeds, and what the row reads that the
+    built-ins do not, as markdown lines."""
+    values = {v: {k: [float(r[k]) for r in rows if r["variant"] == v] for k in ("test_ndcg@10", "test_recall@10")} for v in variants}
     builtins = [v for v in variants if parse_variant(v)[0] not in OURS]
-    if not builtins:
+    ours = [v for v in variants if parse_variant(v)[0] in OURS]
+    if not builtins or not ours:
         return []
-    best = max(builtins, key=lambda v: mean[v]["test_ndcg@10"])
-    lines = []
-    for ours in (v for v in variants if base_name(v) in OURS):
-        change = {k: 100 * (mean[ours][k] / mean[best][k] - 1) for k in mean[best]}
-        lines += [f"**{ours} vs the best built-in ({best}): NDCG@10 {change['test_ndcg@10']:+.1f}%, "
-                  f"Recall@10 {change['test_recall@10']:+.1f}%** (test, mean over seeds).", ""]
-    return lines
+    best = max(builtins, key=lambda v: statistics.mean(values[v]["test_ndcg@10"]))
+
+    def cell(v, key):
+        diff = statistics.mean(values[v][key]) - statistics.mean(values[best][key])
+        p = welch_p(values[v][key], values[best][key])
+        return f"{diff:+.4f} ({100 * diff / statistics.mean(values[best][key]):+.1f}%)", "—" if p is None else f"{p:.3g}"
+
+    lines = [f"Margins over the best built-in by mean test NDCG@10, **{best}** ({len(values[best]['test_ndcg@10'])} seeds); "
+             "p: Welch's t-test over the seeds (unpaired: seeds are not paired across models), — with fewer than 2 seeds.", "",
+             "| model | seeds | test NDCG@10 vs best built-in | p | test Recall@10 vs best built-in | p | reads beyond the built-ins |",
+             "|---|---|---|---|---|---|---|"]
+    for v in ours:
+        reads = sorted({r.get("reads") or "" for r in rows if r["variant"] == v} - {""})
+        lines.append(f"| {v} | {len(values[v]['test_ndcg@10'])} | {' | '.join(cell(v, 'test_ndcg@10'))} | "
+                     f"{' | '.join(cell(v, 'test_recall@10'))} | {', '.join(reads) or '—'} |")
+    return lines + [""]
+
+
+def sasrec_ratio(rows, variant, variants):
+    """s/epoch of ``variant`` over SASRec's, from runs on the same machine and day only (timings from different
+    machines or days are never divided); None without such a pair. SASRec is the table's SASRec row."""
+    reference = next((v for v in variants if parse_variant(v)[0] == "SASRec"), None)
+    if reference is None:
+        return None
+    ratios = []
+    for key in sorted({(r.get("machine"), r.get("date")) for r in rows if r["variant"] == variant}):
+        mine = [float(r["train_s_per_epoch"]) for r in rows if r["variant"] == variant and (r.get("machine"), r.get("date")) == key]
+        theirs = [float(r["train_s_per_epoch"]) for r in rows if r["variant"] == reference and (r.get("machine"), r.get("date")) == key]
+        if theirs:
+            ratios.append(statistics.mean(mine) / statistics.mean(theirs))
+    return statistics.mean(ratios) if ratios else None
 
 
 def title(variants):
@@ -708,10 +760,13 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None, overr
            f"validation NDCG@10), at most {cap}. A run that the cap stopped before patience ran out is marked *cap* in the "
            "epochs column (*cap: k of n runs* when only some seeds were): it had not converged by this rule."]
           if not args.time_budget and None not in caps | patiences else []),
+        "s/epoch ÷ SASRec: against the table's SASRec runs on the same machine and day only (— where there are none); "
+        "min to stop: training minutes until early stopping (s/epoch × epochs); timings of seeds that ran on different "
+        "machines are not averaged (*mixed machines*).",
         "",
         *margin(rows, variants),
-        "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | eval s | epochs (best) | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | s/epoch ÷ SASRec | eval s | epochs (best) | min to stop | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cap_mark(v):
@@ -721,14 +776,16 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None, overr
         return " *cap*" if len(hit) == sum(r["variant"] == v for r in rows) else f" *cap: {len(hit)} of {sum(r['variant'] == v for r in rows)} runs*"
 
     xhat_lines = []
+    ratio = functools.partial(sasrec_ratio, rows, variants=variants)
     for v in variants:
         mine = sorted((r for r in rows if r["variant"] == v), key=lambda r: int(r["seed"]))
         cell = lambda key: "{:.4f} ± {:.4f}".format(*mean_std(r[key] for r in mine))  # noqa: E731
         lines.append(
             f"| {v} | {','.join(str(r['seed']) for r in mine)} | {cell('test_ndcg@10')} | {cell('test_recall@10')} | "
             f"{cell('test_mrr@10')} | {cell('test_ndcg@20')} | {cell('valid_ndcg@10')} | {mine[0]['params']} | "
-            f"{per_machine(mine, 'train_s_per_epoch')} | {per_machine(mine, 'eval_s')} | "
+            f"{per_machine(mine, 'train_s_per_epoch')} | {'—' if ratio(v) is None else f'{ratio(v):.2f}'} | {per_machine(mine, 'eval_s')} | "
             f"{mean_std(r['epochs_run'] for r in mine)[0]:.3g} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}){cap_mark(v)} | "
+            f"{per_machine([{**r, 'train_min': float(r['train_s_per_epoch']) * float(r['epochs_run']) / 60} for r in mine], 'train_min')} | "
             f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
         if all(r.get(c) not in (None, "") for r in mine for c in XHAT_COLUMNS):
             xhat_lines.append(f"| {v} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_std(r[c] for r in mine)) for c in XHAT_COLUMNS) + " |")

@@ -140,7 +140,8 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     assert sorted((r["variant"], r["seed"]) for r in rows) == [("GRU4Rec", "1"), ("GRU4Rec", "2"), ("T2Diff", "1"), ("T2Diff", "2")]
     assert all(0 < float(r["epochs_run"]) < 1 for r in rows)  # the budget cut the first epoch: not --epochs=4
     table = (tmp_path / "tiny.md").read_text()
-    assert "T2Diff vs the best built-in (GRU4Rec): NDCG@10" in table and "had 0.0001 min of wall-clock" in table
+    assert "Margins over the best built-in by mean test NDCG@10, **GRU4Rec** (2 seeds)" in table and "had 0.0001 min of wall-clock" in table
+    assert re.search(r"\n\| T2Diff \| 2 \| [+-]0\.\d{4} \([+-][\d.]+%\) \| ", table)  # the margin row, with a p-value cell after it
     from matplotlib.image import imread
 
     plot = imread(str(tmp_path / "tiny.png"))  # a readable PNG with something drawn on it
@@ -183,10 +184,11 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
     ablation = "T2Diff-noDiff" + chosen["T2Diff"][len("T2Diff"):]
     assert (ablation, 1) in rows and (ablation, 2) in rows and len(rows) == 4 + 2 + 2
     table = (tmp_path / "tiny.md").read_text()
-    main_table = table.split("## Search")[0]
+    margins, main_table = table.split("## Search")[0].split("| model | seeds | test NDCG@10 |")
     assert all(f"| {v} | 1,2 |" in main_table for v in (chosen["T2Diff"], chosen["GRU4Rec"], ablation))
-    assert main_table.count("\n| T2Diff[") == 1 and f"**{chosen['T2Diff']} vs the best built-in ({chosen['GRU4Rec']})" in main_table
-    assert f"{ablation} vs" not in main_table  # margins are T2Diff's, not its ablations'
+    assert main_table.count("\n| T2Diff[") == 1 and f"best built-in by mean test NDCG@10, **{chosen['GRU4Rec']}**" in margins
+    assert f"| {chosen['T2Diff']} | 2 | " in margins and f"| {ablation} | 2 | " in margins  # every row of ours, ablations too
+    assert f"| {chosen['GRU4Rec']} | 2 | " not in margins
     assert "| learning_rate=0.0001, epochs=1 | learning_rate=0.01, epochs=1 |" in table and table.count("**0.") == 2
     # x̂ quality: a number for every T2Diff run with x̂, none for a model without one
     assert all(0 <= float(r["xhat_hit@10"]) <= 1 and float(r["xhat_rel_error"]) > 0 for (v, _), r in rows.items() if v.startswith("T2Diff["))
@@ -292,3 +294,41 @@ def test_timings_from_different_machines_are_never_averaged():
     cpu = {"machine": "x86_64, 2 cores, CPU", "train_s_per_epoch": "123.0"}
     assert per_machine([gpu, {**gpu, "train_s_per_epoch": "5.6"}], "train_s_per_epoch") == "5.5"
     assert per_machine([gpu, cpu, cpu], "train_s_per_epoch") == "mixed machines"
+
+
+def test_welch_p_values_need_two_seeds_a_side_and_some_spread():
+    from scipy import stats
+
+    from run_benchmark import welch_p
+
+    a, b = [0.061, 0.065, 0.063], [0.070, 0.068, 0.071]
+    assert welch_p(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue) and welch_p(a, b) < 0.05
+    assert welch_p(a, [0.07]) is None and welch_p([0.1, 0.1], [0.1, 0.1]) is None
+
+
+def test_cost_is_a_ratio_to_sasrec_on_the_same_machine_and_day_only():
+    from run_benchmark import sasrec_ratio
+
+    def row(variant, seconds, machine="cpu", date="2026-12-06"):
+        return {"variant": variant, "train_s_per_epoch": str(seconds), "machine": machine, "date": date}
+
+    variants = ["SASRec[learning_rate=0.003]", "T2Diff"]
+    rows = [row(variants[0], 200), row(variants[0], 100, "gpu"), row("T2Diff", 50), row("T2Diff", 10, "gpu", "2026-12-07")]
+    assert sasrec_ratio(rows, "T2Diff", variants) == pytest.approx(0.25)  # the GPU row has no SASRec run of its day
+    assert sasrec_ratio([row("T2Diff", 50, "gpu")], "T2Diff", variants) is None
+    assert sasrec_ratio(rows, "T2Diff", ["T2Diff"]) is None  # no SASRec in the table
+
+
+def test_a_csv_from_before_a_column_was_added_gets_the_column_and_keeps_its_rows(tmp_path):
+    from run_benchmark import COLUMNS, Study, read_rows
+
+    old_columns = [c for c in COLUMNS if c != "reads"]
+    with open(tmp_path / "ml-100k.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow({**dict.fromkeys(old_columns, "1"), "variant": "SASRec", "seed": "1"})
+    study = Study(["--models=T2Diff", "--dataset=ml-100k", "--seeds=1", f"--out={tmp_path}"])
+    study.record({**dict.fromkeys(COLUMNS, "2"), "variant": "T2Diff", "seed": "1", "reads": "request time"})
+    rows = read_rows(str(tmp_path / "ml-100k.csv"))
+    assert [(r["variant"], r["reads"]) for r in rows] == [("SASRec", ""), ("T2Diff", "request time")]
+    assert rows[0]["valid_ndcg@10"] == "1" and not (tmp_path / "ml-100k.csv.tmp").exists()
