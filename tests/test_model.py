@@ -299,3 +299,35 @@ def test_diffusion_runs_in_units_of_the_drifts_running_rms(tiny_data, diffusion_
         assert torch.allclose(model.drift_rms, raw_rms)
     else:  # the paper's raw drift: d=64 tokens at init are ~0.02 per coordinate
         assert not hasattr(model, "drift_rms") and torch.allclose(diffused_rms, raw_rms) and raw_rms < 0.1
+
+
+def test_a_gated_x_hat_starts_as_the_copied_last_item_and_the_tower_loss_trains_the_gate(tiny_data):
+    _, train, _, _ = tiny_data
+    model = make_model(tiny_data, x_hat_gate=True)
+    batch = first_batch(train)
+    history, mask = model.history(batch)
+    x_hat = torch.randn_like(history[:, -1])
+    assert float(model.x_hat_gate) == 0.0
+    torch.testing.assert_close(model.session_x_hat(history, x_hat), history[:, -1])  # the copy-last control at the start
+    with torch.no_grad():
+        model.x_hat_gate.fill_(0.25)
+    torch.testing.assert_close(model.session_x_hat(history, x_hat), history[:, -1] + 0.25 * (x_hat - history[:, -1]))
+    seen = []
+    user_vector = model.user_vector
+    model.user_vector = lambda history, mask, x_hat, *rest: seen.append(x_hat) or user_vector(history, mask, x_hat, *rest)
+    model.train()
+    tower_loss, _ = model.calculate_loss(batch)
+    tower_loss.backward()
+    assert float(model.x_hat_gate.grad.abs()) > 0  # training sets how much of x̂ the tower takes
+    with torch.no_grad():
+        model.eval()  # re-seeds the chain's noise: the forward's chain and this one draw the same
+        model.forward(batch)
+        model.eval()
+        served = model.inference_x_hat(history)
+    torch.testing.assert_close(seen[-1], history[:, -1] + 0.25 * (served - history[:, -1]))  # inference serves the gated x̂ too
+
+
+def test_no_gate_by_default_and_the_gate_needs_a_generated_x_hat(tiny_data):
+    assert make_model(tiny_data).x_hat_gate is None
+    with pytest.raises(UsageError, match="x_hat_gate=True: .* needs use_diffusion: True and x_hat_source: diffusion"):
+        make_model(tiny_data, x_hat_gate=True, x_hat_source="copy_last")

@@ -123,6 +123,9 @@ class T2Diff(SequentialRecommender):
                 f"invalid T2Diff setting x_hat_source={config['x_hat_source']} with use_diffusion=False: use_diffusion: False "
                 "removes x̂ altogether; keep use_diffusion: True to feed the copied last item as x̂"
             )
+        if config["x_hat_gate"] and not (config["use_diffusion"] and config["x_hat_source"] == "diffusion"):
+            raise UsageError("invalid T2Diff setting x_hat_gate=True: it gates a generated x̂ against the copied last item; "
+                             "it needs use_diffusion: True and x_hat_source: diffusion")
         if float(config["lambda_xhat"]) < 0:
             raise UsageError(f"invalid T2Diff setting lambda_xhat={config['lambda_xhat']}: it must be >= 0")
         loss_type = _one_of(config, "loss_type", LOSS_TYPES)
@@ -227,6 +230,9 @@ class T2Diff(SequentialRecommender):
             # table are ~0.03 and the softmax is flat: a learned logit scale, starting where a token's
             # product with itself is 1, lets the x̂ objective sharpen without waiting for the tokens to grow.
             self.xhat_logit_scale = nn.Parameter(torch.tensor(-math.log(d * float(config["initializer_range"]) ** 2)))
+        # x_hat_gate: x̂ enters the session as x_L + g·(x̂ - x_L), g starting at 0, so the tower begins as the copy-last
+        # control (which beat every diffusion x̂ so far) and takes x̂ in only as far as training finds it useful.
+        self.x_hat_gate = nn.Parameter(torch.zeros(())) if self.denoises and config["x_hat_gate"] else None
         self.dropout = nn.Dropout(float(config["dropout_prob"]))
 
         self.initializer_range = float(config["initializer_range"])
@@ -444,6 +450,13 @@ class T2Diff(SequentialRecommender):
             return history[:, -1]
         return self.sample_generated_item(history, self.eval_generator(history.device))
 
+    def session_x_hat(self, history, x_hat):
+        """The x̂ token the session attention reads: x̂ itself, or with ``x_hat_gate`` x_L + g·(x̂ - x_L)."""
+        if self.x_hat_gate is None or x_hat is None:
+            return x_hat
+        last = history[:, -1].detach() if self.stop_grad else history[:, -1]  # as the copy-last control's x̂
+        return last + self.x_hat_gate * (x_hat - last)
+
     def set_sampler(self, sampler, infer_steps=None, ddim_eta=0.0):
         """Choose the inference sampler; it changes no weight, so a trained model can switch."""
         self.sampler = sampler
@@ -500,13 +513,14 @@ class T2Diff(SequentialRecommender):
         """User vectors e_u [B, 2d] for inference: x̂ comes from the reverse chain, never the target."""
         history, mask = self.history(interaction)
         tokens, in_session = self.tower_inputs(interaction, history, mask)
-        return self.user_vector(tokens, mask, self.inference_x_hat(history), in_session)
+        return self.user_vector(tokens, mask, self.session_x_hat(history, self.inference_x_hat(history)), in_session)
 
     def calculate_loss(self, interaction):
         history, mask = self.history(interaction)
         x_hat, diffusion_losses = None, []
         if self.denoises:
             x_hat, diffusion_losses = self.diffusion_training(history, mask, interaction[self.POS_ITEM_ID])
+            x_hat = self.session_x_hat(history, x_hat)
         elif self.use_diffusion:  # the copy-last control: x̂ := x_L, treated like a generated x̂
             x_hat = history[:, -1].detach() if self.stop_grad else history[:, -1]
         tokens, in_session = self.tower_inputs(interaction, history, mask)
