@@ -209,6 +209,10 @@ def _code_in(tree):
     for syntax, name in _CODE_SYNTAX.items():  # a call first: it is what eval would have run
         if syntax in present:
             return f"Python code ({name})"
+    for node in ast.walk(tree):  # __import__, __builtins__, x.__class__: names no value or file has
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+        if len(name) > 4 and name.startswith("__") and name.endswith("__"):
+            return f"Python code (the name {name})"
     if isinstance(tree, _CONTAINERS):
         return "a list, tuple or dict with unquoted words (quote each string, e.g. ['Recall','NDCG'])"
     if isinstance(tree, (ast.BinOp, ast.UnaryOp)) and all(

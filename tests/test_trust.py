@@ -585,7 +585,8 @@ def test_setting_strings_are_read_as_recbole_read_them(text, value):
     [("2*3", "arithmetic"), ("2019-12-31", "arithmetic"), ("[Recall,NDCG]", "unquoted words"), ("Recall,NDCG", "unquoted words"),
      ("{distribution:'uniform'}", "unquoted words"), ("os.environ['HOME']", r"Python code \(indexing\)"),
      ("lambda: 1", r"Python code \(a lambda\)"), ("[x for x in 'ab']", r"Python code \(a comprehension\)"),
-     ("f'{1}'", r"Python code \(an f-string\)"), ("open('x')", r"Python code \(a function call\)"), ("1 if x else 2", "a conditional")],
+     ("f'{1}'", r"Python code \(an f-string\)"), ("open('x')", r"Python code \(a function call\)"), ("1 if x else 2", "a conditional"),
+     ("__builtins__", r"Python code \(the name __builtins__\)"), ("x.__class__", r"Python code \(the name __class__\)")],
 )
 def test_code_and_expressions_are_refused_not_kept_as_text(text, problem, monkeypatch):
     """eval() computed or ran these (or kept a list with unquoted words as one string): refused in one line."""
