@@ -120,13 +120,14 @@ def main():
     # One file for every dataset measured: this run replaces only its own dataset's entry.
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "inference.json")
-    runs = {}
-    if os.path.isfile(json_path):
+    everything = {}
+    if os.path.isfile(json_path):  # other sections (benchmarks/serving.py's "serving") are kept
         with open(json_path) as f:
-            runs = json.load(f)["runs"]
+            everything = json.load(f)
+    runs = everything.setdefault("runs", {})
     runs[dataset] = run
     with open(json_path, "w") as f:
-        json.dump({"runs": runs}, f, indent=1)
+        json.dump(everything, f, indent=1)
     write_markdown(os.path.join(args.out, "inference.md"), runs)
     plot(os.path.join(args.out, f"inference_{dataset}.png"), records, dataset)
 

@@ -332,3 +332,22 @@ def test_a_csv_from_before_a_column_was_added_gets_the_column_and_keeps_its_rows
     rows = read_rows(str(tmp_path / "ml-100k.csv"))
     assert [(r["variant"], r["reads"]) for r in rows] == [("SASRec", ""), ("T2Diff", "request time")]
     assert rows[0]["valid_ndcg@10"] == "1" and not (tmp_path / "ml-100k.csv.tmp").exists()
+
+
+@pytest.mark.spawns
+def test_serving_cost_is_measured_against_sasrec_and_kept_beside_the_other_inference_results(tmp_path, tiny_path):
+    with open(tmp_path / "inference.json", "w") as f:
+        json.dump({"runs": {"ml-100k": {"kept": True}}}, f)
+    command = [sys.executable, os.path.join(REPO, "benchmarks", "serving.py"), "--dataset=tiny", f"--data_path={tiny_path}",
+               "--variants=SASRec,T2Diff", "--rounds=1", f"--out={tmp_path}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    everything = json.load(open(tmp_path / "inference.json"))
+    assert everything["runs"] == {"ml-100k": {"kept": True}}
+    results = everything["serving"]["tiny"]["results"]
+    assert results["SASRec"]["throughput_vs_sasrec"] == results["SASRec"]["latency_vs_sasrec"] == 1.0
+    t2diff = results["T2Diff"]
+    assert t2diff["throughput_vs_sasrec"] == round(t2diff["users_per_s"] / results["SASRec"]["users_per_s"], 3) > 0
+    assert "| T2Diff | — |" in (tmp_path / "serving_tiny.md").read_text()
+    wrong = subprocess.run(command[:4] + ["--variants=T2Diff,SASRec", f"--out={tmp_path}"], cwd=tmp_path, capture_output=True, text=True)
+    assert wrong.returncode == 1 and "must start with SASRec" in wrong.stderr

@@ -1,0 +1,121 @@
+"""Serving cost of T2Diff configurations against SASRec, measured in one process with the models interleaved.
+
+    python benchmarks/serving.py --dataset=ml-100k --variants=SASRec,T2Diff,T2Diff-fast [--rounds=7] [--out=results]
+
+A variant is a model name, or a preset's name: ``T2Diff-fast`` is T2Diff with ``properties/presets/T2Diff-fast.yaml``.
+Serving cost depends on the architecture, not on the weights, so each model is built untrained from its settings
+(the same Config a run would read). Each round times, for every model in turn, full-sort scoring of a batch of
+1,024 test sequences (users/s) and 20 one-user calls (latency): a change of load during the run hits every model
+alike, and the medians over rounds are compared as ratios to SASRec's. Writes the dataset's entry under
+"serving" in <out>/inference.json and the table <out>/serving_<dataset>.md.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
+from recbole_t2diff.config import Config  # noqa: E402
+from recbole_t2diff.quick_start import build_model, prepare  # noqa: E402
+
+
+def preset_file(variant):
+    """``properties/presets/<variant>.yaml`` when the variant names a preset, else None."""
+    path = os.path.join(ROOT, "properties", "presets", f"{variant}.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def build(variant, dataset, settings):
+    """(model in eval mode, a 1,024-sequence test batch, a one-sequence batch) for ``variant`` on ``dataset``."""
+    preset = preset_file(variant)
+    config = Config(model=variant.partition("-")[0] if preset else variant, dataset=dataset,
+                    config_file_list=[preset] if preset else None, config_dict={**settings, "state": "ERROR", "show_progress": False})
+    _, train, _, test = prepare(config)
+    model = build_model(config, train).eval()
+    interaction = next(iter(test))[0]
+    big = interaction[torch.arange(1024) % len(interaction)]
+    return model, big, interaction[torch.arange(1)]
+
+
+def timed(call, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(models, rounds, single_calls=20):
+    """{variant: {"users_per_s", "single_user_ms"}}: medians over ``rounds`` interleaved rounds."""
+    big_times, single_times = {v: [] for v in models}, {v: [] for v in models}
+    with torch.no_grad():
+        for model, big, one in models.values():  # warm-up
+            model.full_sort_predict(big)
+            model.full_sort_predict(one)
+        for _ in range(rounds):
+            for variant, (model, big, one) in models.items():
+                big_times[variant] += timed(lambda: model.full_sort_predict(big), 1)
+                single_times[variant] += timed(lambda: model.full_sort_predict(one), single_calls)
+    return {v: {"users_per_s": round(1024 / statistics.median(big_times[v]), 1),
+                "single_user_ms": round(1000 * statistics.median(single_times[v]), 3)} for v in models}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--data_path", default=None)
+    parser.add_argument("--variants", default="SASRec,T2Diff,T2Diff-fast")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=os.path.join(ROOT, "results"))
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    if variants[0] != "SASRec":
+        raise SystemExit("error: --variants must start with SASRec, the reference every ratio is taken to")
+    settings = {"data_path": args.data_path} if args.data_path else {}
+    argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole's Config reads the command line: this script's options are not settings
+    try:
+        with exit_on_usage_error():
+            models = {v: build(v, args.dataset, settings) for v in variants}
+    finally:
+        sys.argv = argv
+    results = measure(models, args.rounds)
+    reference = results["SASRec"]
+    for v, r in results.items():
+        r["throughput_vs_sasrec"] = round(r["users_per_s"] / reference["users_per_s"], 3)
+        r["latency_vs_sasrec"] = round(r["single_user_ms"] / reference["single_user_ms"], 3)
+        r["preset"] = os.path.relpath(preset_file(v), ROOT) if preset_file(v) else None
+    entry = {"command": command_line(), "machine": describe(), "date": datetime.date.today().isoformat(),
+             "threads": torch.get_num_threads(), "rounds": args.rounds, "results": results}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "inference.json")
+    everything = json.load(open(path)) if os.path.isfile(path) else {}
+    everything.setdefault("serving", {})[args.dataset] = entry
+    with open(path + ".tmp", "w") as f:
+        json.dump(everything, f, indent=1)
+    os.replace(path + ".tmp", path)
+    lines = [f"# Serving cost on {args.dataset}: T2Diff configurations against SASRec", "",
+             f"Command: `{entry['command']}`  ", f"Machine: {entry['machine']}; {entry['threads']} torch thread(s); date {entry['date']}.  ",
+             f"Untrained models (cost depends on the architecture, not the weights); {args.rounds} rounds, the models interleaved in each; "
+             "medians. users/s: full-sort scoring of a 1,024-sequence batch; latency: one user's full-sort scoring.", "",
+             "| variant | preset | users/s | x SASRec | single-user ms | x SASRec |", "|---|---|---|---|---|---|"]
+    for v, r in results.items():
+        lines.append(f"| {v} | {r['preset'] or '—'} | {r['users_per_s']} | {r['throughput_vs_sasrec']:.2f} | {r['single_user_ms']} | "
+                     f"{r['latency_vs_sasrec']:.2f} |")
+    with open(os.path.join(args.out, f"serving_{args.dataset}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
