@@ -59,6 +59,9 @@ def diagnose(checkpoint, teacher_steps):
     config, model, _, _, valid, _ = load_data_and_model(checkpoint)
     if not model.denoises:
         raise SystemExit(f"error: {checkpoint} was trained without a denoiser (use_diffusion=False or x_hat_source=copy_last): it has no diffusion to diagnose")
+    if model.x_hat_source == "next_item" and any(k <= model.n_steps for k in teacher_steps):
+        raise SystemExit(f"error: {checkpoint} generates x̂ with x_hat_source=next_item: the teacher rows noise the drift U-Net's "
+                         "target; give --teacher_steps= (none) to compare the chain with no x̂")
     trainer = make_trainer(config, model)
     label = (f"diffusion_scale={model.diffusion_scale}, diff_loss_positions={model.diff_loss_positions}, "
              f"xhat_loss={model.xhat_loss}, train_xhat={model.train_xhat}")
@@ -89,7 +92,7 @@ def main():
     records, datasets = [], set()
     with exit_on_usage_error():
         for checkpoint in args.checkpoints.split(","):
-            dataset, mine = diagnose(checkpoint, [int(k) for k in args.teacher_steps.split(",")])
+            dataset, mine = diagnose(checkpoint, [int(k) for k in args.teacher_steps.split(",") if k])
             datasets.add(dataset)
             records += mine
     if len(datasets) > 1:

@@ -54,6 +54,9 @@ T2DIFF_ACCEPTED = [
     {"loss_type": "BPR", "train_neg_sample_args": UNIFORM},
     {"x_hat_source": "copy_last", "use_diffusion": True},
     {"x_hat_source": "diffusion", "use_diffusion": False},
+    {"x_hat_source": "next_item", "guidance_weight": 0, "condition_dropout": 0},
+    {"x_hat_source": "next_item", "condition_dropout": 0.99, "x_hat_gate": True},
+    {"position_embedding": "learned"},
     {"category_field": "genre", "category_dim": 1},
     {"category_field": "genre", "category_dim": 63},
     {"category_field": None, "category_dim": 64},
@@ -92,11 +95,15 @@ T2DIFF_REJECTED = [
     ({"loss_type": "BPR", "train_neg_sample_args": {"distribution": "none"}}, "loss_type=BPR: BPR needs"),
     ({"loss_type": "BPR", "train_neg_sample_args": {"sample_num": 1}}, "loss_type=BPR: BPR needs"),
     ({"x_hat_source": "copy_last", "use_diffusion": False}, "x_hat_source=copy_last with use_diffusion=False"),
+    ({"guidance_weight": -0.1}, "guidance_weight=-0.1"),
+    ({"condition_dropout": 1}, "condition_dropout=1"),
+    ({"condition_dropout": -0.1}, "condition_dropout=-0.1"),
+    ({"x_hat_source": "copy_last", "x_hat_gate": True}, "x_hat_gate=True"),
     ({"category_field": "genre", "category_dim": 64}, "category_dim=64"),
     ({"category_field": "genre", "category_dim": 0}, "category_dim=0"),
     *[({knob: "nonsense"}, f"{knob}=nonsense") for knob in (
         "reverse_coef", "unet_padding", "step_emb", "diff_loss", "diffusion_scale", "diff_loss_positions",
-        "step_conditioning", "xhat_loss", "train_xhat", "x_hat_source", "loss_type", "sampler")],
+        "step_conditioning", "xhat_loss", "train_xhat", "x_hat_source", "loss_type", "sampler", "position_embedding")],
 ]
 
 SPARCODE_ACCEPTED = [

@@ -25,13 +25,13 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.attention import SessionEncoder, TargetAttention, masked_mean
 from recbole_t2diff.model.diffusion import REVERSE_COEFS, SAMPLERS, GaussianDiffusion, beta_schedule
-from recbole_t2diff.model.unet import PADDINGS, STEP_CONDITIONINGS, STEP_EMBEDDINGS, Denoiser
+from recbole_t2diff.model.unet import PADDINGS, STEP_CONDITIONINGS, STEP_EMBEDDINGS, Denoiser, NextItemDenoiser
 
 SESSION_SPLITS = ("last_k", "time_gap")
 TIME_LAGS = ("auto", "none", "bucket")
 POSITIONS = ("none", "learned")
 LAG_BUCKETS = 24  # log2 buckets of the lag in minutes: the last one starts at 2^22 min (~8 years)
-X_HAT_SOURCES = ("diffusion", "copy_last")
+X_HAT_SOURCES = ("diffusion", "copy_last", "next_item")
 XHAT_LOSSES = ("none", "ce")
 TRAIN_XHATS = ("one_step", "chain")
 DIFF_LOSSES = ("l2norm", "mse")
@@ -123,9 +123,13 @@ class T2Diff(SequentialRecommender):
                 f"invalid T2Diff setting x_hat_source={config['x_hat_source']} with use_diffusion=False: use_diffusion: False "
                 "removes x̂ altogether; keep use_diffusion: True to feed the copied last item as x̂"
             )
-        if config["x_hat_gate"] and not (config["use_diffusion"] and config["x_hat_source"] == "diffusion"):
+        if config["x_hat_gate"] and not (config["use_diffusion"] and config["x_hat_source"] != "copy_last"):
             raise UsageError("invalid T2Diff setting x_hat_gate=True: it gates a generated x̂ against the copied last item; "
-                             "it needs use_diffusion: True and x_hat_source: diffusion")
+                             "it needs use_diffusion: True and x_hat_source: diffusion or next_item")
+        if not 0 <= float(config["condition_dropout"]) < 1:
+            raise UsageError(f"invalid T2Diff setting condition_dropout={config['condition_dropout']}: it must lie in [0, 1)")
+        if float(config["guidance_weight"]) < 0:
+            raise UsageError(f"invalid T2Diff setting guidance_weight={config['guidance_weight']}: it must be >= 0")
         if float(config["lambda_xhat"]) < 0:
             raise UsageError(f"invalid T2Diff setting lambda_xhat={config['lambda_xhat']}: it must be >= 0")
         loss_type = _one_of(config, "loss_type", LOSS_TYPES)
@@ -198,8 +202,20 @@ class T2Diff(SequentialRecommender):
             self.register_buffer("item_categories", self._item_categories(dataset, category_field))
             self.category_embedding = nn.Embedding(dataset.num(category_field), d - id_dim, padding_idx=0)
 
-        self.denoises = self.use_diffusion and self.x_hat_source == "diffusion"
-        if self.denoises:
+        # x̂ from a diffusion model: the paper's drift U-Net, or (next_item) a DreamRec-style denoiser of the next
+        # item's token alone, conditioned on the tower's encoding of the history, with classifier-free guidance.
+        self.denoises = self.use_diffusion and self.x_hat_source in ("diffusion", "next_item")
+        self.guidance_weight = float(config["guidance_weight"])
+        self.condition_dropout = float(config["condition_dropout"])
+        if self.denoises and self.x_hat_source == "next_item":
+            self.diffusion = GaussianDiffusion(
+                self.n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
+            )
+            if self.diffusion_scale == "rms":  # here the running RMS of the next item's token: see ``scale``
+                self.register_buffer("drift_rms", torch.zeros(()))
+            self.condition_projection = nn.Linear(2 * d, d)  # e_u without x̂ -> the denoiser's condition
+            self.denoiser = NextItemDenoiser(d, self.n_steps, eps)
+        elif self.denoises:
             self.diffusion = GaussianDiffusion(
                 self.n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
             )
@@ -237,7 +253,7 @@ class T2Diff(SequentialRecommender):
 
         self.initializer_range = float(config["initializer_range"])
         self.apply(self._init_weights)
-        if self.denoises:  # _init_weights drew the FiLM maps like any Linear: back to their zero start
+        if self.denoises and self.x_hat_source == "diffusion":  # _init_weights drew the FiLM maps like any Linear: back to zero
             self.denoiser.unet.zero_film()
 
     @staticmethod
@@ -381,7 +397,7 @@ class T2Diff(SequentialRecommender):
         scale = self.scale(z0, mask)
         return z0 / scale, condition / scale, scale
 
-    def diffusion_training(self, history, mask, target):
+    def diffusion_training(self, history, mask, target, condition=None):
         """The diffusion losses and the x̂ the tower trains with (spec §9).
 
         The denoiser learns from one-step estimates of the noised true drift: the row-wise regression
@@ -391,6 +407,8 @@ class T2Diff(SequentialRecommender):
         nearly the target, which inference never delivers), or ``chain``: a run of the inference
         sampler from noise (detached under ``stop_grad``), so the tower trains on the x̂ it will be served.
         """
+        if self.x_hat_source == "next_item":
+            return self.next_item_training(condition, target)
         condition = history.detach() if self.stop_grad else history
         next_token = self.tokens(target)
         z0, scaled_condition, scale = self.diffusion_target(condition, next_token.detach() if self.stop_grad else next_token, mask)
@@ -408,7 +426,10 @@ class T2Diff(SequentialRecommender):
             rows[:, -1] = True
         losses = [self.lambda_diff * (per_row * rows).sum() / rows.sum()]
 
-        x_hat = self.generated_item(condition, z0_hat[:, -1] * scale)
+        return self.tower_x_hat(self.generated_item(condition, z0_hat[:, -1] * scale), condition, target, losses)
+
+    def tower_x_hat(self, x_hat, condition, target, losses):
+        """The x̂ the tower trains with, given the one-step estimate ``x_hat``; appends the x̂ loss to ``losses``."""
         if self.xhat_loss == "ce":
             logits = self.xhat_logit_scale.exp() * x_hat @ self.tokens(torch.arange(self.n_items, device=target.device)).t()
             losses.append(self.lambda_xhat * F.cross_entropy(logits.index_fill(1, logits.new_zeros(1, dtype=torch.long), NEG_LOGIT), target))
@@ -416,8 +437,61 @@ class T2Diff(SequentialRecommender):
             # Under stop_grad the chain runs without a graph; without it the tower loss reaches the
             # denoiser through every step of the x̂ it will be served, as it does through one_step.
             with torch.set_grad_enabled(not self.stop_grad):
-                x_hat = self.sample_generated_item(condition)
+                x_hat = self.generate(condition)
         return (x_hat.detach() if self.stop_grad else x_hat), losses
+
+    def next_item_training(self, condition, target):
+        """``x_hat_source: next_item``: the diffusion loss of the next item's token alone, conditioned on the
+        tower's encoding of the history ``condition`` [B, d] (dropped with probability ``condition_dropout``),
+        and the x̂ the tower trains with, as :meth:`diffusion_training` for the drift."""
+        next_token = self.tokens(target)
+        x0 = next_token.detach() if self.stop_grad else next_token
+        scale = self.scale(x0.unsqueeze(1), torch.ones(len(x0), 1, dtype=torch.bool, device=x0.device))
+        x0 = x0 / scale
+        s = torch.randint(1, self.n_steps + 1, (len(x0),), device=x0.device)
+        dropped = torch.rand(len(x0), device=x0.device) < self.condition_dropout
+        x0_hat = self.denoiser(self.diffusion.add_noise(x0, s, torch.randn_like(x0)), condition, s, dropped)
+        error = x0_hat - x0
+        per_row = error.norm(dim=-1) if self.diff_loss == "l2norm" else error.pow(2).mean(-1)
+        return self.tower_x_hat(x0_hat * scale, condition, target, [self.lambda_diff * per_row.mean()])
+
+    def next_item_condition(self, tokens, mask, in_session=None):
+        """The next-item denoiser's condition [B, d]: the tower's user vector without x̂, projected to d (the
+        projection is the generator's: under ``stop_grad`` the diffusion loss trains it, not the tower)."""
+        encoding = self.user_vector(tokens, mask, None, in_session)
+        return self.condition_projection(encoding.detach() if self.stop_grad else encoding)
+
+    def generate(self, condition, generator=None):
+        """x̂ from the inference sampler: ``condition`` is the history [B, L, d] for the drift U-Net, the history's
+        encoding [B, d] for ``next_item``."""
+        if self.x_hat_source == "next_item":
+            return self.sample_next_item(condition, generator)
+        return self.sample_generated_item(condition, generator)
+
+    def sample_next_item(self, condition, generator=None):
+        """x̂ from the reverse chain over the next item's token, with classifier-free guidance: each call
+        estimates (1 + w)·f(z, c) - w·f(z, ∅), w = ``guidance_weight``; averaged over ``infer_samples`` chains."""
+        batch, d = condition.shape
+        scale = self.scale()
+        condition = condition.repeat_interleave(self.infer_samples, dim=0)
+        free = torch.ones(len(condition), dtype=torch.bool, device=condition.device)
+
+        def draw_noise(shape):
+            return torch.randn(shape, generator=generator, device=condition.device)
+
+        def denoise(z_s, s):
+            steps = torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long)
+            guided = self.denoiser(z_s, condition, steps)
+            if self.guidance_weight == 0:
+                return guided
+            return (1 + self.guidance_weight) * guided - self.guidance_weight * self.denoiser(z_s, condition, steps, free)
+
+        z_T = draw_noise(condition.shape)
+        if self.sampler == "ddim":
+            z0 = self.diffusion.ddim_chain(denoise, z_T, draw_noise, self.infer_steps, self.ddim_eta)
+        else:
+            z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
+        return (z0 * scale).view(batch, self.infer_samples, d).mean(1)
 
     def sample_generated_item(self, history, generator=None):
         """x̂ from the reverse chain (DDPM, or DDIM with ``infer_steps`` calls), averaged over ``infer_samples`` chains per user.
@@ -442,13 +516,14 @@ class T2Diff(SequentialRecommender):
             z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
         return self.generated_item(condition, z0[:, -1] * scale).view(batch, self.infer_samples, d).mean(1)
 
-    def inference_x_hat(self, history):
-        """The x̂ that evaluation and serving use: the reverse chain, the copied last item (control), or None."""
+    def inference_x_hat(self, history, condition=None):
+        """The x̂ that evaluation and serving use: the reverse chain, the copied last item (control), or None.
+        ``x_hat_source: next_item`` needs its ``condition`` (:meth:`next_item_condition`)."""
         if not self.use_diffusion:
             return None
         if not self.denoises:
             return history[:, -1]
-        return self.sample_generated_item(history, self.eval_generator(history.device))
+        return self.generate(history if condition is None else condition, self.eval_generator(history.device))
 
     def session_x_hat(self, history, x_hat):
         """The x̂ token the session attention reads: x̂ itself, or with ``x_hat_gate`` x_L + g·(x̂ - x_L)."""
@@ -493,8 +568,9 @@ class T2Diff(SequentialRecommender):
             items = self.tokens(torch.arange(1, self.n_items, device=self.item_embedding.weight.device))
             for batch in loader:
                 interaction = batch[0].to(items.device)
-                history, _ = self.history(interaction)
-                x_hat = self.inference_x_hat(history)
+                history, mask = self.history(interaction)
+                tokens, in_session = self.tower_inputs(interaction, history, mask)
+                x_hat = self.inference_x_hat(history, self.condition(tokens, mask, in_session))
                 target_ids = interaction[self.ITEM_ID]
                 target = self.tokens(target_ids)
                 error += (x_hat - target).norm(dim=-1).sum().item()
@@ -513,17 +589,23 @@ class T2Diff(SequentialRecommender):
         """User vectors e_u [B, 2d] for inference: x̂ comes from the reverse chain, never the target."""
         history, mask = self.history(interaction)
         tokens, in_session = self.tower_inputs(interaction, history, mask)
-        return self.user_vector(tokens, mask, self.session_x_hat(history, self.inference_x_hat(history)), in_session)
+        x_hat = self.inference_x_hat(history, self.condition(tokens, mask, in_session))
+        return self.user_vector(tokens, mask, self.session_x_hat(history, x_hat), in_session)
+
+    def condition(self, tokens, mask, in_session):
+        """What the next-item denoiser is conditioned on (None for every other x̂): see :meth:`next_item_condition`."""
+        return self.next_item_condition(tokens, mask, in_session) if self.denoises and self.x_hat_source == "next_item" else None
 
     def calculate_loss(self, interaction):
         history, mask = self.history(interaction)
+        tokens, in_session = self.tower_inputs(interaction, history, mask)
         x_hat, diffusion_losses = None, []
         if self.denoises:
-            x_hat, diffusion_losses = self.diffusion_training(history, mask, interaction[self.POS_ITEM_ID])
+            x_hat, diffusion_losses = self.diffusion_training(history, mask, interaction[self.POS_ITEM_ID],
+                                                              self.condition(tokens, mask, in_session))
             x_hat = self.session_x_hat(history, x_hat)
         elif self.use_diffusion:  # the copy-last control: x̂ := x_L, treated like a generated x̂
             x_hat = history[:, -1].detach() if self.stop_grad else history[:, -1]
-        tokens, in_session = self.tower_inputs(interaction, history, mask)
         tower_loss = self.tower_loss(self.user_vector(tokens, mask, x_hat, in_session), interaction)
         return (tower_loss, *diffusion_losses) if diffusion_losses else tower_loss
 

@@ -193,3 +193,24 @@ class Denoiser(nn.Module):
         else:
             z0_hat = self.unet(u + self.step_scale * step[:, None, :])
         return z0_hat[:, 1:] if self.slot is not None else z0_hat
+
+
+class NextItemDenoiser(nn.Module):
+    """x̂_0 = MLP([x_s ; c ; step(s)]) for the next item's token alone (DreamRec, Yang et al., NeurIPS 2023).
+
+    ``c`` [B, d] is the condition (the tower's encoding of the history); where ``dropped`` it is replaced by a
+    learned null vector, so one network learns the conditional and the unconditional estimate that
+    classifier-free guidance combines at inference.
+    """
+
+    def __init__(self, d, n_steps, eps=1e-8):
+        super().__init__()
+        self.register_buffer("steps", step_table("sinusoidal_mlp", n_steps, d), persistent=False)
+        self.null_condition = nn.Parameter(torch.zeros(d))
+        self.mlp = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.SiLU(), nn.LayerNorm(2 * d, eps=eps), nn.Linear(2 * d, d))
+
+    def forward(self, x_s, condition, s, dropped=None):
+        """``x_s``, ``condition``: [B, d]; ``s``: [B] steps (1-based); ``dropped``: [B] bool or None. Returns x̂_0 [B, d]."""
+        if dropped is not None:
+            condition = torch.where(dropped[:, None], self.null_condition.expand_as(condition), condition)
+        return self.mlp(torch.cat([x_s, condition, self.steps[s]], dim=-1))

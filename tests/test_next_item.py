@@ -1,0 +1,83 @@
+"""x_hat_source: next_item, the DreamRec-style generator: a denoiser of the next item's token alone,
+conditioned on the tower's encoding of the history, with classifier-free guidance."""
+import pytest
+import torch
+
+from recbole_t2diff.errors import UsageError
+
+from conftest import first_batch, make_model
+
+
+def generator_and_tower_grads(model, loss):
+    model.zero_grad()
+    loss.backward(retain_graph=True)
+    generator = [p.grad for n, p in model.named_parameters() if n.startswith(("denoiser", "condition_projection"))]
+    tower = [p.grad for n, p in model.named_parameters() if not n.startswith(("denoiser", "condition_projection"))]
+    nonzero = lambda gs: any(g is not None and g.abs().sum() > 0 for g in gs)  # noqa: E731
+    return nonzero(generator), nonzero(tower)
+
+
+def test_the_diffusion_loss_trains_the_generator_and_the_tower_loss_the_tower(tiny_data):
+    model = make_model(tiny_data, x_hat_source="next_item").train()
+    assert not hasattr(model.denoiser, "unet")  # no U-Net: a small MLP over one token
+    tower_loss, diffusion_loss = model.calculate_loss(first_batch(tiny_data[1]))
+    assert generator_and_tower_grads(model, diffusion_loss) == (True, False)  # the condition's projection included
+    assert generator_and_tower_grads(model, tower_loss) == (False, True)
+
+
+def test_the_denoiser_reads_the_tower_encoding_of_the_history_and_drops_it_at_the_set_rate(tiny_data):
+    model = make_model(tiny_data, x_hat_source="next_item", condition_dropout=0.5).train()
+    batch = first_batch(tiny_data[1])
+    seen, forward = [], model.denoiser.forward
+    model.denoiser.forward = lambda x_s, c, s, dropped=None: seen.append((c, dropped)) or forward(x_s, c, s, dropped)
+    torch.manual_seed(3)
+    model.calculate_loss(batch)
+    condition, dropped = seen[0]
+    history, mask = model.history(batch)
+    tokens, in_session = model.tower_inputs(batch, history, mask)
+    model.eval()  # no dropout: the same encoding as in training, which has none here
+    torch.testing.assert_close(condition, model.condition_projection(model.user_vector(tokens, mask, None, in_session)))
+    assert 0.3 < float(dropped.float().mean()) < 0.7
+    model.train()
+    model.condition_dropout = 0.0
+    seen.clear()
+    model.calculate_loss(batch)
+    assert not bool(seen[0][1].any())
+
+
+@pytest.mark.parametrize("weight", [0.0, 2.0])
+def test_guidance_mixes_the_conditional_and_the_unconditional_estimate(tiny_data, weight):
+    model = make_model(tiny_data, x_hat_source="next_item", guidance_weight=weight, infer_steps=1).eval()
+    batch = first_batch(tiny_data[1])
+    d = model.embedding_size
+    conditional, unconditional = torch.full((d,), 0.5), torch.full((d,), -0.25)
+
+    def fake(x_s, condition, s, dropped=None):
+        free = torch.zeros(len(x_s), dtype=torch.bool) if dropped is None else dropped
+        return torch.where(free[:, None], unconditional, conditional).expand(len(x_s), d)
+
+    model.denoiser.forward = fake
+    with torch.no_grad():
+        history, mask = model.history(batch)
+        tokens, in_session = model.tower_inputs(batch, history, mask)
+        x_hat = model.inference_x_hat(history, model.condition(tokens, mask, in_session))
+    # one DDIM step from s = T lands on the estimate itself (the scale is 1 before training measures one)
+    torch.testing.assert_close(x_hat, ((1 + weight) * conditional - weight * unconditional).expand_as(x_hat))
+
+
+def test_a_next_item_t2diff_trains_and_reports_its_x_hat(tiny_path, workdir):
+    from conftest import TINY_MODEL
+    from recbole_t2diff.quick_start import run
+
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "x_hat_source": "next_item",
+                                                 "guidance_weight": 1.0, "infer_steps": 2, "diffusion_scale": "rms"}, saved=False)
+    assert result["xhat_quality"]["xhat_rel_error"] > 0 and 0 <= result["test_result"]["ndcg@10"] <= 1
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"guidance_weight": -1}, "guidance_weight=-1: it must be >= 0"),
+    ({"condition_dropout": 1.0}, "condition_dropout=1.0: it must lie in [0, 1)"),
+])
+def test_bad_guidance_knobs_are_refused_in_one_line(tiny_data, knobs, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        make_model(tiny_data, x_hat_source="next_item", **knobs)
