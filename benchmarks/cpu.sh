@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # (Re)start the converged table's CPU batch in the background and return at once.
 #
-#   bash benchmarks/cpu.sh [PLAN]       # default benchmarks/plans/cpu.plan
+#   bash benchmarks/cpu.sh [PLAN]       # default benchmarks/plans/cpu.plan; RUNS=/work/runs/NAME JOBS=1 for another plan beside it
 #   tail -f "$RUNS/batch.log"           # one line per validation and per finished run, with an estimate of the time left
 #
-# Two runs at a time, one torch thread each, at nice 15, so that tests and other work keep the CPU they need.
+# Two runs at a time (JOBS), one torch thread each, at nice 15, so that tests and other work keep the CPU they need.
 # Finished rows (in the plan's CSVs) are skipped; an unfinished run goes on from its last validated epoch, whose
 # state lives under $RUNS (default /work/runs/converged, outside the work tree, so a fresh checkout keeps it).
 # Started while the batch is running, it says so and starts nothing.
@@ -19,7 +19,7 @@ if [ -f "$runs/batch.pid" ] && kill -0 "$(cat "$runs/batch.pid")" 2>/dev/null; t
 fi
 python benchmarks/batch.py "$plan" --check  # a misspelt setting fails here, in one line
 echo "[cpu.sh] $(date -u '+%F %T') UTC: $plan started in $PWD" >> "$runs/batch.log"
-PYTHONUNBUFFERED=1 nohup setsid nice -n 15 python benchmarks/batch.py "$plan" --jobs=2 --resume_root="$runs/resume" \
+PYTHONUNBUFFERED=1 nohup setsid nice -n 15 python benchmarks/batch.py "$plan" --jobs="${JOBS:-2}" --threads=1 --resume_root="$runs/resume" \
   >> "$runs/batch.log" 2>&1 < /dev/null &
 echo $! > "$runs/batch.pid"
 # setsid gives the batch its own scheduler autogroup, inside which nice alone has no effect against other sessions:
