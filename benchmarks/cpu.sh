@@ -21,8 +21,13 @@ python benchmarks/batch.py "$plan" --check  # a misspelt setting fails here, in 
 echo "[cpu.sh] $(date -u '+%F %T') UTC: $plan started in $PWD" >> "$runs/batch.log"
 PYTHONUNBUFFERED=1 nohup setsid nice -n 15 python benchmarks/batch.py "$plan" --jobs="${JOBS:-2}" --threads=1 --resume_root="$runs/resume" \
   >> "$runs/batch.log" 2>&1 < /dev/null &
-echo $! > "$runs/batch.pid"
 # setsid gives the batch its own scheduler autogroup, inside which nice alone has no effect against other sessions:
 # the group's own nice value is what makes it yield to tests and foreground work.
-echo 15 > "/proc/$!/autogroup" 2>/dev/null || echo "note: could not lower the batch's autogroup priority (/proc/$!/autogroup)"
-echo "started (pid $!): tail -f $runs/batch.log"
+# Wait for setsid to have made the new session (and its group): writing earlier would lower this shell's group instead.
+pid=$!
+echo "$pid" > "$runs/batch.pid"
+for _ in $(seq 50); do [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ] && break; sleep 0.1; done
+if [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ] && echo 15 > "/proc/$pid/autogroup" 2>/dev/null; then :; else
+  echo "note: the batch's scheduler group could not be lowered (/proc/$pid/autogroup): it competes with foreground work"
+fi
+echo "started (pid $pid): tail -f $runs/batch.log"
