@@ -125,7 +125,7 @@ SPARCODE_ACCEPTED = [
     {"mlp_hidden": (1,), "mlp_dropout": 0},
     {"mlp_hidden": [2.0]},
     {"score_relu": False, "score_bias": -1},
-    {"last_layer_read_only": False, "bf16_autocast": True},
+    {"last_layer_read_only": False, "bf16_autocast": True, "uniform_dropout": False},
     {"tokenizer": "dnn", "last_layer_read_only": "n/a"},  # only the sasrec tokenizer has layers
     {"score_bias": 0.5},
     {"sparsity_weight": 0, "relu_leak": 0},
@@ -175,6 +175,7 @@ SPARCODE_REJECTED = [
     ({"score_relu": "no"}, "score_relu=no"),
     ({"last_layer_read_only": "yes"}, "last_layer_read_only=yes"),
     ({"bf16_autocast": 1.0}, "bf16_autocast=1.0"),
+    ({"uniform_dropout": "no"}, "uniform_dropout=no"),
     ({"score_bias": True}, "score_bias=True"),
     ({"score_bias": "0.5"}, "score_bias=0.5"),
     ({"sparsity_weight": -1}, "sparsity_weight=-1"),

@@ -143,6 +143,40 @@ def test_the_last_layer_at_the_read_position_is_the_full_stack_read_there(sparco
     read_only.history_vector(batch)
 
 
+def test_uniform_dropout_draws_the_same_masks_as_dropout():
+    from recbole_t2diff.model.sparcode import UniformDropout
+
+    torch.manual_seed(0)
+    x = torch.rand(400, 2500) + 1.0  # no zero to mistake for a dropped entry
+    for p in (0.1, 0.5):
+        dropout = UniformDropout(p)
+        out = dropout(x)
+        kept = out != 0
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.002  # Bernoulli(1 - p) over 1e6 entries: sd 5e-4
+        torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+        assert not torch.equal(kept[0], kept[1]), "a fresh mask per entry"
+        assert dropout(x.to(torch.bfloat16)).dtype == torch.bfloat16
+        x.requires_grad_(True)
+        dropout(x).sum().backward()
+        torch.testing.assert_close(x.grad[x.grad != 0], torch.full_like(x.grad[x.grad != 0], 1 / (1 - p)))
+        x = x.detach()
+        assert dropout.eval()(x) is x and UniformDropout(0.0)(x) is x
+
+
+@pytest.mark.parametrize("tokenizer", ["sasrec", "dnn"])
+def test_uniform_dropout_replaces_every_dropout_and_only_when_asked(sparcode_data, tokenizer):
+    from recbole_t2diff.model.sparcode import UniformDropout
+
+    knobs = {"tokenizer": tokenizer, "mlp_dropout": 0.2, "hidden_dropout_prob": 0.3, "attn_dropout_prob": 0.4, "dnn_dropout": 0.1}
+    model = make_model(sparcode_data, uniform_dropout=True, **knobs)
+    plain = make_model(sparcode_data, uniform_dropout=False, **knobs)
+    dropouts = [(name, type(module), module.p) for name, module in model.named_modules() if isinstance(module, nn.Dropout)]
+    expected = [(name, UniformDropout, module.p) for name, module in plain.named_modules() if isinstance(module, nn.Dropout)]
+    assert dropouts == expected and len(dropouts) >= (6 if tokenizer == "sasrec" else 2)
+    assert all(type(module) is nn.Dropout for module in plain.modules() if isinstance(module, nn.Dropout))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+
+
 def test_the_dnn_tokenizer_pools_the_real_items_of_each_history(sparcode_data):
     model, batch = trained(sparcode_data, tokenizer="dnn"), copy_batch(valid_batch(sparcode_data))
     seq = batch["item_id_list"].clone()

@@ -80,6 +80,18 @@ def _widths(config, key):
     return [int(w) for w in widths]
 
 
+class UniformDropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask is ``rand >= p`` in float32: the same Bernoulli(1 - p) mask up to float32's
+    2^-24 resolution, but a vectorised uniform draw costs about a third of ``bernoulli_`` (which was 30 % of a CPU
+    training step at softmax_negatives: 20 with bf16_autocast, profiled). Other devices keep ``F.dropout``."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        scaled_mask = torch.rand(x.shape).ge_(self.p).mul_(1 / (1 - self.p))  # 0 or 1/(1-p), in place: no extra tensor
+        return x * scaled_mask.to(x.dtype)  # p < 1: check_config keeps every dropout in [0, 1)
+
+
 def describe_codes(stats, quantizer):
     """One log line's worth of :meth:`SparCode.code_stats`."""
     usage = "/".join(f"{share:.0%}" for share in stats["usage"])
@@ -142,6 +154,8 @@ class SparCode(SequentialRecommender):
         negatives = config["train_neg_sample_args"] or {}
         if loss_type == "BPR" and negatives.get("distribution", "none") == "none":
             _fail("loss_type", loss_type, "BPR needs sampled negatives, set train_neg_sample_args: {distribution: uniform, sample_num: 1}")
+        if not isinstance(config["uniform_dropout"], bool):
+            _fail("uniform_dropout", config["uniform_dropout"], "use true or false")
         if not isinstance(config["bf16_autocast"], bool):
             _fail("bf16_autocast", config["bf16_autocast"], "use true or false")
         if config["softmax_negatives"] is not None:
@@ -222,6 +236,8 @@ class SparCode(SequentialRecommender):
 
         self.initializer_range = float(config["initializer_range"])
         self.apply(self._init_weights)
+        if config["uniform_dropout"]:
+            self._use_uniform_dropout()
         if self.interaction == "mlp":
             # The first layer W_1[q̃ ; v] + b_1, split into its query and item halves (spec §6).
             hidden = [int(w) for w in config["mlp_hidden"]]
@@ -233,6 +249,15 @@ class SparCode(SequentialRecommender):
                 tail += [nn.Linear(width_in, width_out), nn.ReLU(), nn.Dropout(dropout)]
             self.mlp_tail = nn.Sequential(*tail, nn.Linear(hidden[-1], 1))
             self._init_interaction()
+            if config["uniform_dropout"]:
+                self._use_uniform_dropout()
+
+    def _use_uniform_dropout(self):
+        """Every ``nn.Dropout`` (RecBole's Transformer layers included) becomes a :class:`UniformDropout` of the same p."""
+        for module in list(self.modules()):
+            for name, child in module.named_children():
+                if type(child) is nn.Dropout:
+                    setattr(module, name, UniformDropout(child.p))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
