@@ -177,7 +177,7 @@ def test_a_run_without_saving_reports_no_file_and_counts_trainable_parameters(ti
     assert result["saved_model_file"] is None and not list(workdir.glob("saved/*"))
     assert result["params"] == sum(p.numel() for p in seen["model"].parameters() if p.requires_grad)
     assert set(result) == {"model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result",
-                           "saved_model_file", "params"}
+                           "saved_model_file", "params", "xhat_quality"}
 
 
 def test_other_parameters_come_back_with_the_weights(trained, tmp_path, workdir, monkeypatch):
