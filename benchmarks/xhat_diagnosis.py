@@ -1,4 +1,4 @@
-"""How much does a trained T2Diff's user vector use the generated item x̂? (spec §9 diagnosis)
+"""How much does a trained T2Diff's user vector use the generated item x̂? (docs/T2DIFF.md §9 diagnosis)
 
     python benchmarks/xhat_diagnosis.py --checkpoints=saved/T2Diff-X.pth,saved/T2Diff-Y.pth \
         [--trained_with="how they were trained"] [--out=results]

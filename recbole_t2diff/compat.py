@@ -1,9 +1,9 @@
 """Make RecBole 1.2.1 run on today's Python, numpy and torch. Every entry point imports this first.
 
 - numpy >= 2 (and >= 1.24) removed the aliases RecBole's ``Config.compatibility_settings`` and
-  metrics use (RECBOLE_NOTES §8 row 1): put them back before RecBole runs.
+  metrics use (docs/RECBOLE.md §8.1): put them back before RecBole runs.
 - importing ``recbole.model.sequential_recommender.sine`` switches autograd anomaly mode on for the
-  whole process (§8 row 7), which makes training 2-3x slower: ``disable_anomaly_mode`` switches it off
+  whole process (docs/RECBOLE.md §8.7), which makes training 2-3x slower: ``disable_anomaly_mode`` switches it off
   and is called after every model lookup.
 - hyperopt 0.2.5 imports ``pkg_resources``, which warns on every import (setup.cfg pins
   setuptools<81 so that it still exists, and declares it because Python 3.12+ makes environments
@@ -26,7 +26,7 @@
   of its own, and RecBole's trainers get :func:`get_tensorboard`, which names the folder after it.
 
 (torch >= 2.6 loads with ``weights_only=True`` and refuses RecBole's checkpoints, which pickle the
-``Config``, §8 row 3: this package writes and reads its own safe format, see ``checkpoint.py``.)
+``Config``, docs/RECBOLE.md §8.3: this package writes and reads its own safe format, see ``checkpoint.py``.)
 """
 import logging
 import os

@@ -199,7 +199,7 @@ class Config(RecBoleConfig):
         """RecBole's device set-up, plus a gloo process group for distributed runs on CPU.
 
         RecBole hard-codes NCCL, CUDA devices and ``torch.cuda.set_device`` for distributed runs
-        (RECBOLE_NOTES §9); ``dist_backend: gloo`` (the default without a GPU) runs the same
+        (docs/RECBOLE.md §9); ``dist_backend: gloo`` (the default without a GPU) runs the same
         multi-process path on CPU processes.
         """
         settings = self.final_config_dict

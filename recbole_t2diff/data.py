@@ -2,7 +2,7 @@
 
 - RecBole downloads a missing dataset itself, but offline that fails with a long traceback, and in
   a single process it fails even online (``torch.distributed.barrier`` without a process group,
-  RECBOLE_NOTES §8 row 6). Here a missing dataset is downloaded from RecBole's own URL list where a
+  docs/RECBOLE.md §8.6). Here a missing dataset is downloaded from RecBole's own URL list where a
   network exists, and otherwise reported in one line that says where the files were expected.
 - RecBole's ``create_dataset`` and ``data_preparation`` unpickle ``saved/<dataset>-*.pth`` cache
   files whenever they exist, so a file dropped there ran code on the next run: :func:`create_dataset`

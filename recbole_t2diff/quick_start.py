@@ -1,7 +1,7 @@
 """Train, evaluate and reload models: RecBole's quick-start, without importing ``recbole.quick_start``.
 
 ``recbole.quick_start`` imports ray at module level, which breaks with current numpy and setuptools,
-and looks models up by name inside ``recbole`` only (RECBOLE_NOTES §3). These functions follow the
+and looks models up by name inside ``recbole`` only (docs/RECBOLE.md §3). These functions follow the
 same steps with this package's Config and registry, so they run T2Diff and every built-in model.
 """
 import logging

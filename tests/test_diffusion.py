@@ -1,4 +1,4 @@
-"""Noise schedules, forward noising and reverse-step maths against closed forms (spec §6, §10)."""
+"""Noise schedules, forward noising and reverse-step maths against closed forms (docs/T2DIFF.md §6, §10)."""
 import numpy as np
 import pytest
 import torch

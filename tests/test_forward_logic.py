@@ -1,7 +1,7 @@
 """T2Diff's forward logic value by value (issue 16): each test fails on one plausible silent bug.
 
 The maths of the schedules and samplers lives in test_diffusion.py; here the question is whether
-the user tower wires them together as the spec says: which rows feed which attention, how x̂ is
+the user tower wires them together as docs/T2DIFF.md says: which rows feed which attention, how x̂ is
 put back together, how the running scale moves, what the token clip and the sampled softmax do.
 """
 import pytest
@@ -311,7 +311,7 @@ def test_a_lonely_token_attends_to_itself_under_the_diagonal_mask():
 
 
 def test_the_session_layer_is_bias_free_attention_then_linear_elu_layernorm_per_ffn_width():
-    """The layer of spec §11 (official code): bias-free q/k/v/out, and each FFN step Linear (no bias), ELU, LayerNorm."""
+    """The layer of docs/T2DIFF.md §11 (official code): bias-free q/k/v/out, and each FFN step Linear (no bias), ELU, LayerNorm."""
     default = SessionEncoder(6)
     assert (default.n_heads, default.mask_diag, default.mask_pads) == (2, True, True)
     assert default.attention_norm.eps == default.ffn_norm.eps == 1e-8
@@ -420,7 +420,7 @@ def test_switching_the_sampler_keeps_ddim_deterministic_unless_told(tiny_data):
 # ---- the knobs reach their parts -----------------------------------------------------------------
 
 def test_every_architecture_knob_reaches_its_part(tiny_data):
-    """Spec §6-§12's layout, built from non-default knobs (d = 8): a knob read under the wrong key or dropped
+    """The layout of docs/T2DIFF.md §6-§12, built from non-default knobs (d = 8): a knob read under the wrong key or dropped
     on the way to its module would otherwise leave the module at its own default."""
     from recbole_t2diff.model.diffusion import GaussianDiffusion
 

@@ -1,4 +1,4 @@
-"""T2Diff's wiring: re-alignment, masks, stop-gradients, scoring paths, ablations (spec §3, §9-15)."""
+"""T2Diff's wiring: re-alignment, masks, stop-gradients, scoring paths, ablations (docs/T2DIFF.md §3, §9-15)."""
 import hypothesis.strategies as st
 import pytest
 import torch

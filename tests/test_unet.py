@@ -1,4 +1,4 @@
-"""U-Net geometry and shapes for several sequence lengths and depths (spec §8)."""
+"""U-Net geometry and shapes for several sequence lengths and depths (docs/T2DIFF.md §8)."""
 import numpy as np
 import pytest
 import torch
@@ -53,7 +53,7 @@ def test_denoiser_depends_on_the_step(step_emb):
 def test_unet_parameter_count_at_d64_is_about_the_spec():
     denoiser = Denoiser(64, n_steps=50)
     n = sum(p.numel() for p in denoiser.parameters())
-    assert 1.0e6 < n < 1.4e6  # spec §8: about 1.2 M at d = 64
+    assert 1.0e6 < n < 1.4e6  # docs/T2DIFF.md §8: about 1.2 M at d = 64
 
 
 def test_valid_padding_mirrors_the_edge_rows_as_numpy_symmetric():

@@ -1,4 +1,4 @@
-"""Mixed attention of the user tower (spec §11): session self-attention and target attention.
+"""Mixed attention of the user tower (docs/T2DIFF.md §11): session self-attention and target attention.
 
 Masks are boolean, True for a real item. Blocked logits get a large finite negative value rather
 than -inf, so a row with nothing admissible stays finite.

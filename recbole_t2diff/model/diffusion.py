@@ -1,6 +1,6 @@
 """Gaussian diffusion over drift sequences: noise schedules, forward noising and reverse samplers.
 
-Like a diffusers scheduler this object holds the maths and no network (spec §6, §10): ``add_noise``
+Like a diffusers scheduler this object holds the maths and no network (docs/T2DIFF.md §6, §10): ``add_noise``
 draws z_s ~ q(z_s | z_0); ``step`` takes one ancestral DDPM step of p(z_{s-1} | z_s, ẑ_0) for an
 x_0-predicting denoiser and ``reverse_chain`` runs all T of them; ``ddim_step`` / ``ddim_chain``
 jump between any two steps (DDIM), so inference can use far fewer denoiser calls than training.
@@ -12,7 +12,7 @@ from torch import nn
 
 from recbole_t2diff.errors import UsageError
 
-# (beta_a, beta_b) per schedule when the config leaves them at ~ (spec §6).
+# (beta_a, beta_b) per schedule when the config leaves them at ~ (docs/T2DIFF.md §6).
 SCHEDULE_DEFAULTS = {"exp": (0.01, 4.5), "linear": (0.02, 0.01), "log": (0.002, 0.1)}
 REVERSE_COEFS = ("ddpm", "official")
 SAMPLERS = ("ddpm", "ddim")
@@ -67,7 +67,7 @@ class GaussianDiffusion(nn.Module):
         if reverse_coef == "ddpm":  # DDPM posterior mean and std (paper Eq. 5-6)
             coef_zs = np.sqrt(alphas) * (1.0 - prev) / one_minus
             sigma = np.sqrt(posterior_variance)
-        else:  # the official code: sqrt(ᾱ_s) for sqrt(α_s), β̃_s for its square root (spec §16.5)
+        else:  # the official code: sqrt(ᾱ_s) for sqrt(α_s), β̃_s for its square root (docs/T2DIFF.md §16.5)
             coef_zs = np.sqrt(alphas_cumprod) * (1.0 - prev) / one_minus
             sigma = posterior_variance
         tables = {

@@ -11,7 +11,7 @@ Large-Scale Matching", WWW 2025. The user tower (Fig. 2):
    attention of h_s over the older history gives h_l, and e_u = [h_l ; h_s].
 
 The item tower is e_i = LN(ELU(W·x_i)) and the score is e_u·e_i, so item vectors stay precomputable.
-Every knob is documented in ``properties/model/T2Diff.yaml``; the maths is in ``T2DIFF_SPEC.md``.
+Every knob is documented in ``properties/model/T2Diff.yaml``; the maths is in ``docs/T2DIFF.md``.
 """
 import logging
 import math
@@ -376,7 +376,7 @@ class T2Diff(SequentialRecommender):
         The schedule's noise is unit Gaussian, but d=64 tokens move by ~0.1 per coordinate, so raw
         drifts drown in noise from the first steps and the denoiser learns to predict ~0. Dividing
         drift and history by their scale (updated from the real rows of training batches ``z0``)
-        gives the signal-to-noise ratios the schedule was designed for (spec §6).
+        gives the signal-to-noise ratios the schedule was designed for (docs/T2DIFF.md §6).
         """
         if self.diffusion_scale == "none":
             return 1.0
@@ -398,7 +398,7 @@ class T2Diff(SequentialRecommender):
         return z0 / scale, condition / scale, scale
 
     def diffusion_training(self, history, mask, target, condition=None):
-        """The diffusion losses and the x̂ the tower trains with (spec §9).
+        """The diffusion losses and the x̂ the tower trains with (docs/T2DIFF.md §9).
 
         The denoiser learns from one-step estimates of the noised true drift: the row-wise regression
         of ẑ_0 (λ_diff) and, with ``xhat_loss: ce``, a softmax over the item table that asks x̂ to

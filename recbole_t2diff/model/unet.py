@@ -1,4 +1,4 @@
-"""The denoiser: a 1-D U-Net over the sequence axis that predicts the clean drift ẑ_0 (spec §7-8).
+"""The denoiser: a 1-D U-Net over the sequence axis that predicts the clean drift ẑ_0 (docs/T2DIFF.md §7-8).
 
 Input rows are ``[z_s ; X]`` (noised drift joined channel-wise with the history it is conditioned
 on) plus a step embedding; output rows are the estimated clean drift, one per sequence position.
@@ -33,7 +33,7 @@ class UNetGeometry:
 
 
 def unet_geometry(length, levels, padding="valid"):
-    """Closed forms of spec §8 that make the U-Net's output exactly ``padded_length`` long.
+    """Closed forms of docs/T2DIFF.md §8 that make the U-Net's output exactly ``padded_length`` long.
 
     ``valid``: each k=3 conv drops 2 rows, so the input is mirror-padded by 3·2^(n-1) - 2 per side and
     skip i is cropped by 3·2^(n-1-i) - 4; the lengths only work out when (L* - 2) is a multiple of
