@@ -108,11 +108,13 @@ def _extra_keys(config_files):
     return keys
 
 
-def make_objective(model, dataset, saved=True):
-    """The objective ``HyperTuning`` calls as ``objective(config_dict, config_file_list)``."""
+def make_objective(model, dataset, saved=True, on_trainer=None):
+    """The objective ``HyperTuning`` calls as ``objective(config_dict, config_file_list)``;
+    ``on_trainer`` as in :func:`~recbole_t2diff.quick_start.run` (Ray trials report every epoch)."""
 
     def objective(config_dict, config_file_list):
-        return run(model, dataset, config_file_list=config_file_list, config_dict=config_dict, saved=saved, verbose=False)
+        return run(model, dataset, config_file_list=config_file_list, config_dict=config_dict, saved=saved, verbose=False,
+                   on_trainer=on_trainer)
 
     return objective
 
@@ -154,9 +156,11 @@ class Search(HyperTuning):
         return outcome
 
     def best_trial(self):
-        """(params, result) of the trial with the best validation score (ties: the earliest)."""
+        """(params, result) of the trial with the best validation score (ties: the earliest) among those
+        that trained to the end: a trial a scheduler stopped (ray_search.py) was never tested."""
         sign = 1 if self.trials[0][1]["valid_score_bigger"] else -1
-        return max(self.trials, key=lambda trial: sign * trial[1]["best_valid_score"])
+        tested = [trial for trial in self.trials if "stopped_after_epoch" not in trial[1]]
+        return max(tested, key=lambda trial: sign * trial[1]["best_valid_score"])
 
     def export_result(self, output_file=None):
         best_params, best = self.best_trial()
@@ -170,7 +174,8 @@ class Search(HyperTuning):
                 f"trial {number}: {self.params2str(params)}",
                 f"  valid score: {result['best_valid_score']:.6f}",
                 f"  valid: {dict2str(result['best_valid_result'])}",
-                f"  test: {dict2str(result['test_result'])}",
+                f"  stopped by the scheduler after epoch {result['stopped_after_epoch']}: not tested"
+                if "stopped_after_epoch" in result else f"  test: {dict2str(result['test_result'])}",
                 "",
             ]
         lines += [

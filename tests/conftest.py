@@ -56,11 +56,12 @@ def write_tiny_dataset(folder, name="tiny", n_users=40, n_items=30, seed=0):
 
 
 def pytest_configure(config):
-    """hypothesis, faiss and matplotlib come with the test extra and every one is needed (property
-    tests, ANN retrieval, benchmark plots): name what is missing instead of failing mid-collection."""
-    missing = [name for name in ("hypothesis", "faiss", "matplotlib") if importlib.util.find_spec(name) is None]
+    """hypothesis, faiss and matplotlib come with the test extra, ray with the ray extra, and every one is
+    needed (property tests, ANN retrieval, benchmark plots, Ray Tune searches): name what is missing
+    instead of failing mid-collection."""
+    missing = [name for name in ("hypothesis", "faiss", "matplotlib", "ray") if importlib.util.find_spec(name) is None]
     if missing:
-        raise pytest.UsageError(f"the tests need {', '.join(missing)} from the test extra: pip install -e \".[test]\"")
+        raise pytest.UsageError(f"the tests need {', '.join(missing)} from the test and ray extras: the README's install with \".[test,ray]\"")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,343 @@
+"""Hyperparameter search on Ray Tune's ``Tuner`` API: the hyperopt search of :mod:`recbole_t2diff.hyper`
+run as Ray trials, one process each, on this machine or on an existing Ray cluster.
+
+The params file, its parser, the algorithms (exhaustive, random, bayes), the objective and the result
+file are :class:`~recbole_t2diff.hyper.Search`'s; Ray adds parallel trials, resources per trial,
+clusters and schedulers (ASHA, median stopping) that stop lagging trials after any epoch, fed the
+validation metric by RecBole's ``fit(callback_fn=...)``. Ray is an optional extra (``.[ray]``) and is
+imported only when a search runs (RecBole's own Ray path pins ray<=2.6.3 and uses calls today's Ray
+rejects).
+
+Nothing a trial loads is a pickle the user did not write: a trial gets its parameters as plain values,
+model checkpoints are this package's checksummed format (``checkpoint.py``), RecBole's pickle caches are
+refused by the Config, and no Ray experiment state (``tuner.pkl``, searcher state) is ever read back.
+"""
+import functools
+import inspect
+import ipaddress
+import math
+import os
+import socket
+import sys
+import time
+
+from recbole_t2diff.config import Config
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.hyper import Search, command_line_keys, make_objective
+
+INSTALL = 'python -m uv pip install --python "$(command -v python)" -e ".[ray]"'
+SCHEDULERS = ("none", "asha", "median")
+# Keys of a trial's report: the epoch (a scheduler's clock), the epoch's validation score (what a
+# scheduler compares) and the best so far (what the search algorithm sees when a trial ends).
+EPOCH, SCORE, BEST = "epoch", "valid_score", "best_valid_score"
+CPU = "cpu_s"  # the trial process's CPU time so far (what the scheduler saves is counted from it)
+
+
+def import_ray(loopback=True):
+    """``ray`` and ``ray.tune``, or a one-line error saying how to install them.
+
+    ``loopback``: Ray on this machine only. Ray reads these variables when it is first imported.
+    """
+    # No usage report leaves the machine.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if loopback:
+        # Ray turns 127.0.0.1 into the machine's outward address (it expects more nodes to join) unless
+        # it runs as a single-machine Ray (the switch's name says Windows or macOS, where that is the
+        # default): then its processes listen on 127.0.0.1 only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Tune's older console output, which verbose=0 silences: the search prints its own [ray] lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    try:
+        import ray
+        from ray import tune
+    except ImportError as err:
+        raise UsageError(f"--tool=ray needs Ray Tune, which is not installed ({err}): run {INSTALL} from this package's folder") from err
+    return ray, tune
+
+
+def _check_reachable(address):
+    """One TCP connection to the cluster's address first: ray.init waits minutes on one that does not answer."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address={address}: give the cluster's host:port, as `ray start --head` prints it (e.g. 127.0.0.1:6379), or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise UsageError(f"cannot reach a Ray cluster at --address={address} ({err.strerror or err}): start one with "
+                         "'ray start --head --node-ip-address=127.0.0.1' and pass the address it prints") from err
+
+
+def _loopback(address):
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _trial(params, *, model, dataset, config_files, cwd, argv, threads, gpu_ids_from_ray):
+    """One trial, in its own Ray worker process: train through hyper's objective, reporting every
+    validation to Tune, then report the tested result."""
+    ray, tune = import_ray(loopback=False)  # the worker's node is already set up
+    import torch
+
+    # A worker starts in Ray's trial folder with Ray's own command line: run where the search was
+    # started (relative data_path, log/ and saved/ as for hyperopt), with the search's --key=value.
+    os.chdir(cwd)
+    sys.argv = argv
+    torch.set_num_threads(threads)
+    fixed = {}
+    if gpu_ids_from_ray:
+        # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id: hand it the GPUs Ray gave this trial, or none.
+        fixed["gpu_id"] = ",".join(str(i) for i in ray.get_gpu_ids())
+    last = {}
+
+    def report_every_epoch(trainer):
+        if "callback_fn" not in inspect.signature(trainer.fit).parameters:
+            raise UsageError(f"{model}'s trainer ({type(trainer).__name__}) reports no per-epoch validation: search it with --tool=hyperopt")
+
+        def report(epoch_idx, valid_score):
+            last.update({EPOCH: epoch_idx + 1, SCORE: valid_score, BEST: trainer.best_valid_score, CPU: time.process_time()})
+            tune.report({**last, "best_valid_result": dict(trainer.best_valid_result or {})})
+
+        trainer.fit = functools.partial(trainer.fit, callback_fn=report)
+
+    result = make_objective(model, dataset, on_trainer=report_every_epoch)({**params, **fixed}, config_files)
+    # The last report repeats the last epoch, so a scheduler records nothing new: it carries the test.
+    tune.report({**last, BEST: result["best_valid_score"], CPU: time.process_time(), "result": {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items()}})
+
+
+class RaySearch(Search):
+    """:class:`~recbole_t2diff.hyper.Search` with its trials run by Ray Tune.
+
+    ``address``: an existing cluster (``host:port`` or ``auto``); ``None`` starts a local Ray instance
+    on 127.0.0.1 with ``num_cpus`` CPUs (default: all). ``cpus_per_trial``/``gpus_per_trial``: each
+    trial's share; ``max_concurrent``: at most that many at once (0: as the resources allow).
+    ``scheduler``: ``asha`` or ``median`` stops trials whose validation score lags after
+    ``grace_period`` epochs (ASHA: rungs ``reduction_factor`` apart up to ``max_t`` epochs, default the
+    ``epochs`` setting). ``storage_path``: Ray Tune's experiment folder (trial logs, state), default
+    ``ray_results`` in the current folder.
+    """
+
+    def __init__(self, model, dataset, params_file, config_files=None, algo="exhaustive", max_evals=10, early_stop=10,
+                 argv=None, address=None, num_cpus=None, cpus_per_trial=1.0, gpus_per_trial=0.0, max_concurrent=0,
+                 scheduler="none", grace_period=1, reduction_factor=4, max_t=None, storage_path="ray_results"):
+        self.loopback = address is None or _loopback(address)
+        import_ray(self.loopback)  # no ray: say how to install it before any other work
+        super().__init__(model, dataset, params_file, config_files, algo, max_evals, early_stop, argv)
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        if scheduler not in SCHEDULERS:
+            raise UsageError(f"unknown --scheduler={scheduler}: use one of {', '.join(SCHEDULERS)}")
+        for name, value, low in (("cpus_per_trial", cpus_per_trial, 0), ("gpus_per_trial", gpus_per_trial, 0),
+                                 ("max_concurrent", max_concurrent, 0), ("grace_period", grace_period, 1),
+                                 ("reduction_factor", reduction_factor, 2)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+                raise UsageError(f"--{name}={value}: it must be a number >= {low}")
+        if cpus_per_trial == 0 and gpus_per_trial == 0:
+            raise UsageError("--cpus_per_trial=0 with --gpus_per_trial=0 gives a trial no resources: give it at least one CPU or GPU")
+        if num_cpus is not None and not (isinstance(num_cpus, int) and num_cpus >= max(1, math.ceil(cpus_per_trial))):
+            raise UsageError(f"--num_cpus={num_cpus}: it must be a whole number >= --cpus_per_trial ({cpus_per_trial})")
+        if address is not None and num_cpus is not None:
+            raise UsageError("--num_cpus sizes a local Ray instance; with --address the cluster's own CPUs count: drop one of them")
+        if "gpu_id" in set(self.space) | command_line_keys(self.argv) | set(_file_keys(config_files)):
+            raise UsageError("gpu_id is Ray's to choose for each trial: drop it and give --gpus_per_trial instead")
+        self.address, self.num_cpus, self.early_stop = address, num_cpus, early_stop
+        self.cpus_per_trial, self.gpus_per_trial, self.max_concurrent = cpus_per_trial, gpus_per_trial, int(max_concurrent)
+        self.scheduler_name, self.grace_period, self.reduction_factor = scheduler, int(grace_period), reduction_factor
+        self.storage_path = os.path.abspath(storage_path)
+        # The fixed settings, checked here in one line rather than in every trial; they also give the
+        # metric's direction and the default scheduler horizon.
+        config = _fixed_config(model, dataset, config_files, self.argv)
+        self.bigger = config["valid_metric_bigger"]
+        self.valid_metric = config["valid_metric"]
+        self.max_t = int(max_t) if max_t is not None else int(config["epochs"])
+        if self.max_t < 1:
+            raise UsageError(f"--max_t={max_t}: it must be a whole number of epochs >= 1")
+        self.algo_name = f"{algo} on Ray Tune" + ("" if scheduler == "none" else f", {scheduler} scheduler")
+        self.stopped = []  # (trial number, params, epoch) of the trials the scheduler stopped
+
+    def run(self):
+        ray, tune = import_ray(self.loopback)
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        mode = "max" if self.bigger else "min"
+        searcher = HyperOptSearch(space=self.space, metric=BEST, mode=mode)
+        searcher.algo = self.algo  # hyperopt's own exhaustive/random/TPE step, as in the hyperopt path
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _trial, model=self.model_name, dataset=self.dataset, config_files=self.fixed_config_file_list,
+                cwd=os.getcwd(), argv=[os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "ray-trial", *self.argv],
+                threads=max(1, math.floor(self.cpus_per_trial)), gpu_ids_from_ray=True,
+            ),
+            {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial},
+        )
+        progress = _progress_callback(tune, self)
+        self._init_ray(ray)
+        try:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=self._scheduler(mode), num_samples=int(self.max_evals),
+                    max_concurrent_trials=self.max_concurrent or self._fitting_trials(ray),
+                ),
+                run_config=tune.RunConfig(
+                    name=f"{self.model_name}-{self.dataset}", storage_path=self.storage_path, verbose=0,
+                    stop=progress.stopper(), callbacks=[progress],
+                ),
+            )
+            print(f"[ray] Ray Tune writes its trial folders under {self.storage_path}; model checkpoints go to "
+                  f"saved/ and logs to log/ under {os.getcwd()}, as with hyperopt", flush=True)
+            tuner.fit()
+        finally:
+            ray.shutdown()  # with --address: this process leaves the cluster, which keeps running
+        if progress.errors:
+            number, params, error = progress.errors[0]
+            raise UsageError(f"trial {number} ({self.params2str(params)}) failed{f' (and {len(progress.errors) - 1} more)' if len(progress.errors) > 1 else ''}: {error}")
+        self.trials = [(params, result) for _, params, result in sorted(progress.finished, key=lambda t: t[0])]
+        self.stopped = progress.stopped
+        stopped = ", ".join(f"trial {number} after epoch {epoch}" for number, _, epoch in self.stopped)
+        print(f"[ray] {len(self.trials)} trials, {progress.cpu_s:.0f} CPU-s in trial processes; "
+              + (f"the {self.scheduler_name} scheduler stopped {len(self.stopped)}: {stopped}" if self.stopped else "none stopped early"), flush=True)
+        if not any("stopped_after_epoch" not in result for _, result in self.trials):
+            raise UsageError("every trial was stopped early, so none was tested: raise --grace_period or --max_t")
+
+    def _fitting_trials(self, ray):
+        """As many trials at once as the cluster's CPUs and GPUs hold (Tune on its own starts one trial
+        at a time on a cluster it connects to)."""
+        resources = ray.cluster_resources()
+        counts = [resources.get(kind, 0) // share for kind, share in (("CPU", self.cpus_per_trial), ("GPU", self.gpus_per_trial)) if share]
+        return max(1, int(min(counts)))
+
+    def _scheduler(self, mode):
+        from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+        if self.scheduler_name == "asha":
+            return ASHAScheduler(time_attr=EPOCH, metric=SCORE, mode=mode, max_t=self.max_t,
+                                 grace_period=self.grace_period, reduction_factor=self.reduction_factor,
+                                 stop_last_trials=False)  # a trial at max_t ends by itself, after its test
+        if self.scheduler_name == "median":
+            return MedianStoppingRule(time_attr=EPOCH, metric=SCORE, mode=mode, grace_period=self.grace_period)
+        return None
+
+    def _init_ray(self, ray):
+        settings = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
+        if self.address is None:
+            # A private instance, on 127.0.0.1 (import_ray); its session files go to Ray's temp folder (/tmp/ray).
+            # "local": never attach to a cluster some other `ray start` left running on this machine.
+            settings.update(address="local", num_cpus=self.num_cpus)
+        else:
+            if self.address != "auto":  # Ray's own search for a cluster started on this machine
+                _check_reachable(self.address)
+            settings["address"] = self.address
+        try:
+            ray.init(**settings)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+            if self.address is None:
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"cannot reach a Ray cluster at --address={self.address} ({reason}): start one with "
+                             "'ray start --head --node-ip-address=127.0.0.1' and pass the address it prints") from err
+        if self.address is not None and ray.cluster_resources().get("CPU", 0) < self.cpus_per_trial:
+            ray.shutdown()
+            raise UsageError(f"the Ray cluster at {self.address} has fewer CPUs than --cpus_per_trial={self.cpus_per_trial}: lower it")
+
+
+def _file_keys(config_files):
+    import yaml
+
+    keys = []
+    for file in config_files or []:
+        try:
+            with open(file, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue  # reported in one line by _fixed_config's Config
+        keys += list(loaded) if isinstance(loaded, dict) else []
+    return keys
+
+
+def _fixed_config(model, dataset, config_files, argv):
+    """The fixed settings' Config, built as a trial builds it (same files, same command line)."""
+    saved_argv, saved_devices = sys.argv, os.environ.get("CUDA_VISIBLE_DEVICES")
+    sys.argv = [sys.argv[0] if sys.argv else "run_hyper.py", *argv]
+    try:
+        return Config(model=model, dataset=dataset, config_file_list=config_files)
+    finally:
+        # RecBole's Config sets CUDA_VISIBLE_DEVICES from gpu_id: Ray must still see every GPU.
+        sys.argv = saved_argv
+        if saved_devices is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved_devices
+
+
+def _progress_callback(tune, search):
+    """A Tune callback that numbers trials as they start, prints one line per finished or stopped
+    trial, keeps their results, and stops the search after ``early_stop`` trials without improvement."""
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.numbers, self.finished, self.stopped, self.errors = {}, [], [], []
+            self.best, self.since_best, self.cpu_s = None, 0, 0.0
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.numbers[trial.trial_id] = number = len(self.numbers) + 1
+            print(f"[ray] trial {number} of at most {search.max_evals} started: {search.params2str(trial.config)}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            number, params, last = self.numbers[trial.trial_id], dict(trial.config), trial.last_result or {}
+            if "result" in last:
+                result = last["result"]
+                outcome = f"valid score {result['best_valid_score']:.4f} after {last.get(EPOCH, 0)} epochs, {last.get(CPU, 0):.0f} CPU-s"
+            else:
+                epoch = last.get(EPOCH, 0)
+                result = {"best_valid_score": last.get(BEST), "valid_score_bigger": search.bigger,
+                          "best_valid_result": last.get("best_valid_result", {}), "test_result": None,
+                          "stopped_after_epoch": epoch}
+                self.stopped.append((number, params, epoch))
+                outcome = (f"stopped by {search.scheduler_name} after epoch {epoch}, valid score {last.get(SCORE, float('nan')):.4f} "
+                           f"(best {result['best_valid_score']:.4f}), {last.get(CPU, 0):.0f} CPU-s")
+            self.finished.append((number, params, result))
+            self.cpu_s += last.get(CPU, 0)
+            score = result["best_valid_score"]
+            sign = 1 if search.bigger else -1
+            if self.best is None or sign * score > sign * self.best[1]:
+                self.best, self.since_best = (number, score, params), 0
+            else:
+                self.since_best += 1
+            print(f"[ray] trial {number} {outcome}; best so far {self.best[1]:.4f} (trial {self.best[0]}: {search.params2str(self.best[2])})", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            number = self.numbers.get(trial.trial_id, len(self.numbers) + 1)
+            self.errors.append((number, dict(trial.config), _last_error_line(trial.error_file)))
+            print(f"[ray] trial {number} failed: {self.errors[-1][2]}", flush=True)
+
+        def stopper(self):
+            callback = self
+
+            class NoProgress(tune.Stopper):
+                """Stop the search after ``early_stop`` finished trials without a better score, as hyperopt's
+                ``no_progress_loss`` does in the hyperopt path; a failed trial stops it at once."""
+
+                def __call__(self, trial_id, result):
+                    return False
+
+                def stop_all(self):
+                    return callback.since_best >= search.early_stop or bool(callback.errors)
+
+            return NoProgress()
+
+    return Progress()
+
+
+def _last_error_line(error_file):
+    """The exception line of a failed trial's traceback (Ray writes it as text in error.txt)."""
+    try:
+        with open(error_file, encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, TypeError):
+        return f"see the trial's error.txt ({error_file})"
+    cause = next((line for line in reversed(lines) if "Error" in line.split(":", 1)[0]), lines[-1] if lines else "")
+    return f"{cause} (traceback in {error_file})"
