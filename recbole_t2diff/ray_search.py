@@ -151,7 +151,7 @@ class RaySearch(Search):
         # metric's direction and the default scheduler horizon.
         config = _fixed_config(model, dataset, config_files, self.argv)
         self.bigger = config["valid_metric_bigger"]
-        self.valid_metric = config["valid_metric"]
+        self.seed = config["seed"]
         self.max_t = int(max_t) if max_t is not None else int(config["epochs"])
         if self.max_t < 1:
             raise UsageError(f"--max_t={max_t}: it must be a whole number of epochs >= 1")
@@ -163,7 +163,8 @@ class RaySearch(Search):
         from ray.tune.search.hyperopt import HyperOptSearch
 
         mode = "max" if self.bigger else "min"
-        searcher = HyperOptSearch(space=self.space, metric=BEST, mode=mode)
+        # Seeded with the settings' seed: the same params file draws the same trials in the same order.
+        searcher = HyperOptSearch(space=self.space, metric=BEST, mode=mode, random_state_seed=self.seed)
         searcher.algo = self.algo  # hyperopt's own exhaustive/random/TPE step, as in the hyperopt path
         trainable = tune.with_resources(
             tune.with_parameters(

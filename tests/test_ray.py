@@ -55,10 +55,16 @@ def test_two_trials_run_in_parallel_on_a_local_ray_cluster(space):
     head = subprocess.Popen([*RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
                             env=env, cwd=space, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    common = ["--tool=ray", f"--address=127.0.0.1:{port}", "--model=GRU4Rec", "--dataset=tiny", "--config_files=fixed.yaml",
+              "--cpus_per_trial=1"]
+    (space / "rates.hyper").write_text("learning_rate choice [0.01,0.000001]\n")
     try:
-        result = run_hyper(["--tool=ray", f"--address=127.0.0.1:{port}", "--model=GRU4Rec", "--dataset=tiny",
-                            "--params_file=space.hyper", "--config_files=fixed.yaml", "--output_file=out.result",
-                            "--cpus_per_trial=1", "--storage_path=tune"], space, env={"HOME": str(home)})
+        result = run_hyper([*common, "--params_file=space.hyper", "--output_file=out.result", "--storage_path=tune"],
+                           space, env={"HOME": str(home)})
+        # One at a time, so ASHA's one rung (epoch 1) is deterministic: the second trial is stopped when
+        # its epoch-1 score is below the first's, as a learning rate of 1e-6 leaves it.
+        asha = run_hyper([*common, "--params_file=rates.hyper", "--output_file=asha.result", "--max_concurrent=1",
+                          "--scheduler=asha", "--grace_period=1", "--reduction_factor=2", "--checkpoint_dir=saved_asha"], space, env={"HOME": str(home)})
     finally:
         head.terminate()
         head.wait(timeout=120)
@@ -77,6 +83,16 @@ def test_two_trials_run_in_parallel_on_a_local_ray_cluster(space):
     # nothing in Ray's default ~/ray_results.
     assert (space / "tune" / "GRU4Rec-tiny").is_dir() and not (home / "ray_results").exists()
     assert len(list((space / "saved").glob("GRU4Rec-*"))) == 2
+
+    assert asha.returncode == 0, asha.stdout[-3000:] + asha.stderr[-3000:]
+    # The searcher is seeded with the settings' seed (2020): 0.01 runs first, 1e-6 second.
+    assert re.findall(r"^\[ray\] trial \d of at most 2 started: learning_rate:(\S+)$", asha.stdout, re.M) == ["0.01", "1e-06"]
+    assert re.search(r"^\[ray\] trial 2 stopped by asha after epoch 1, ", asha.stdout, re.M), asha.stdout
+    assert "the asha scheduler stopped 1: trial 2 after epoch 1" in asha.stdout
+    text = (space / "asha.result").read_text()
+    assert text.startswith("# GRU4Rec on tiny: 2 trials, algo exhaustive on Ray Tune, asha scheduler,")
+    assert re.search(r"^trial 2: learning_rate:1e-06\n.*\n.*\n  stopped by the scheduler after epoch 1: not tested$", text, re.M), text
+    assert re.search(r"^best trial 1: learning_rate:0.01$", text, re.M)
 
 
 @pytest.mark.spawns
