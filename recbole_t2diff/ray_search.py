@@ -77,7 +77,7 @@ def _loopback(address):
         return False
 
 
-def _trial(params, *, model, dataset, config_files, cwd, argv, threads, gpu_ids_from_ray):
+def _trial(params, *, model, dataset, config_files, cwd, argv, threads):
     """One trial, in its own Ray worker process: train through hyper's objective, reporting every
     validation to Tune, then report the tested result."""
     ray, tune = import_ray(loopback=False)  # the worker's node is already set up
@@ -88,10 +88,8 @@ def _trial(params, *, model, dataset, config_files, cwd, argv, threads, gpu_ids_
     os.chdir(cwd)
     sys.argv = argv
     torch.set_num_threads(threads)
-    fixed = {}
-    if gpu_ids_from_ray:
-        # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id: hand it the GPUs Ray gave this trial, or none.
-        fixed["gpu_id"] = ",".join(str(i) for i in ray.get_gpu_ids())
+    # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id: hand it the GPUs Ray gave this trial, or none.
+    fixed = {"gpu_id": ",".join(str(i) for i in ray.get_gpu_ids())}
     last = {}
 
     def report_every_epoch(trainer):
@@ -170,7 +168,7 @@ class RaySearch(Search):
             tune.with_parameters(
                 _trial, model=self.model_name, dataset=self.dataset, config_files=self.fixed_config_file_list,
                 cwd=os.getcwd(), argv=[os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "ray-trial", *self.argv],
-                threads=max(1, math.floor(self.cpus_per_trial)), gpu_ids_from_ray=True,
+                threads=max(1, math.floor(self.cpus_per_trial)),
             ),
             {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial},
         )
@@ -282,6 +280,7 @@ def _progress_callback(tune, search):
         def __init__(self):
             self.numbers, self.finished, self.stopped, self.errors = {}, [], [], []
             self.best, self.since_best, self.cpu_s = None, 0, 0.0
+            self.ending = None  # why the search stopped early, once it has
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.numbers[trial.trial_id] = number = len(self.numbers) + 1
@@ -289,6 +288,10 @@ def _progress_callback(tune, search):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             number, params, last = self.numbers[trial.trial_id], dict(trial.config), trial.last_result or {}
+            if "result" not in last and self.ending:
+                # Cut short by the end of the search, not judged by the scheduler: it is no trial of the result.
+                print(f"[ray] trial {number} cut short after epoch {last.get(EPOCH, 0)}: {self.ending}", flush=True)
+                return
             if "result" in last:
                 result = last["result"]
                 outcome = f"valid score {result['best_valid_score']:.4f} after {last.get(EPOCH, 0)} epochs, {last.get(CPU, 0):.0f} CPU-s"
@@ -304,11 +307,13 @@ def _progress_callback(tune, search):
             self.cpu_s += last.get(CPU, 0)
             score = result["best_valid_score"]
             sign = 1 if search.bigger else -1
-            if self.best is None or sign * score > sign * self.best[1]:
+            # The best is chosen among tested trials (Search.best_trial): a stopped one never improves it.
+            if "result" in last and (self.best is None or sign * score > sign * self.best[1]):
                 self.best, self.since_best = (number, score, params), 0
             else:
                 self.since_best += 1
-            print(f"[ray] trial {number} {outcome}; best so far {self.best[1]:.4f} (trial {self.best[0]}: {search.params2str(self.best[2])})", flush=True)
+            best = f"best so far {self.best[1]:.4f} (trial {self.best[0]}: {search.params2str(self.best[2])})" if self.best else "none tested yet"
+            print(f"[ray] trial {number} {outcome}; {best}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             number = self.numbers.get(trial.trial_id, len(self.numbers) + 1)
@@ -326,7 +331,11 @@ def _progress_callback(tune, search):
                     return False
 
                 def stop_all(self):
-                    return callback.since_best >= search.early_stop or bool(callback.errors)
+                    if callback.errors:
+                        callback.ending = "the search stopped at a failed trial"
+                    elif callback.since_best >= search.early_stop:
+                        callback.ending = f"the search stopped after {search.early_stop} trials without improvement (--early_stop)"
+                    return callback.ending is not None
 
             return NoProgress()
 

@@ -179,3 +179,40 @@ def test_a_failed_trial_is_named_by_its_exception_line(tmp_path):
     assert _last_error_line(str(error)) == (
         f"recbole_t2diff.errors.UsageError: invalid setting epochs=0: it must be a whole number >= 1 (traceback in {error})")
     assert "see the trial's error.txt" in _last_error_line(str(tmp_path / "missing.txt"))
+
+
+def test_progress_keeps_tested_stopped_and_cut_trials_apart(space, capsys):
+    """The Tune callback's bookkeeping, fed trials as Tune hands them over: a tested trial, one the
+    scheduler stopped (better so far, yet never the best: untested), and one cut short when
+    --early_stop ends the search (not a trial of the result)."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from recbole_t2diff.ray_search import _progress_callback
+
+    search = RaySearch("GRU4Rec", "tiny", str(space / "space.hyper"), [str(space / "fixed.yaml")], argv=[], early_stop=1,
+                       scheduler="asha")
+    progress = _progress_callback(tune, search)
+    stopper = progress.stopper()
+    tested = {"best_valid_score": 0.3, "valid_score_bigger": True, "best_valid_result": {}, "test_result": {}}
+    trials = [
+        SimpleNamespace(trial_id="a", config={"hidden_size": 8}, last_result={"epoch": 2, "cpu_s": 5.0, "result": tested}),
+        SimpleNamespace(trial_id="b", config={"hidden_size": 16},
+                        last_result={"epoch": 1, "valid_score": 0.4, "best_valid_score": 0.4, "cpu_s": 2.0, "best_valid_result": {"ndcg@10": 0.4}}),
+        SimpleNamespace(trial_id="c", config={"hidden_size": 32}, last_result={"epoch": 1, "valid_score": 0.1, "cpu_s": 1.0}),
+    ]
+    for trial in trials:
+        progress.on_trial_start(0, trials, trial)
+    progress.on_trial_complete(0, trials, trials[0])
+    assert not stopper.stop_all()
+    progress.on_trial_complete(0, trials, trials[1])
+    assert stopper.stop_all()  # one trial (the stopped one) without improvement: --early_stop=1
+    progress.on_trial_complete(0, trials, trials[2])
+    assert [(number, params, result["best_valid_score"]) for number, params, result in progress.finished] == [
+        (1, {"hidden_size": 8}, 0.3), (2, {"hidden_size": 16}, 0.4)]
+    assert progress.finished[1][2]["stopped_after_epoch"] == 1 and progress.stopped == [(2, {"hidden_size": 16}, 1)]
+    assert progress.cpu_s == 7.0
+    out = capsys.readouterr().out
+    assert "[ray] trial 2 stopped by asha after epoch 1, valid score 0.4000 (best 0.4000), 2 CPU-s; best so far 0.3000 (trial 1: hidden_size:8)" in out
+    assert "[ray] trial 3 cut short after epoch 1: the search stopped after 1 trials without improvement (--early_stop)" in out
