@@ -236,8 +236,6 @@ class SparCode(SequentialRecommender):
 
         self.initializer_range = float(config["initializer_range"])
         self.apply(self._init_weights)
-        if config["uniform_dropout"]:
-            self._use_uniform_dropout()
         if self.interaction == "mlp":
             # The first layer W_1[q̃ ; v] + b_1, split into its query and item halves (spec §6).
             hidden = [int(w) for w in config["mlp_hidden"]]
@@ -249,8 +247,8 @@ class SparCode(SequentialRecommender):
                 tail += [nn.Linear(width_in, width_out), nn.ReLU(), nn.Dropout(dropout)]
             self.mlp_tail = nn.Sequential(*tail, nn.Linear(hidden[-1], 1))
             self._init_interaction()
-            if config["uniform_dropout"]:
-                self._use_uniform_dropout()
+        if config["uniform_dropout"]:
+            self._use_uniform_dropout()
 
     def _use_uniform_dropout(self):
         """Every ``nn.Dropout`` (RecBole's Transformer layers included) becomes a :class:`UniformDropout` of the same p."""
