@@ -316,6 +316,12 @@ def _read_meta(path):
         index_settings(**{name: meta[name] for name in ("keys", "miss", "threshold", "max_postings", "dtype")})
     except UsageError as err:
         refuse(str(err))
+    bad = [name for name in ("n_codebooks", "codebook_size", "n_query_tokens", "n_items")
+           if not isinstance(meta[name], int) or isinstance(meta[name], bool) or meta[name] < 1]
+    if bad:
+        refuse(f"{', '.join(bad)} not a positive integer")
+    if not _is_number(meta["score_bias"]) or not isinstance(meta["fingerprint"], str):
+        refuse("score_bias not a number or fingerprint not a string")
     return meta
 
 
@@ -323,8 +329,10 @@ def _check_arrays(path, meta, arrays, keys):
     """The CSR arrays agree with each other and with meta.json, so scoring cannot index out of range."""
     indptr, indices, values = arrays["indptr"], arrays["indices"], arrays["values"]
     expected = {"indptr": np.int64, "indices": np.int32, "values": DTYPES[meta["dtype"]], "keys": np.int64}
-    faults = [f"{name} is {array.dtype}[{array.ndim}-d], not 1-d {np.dtype(expected[name])}"
-              for name, array in (*arrays.items(), ("keys", keys)) if array is not None and (array.dtype != expected[name] or array.ndim != 1)]
+    faults = [f"{name} is no array" for name, array in (*arrays.items(), ("keys", keys))
+              if array is not None and not isinstance(array, np.ndarray)]  # np.load hands back a member without the .npy header as bytes
+    faults = faults or [f"{name} is {array.dtype}[{array.ndim}-d], not 1-d {np.dtype(expected[name])}"
+                        for name, array in (*arrays.items(), ("keys", keys)) if array is not None and (array.dtype != expected[name] or array.ndim != 1)]
     if not faults:
         n_rows = len(keys) if keys is not None else int(meta["codebook_size"]) ** int(meta["n_codebooks"])
         if len(indptr) != n_rows + 1:

@@ -1,10 +1,12 @@
 """SparCode (spec §15): layout, split-layer algebra, quantizer maths, losses, the sparse index, the runner."""
 import contextlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -1011,6 +1013,20 @@ def damage(folder, what):
         json.dump({k: v for k, v in meta.items() if k != "n_items"}, open(meta_path, "w"))
     elif what == "meta with a bad setting":
         json.dump({**meta, "dtype": "int8"}, open(meta_path, "w"))
+    elif what == "meta with a count of items as text":
+        json.dump({**meta, "n_items": "31"}, open(meta_path, "w"))
+    elif what == "meta with a fingerprint as a number":
+        json.dump({**meta, "fingerprint": 7}, open(meta_path, "w"))
+    elif what == "garbage array":
+        with zipfile.ZipFile(npz_path, "w") as archive:
+            for name in ("indptr", "indices", "values", "keys"):
+                archive.writestr(f"{name}.npy", b"not an array")
+    elif what == "array cut short":
+        with zipfile.ZipFile(npz_path, "w") as archive:
+            for name, array in arrays.items():
+                stored = io.BytesIO()
+                np.save(stored, array)
+                archive.writestr(f"{name}.npy", stored.getvalue()[:-8] if name == "values" else stored.getvalue())
     elif what == "meta of another format":
         json.dump({**meta, "format": 99}, open(meta_path, "w"))
     elif what == "no index.npz":
@@ -1047,6 +1063,10 @@ def damage(folder, what):
     ("meta a list", "(a JSON list, not an object)"),
     ("meta without a field", "(no n_items)"),
     ("meta with a bad setting", "dtype='int8'"),
+    ("meta with a count of items as text", "(n_items not a positive integer)"),
+    ("meta with a fingerprint as a number", "fingerprint not a string"),
+    ("garbage array", "indptr is no array"),
+    ("array cut short", "cannot be read (EOF: reading array data"),
     ("meta of another format", "has format 99"),
     ("no index.npz", "has meta.json but no index.npz"),
     ("truncated", "it is truncated or damaged"),
