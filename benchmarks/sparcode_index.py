@@ -1,4 +1,4 @@
-"""SparCode: exact scoring against its sparse inverted index on one trained model (spec §12).
+"""SparCode: exact scoring against its sparse inverted index on one trained model (docs/SPARCODE.md §12).
 
     python benchmarks/sparcode_index.py --dataset=ml-100k [--checkpoint=saved/SparCode-....pth] \
         [--seed=2020] [--index_keys=used] [--out=results/sparcode] [--key=value ...]

@@ -3,7 +3,7 @@
 A quantized query token is named by a key (its code tuple). For every key x, the index stores the
 posting list r_x(i) = ReLU(s(c(x), i) + b) of items i = 1..I with r > ``threshold`` (at most the
 best ``max_postings`` of them). Serving tokenizes the history into K_u keys and adds their posting
-lists; the interaction network never runs at query time (spec §10-11). With threshold 0, no cap
+lists; the interaction network never runs at query time (docs/SPARCODE.md §10-11). With threshold 0, no cap
 and no missed keys, index scores equal exact scores up to summation order.
 
 Storage is CSR over rows = keys: ``indptr`` int64 [U+1], ``indices`` int32 [nnz] (item id − 1),
@@ -176,7 +176,7 @@ class SparseIndex:
         return sum(a.nbytes for a in (self.indptr, self.indices, self.values) + ((self.keys,) if self.keys is not None else ()))
 
     def predicted_bytes(self):
-        """Spec §10's formula: nnz·(4 + b_s) + 8(U + 1) (+ 8U with used keys)."""
+        """The formula of docs/SPARCODE.md §10: nnz·(4 + b_s) + 8(U + 1) (+ 8U with used keys)."""
         value_bytes = np.dtype(DTYPES[self.meta["dtype"]]).itemsize
         return self.nnz * (4 + value_bytes) + 8 * (self.n_rows + 1) + (8 * self.n_rows if self.keys is not None else 0)
 

@@ -54,7 +54,7 @@ def test_export_applies_its_overrides(trained, tmp_path):
     assert (recall, ndcg) == (pytest.approx(metrics["recall@10"], abs=1e-4), pytest.approx(metrics["ndcg@10"], abs=1e-4))
 
 
-# SparCode's two-tower reduction on the tiny data (spec §11): quantized tokens, dot interaction, no ReLU.
+# SparCode's two-tower reduction on the tiny data (docs/SPARCODE.md §11): quantized tokens, dot interaction, no ReLU.
 # A non-zero bias: the constant K_u·b it adds to every score must change no ranking the export serves.
 SPARCODE_DOT = {"token_size": 8, "n_layers": 1, "inner_size": 16, "n_query_tokens": 2, "codebook_size": 8,
                 "softmax_negatives": 10, "interaction": "dot", "score_relu": False, "score_bias": -0.5}

@@ -1,4 +1,4 @@
-"""SparCode (spec §15): layout, split-layer algebra, quantizer maths, losses, the sparse index, the runner."""
+"""SparCode (docs/SPARCODE.md §15): layout, split-layer algebra, quantizer maths, losses, the sparse index, the runner."""
 import contextlib
 import io
 import json
@@ -25,7 +25,7 @@ from recbole_t2diff.sparse_index import SparseIndex, top_items
 
 from conftest import REPO, TINY_MODEL, RunsCommand, first_batch, make_model, scratch_run, tiny_config
 
-# The spec's tiny preset: d = d_t = 8, one layer, MLP [16, 16], K_u = 2, N = 8 (64 keys), L = 12.
+# The tiny preset of docs/SPARCODE.md §15: d = d_t = 8, one layer, MLP [16, 16], K_u = 2, N = 8 (64 keys), L = 12.
 TINY_SPARCODE = {
     "token_size": 8, "n_layers": 1, "inner_size": 16, "dnn_hidden": [16], "mlp_hidden": [16, 16],
     "n_query_tokens": 2, "codebook_size": 8, "softmax_negatives": 10,

@@ -1,4 +1,4 @@
-"""SparCode's product quantizer: M codebooks of N codewords, shared by every query token (spec §5).
+"""SparCode's product quantizer: M codebooks of N codewords, shared by every query token (docs/SPARCODE.md §5).
 
 A token z_e [d_t] is split into M sub-vectors; each takes its nearest codeword (L2, ties to the
 lowest index) and the code tuple x = (x_1..x_M) names the token's codeword, with the integer key
@@ -14,7 +14,7 @@ Why not vector-quantize-pytorch: its ``VectorQuantize`` updates the EMA whenever
 training mode, while here the update belongs to ``calculate_loss`` only (a ``predict`` call in
 training mode must not move a codeword); its dead-code threshold is an absolute count, and a
 restarted code gets that count rather than the mean count; and the index needs the raw codes, the
-key arithmetic and the codewords as plain buffers (spec §10). What is left is ~100 lines.
+key arithmetic and the codewords as plain buffers (docs/SPARCODE.md §10). What is left is ~100 lines.
 """
 import math
 
@@ -135,7 +135,7 @@ class ProductQuantizer(nn.Module):
 
 
 class CodeTally:
-    """Code usage over many batches (spec §5 diagnostics): per-codebook assignment counts, distinct
+    """Code usage over many batches (docs/SPARCODE.md §5 diagnostics): per-codebook assignment counts, distinct
     keys and the relative quantization error Σ‖z_e − z_q‖² / Σ‖z_e‖². Plain tensors, never saved."""
 
     def __init__(self, quantizer):

@@ -15,7 +15,7 @@ Recommendation", SIGIR 2023. Read top to bottom as the authors' overview figure:
 Because the codes are finite, φ(s(code, item) + b) can be precomputed for every code and stored,
 positive entries only, in a code-keyed sparse inverted index (``recbole_t2diff.sparse_index``):
 serving then runs the tokenizer and adds K_u posting lists. Every knob is documented in
-``properties/model/SparCode.yaml``; the maths is in ``SPARCODE_SPEC.md``.
+``properties/model/SparCode.yaml``; the maths is in ``docs/SPARCODE.md``.
 """
 import contextlib
 import logging
@@ -101,7 +101,7 @@ def describe_codes(stats, quantizer):
 
 
 class SparCode(SequentialRecommender):
-    """SparCode as a RecBole sequential model (spec §1-§9)."""
+    """SparCode as a RecBole sequential model (docs/SPARCODE.md §1-§9)."""
 
     @classmethod
     def check_config(cls, config):
@@ -237,7 +237,7 @@ class SparCode(SequentialRecommender):
         self.initializer_range = float(config["initializer_range"])
         self.apply(self._init_weights)
         if self.interaction == "mlp":
-            # The first layer W_1[q̃ ; v] + b_1, split into its query and item halves (spec §6).
+            # The first layer W_1[q̃ ; v] + b_1, split into its query and item halves (docs/SPARCODE.md §6).
             hidden = [int(w) for w in config["mlp_hidden"]]
             self.query_layer = nn.Linear(d_t, hidden[0], bias=False)
             self.item_layer = nn.Linear(self.n_item_tokens * d_t, hidden[0])
@@ -267,7 +267,7 @@ class SparCode(SequentialRecommender):
             module.bias.data.zero_()
 
     def _init_interaction(self):
-        """Kaiming-normal weights and zero biases, so token scores start O(1) (spec §6). The two
+        """Kaiming-normal weights and zero biases, so token scores start O(1) (docs/SPARCODE.md §6). The two
         halves of the first layer share the fan-in of the concatenated layer they stand for."""
         fan_in = self.query_layer.in_features + self.item_layer.in_features
         for layer in (self.query_layer, self.item_layer):
@@ -394,7 +394,7 @@ class SparCode(SequentialRecommender):
 
     def posting_rows(self, keys, item_side=None):
         """ReLU(s(c(key), i) + b) [len(keys), I] for code keys against ``item_side`` (default: every item
-        id, padding included): the rows the sparse index stores, ReLU'd whatever ``score_relu`` (spec §10)."""
+        id, padding included): the rows the sparse index stores, ReLU'd whatever ``score_relu`` (docs/SPARCODE.md §10)."""
         item_side = self.item_side() if item_side is None else item_side
         return self.row_scores(self.query_side(self.quantizer.lookup(self.quantizer.codes(keys))), item_side, relu=True)
 
@@ -472,7 +472,7 @@ class SparCode(SequentialRecommender):
 
     @torch.no_grad()
     def _count_dead_positives(self, positive_values):
-        """A positive whose every token value is ≤ 0 after φ gets no gradient through the ReLU (spec §7)."""
+        """A positive whose every token value is ≤ 0 after φ gets no gradient through the ReLU (docs/SPARCODE.md §7)."""
         if self.score_relu:
             dead = (positive_values <= 0).all(-1)
             self.dead_positives += torch.tensor([int(dead.sum()), dead.numel()])
@@ -492,7 +492,7 @@ class SparCode(SequentialRecommender):
 
     @torch.no_grad()
     def code_stats(self, loader):
-        """Codebook diagnostics (spec §5, §12) over the histories of ``loader`` (training or evaluation), in
+        """Codebook diagnostics (docs/SPARCODE.md §5, §12) over the histories of ``loader`` (training or evaluation), in
         eval mode: per codebook the share of its N codes used and the perplexity of their use, distinct
         keys, the relative quantization error Σ‖z_e − z_q‖² / Σ‖z_e‖², and the restarts so far."""
         if self.quantizer is None:
@@ -520,7 +520,7 @@ class SparCode(SequentialRecommender):
     def forward(self, interaction):
         return self.query_values(interaction)
 
-    # ---- the two-tower reduction (spec §11, §14) ------------------------------------------------
+    # ---- the two-tower reduction (docs/SPARCODE.md §11, §14) ------------------------------------------------
 
     def check_two_tower(self):
         """Refuse, in one line, a model whose scores are not one user vector · one item vector."""
