@@ -13,7 +13,8 @@ the run is tested at its best-validation epoch as usual. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
 T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log, the control T2Diff-copyLast
 (x̂ := x_L) and T2Diff-positions (order in the user tower); an ablation takes settings in brackets too,
-e.g. "T2Diff-copyLast[position_embedding=learned]". For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch
+e.g. "T2Diff-copyLast[position_embedding=learned]". A preset's name (T2Diff-fast, T2Diff-paper: the file
+properties/presets/<name>.yaml) is a configuration users run: it is searched like a model. For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch
 (benchmarks/xhat_diagnosis.py: relative error against the true next item, nearest-item hit@1/@10).
 
 --search gives every model the same hyperparameter search: each point of the grid (keys separated by
@@ -86,15 +87,30 @@ def parse_value(text):
 def parse_variant(variant):
     """(model name, settings) for "SASRec", "T2Diff-noDP", "T2Diff[lambda_diff=0.1,n_steps=20]" or "T2Diff-noDP[n_steps=20]"."""
     match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", variant)
-    if not match or ("-" in match.group(1) and match.group(1) not in ABLATIONS):
-        raise SystemExit(f"error: cannot read model '{variant}': write NAME, NAME[key=value,...] or one of {', '.join(ABLATIONS)}")
+    if not match or ("-" in match.group(1) and match.group(1) not in ABLATIONS and preset_settings(match.group(1)) is None):
+        raise SystemExit(f"error: cannot read model '{variant}': write NAME, NAME[key=value,...], one of {', '.join(ABLATIONS)} "
+                         "or a preset's name (properties/presets/<Model>-<name>.yaml)")
     name, settings = match.group(1), {}
     if name in ABLATIONS:
         name, settings = "T2Diff", dict(ABLATIONS[name])
+    elif "-" in name:  # a preset: a configuration users run, searched like a model
+        name, settings = name.partition("-")[0], preset_settings(name)
     for pair in filter(None, (match.group(2) or "").split(",")):
         key, _, value = pair.partition("=")
         settings[key.strip()] = parse_value(value)
     return name, settings
+
+
+@functools.lru_cache(maxsize=None)
+def preset_settings(name):
+    """The settings of ``properties/presets/<name>.yaml`` (e.g. T2Diff-fast), or None when there is no such preset."""
+    import yaml
+
+    path = os.path.join(ROOT, "properties", "presets", f"{name}.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return dict(yaml.safe_load(f) or {})
 
 
 def with_settings(variant, point):

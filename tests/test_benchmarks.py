@@ -54,6 +54,22 @@ def test_variant_syntax():
         parse_variant("T2Diff-noDif")
 
 
+def test_a_preset_is_a_variant_with_its_files_settings_and_is_searched_like_a_model():
+    import yaml
+
+    from run_benchmark import search_trials
+
+    with open(os.path.join(REPO, "properties", "presets", "T2Diff-paper.yaml")) as f:
+        paper = yaml.safe_load(f)
+    assert parse_variant("T2Diff-paper") == ("T2Diff", paper)
+    assert parse_variant("T2Diff-paper[learning_rate=0.003]") == ("T2Diff", {**paper, "learning_rate": 0.003})
+    trials = search_trials(["T2Diff", "T2Diff-paper", "T2Diff-noDiff"], [{"learning_rate": 0.001}, {"learning_rate": 0.003}])
+    assert trials["T2Diff-paper"] == ["T2Diff-paper[learning_rate=0.001]", "T2Diff-paper[learning_rate=0.003]"]
+    assert "T2Diff-noDiff" not in trials  # an ablation takes T2Diff's point
+    with pytest.raises(SystemExit, match="a preset's name"):
+        parse_variant("T2Diff-nopreset")
+
+
 @pytest.mark.parametrize("variant,overrides", [("T2Diff", ()), ("SASRec", ()), ("T2Diff-noDiff[learning_rate=0.003]", ("--epochs=7",))])
 def test_the_tables_read_each_setting_as_recboles_config_does(variant, overrides, tmp_path):
     """The stopping rule a table states comes from the files, settings and overrides the run's Config read, in its order."""
