@@ -14,7 +14,8 @@ with an estimate of the time left. At the end every study's table is written.
 --stop_starting_after: no run starts after this many minutes; --stop_after: runs still going are
 stopped (and not recorded) after this many, so a lease of a fixed length still returns its tables;
 --abort_if_first_fail=K: stop everything when the first K runs to end all failed (a broken set-up
-costs seconds, not the lease). --check builds every run's config (the knob checks, no data, no
+costs seconds, not the lease). --report writes the tables from the rows the CSVs hold now, running nothing
+(a table of a batch still running, or of rows a GPU lease brought back). --check builds every run's config (the knob checks, no data, no
 training) and exits: a plan with a misspelt setting fails here, before a machine is paid for.
 Each run gets cores // jobs torch threads (--threads sets another number); with a GPU the runs share it.
 """
@@ -217,6 +218,7 @@ def main():
     parser.add_argument("--stop_after", type=float, default=None, help="minutes after which running runs are stopped")
     parser.add_argument("--abort_if_first_fail", type=int, default=None, help="stop when the first K runs to end all failed")
     parser.add_argument("--check", action="store_true", help="build every run's config and exit")
+    parser.add_argument("--report", action="store_true", help="write every study's table from the rows its CSV holds now, run nothing")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs)")
     parser.add_argument("--resume_root", default=None, help="where interrupted runs keep their state (default <out>/.resume of each study)")
     args = parser.parse_args()
@@ -227,6 +229,8 @@ def main():
         with exit_on_usage_error():  # a bad knob is one line, as everywhere else
             return check(studies)
     batch = Batch(studies, args.jobs, args.stop_starting_after, args.abort_if_first_fail)
+    if args.report:
+        return summarize_all(batch, args.jobs)
     per_run = args.threads or threads(args.jobs)
     say(f"[batch] {len(batch.ready)} runs ready, {batch.left()} in all, {args.jobs} at a time, {per_run} torch thread(s) each")
     env = {**os.environ, "OMP_NUM_THREADS": str(per_run)}
