@@ -255,3 +255,15 @@ def test_each_validation_line_says_when_the_run_ends_at_the_latest(capsys):
     assert "ends within 5 epoch(s)" in second  # the cap comes first
     batch.epoch_reporter("x", patience=None, cap=None)({"epoch": 1, "valid": 0.1, "best": 0.1, "best_epoch": 1, "train_s": 1.0, "run_s": 1.0})
     assert "ends within" not in capsys.readouterr().out
+
+
+def test_report_writes_the_tables_of_the_rows_there_and_runs_nothing(fake, tmp_path, monkeypatch):
+    plan = fake.plan(f"--models=GRU4Rec,SASRec --dataset=fake --seeds=1 --out={tmp_path}")
+    fake.set({"SASRec": {"fail": True}})
+    run_batch(plan)  # GRU4Rec's row lands, SASRec's run fails
+    (tmp_path / "fake.md").unlink()
+    started = len(fake.started())
+    monkeypatch.setattr(sys, "argv", ["batch.py", plan, "--report"])
+    batch.main()
+    assert len(fake.started()) == started  # nothing ran, SASRec's missing run included
+    assert "| GRU4Rec | 1 |" in (tmp_path / "fake.md").read_text()
