@@ -216,3 +216,17 @@ def test_progress_keeps_tested_stopped_and_cut_trials_apart(space, capsys):
     out = capsys.readouterr().out
     assert "[ray] trial 2 stopped by asha after epoch 1, valid score 0.4000 (best 0.4000), 2 CPU-s; best so far 0.3000 (trial 1: hidden_size:8)" in out
     assert "[ray] trial 3 cut short after epoch 1: the search stopped after 1 trials without improvement (--early_stop)" in out
+
+
+def test_the_ray_extra_and_uvs_override_name_the_same_ray():
+    """uv's override replaces every requirement on ray, the ray extra's too: it must keep the extra's
+    version range and apply only to the extra (RecBole's own ray<=2.6.3 is dropped)."""
+    import configparser
+
+    metadata = configparser.ConfigParser()
+    metadata.read(os.path.join(REPO, "setup.cfg"))
+    extra = [line.strip() for line in metadata["options.extras_require"]["ray"].splitlines() if line.strip()]
+    with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as f:
+        overrides = re.search(r"^override-dependencies = \[(.*)\]$", f.read(), re.M).group(1)
+    assert len(extra) == 1 and extra[0].startswith("ray[tune]")
+    assert re.findall(r'"([^"]*)"', overrides) == [f"{extra[0]}; extra == 'ray'"]
