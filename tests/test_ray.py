@@ -135,6 +135,10 @@ def test_settings_are_checked_before_ray_starts(space):
     (space / "bad.hyper").write_text("hidden_size choice 8,16\n")
     with pytest.raises(UsageError, match="bad.hyper:1: .*choice needs a Python list"):
         RaySearch("GRU4Rec", "tiny", str(space / "bad.hyper"), [str(space / "fixed.yaml")], argv=[])
+    # What a trial would load by pickle (RecBole's dataset caches) is refused before any trial runs.
+    (space / "cache.yaml").write_text("save_dataset: True\n")
+    with pytest.raises(UsageError, match="save_dataset=True is not supported: RecBole's dataset caches are pickles"):
+        RaySearch("GRU4Rec", "tiny", str(space / "space.hyper"), [str(space / "fixed.yaml"), str(space / "cache.yaml")], argv=[])
     with pytest.raises(UsageError, match="gpu_id is Ray's to choose"):
         RaySearch(*args, argv=["--gpu_id=1"])
     with pytest.raises(UsageError, match="unknown --scheduler=hyperband: use one of none, asha, median"):
