@@ -174,3 +174,15 @@ def test_presets_load_and_build(tiny_path, workdir, preset, expected):
     _, train, _, _ = prepare(config)
     model = build_model(config, train)
     assert model.sampler == "ddpm" and model.infer_steps == model.n_steps  # the full chain, not one DDIM step
+
+
+def test_the_fast_preset_is_the_copy_control_with_positions_and_no_unet(tiny_path, workdir):
+    from recbole_t2diff.config import Config, properties_dir
+    from recbole_t2diff.quick_start import build_model, prepare
+
+    config = Config(model="T2Diff", dataset="tiny", config_file_list=[str(properties_dir() / "presets" / "T2Diff-fast.yaml")],
+                    config_dict={"data_path": tiny_path})
+    _, train, _, _ = prepare(config)
+    model = build_model(config, train)
+    assert model.x_hat_source == "copy_last" and not model.denoises and not hasattr(model, "denoiser")
+    assert model.position_embedding is not None and model.time_lag == "none"  # the tiny data's time is an order index
