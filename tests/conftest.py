@@ -81,10 +81,15 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
 
 
-@pytest.fixture(autouse=True)
-def clean_argv(monkeypatch):
-    """RecBole's Config reads --key=value from sys.argv: keep pytest's own arguments out of it."""
-    monkeypatch.setattr(sys, "argv", ["pytest"])
+@pytest.fixture(autouse=True, scope="session")
+def clean_argv():
+    """RecBole's Config reads --key=value from sys.argv: keep pytest's own arguments (--durations=8, -k ...) out of
+    it for the whole session, so that fixtures of any scope, built before a test's own fixtures, see none either.
+    A test that needs a command line sets sys.argv itself (monkeypatch restores this one after it)."""
+    argv = sys.argv
+    sys.argv = ["pytest"]
+    yield
+    sys.argv = argv
 
 
 @pytest.fixture(scope="session")
