@@ -74,8 +74,12 @@ def _mutmut_durations():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under mutmut (scripts/mutation.sh), fastest tests first: a mutant's run stops at its first failing
-    test, so the cheap checks (e.g. test_knob_bounds) should come before whole training runs."""
+    """A test that spawns a script is slow too (`pytest -m "not slow"`). Under mutmut (scripts/mutation.sh),
+    fastest tests first: a mutant's run stops at its first failing test, so the cheap checks (e.g.
+    test_knob_bounds) should come before whole training runs."""
+    for item in items:
+        if item.get_closest_marker("spawns"):
+            item.add_marker(pytest.mark.slow)
     if os.environ.get("MUTANT_UNDER_TEST"):
         durations = _mutmut_durations()
         items.sort(key=lambda item: durations.get(item.nodeid, 0.0))

@@ -116,6 +116,7 @@ def test_plan_order_search_before_seeds_and_choice_on_validation(fake, tmp_path)
     assert b.finished == 9 and not b.failed and b.left() == 0
 
 
+@pytest.mark.slow
 def test_seeds_wait_for_every_search_run_of_the_study(fake, tmp_path):
     """Two workers and a slow search run: no seed run starts before that last search run has ended."""
     fake.set({**SCORES, "SASRec[learning_rate=0.003]": {**SCORES["SASRec[learning_rate=0.003]"], "sleep": 1.5}})
@@ -167,6 +168,7 @@ def test_no_abort_once_a_run_has_finished(fake, tmp_path):
     assert len(b.failed) == 2 and b.finished == 2 and not b.stopped
 
 
+@pytest.mark.slow
 def test_stop_after_stops_runs_unfinished_and_records_only_the_finished(fake, tmp_path, monkeypatch, capsys):
     fake.set({"SASRec": {"sleep": 30}})
     plan = fake.plan(f"--models=GRU4Rec,SASRec --dataset=fake --seeds=1 --out={tmp_path}")
@@ -184,6 +186,7 @@ def test_stop_after_stops_runs_unfinished_and_records_only_the_finished(fake, tm
     assert rows(tmp_path / "fake.csv") == [("GRU4Rec", 1)] and (tmp_path / "fake.md").is_file()
 
 
+@pytest.mark.slow
 def test_stop_after_also_stops_a_run_that_was_starting_when_the_others_were_stopped(fake, tmp_path, monkeypatch, capsys):
     """A run taken before the stop whose process starts after it (here: 2 s later) is stopped too, not
     waited for (it would hold a lease of a fixed length past its end)."""
@@ -228,6 +231,7 @@ def test_check_passes_a_good_plan(fake, tmp_path, monkeypatch, capsys):
     assert "[batch] 8 configs of 2 studies checked" in capsys.readouterr().out and fake.started() == []
 
 
+@pytest.mark.slow
 def test_a_search_whose_run_was_stopped_stays_unfinished(fake, tmp_path, monkeypatch):
     """A search run stopped at the deadline is still to come: no point is chosen from the others, no
     seed runs, and a later batch finishes the search first."""

@@ -113,6 +113,7 @@ def test_search_grid_and_its_variant_names():
         parse_grid("learning_rate 0.001")
 
 
+@pytest.mark.slow
 def test_time_budget_cuts_the_epoch_at_the_batch_it_runs_out_and_then_stops(monkeypatch):
     import recbole.trainer.trainer as trainer_module
 
@@ -144,6 +145,7 @@ def test_no_budget_trains_whole_epochs(monkeypatch):
     assert budget.epochs == 2.0 and trainer_module.early_stopping(0.5, 0.4, 0, max_step=10)[2] is False
 
 
+@pytest.mark.slow
 def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     settings = [f"--{k}={v}" for k, v in TINY_MODEL.items() if k not in ("epochs", "state", "show_progress")]
     command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "--models=T2Diff,GRU4Rec",
@@ -183,6 +185,7 @@ def test_search_without_plain_t2diff_chooses_each_variant_and_ablations_need_it(
         choose(["T2Diff[unet_levels=2]", "T2Diff-noDiff"], grid, 7, run_all, rows)
 
 
+@pytest.mark.slow
 def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_seed(tmp_path, tiny_path):
     settings = [f"--{k}={v}" for k, v in TINY_MODEL.items() if k not in ("epochs", "state", "show_progress", "learning_rate")]
     command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "--models=T2Diff,GRU4Rec,T2Diff-noDiff",
@@ -231,6 +234,7 @@ def test_xhat_quality_of_the_copied_last_item_is_1_and_its_hits_are_the_repeats(
     assert make_model(tiny_data, use_diffusion=False).xhat_quality([(interaction,)]) is None
 
 
+@pytest.mark.slow
 def test_xhat_diagnosis_chain_row_is_the_normal_evaluation(tiny_path, workdir, monkeypatch):
     from recbole_t2diff.model.t2diff import T2Diff
     from recbole_t2diff.quick_start import evaluate_checkpoint, run
@@ -351,6 +355,7 @@ def test_a_csv_from_before_a_column_was_added_gets_the_column_and_keeps_its_rows
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_serving_cost_is_measured_against_sasrec_and_kept_beside_the_other_inference_results(tmp_path, tiny_path):
     with open(tmp_path / "inference.json", "w") as f:
         json.dump({"runs": {"ml-100k": {"kept": True}}}, f)

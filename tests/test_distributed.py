@@ -16,6 +16,7 @@ def free_port():
         return str(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_gathered_evaluation_equals_single_process(tiny_path, workdir):
     """The same weights scored by 2 processes: RecBole gathers per-rank metrics into the same numbers."""
     result = run("SASRec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "MAX_ITEM_LIST_LENGTH": 12,
@@ -27,6 +28,7 @@ def test_gathered_evaluation_equals_single_process(tiny_path, workdir):
         assert gathered[metric] == pytest.approx(float(value), abs=1.01e-4), metric  # single rounds to 4 places
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_t2diff_like_one(tiny_path, workdir):
     settings = {"data_path": tiny_path, **TINY_MODEL, "epochs": 3}
     two = run("T2Diff", "tiny", config_dict=settings, nproc=2, port=free_port())

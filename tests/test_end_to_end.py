@@ -26,6 +26,7 @@ def run_script(args, cwd):
 
 
 @pytest.mark.parametrize("model,extra", [("T2Diff", FAST_T2DIFF), ("SASRec", ["--hidden_size=16", "--inner_size=32", "--n_layers=1"])])
+@pytest.mark.slow
 def test_runner_trains_and_tests_on_ml100k(tmp_path, model, extra):
     result = run_script([f"--model={model}", "--dataset=ml-100k", *FAST_ML100K, *extra], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,6 +43,7 @@ def test_runner_trains_and_tests_on_ml100k(tmp_path, model, extra):
     assert float(re.search(r"NDCG ([0-9.]+)", reload.stdout).group(1)) == float(logged.group(1))
 
 
+@pytest.mark.slow
 def test_runner_reads_config_files(tmp_path):
     (tmp_path / "mine.yaml").write_text("session_len: 60\n")
     result = run_script(["--model=T2Diff", "--dataset=ml-100k", "--config_files=mine.yaml"], tmp_path)
@@ -59,6 +61,7 @@ def test_runner_reads_config_files(tmp_path):
         (["--config_files=missing.yaml"], "config file 'missing.yaml' does not exist"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_gives_one_line_and_exit_code_1(tmp_path, args, message):
     result = run_script(args, tmp_path)
     assert result.returncode == 1

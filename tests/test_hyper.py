@@ -34,6 +34,7 @@ def run_hyper(args, cwd):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_two_trial_search_on_ml100k_picks_the_better_validation_score(tmp_path):
     (tmp_path / "fixed.yaml").write_text(FIXED)
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.00001,0.005]\n")
@@ -138,6 +139,7 @@ def test_every_type_with_comments_and_spaces_in_values(tmp_path):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_malformed_file_from_the_command_line_gives_one_line(tmp_path):
     (tmp_path / "bad.hyper").write_text("learning_rate uniform 0.1\n")
     result = run_hyper(["--params_file=bad.hyper"], tmp_path)
@@ -153,6 +155,7 @@ def test_a_searched_key_on_the_command_line_is_rejected(tmp_path):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_run_hyper_rejects_a_searched_key_on_its_command_line(tmp_path):
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
     result = run_hyper(["--params_file=space.hyper", "--learning_rate=0.1"], tmp_path)

@@ -148,6 +148,7 @@ ABLATIONS_AND_VARIANTS = [
 
 
 @pytest.mark.parametrize("knobs", ABLATIONS_AND_VARIANTS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
+@pytest.mark.slow
 def test_every_variant_trains_and_scores(tiny_data, knobs):
     _, train, valid, _ = tiny_data
     model = make_model(tiny_data, **knobs)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from packaging.specifiers import SpecifierSet
 
 from conftest import REPO
@@ -22,6 +24,7 @@ def test_python_requires_admits_exactly_the_classified_versions():
     assert classified == admitted and set(PROMISED) <= set(classified)
 
 
+@pytest.mark.slow
 def test_no_entry_point_or_module_imports_ray():
     """RecBole 1.2.1 pins ray<=2.6.3 (no wheels past 3.11); pyproject.toml's override leaves ray out
     unless the ``ray`` extra asks for it, and only a ``--tool=ray`` search imports it (ray_search.py).
@@ -41,6 +44,7 @@ def test_no_entry_point_or_module_imports_ray():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_recboles_invalid_escape_sequences_print_nothing():
     """Python 3.12+ warns about the ``\\p`` in RecBole's dien.py whenever it compiles it (every run
     where bytecode is not cached): the compat shim silences it, so one-line errors stay one line."""

@@ -43,6 +43,7 @@ def space(tmp_path, tiny_path):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_two_trials_run_in_parallel_on_a_local_ray_cluster(space):
     """`ray start --head` on 127.0.0.1 with 2 CPUs, as a user's cluster; the search connects with --address."""
     home = space / "home"  # Ray's auth token and any default folder would land here, not in the real home
@@ -96,6 +97,7 @@ def test_two_trials_run_in_parallel_on_a_local_ray_cluster(space):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_an_unreachable_address_gives_one_line(space):
     started = time.monotonic()
     result = run_hyper(["--tool=ray", f"--address=127.0.0.1:{free_port()}", "--model=GRU4Rec", "--dataset=tiny",
@@ -107,6 +109,7 @@ def test_an_unreachable_address_gives_one_line(space):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_without_ray_the_tool_says_how_to_install_it(space):
     # A None entry in sys.modules makes `import ray` fail as if ray were not installed.
     probe = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['run_hyper.py', *sys.argv[1:]]; "
@@ -119,6 +122,7 @@ def test_without_ray_the_tool_says_how_to_install_it(space):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_ray_options_without_tool_ray_are_refused(space):
     result = run_hyper(["--scheduler=asha", "--params_file=space.hyper"], space)
     lines = error_lines(result)

@@ -1181,6 +1181,7 @@ def test_checkpoint_restores_the_codebooks_and_the_metrics(tiny_path, workdir):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_runner_trains_sparcode_on_ml100k(tmp_path):
     args = ["--model=SparCode", "--dataset=ml-100k", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=20", "--train_batch_size=2048",
             "--show_progress=False", "--embedding_size=16", "--token_size=16", "--n_layers=1", "--inner_size=32",

@@ -113,6 +113,7 @@ def test_converting_a_file_that_is_no_checkpoint_says_so(tmp_path, content):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_the_convert_command_needs_an_explicit_opt_in(tmp_path):
     path, marker = tmp_path / "evil.pth", tmp_path / "marker"
     write_crafted(path, marker, "torch-zip")
@@ -369,6 +370,7 @@ def test_a_builtin_model_exports(tiny_path, workdir, tmp_path):
 # --- 6. run_hyper checks its output path first ------------------------------------------------------
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_run_hyper_rejects_an_unwritable_output_file_before_any_trial(tmp_path):
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
     result = subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), "--params_file=space.hyper",
@@ -450,6 +452,7 @@ def test_bad_values_get_one_line(argument, message, monkeypatch):
 
 
 @pytest.mark.spawns
+@pytest.mark.slow
 def test_epochs_zero_leaves_no_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), "--epochs=0"], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
