@@ -14,7 +14,8 @@ settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations 
 T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log, the control T2Diff-copyLast
 (x̂ := x_L) and T2Diff-positions (order in the user tower); an ablation takes settings in brackets too,
 e.g. "T2Diff-copyLast[position_embedding=learned]". A preset's name (T2Diff-fast, T2Diff-paper: the file
-properties/presets/<name>.yaml) is a configuration users run: it is searched like a model. For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch
+properties/presets/<name>.yaml) is a configuration users run: it is searched like a model.
+For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch
 (benchmarks/xhat_diagnosis.py: relative error against the true next item, nearest-item hit@1/@10).
 
 --search gives every model the same hyperparameter search: each point of the grid (keys separated by
@@ -358,7 +359,8 @@ def build_parser():
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files for every model")
     parser.add_argument("--time_budget", type=float, default=None, help="training minutes per run (same for every model)")
-    parser.add_argument("--search", default=None, help='grid searched for every model with the first seed, e.g. "learning_rate=0.001,0.002;train_batch_size=512,2048"')
+    parser.add_argument("--search", default=None,
+                        help='grid searched for every model with the first seed, e.g. "learning_rate=0.001,0.002;train_batch_size=512,2048"')
     parser.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores // jobs torch threads")
     parser.add_argument("--out", default=os.path.join(ROOT, "results"))
     parser.add_argument("--resume_root", default=None,
@@ -769,7 +771,8 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None, overr
            f"{threads(args.jobs)} torch thread(s) each. s/epoch is per run, extrapolated to a whole epoch where one was cut."]
           if args.time_budget else []),
         *([f"Search: every model trained once with seed {search['seed']} at each of the {len(search['grid'])} settings below, "
-           f"{'with the same budget per run' if args.time_budget else 'under the same stopping rule'}; the one with the best validation NDCG@10 ran all seeds (its seed-{search['seed']} row is that search run). "
+           f"{'with the same budget per run' if args.time_budget else 'under the same stopping rule'}; the one with the best validation "
+           f"NDCG@10 ran all seeds (its seed-{search['seed']} row is that search run). "
            "Ablations use T2Diff's chosen settings."] if search else []),
         *([unfinished_search(rows, args, requested)] if args.search and not search else []),
         *([f"Stopping: patience {patience} (a run ends once more validations than that in a row fail to beat its best "
@@ -781,7 +784,8 @@ def summarize(rows, args, requested, search=None, command=None, jobs=None, overr
         "machines are not averaged (*mixed machines*).",
         "",
         *margin(rows, variants),
-        "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | s/epoch ÷ SASRec | eval s | epochs (best) | min to stop | peak MiB |",
+        "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | "
+        "s/epoch ÷ SASRec | eval s | epochs (best) | min to stop | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 

@@ -341,7 +341,8 @@ def convert_checkpoint(path, out_path=None, trust_checkpoint=False):
     if isinstance(safe, dict) and safe.get("format") == FORMAT:
         return _add_settings_digest(path, safe, out_path)
     if not trust_checkpoint:
-        raise UsageError(f"converting '{path}' unpickles it, which runs any code it holds: pass trust_checkpoint=True (--trust_checkpoint) only for a file you trust")
+        raise UsageError(f"converting '{path}' unpickles it, which runs any code it holds: "
+                         "pass trust_checkpoint=True (--trust_checkpoint) only for a file you trust")
     from recbole_t2diff.quick_start import build_model, prepare
 
     old = torch.load(path, map_location="cpu", weights_only=False)  # the caller vouched for this file

@@ -104,7 +104,8 @@ def _trial(params, *, model, dataset, config_files, cwd, argv, threads):
 
     result = make_objective(model, dataset, on_trainer=report_every_epoch)({**params, **fixed}, config_files)
     # The last report repeats the last epoch, so a scheduler records nothing new: it carries the test.
-    tune.report({**last, BEST: result["best_valid_score"], CPU: time.process_time(), "result": {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items()}})
+    plain = {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items()}
+    tune.report({**last, BEST: result["best_valid_score"], CPU: time.process_time(), "result": plain})
 
 
 class RaySearch(Search):
@@ -193,7 +194,8 @@ class RaySearch(Search):
             ray.shutdown()  # with --address: this process leaves the cluster, which keeps running
         if progress.errors:
             number, params, error = progress.errors[0]
-            raise UsageError(f"trial {number} ({self.params2str(params)}) failed{f' (and {len(progress.errors) - 1} more)' if len(progress.errors) > 1 else ''}: {error}")
+            more = f" (and {len(progress.errors) - 1} more)" if len(progress.errors) > 1 else ""
+            raise UsageError(f"trial {number} ({self.params2str(params)}) failed{more}: {error}")
         self.trials = [(params, result) for _, params, result in sorted(progress.finished, key=lambda t: t[0])]
         self.stopped = progress.stopped
         stopped = ", ".join(f"trial {number} after epoch {epoch}" for number, _, epoch in self.stopped)

@@ -133,7 +133,7 @@ class SparCode(SequentialRecommender):
         if d_t % codebooks:
             _fail("n_codebooks", codebooks, f"it must divide token_size={d_t}")
         if codebooks * (size - 1).bit_length() >= 62:
-            _fail("codebook_size", size, f"codebook_size ** n_codebooks must stay below 2^62 for int64 keys; lower one of them")
+            _fail("codebook_size", size, "codebook_size ** n_codebooks must stay below 2^62 for int64 keys; lower one of them")
         _non_negative(config, "vq_beta")
         _fraction(config, "ema_decay")
         _non_negative(config, "ema_eps")
