@@ -7,7 +7,6 @@ One torch thread; the parts are timed inside one run of RecBole's own ``Trainer.
 load hits them alike. An epoch costs what its steps add up to when data and rest are near 0.
 """
 import argparse
-import ast
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from recbole_t2diff.config import Config  # noqa: E402
+from recbole_t2diff.settings import parse_settings  # noqa: E402
 from recbole_t2diff.quick_start import build_model, make_trainer, prepare  # noqa: E402
 
 
@@ -47,21 +47,13 @@ def timed(spent, name, function):
     return wrapper
 
 
-def literal(value):
-    """--key=value as Python reads it (numbers, True, lists), else the text itself."""
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SparCode")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--batches", type=int, default=40)
     args, rest = parser.parse_known_args()
-    overrides = {key.lstrip("-"): literal(value) for key, value in (item.split("=", 1) for item in rest)}
+    overrides = parse_settings({key.lstrip("-"): value for key, value in (item.split("=", 1) for item in rest)}, "on the command line")
     sys.argv = sys.argv[:1]  # RecBole's Config reads argv
     torch.set_num_threads(1)
     config = Config(model=args.model, dataset=args.dataset, config_dict={"show_progress": False, "state": "WARNING", **overrides})

@@ -7,7 +7,6 @@ Same batches, seed and initial weights for both rules; one torch thread. Prints 
 (per codebook) and restarts at chosen steps, then SparCode.code_stats over the last 10 batches (eval mode).
 """
 import argparse
-import ast
 import itertools
 import os
 import sys
@@ -16,17 +15,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from recbole_t2diff.config import Config  # noqa: E402
+from recbole_t2diff.settings import parse_settings  # noqa: E402
 from recbole_t2diff.quick_start import build_model, prepare  # noqa: E402
 
 SHOWN = (1, 5, 10, 20, 25, 30, 40, 50, 60, 80, 100, 200, 380)
-
-
-def literal(value):
-    """--key=value as Python reads it (numbers, True, lists), else the text itself."""
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
 
 
 def main():
@@ -34,7 +26,7 @@ def main():
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--steps", type=int, default=60)
     args, rest = parser.parse_known_args()
-    overrides = {key.lstrip("-"): literal(value) for key, value in (item.split("=", 1) for item in rest)}
+    overrides = parse_settings({key.lstrip("-"): value for key, value in (item.split("=", 1) for item in rest)}, "on the command line")
     sys.argv = sys.argv[:1]  # RecBole's Config reads argv
     torch.set_num_threads(1)
     config = Config(model="SparCode", dataset=args.dataset, config_dict={"show_progress": False, "state": "WARNING", **overrides})
