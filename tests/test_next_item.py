@@ -18,7 +18,7 @@ def generator_and_tower_grads(model, loss):
 
 
 def test_the_diffusion_loss_trains_the_generator_and_the_tower_loss_the_tower(tiny_data):
-    model = make_model(tiny_data, x_hat_source="next_item").train()
+    model = make_model(tiny_data, x_hat_source="next_item", train_xhat="chain").train()
     assert not hasattr(model.denoiser, "unet")  # no U-Net: a small MLP over one token
     tower_loss, diffusion_loss = model.calculate_loss(first_batch(tiny_data[1]))
     assert generator_and_tower_grads(model, diffusion_loss) == (True, False)  # the condition's projection included
@@ -26,7 +26,7 @@ def test_the_diffusion_loss_trains_the_generator_and_the_tower_loss_the_tower(ti
 
 
 def test_the_denoiser_reads_the_tower_encoding_of_the_history_and_drops_it_at_the_set_rate(tiny_data):
-    model = make_model(tiny_data, x_hat_source="next_item", condition_dropout=0.5).train()
+    model = make_model(tiny_data, x_hat_source="next_item", train_xhat="chain", condition_dropout=0.5).train()
     batch = first_batch(tiny_data[1])
     seen, forward = [], model.denoiser.forward
     model.denoiser.forward = lambda x_s, c, s, dropped=None: seen.append((c, dropped)) or forward(x_s, c, s, dropped)
@@ -47,7 +47,7 @@ def test_the_denoiser_reads_the_tower_encoding_of_the_history_and_drops_it_at_th
 
 @pytest.mark.parametrize("weight", [0.0, 2.0])
 def test_guidance_mixes_the_conditional_and_the_unconditional_estimate(tiny_data, weight):
-    model = make_model(tiny_data, x_hat_source="next_item", guidance_weight=weight, infer_steps=1).eval()
+    model = make_model(tiny_data, x_hat_source="next_item", train_xhat="chain", guidance_weight=weight, infer_steps=1).eval()
     batch = first_batch(tiny_data[1])
     d = model.embedding_size
     conditional, unconditional = torch.full((d,), 0.5), torch.full((d,), -0.25)
@@ -70,7 +70,7 @@ def test_a_next_item_t2diff_trains_and_reports_its_x_hat(tiny_path, workdir):
     from recbole_t2diff.quick_start import run
 
     result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "x_hat_source": "next_item",
-                                                 "guidance_weight": 1.0, "infer_steps": 2, "diffusion_scale": "rms"}, saved=False)
+                                                 "train_xhat": "chain", "guidance_weight": 1.0, "infer_steps": 2, "diffusion_scale": "rms"}, saved=False)
     assert result["xhat_quality"]["xhat_rel_error"] > 0 and 0 <= result["test_result"]["ndcg@10"] <= 1
 
 
@@ -80,4 +80,10 @@ def test_a_next_item_t2diff_trains_and_reports_its_x_hat(tiny_path, workdir):
 ])
 def test_bad_guidance_knobs_are_refused_in_one_line(tiny_data, knobs, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
-        make_model(tiny_data, x_hat_source="next_item", **knobs)
+        make_model(tiny_data, x_hat_source="next_item", train_xhat="chain", **knobs)
+
+
+def test_the_one_step_estimate_is_refused_for_the_next_item_it_would_leak(tiny_data):
+    """At a small step the one-step estimate of the next item's token is nearly the token: the tower would read the target."""
+    with pytest.raises(UsageError, match="x_hat_source=next_item with train_xhat=one_step: .* set train_xhat: chain"):
+        make_model(tiny_data, x_hat_source="next_item")

@@ -126,6 +126,12 @@ class T2Diff(SequentialRecommender):
         if config["x_hat_gate"] and not (config["use_diffusion"] and config["x_hat_source"] != "copy_last"):
             raise UsageError("invalid T2Diff setting x_hat_gate=True: it gates a generated x̂ against the copied last item; "
                              "it needs use_diffusion: True and x_hat_source: diffusion or next_item")
+        if config["x_hat_source"] == "next_item" and config["train_xhat"] != "chain":
+            raise UsageError(
+                f"invalid T2Diff setting x_hat_source=next_item with train_xhat={config['train_xhat']}: the one-step estimate "
+                "denoises the noised next item itself, so the tower would learn from the answer (on ml-100k validation "
+                "NDCG@10 fell to 0.03); set train_xhat: chain, the x̂ the sampler serves"
+            )
         if not 0 <= float(config["condition_dropout"]) < 1:
             raise UsageError(f"invalid T2Diff setting condition_dropout={config['condition_dropout']}: it must lie in [0, 1)")
         if float(config["guidance_weight"]) < 0:
