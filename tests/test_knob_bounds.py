@@ -57,6 +57,7 @@ T2DIFF_ACCEPTED = [
     {"x_hat_source": "next_item", "train_xhat": "chain", "guidance_weight": 0, "condition_dropout": 0},
     {"x_hat_source": "next_item", "train_xhat": "chain", "condition_dropout": 0.99, "x_hat_gate": True},
     {"position_embedding": "learned"},
+    {"xhat_loss": "ce", "train_xhat": "chain", "xhat_loss_on": "served", "x_hat_in_score": True},
     {"category_field": "genre", "category_dim": 1},
     {"category_field": "genre", "category_dim": 63},
     {"category_field": None, "category_dim": 64},
@@ -104,7 +105,7 @@ T2DIFF_REJECTED = [
     ({"category_field": "genre", "category_dim": 0}, "category_dim=0"),
     *[({knob: "nonsense"}, f"{knob}=nonsense") for knob in (
         "reverse_coef", "unet_padding", "step_emb", "diff_loss", "diffusion_scale", "diff_loss_positions",
-        "step_conditioning", "xhat_loss", "train_xhat", "x_hat_source", "loss_type", "sampler", "position_embedding")],
+        "step_conditioning", "xhat_loss", "train_xhat", "x_hat_source", "loss_type", "sampler", "position_embedding", "xhat_loss_on")],
 ]
 
 SPARCODE_ACCEPTED = [

@@ -87,3 +87,47 @@ def test_the_one_step_estimate_is_refused_for_the_next_item_it_would_leak(tiny_d
     """At a small step the one-step estimate of the next item's token is nearly the token: the tower would read the target."""
     with pytest.raises(UsageError, match="x_hat_source=next_item with train_xhat=one_step: .* set train_xhat: chain"):
         make_model(tiny_data, x_hat_source="next_item")
+
+
+def test_x_hat_in_the_score_starts_at_zero_and_the_tower_loss_trains_it(tiny_data):
+    model = make_model(tiny_data, x_hat_in_score=True, x_hat_source="copy_last").train()
+    batch = first_batch(tiny_data[1])
+    history, mask = model.history(batch)
+    tokens, in_session = model.tower_inputs(batch, history, mask)
+    assert float(model.score_projection.weight.abs().max()) == 0  # the plain user vector at the start
+    with torch.no_grad():
+        model.score_projection.weight.normal_()
+    model.eval()
+    with torch.no_grad():
+        user = model.user_vector(tokens, mask, history[:, -1], in_session)
+        projection, model.score_projection = model.score_projection, None
+        without = model.user_vector(tokens, mask, history[:, -1], in_session)
+    torch.testing.assert_close(user, without + projection(history[:, -1]))  # e_u + P·x̂, x̂ the copied x_L here
+    model = make_model(tiny_data, x_hat_in_score=True, x_hat_source="copy_last", stop_grad=False).train()
+    model.calculate_loss(batch).backward()
+    assert float(model.score_projection.weight.grad.abs().sum()) > 0
+
+
+def test_the_x_hat_cross_entropy_can_be_put_on_the_served_chain(tiny_data):
+    model = make_model(tiny_data, x_hat_source="next_item", train_xhat="chain", xhat_loss="ce", xhat_loss_on="served").train()
+    batch = first_batch(tiny_data[1])
+    served = []
+    generate = model.generate
+    model.generate = lambda condition, generator=None: served.append(generate(condition, generator)) or served[-1]
+    tower_loss, diffusion_loss, xhat_loss = model.calculate_loss(batch)
+    assert len(served) == 1 and served[0].requires_grad  # one chain, with gradients into the denoiser
+    expected = model.lambda_xhat * model.xhat_cross_entropy(served[0], batch[model.POS_ITEM_ID])
+    torch.testing.assert_close(xhat_loss, expected)
+    model.zero_grad()
+    xhat_loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.denoiser.parameters())
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"xhat_loss_on": "served", "xhat_loss": "none", "train_xhat": "chain"}, "xhat_loss_on=served with xhat_loss=none"),
+    ({"xhat_loss_on": "served", "xhat_loss": "ce", "train_xhat": "one_step"}, "xhat_loss_on=served with xhat_loss=ce, train_xhat=one_step"),
+    ({"x_hat_in_score": True, "use_diffusion": False}, "x_hat_in_score=True with use_diffusion=False"),
+])
+def test_ranking_aligned_knobs_refuse_what_cannot_work(tiny_data, knobs, message):
+    with pytest.raises(UsageError, match=message):
+        make_model(tiny_data, **knobs)

@@ -33,6 +33,7 @@ POSITIONS = ("none", "learned")
 LAG_BUCKETS = 24  # log2 buckets of the lag in minutes: the last one starts at 2^22 min (~8 years)
 X_HAT_SOURCES = ("diffusion", "copy_last", "next_item")
 XHAT_LOSSES = ("none", "ce")
+XHAT_LOSS_ON = ("one_step", "served")
 TRAIN_XHATS = ("one_step", "chain")
 DIFF_LOSSES = ("l2norm", "mse")
 DIFFUSION_SCALES = ("rms", "none")
@@ -118,6 +119,13 @@ class T2Diff(SequentialRecommender):
         _one_of(config, "step_conditioning", STEP_CONDITIONINGS)
         _one_of(config, "xhat_loss", XHAT_LOSSES)
         _one_of(config, "train_xhat", TRAIN_XHATS)
+        if _one_of(config, "xhat_loss_on", XHAT_LOSS_ON) == "served" and (config["xhat_loss"] != "ce" or config["train_xhat"] != "chain"):
+            raise UsageError(
+                f"invalid T2Diff setting xhat_loss_on=served with xhat_loss={config['xhat_loss']}, train_xhat={config['train_xhat']}: "
+                "it puts the x̂ cross-entropy on the chain the tower is served; set xhat_loss: ce and train_xhat: chain"
+            )
+        if config["x_hat_in_score"] and not config["use_diffusion"]:
+            raise UsageError("invalid T2Diff setting x_hat_in_score=True with use_diffusion=False: there is no x̂ to add to the score")
         if _one_of(config, "x_hat_source", X_HAT_SOURCES) != "diffusion" and not config["use_diffusion"]:
             raise UsageError(
                 f"invalid T2Diff setting x_hat_source={config['x_hat_source']} with use_diffusion=False: use_diffusion: False "
@@ -255,12 +263,18 @@ class T2Diff(SequentialRecommender):
         # x_hat_gate: x̂ enters the session as x_L + g·(x̂ - x_L), g starting at 0, so the tower begins as the copy-last
         # control (which beat every diffusion x̂ so far) and takes x̂ in only as far as training finds it useful.
         self.x_hat_gate = nn.Parameter(torch.zeros(())) if self.denoises and config["x_hat_gate"] else None
+        self.xhat_loss_on = config["xhat_loss_on"]
+        # x_hat_in_score: e_u + P·x̂, P starting at 0, so x̂ can point the score at items directly (still two towers:
+        # x̂ depends on the user only).
+        self.score_projection = nn.Linear(d, 2 * d, bias=False) if self.use_diffusion and config["x_hat_in_score"] else None
         self.dropout = nn.Dropout(float(config["dropout_prob"]))
 
         self.initializer_range = float(config["initializer_range"])
         self.apply(self._init_weights)
         if self.denoises and self.x_hat_source == "diffusion":  # _init_weights drew the FiLM maps like any Linear: back to zero
             self.denoiser.unet.zero_film()
+        if self.score_projection is not None:  # x̂ enters the score only as far as training moves P from 0
+            nn.init.zeros_(self.score_projection.weight)
 
     @staticmethod
     def _item_categories(dataset, field):
@@ -372,7 +386,8 @@ class T2Diff(SequentialRecommender):
         else:
             h_l = masked_mean(older, older_mask)
         user = torch.cat([h_l, h_s], dim=-1)
-        return self.user_ffn(user) if self.user_ffn is not None else user
+        user = self.user_ffn(user) if self.user_ffn is not None else user
+        return user + self.score_projection(x_hat) if self.score_projection is not None and x_hat is not None else user
 
     # ---- diffusion ------------------------------------------------------------------------------
 
@@ -435,16 +450,27 @@ class T2Diff(SequentialRecommender):
         return self.tower_x_hat(self.generated_item(condition, z0_hat[:, -1] * scale), condition, target, losses)
 
     def tower_x_hat(self, x_hat, condition, target, losses):
-        """The x̂ the tower trains with, given the one-step estimate ``x_hat``; appends the x̂ loss to ``losses``."""
+        """The x̂ the tower trains with, given the one-step estimate ``x_hat``; appends the x̂ loss to ``losses``.
+
+        ``xhat_loss_on: served`` puts the x̂ cross-entropy on the chain the tower is served, run with gradients
+        into the denoiser (ranking-aligned), instead of on the one-step estimate at a random step."""
+        if self.xhat_loss == "ce" and self.xhat_loss_on == "served":
+            x_hat = self.generate(condition)
+            losses.append(self.lambda_xhat * self.xhat_cross_entropy(x_hat, target))
+            return (x_hat.detach() if self.stop_grad else x_hat), losses
         if self.xhat_loss == "ce":
-            logits = self.xhat_logit_scale.exp() * x_hat @ self.tokens(torch.arange(self.n_items, device=target.device)).t()
-            losses.append(self.lambda_xhat * F.cross_entropy(logits.index_fill(1, logits.new_zeros(1, dtype=torch.long), NEG_LOGIT), target))
+            losses.append(self.lambda_xhat * self.xhat_cross_entropy(x_hat, target))
         if self.train_xhat == "chain":
             # Under stop_grad the chain runs without a graph; without it the tower loss reaches the
             # denoiser through every step of the x̂ it will be served, as it does through one_step.
             with torch.set_grad_enabled(not self.stop_grad):
                 x_hat = self.generate(condition)
         return (x_hat.detach() if self.stop_grad else x_hat), losses
+
+    def xhat_cross_entropy(self, x_hat, target):
+        """Softmax of x̂ against every item token (the padding item excluded), for the true next item."""
+        logits = self.xhat_logit_scale.exp() * x_hat @ self.tokens(torch.arange(self.n_items, device=target.device)).t()
+        return F.cross_entropy(logits.index_fill(1, logits.new_zeros(1, dtype=torch.long), NEG_LOGIT), target)
 
     def next_item_training(self, condition, target):
         """``x_hat_source: next_item``: the diffusion loss of the next item's token alone, conditioned on the
