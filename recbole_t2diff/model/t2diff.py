@@ -221,20 +221,16 @@ class T2Diff(SequentialRecommender):
         self.denoises = self.use_diffusion and self.x_hat_source in ("diffusion", "next_item")
         self.guidance_weight = float(config["guidance_weight"])
         self.condition_dropout = float(config["condition_dropout"])
-        if self.denoises and self.x_hat_source == "next_item":
+        if self.denoises:
             self.diffusion = GaussianDiffusion(
                 self.n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
             )
-            if self.diffusion_scale == "rms":  # here the running RMS of the next item's token: see ``scale``
-                self.register_buffer("drift_rms", torch.zeros(()))
+            if self.diffusion_scale == "rms":  # running RMS of what is diffused (the drift, or the next item's token),
+                self.register_buffer("drift_rms", torch.zeros(()))  # 0 until training measures it; see ``scale``
+        if self.denoises and self.x_hat_source == "next_item":
             self.condition_projection = nn.Linear(2 * d, d)  # e_u without x̂ -> the denoiser's condition
             self.denoiser = NextItemDenoiser(d, self.n_steps, eps)
         elif self.denoises:
-            self.diffusion = GaussianDiffusion(
-                self.n_steps, config["beta_schedule"], config["beta_a"], config["beta_b"], config["reverse_coef"]
-            )
-            if self.diffusion_scale == "rms":  # running RMS of the drift, 0 until training measures it; see ``scale``
-                self.register_buffer("drift_rms", torch.zeros(()))
             self.denoiser = Denoiser(
                 d, self.n_steps, int(config["unet_levels"]), [int(m) for m in config["unet_mult"]], config["unet_padding"],
                 config["unet_out_proj"], config["step_emb"], float(config["step_emb_scale"]), eps,
@@ -436,8 +432,7 @@ class T2Diff(SequentialRecommender):
         s = torch.randint(1, self.n_steps + 1, (len(z0),), device=z0.device)
         z0_hat = self.one_step_estimate(z0, scaled_condition, s, torch.randn_like(z0))
 
-        error = z0_hat - z0
-        per_row = error.norm(dim=-1) if self.diff_loss == "l2norm" else error.pow(2).mean(-1)
+        per_row = self.row_loss(z0_hat - z0)
         if self.diff_loss_positions == "all":
             rows = torch.ones_like(mask)
         elif self.diff_loss_positions == "valid":  # rows whose next element is a real item
@@ -467,6 +462,10 @@ class T2Diff(SequentialRecommender):
                 x_hat = self.generate(condition)
         return (x_hat.detach() if self.stop_grad else x_hat), losses
 
+    def row_loss(self, error):
+        """``diff_loss`` per row of ``error`` [..., d]: its L2 norm (l2norm) or mean squared value (mse)."""
+        return error.norm(dim=-1) if self.diff_loss == "l2norm" else error.pow(2).mean(-1)
+
     def xhat_cross_entropy(self, x_hat, target):
         """Softmax of x̂ against every item token (the padding item excluded), for the true next item."""
         logits = self.xhat_logit_scale.exp() * x_hat @ self.tokens(torch.arange(self.n_items, device=target.device)).t()
@@ -483,8 +482,7 @@ class T2Diff(SequentialRecommender):
         s = torch.randint(1, self.n_steps + 1, (len(x0),), device=x0.device)
         dropped = torch.rand(len(x0), device=x0.device) < self.condition_dropout
         x0_hat = self.denoiser(self.diffusion.add_noise(x0, s, torch.randn_like(x0)), condition, s, dropped)
-        error = x0_hat - x0
-        per_row = error.norm(dim=-1) if self.diff_loss == "l2norm" else error.pow(2).mean(-1)
+        per_row = self.row_loss(x0_hat - x0)
         return self.tower_x_hat(x0_hat * scale, condition, target, [self.lambda_diff * per_row.mean()])
 
     def next_item_condition(self, tokens, mask, in_session=None):
@@ -508,9 +506,6 @@ class T2Diff(SequentialRecommender):
         condition = condition.repeat_interleave(self.infer_samples, dim=0)
         free = torch.ones(len(condition), dtype=torch.bool, device=condition.device)
 
-        def draw_noise(shape):
-            return torch.randn(shape, generator=generator, device=condition.device)
-
         def denoise(z_s, s):
             steps = torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long)
             guided = self.denoiser(z_s, condition, steps)
@@ -518,11 +513,7 @@ class T2Diff(SequentialRecommender):
                 return guided
             return (1 + self.guidance_weight) * guided - self.guidance_weight * self.denoiser(z_s, condition, steps, free)
 
-        z_T = draw_noise(condition.shape)
-        if self.sampler == "ddim":
-            z0 = self.diffusion.ddim_chain(denoise, z_T, draw_noise, self.infer_steps, self.ddim_eta)
-        else:
-            z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
+        z0 = self.reverse(denoise, condition.shape, generator, condition.device)
         return (z0 * scale).view(batch, self.infer_samples, d).mean(1)
 
     def sample_generated_item(self, history, generator=None):
@@ -535,18 +526,23 @@ class T2Diff(SequentialRecommender):
         condition = history.repeat_interleave(self.infer_samples, dim=0)
         scaled_condition = condition / scale
 
-        def draw_noise(shape):
-            return torch.randn(shape, generator=generator, device=history.device)
-
         def denoise(z_s, s):
             return self.denoiser(z_s, scaled_condition, torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long))
 
-        z_T = draw_noise(condition.shape)
-        if self.sampler == "ddim":
-            z0 = self.diffusion.ddim_chain(denoise, z_T, draw_noise, self.infer_steps, self.ddim_eta)
-        else:
-            z0 = self.diffusion.reverse_chain(denoise, z_T, draw_noise)
+        z0 = self.reverse(denoise, condition.shape, generator, history.device)
         return self.generated_item(condition, z0[:, -1] * scale).view(batch, self.infer_samples, d).mean(1)
+
+    def reverse(self, denoise, shape, generator, device):
+        """ẑ_0 from pure noise of ``shape`` by the configured sampler (DDIM with ``infer_steps`` calls, or the
+        ancestral chain), its noise drawn from ``generator`` (None: torch's global one)."""
+
+        def draw_noise(size):
+            return torch.randn(size, generator=generator, device=device)
+
+        z_T = draw_noise(shape)
+        if self.sampler == "ddim":
+            return self.diffusion.ddim_chain(denoise, z_T, draw_noise, self.infer_steps, self.ddim_eta)
+        return self.diffusion.reverse_chain(denoise, z_T, draw_noise)
 
     def inference_x_hat(self, history, condition=None):
         """The x̂ that evaluation and serving use: the reverse chain, the copied last item (control), or None.
