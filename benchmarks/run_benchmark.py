@@ -102,16 +102,10 @@ def parse_variant(variant):
     return name, settings
 
 
-@functools.lru_cache(maxsize=None)
 def preset_settings(name):
     """The settings of ``properties/presets/<name>.yaml`` (e.g. T2Diff-fast), or None when there is no such preset."""
-    import yaml
-
     path = os.path.join(ROOT, "properties", "presets", f"{name}.yaml")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return dict(yaml.safe_load(f) or {})
+    return dict(read_yaml(path)) if os.path.isfile(path) else None
 
 
 def with_settings(variant, point):
