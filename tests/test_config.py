@@ -93,20 +93,6 @@ def test_missing_config_file_is_reported(tmp_path):
         Config(model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "missing.yaml")])
 
 
-def test_every_t2diff_knob_is_documented_in_the_readme():
-    import os
-    import re
-
-    import yaml
-
-    from conftest import REPO
-
-    knobs = yaml.safe_load(open(os.path.join(REPO, "properties", "model", "T2Diff.yaml")))
-    readme = open(os.path.join(REPO, "README.md")).read()
-    table = {name for row in re.findall(r"^\| (`.*?) \|", readme, re.M) for name in re.findall(r"`(\w+)`", row)}
-    assert set(knobs) - table == set()
-
-
 @pytest.mark.parametrize(
     "knobs,message",
     [
