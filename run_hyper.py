@@ -11,14 +11,18 @@ the params file searches (it would override every trial: that is rejected).
 import argparse
 import sys
 
-from recbole_t2diff.cli import check_settings_arguments, exit_on_usage_error
+from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import ALGOS, Search, check_output_file
 from recbole_t2diff.ray_search import SCHEDULERS, RaySearch
+from recbole_t2diff.settings import command_line_settings
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    """``argv``: the arguments (default: the command line's); the script's own options are read here, the
+    rest are settings, handed to the Config as its command line."""
+    # No abbreviations: every argument that is not exactly one of these options is a setting.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--model", "-m", default="T2Diff")
     parser.add_argument("--dataset", "-d", default="ml-100k")
     parser.add_argument("--params_file", default="properties/hyper/T2Diff.hyper")
@@ -40,16 +44,16 @@ def main():
     ray_options.add_argument("--reduction_factor", type=float, help="ASHA's rung spacing (default 4)")
     ray_options.add_argument("--max_t", type=int, help="ASHA's last rung in epochs (default: the epochs setting)")
     ray_options.add_argument("--storage_path", help="Ray Tune's experiment folder (default ./ray_results)")
-    args, settings = parser.parse_known_args()
+    args, settings = parser.parse_known_args(argv)
     with exit_on_usage_error():
-        check_settings_arguments(settings)
+        command_line_settings(settings)  # a malformed or repeated setting fails here, before anything starts
         given = {action.dest: getattr(args, action.dest) for action in ray_options._group_actions if getattr(args, action.dest) is not None}
         if given and args.tool != "ray":
             raise UsageError(f"--{next(iter(given))} applies to --tool=ray only: add --tool=ray or drop it")
         check_output_file(args.output_file)
         search = (RaySearch if args.tool == "ray" else Search)(
             args.model, args.dataset, args.params_file, args.config_files.split() if args.config_files else None,
-            args.algo, args.max_evals, args.early_stop, **given,
+            args.algo, args.max_evals, args.early_stop, argv=settings, **given,
         )
         search.run()
         search.export_result(args.output_file)

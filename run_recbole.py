@@ -10,12 +10,16 @@ Every other --key=value reaches RecBole's Config and overrides the property file
 import argparse
 import sys
 
-from recbole_t2diff.cli import check_settings_arguments, exit_on_usage_error
+from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.quick_start import run
+from recbole_t2diff.settings import command_line_settings
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    """``argv``: the arguments (default: the command line's); the script's own options are read here, the
+    rest are settings, handed to the Config as its command line."""
+    # No abbreviations: every argument that is not exactly one of these options is a setting.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--model", "-m", default="T2Diff", help="T2Diff or a RecBole model name (default T2Diff)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default ml-100k)")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
@@ -24,11 +28,11 @@ def main():
     parser.add_argument("--ip", default="localhost", help="address of the rank-0 machine")
     parser.add_argument("--port", default="5678", help="port of the rank-0 machine")
     parser.add_argument("--group_offset", type=int, default=0, help="global rank of this machine's first process")
-    args, settings = parser.parse_known_args()
+    args, settings = parser.parse_known_args(argv)
     config_files = args.config_files.split() if args.config_files else None
     with exit_on_usage_error():
-        check_settings_arguments(settings)
-        run(args.model, args.dataset, config_file_list=config_files, nproc=args.nproc, world_size=args.world_size,
+        command_line_settings(settings)  # a malformed or repeated setting fails here, before anything starts
+        run(args.model, args.dataset, config_file_list=config_files, argv=settings, nproc=args.nproc, world_size=args.world_size,
             ip=args.ip, port=args.port, group_offset=args.group_offset)
 
 

@@ -7,7 +7,7 @@ read with ``torch.load(weights_only=True)``, which refuses anything else, so a c
 run code.
 
 RecBole's own checkpoints (and this package's before this format) pickle the ``Config`` object:
-they are refused with a one-line error, and :func:`convert_checkpoint` rewrites one in this format
+they are refused with a one-line error, and ``convert.convert_checkpoint`` rewrites one in this format
 when the caller says it trusts the file (``trust_checkpoint=True``, or on the command line
 ``python -m recbole_t2diff.convert --trust_checkpoint OLD.pth``).
 """
@@ -25,7 +25,9 @@ import zipfile
 import numpy as np
 import torch
 
+from recbole_t2diff.config import Config, get_model
 from recbole_t2diff.errors import UsageError
+from recbole_t2diff.settings import check_dataset_name, check_no_pickle_caches
 
 from recbole.utils import get_local_time
 from recbole.utils.enum_type import EvaluatorType, FeatureSource, FeatureType, InputType, ModelType
@@ -171,9 +173,6 @@ def config_to_plain(config):
 def config_from_plain(plain):
     """The ``Config`` a checkpoint was trained with, rebuilt from its stored settings (no file, no
     command line and no property default is read again, so a changed default cannot change the model)."""
-    from recbole_t2diff.config import Config, get_model
-    from recbole_t2diff.settings import check_dataset_name, check_no_pickle_caches
-
     settings = _restore(plain["settings"])
     check_dataset_name(plain["dataset"])  # joined into the log file's path: a stored path would write outside
     # RecBole's KD_DAGFM builds its teacher with eval(config["teacher"]): from a file, only a class name.
@@ -181,7 +180,7 @@ def config_from_plain(plain):
     if teacher is not None and not (isinstance(teacher, str) and teacher.isidentifier()):
         raise UsageError(f"checkpoint setting teacher={teacher!r} is not a model class name (RecBole evaluates it as code): the file is not to be trusted")
     config = Config.__new__(Config)
-    config.model, config.dataset = plain["model"], plain["dataset"]
+    config.model, config.dataset, config.argv = plain["model"], plain["dataset"], []
     config.model_class = get_model(plain["model"])
     config.parameters = _restore(plain["parameters"])
     config.yaml_loader = config._build_yaml_loader()
@@ -207,10 +206,12 @@ def save_checkpoint(path, config, model, data, **training_state):
         "data": data,
         **{key: _plain(value, key) for key, value in training_state.items()},
     }
-    _write_atomically(payload, path)
+    write_atomically(payload, path)
 
 
-def _write_atomically(payload, path):
+def write_atomically(payload, path):
+    """``torch.save`` to a temporary file in the same folder, then a rename: a crash or a parallel
+    reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -320,54 +321,3 @@ def _pickles_objects(path):
         return False
     return False
 
-
-def convert_checkpoint(path, out_path=None, trust_checkpoint=False):
-    """Rewrite a pickled checkpoint (RecBole's, or this package's before the safe format) safely.
-
-    Unpickling runs whatever code the file holds, so this needs ``trust_checkpoint=True``. The
-    data identity is taken from the data files as they are now: convert before changing them.
-    A file already in the safe format is never unpickled: one written before settings were
-    checksummed gets the SHA-256 of its settings as they are now (no trust needed); any other is
-    refused, as there is nothing to convert.
-    Returns the new file's path (default: ``<name>-safe.pth`` beside the old one).
-    """
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint '{path}' does not exist")
-    out_path = out_path or f"{os.path.splitext(path)[0]}-safe.pth"
-    try:
-        safe = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # needs unpickling (or is no torch file): the trusted path below
-        safe = None
-    if isinstance(safe, dict) and safe.get("format") == FORMAT:
-        return _add_settings_digest(path, safe, out_path)
-    if not trust_checkpoint:
-        raise UsageError(f"converting '{path}' unpickles it, which runs any code it holds: "
-                         "pass trust_checkpoint=True (--trust_checkpoint) only for a file you trust")
-    from recbole_t2diff.quick_start import build_model, prepare
-
-    old = torch.load(path, map_location="cpu", weights_only=False)  # the caller vouched for this file
-    if not isinstance(old, dict) or not hasattr(old.get("config"), "final_config_dict") or "state_dict" not in old:
-        raise UsageError(f"'{path}' is not a RecBole checkpoint (no pickled Config and state_dict): nothing to convert")
-    config = old["config"]
-    config["single_spec"], config["local_rank"] = True, 0
-    dataset, train_data, _, _ = prepare(config)
-    model = build_model(config, train_data)
-    model.load_state_dict(old["state_dict"])
-    model.load_other_parameter(old.get("other_parameter"))
-    save_checkpoint(out_path, config, model, dataset.identity, converted_from=os.path.abspath(path))
-    return out_path
-
-
-def _add_settings_digest(path, payload, out_path):
-    """A safe-format checkpoint written before settings were checksummed, with the SHA-256 of its
-    settings as they are now; one that has it already is refused (nothing to convert)."""
-    if "settings_sha256" in payload:
-        raise UsageError(f"checkpoint '{path}' is already in the safe format, settings checksummed: nothing to convert; load it as it is")
-    try:
-        payload["settings_sha256"] = settings_digest(payload["config"])
-        check_digests(path, payload)
-        config_from_plain(payload["config"])  # the settings must make a config: refused now rather than at every load
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UsageError(f"checkpoint '{path}' is damaged: its {type(err).__name__} ({err}) shows a part missing or malformed; use an intact copy") from None
-    _write_atomically(payload, out_path)
-    return out_path

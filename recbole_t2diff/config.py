@@ -3,21 +3,21 @@
 RecBole only looks for models and their property files inside the ``recbole`` package. This
 ``Config`` resolves model names through :func:`get_model` (our registry first, then RecBole's
 built-ins) and loads this package's property files with *internal* priority: they override
-RecBole's defaults, while user yaml files, ``config_dict`` and ``--key=value`` still override them.
+RecBole's defaults, while user yaml files, ``config_dict`` and the command line still override them.
+
+RecBole's ``Config`` reads the command line from ``sys.argv`` itself; this one takes it as an
+argument, ``argv`` (the ``--key=value`` settings only; ``None``: none), which the scripts pass in.
 """
 import importlib
 import importlib.util
 import os
-import sys
-from logging import getLogger
-from pathlib import Path
 
 import torch
 import yaml
 
-from recbole_t2diff import compat
 from recbole_t2diff.errors import UsageError
-from recbole_t2diff.settings import check_dataset_name, check_user_keys, check_values, parse_settings, script_options
+from recbole_t2diff.properties import properties_dir, property_files  # noqa: F401  (properties_dir: re-exported, callers import it from here)
+from recbole_t2diff.settings import check_dataset_name, check_user_keys, check_values, command_line_settings, parse_settings
 
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
@@ -36,33 +36,19 @@ _BUILTIN_SUBMODULES = [
 _EXLIB_MODELS = {"lightgbm", "xgboost"}
 
 
-def properties_dir():
-    """The folder holding ``sequential.yaml``, ``model/`` and ``dataset/``.
-
-    A wheel install ships it inside the package; a source checkout (editable install or
-    ``python run_recbole.py`` in the clone) has it at the repository's top level.
-    """
-    here = Path(__file__).resolve().parent
-    installed = here / "properties"
-    return installed if installed.is_dir() else here.parent / "properties"
-
-
 def get_model(name):
     """Model class for ``name``: a T2Diff-package model or any RecBole built-in (e.g. ``SASRec``)."""
     if not isinstance(name, str):
-        model_class = name
-    elif name in MODELS:
+        return name
+    if name in MODELS:
         module, attr = MODELS[name].split(":")
-        model_class = getattr(importlib.import_module(module), attr)
-    elif name.lower() in _EXLIB_MODELS:
+        return getattr(importlib.import_module(module), attr)
+    if name.lower() in _EXLIB_MODELS:
         try:
-            model_class = recbole_get_model(name)
+            return recbole_get_model(name)
         except ImportError as err:
             raise UsageError(f"model '{name}' needs {err.name}: pip install {err.name}") from err
-    else:
-        model_class = _builtin_model(name)
-    compat.disable_anomaly_mode()
-    return model_class
+    return _builtin_model(name)
 
 
 def _builtin_model(name):
@@ -130,22 +116,15 @@ def _python_tagged(node):
     return None
 
 
-def property_files(model, dataset, sequential):
-    """This package's property files a ``Config`` reads after RecBole's own, lowest precedence first
-    (those that exist). The sequential protocol (leave-one-out, full ranking, CE without sampled
-    negatives) would break other model types, e.g. RecBole's general BPR model, which needs negatives."""
-    properties = properties_dir()
-    files = [properties / "overall.yaml", *([properties / "sequential.yaml"] if sequential else []),
-             properties / "model" / f"{model}.yaml", properties / "dataset" / f"{dataset}.yaml"]
-    return [file for file in files if file.is_file()]
-
-
 class Config(RecBoleConfig):
-    """RecBole's Config, aware of this package's models and property files."""
+    """RecBole's Config, aware of this package's models and property files, with the command line
+    given as ``argv``: the ``--key=value`` settings (e.g. a script's ``sys.argv[1:]`` less its own
+    options), which override every other source, as in RecBole; ``None`` means none."""
 
-    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, argv=None):
         for file in config_file_list or []:
             _check_yaml_file(file)
+        self.argv = list(argv or [])  # read by _load_cmd_line, which RecBole's __init__ calls without arguments
         try:
             super().__init__(model, dataset, config_file_list, config_dict)
         except ValueError as err:  # RecBole's own checks of settings, e.g. CE with sampled negatives
@@ -169,24 +148,10 @@ class Config(RecBoleConfig):
         return parse_settings(config_dict, "in config_dict") if config_dict else dict()
 
     def _load_cmd_line(self):
-        """RecBole's reading of ``--key=value`` from ``sys.argv`` (anything else is logged as unused,
-        which run_recbole.py and run_hyper.py refuse first), with values read as literals, never
-        ``eval()``-ed (``settings.parse_setting``), and a key given twice refused in one line."""
-        settings, unread = {}, []
-        if "ipykernel_launcher" in sys.argv[0]:
-            return settings
-        for arg in sys.argv[1:]:
-            if not arg.startswith("--") or arg.count("=") != 1:
-                unread.append(arg)
-                continue
-            key, value = arg[2:].split("=")
-            if settings.get(key, value) != value:
-                raise UsageError(f"--{key} is given twice, as --{key}={settings[key]} and {arg}: give it once")
-            settings[key] = value
-        if unread:
-            getLogger().warning(f"command line args [{' '.join(unread)}] will not be used in RecBole")
-        # The running script's own options are argparse's to read, not settings: never refused as code.
-        return parse_settings(settings, "on the command line", code_is_text=script_options())
+        """RecBole's reading of ``--key=value`` from ``sys.argv``, from ``self.argv`` instead, with
+        anything but ``--key=value`` and a key given twice refused in one line (RecBole logged the
+        first as unused) and values read as literals, never ``eval()``-ed (``settings.parse_setting``)."""
+        return parse_settings(command_line_settings(self.argv), "on the command line")
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)

@@ -6,8 +6,8 @@
   network exists, and otherwise reported in one line that says where the files were expected.
 - RecBole's ``create_dataset`` and ``data_preparation`` unpickle ``saved/<dataset>-*.pth`` cache
   files whenever they exist, so a file dropped there ran code on the next run: :func:`create_dataset`
-  never reads one, RecBole's dataloader cache reader is replaced by one that reads nothing, and the
-  settings that write them are rejected (``settings.check_no_pickle_caches``).
+  never reads one, RecBole's dataloader cache reader is replaced by one that reads nothing
+  (``compat.install``), and the settings that write them are rejected (``settings.check_no_pickle_caches``).
 - pandas reads a line with too few fields as missing values (RecBole then fills them in: a line
   ``5<TAB>BROKEN`` became an item with a made-up timestamp) and cuts a line with too many. Every
   atomic file is checked first: malformed lines are counted, reported and dropped, and above
@@ -26,7 +26,6 @@ from pathlib import Path
 import yaml
 
 import recbole
-import recbole.data.utils as recbole_data_utils
 from recbole.utils import FeatureSource, FeatureType, ModelType
 from recbole.utils.url import extract_zip, rename_atomic_files
 
@@ -91,13 +90,6 @@ def create_dataset(config):
     dataset_class = getattr(module, name) if hasattr(module, name) else getattr(module, _DATASET_CLASSES[config["MODEL_TYPE"]])
     return _checked_class(dataset_class)(config)
 
-
-def _no_cached_dataloaders(config):
-    return None
-
-
-# data_preparation looks the reader up in its module at every call.
-recbole_data_utils.load_split_dataloaders = _no_cached_dataloaders
 
 _CHECKED_CLASSES = {}
 

@@ -8,14 +8,12 @@ metrics are only reported.
 import ast
 import math
 import os
-import re
-import sys
 
 import yaml
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import run
-from recbole_t2diff.settings import check_known_keys, parse_setting
+from recbole_t2diff.settings import check_known_keys, command_line_settings, parse_setting
 
 from recbole.trainer import HyperTuning
 from recbole.utils.utils import dict2str
@@ -80,11 +78,6 @@ def parse_params_file(path):
     return space
 
 
-def command_line_keys(argv=None):
-    """Names of the ``--key=value`` settings RecBole's Config will read from the command line."""
-    return {m.group(1) for arg in (argv if argv is not None else sys.argv[1:]) if (m := re.fullmatch(r"--([^=]+)=[^=]*", arg))}
-
-
 def check_output_file(path):
     """The result file is written after the last trial: a path that cannot be written fails now."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -108,19 +101,23 @@ def _extra_keys(config_files):
     return keys
 
 
-def make_objective(model, dataset, saved=True, on_trainer=None):
-    """The objective ``HyperTuning`` calls as ``objective(config_dict, config_file_list)``;
-    ``on_trainer`` as in :func:`~recbole_t2diff.quick_start.run` (Ray trials report every epoch)."""
+def make_objective(model, dataset, saved=True, on_trainer=None, argv=None):
+    """The objective ``HyperTuning`` calls as ``objective(config_dict, config_file_list)``; every trial
+    gets the command-line settings ``argv``; ``on_trainer`` as in :func:`~recbole_t2diff.quick_start.run`
+    (Ray trials report every epoch)."""
 
     def objective(config_dict, config_file_list):
-        return run(model, dataset, config_file_list=config_file_list, config_dict=config_dict, saved=saved, verbose=False,
-                   on_trainer=on_trainer)
+        return run(model, dataset, config_file_list=config_file_list, config_dict=config_dict, argv=argv, saved=saved,
+                   verbose=False, on_trainer=on_trainer)
 
     return objective
 
 
 class Search(HyperTuning):
-    """RecBole's HyperTuning with progress lines and a result file that names the best trial."""
+    """RecBole's HyperTuning with progress lines and a result file that names the best trial.
+
+    ``argv``: the command line's ``--key=value`` settings, fixed for every trial (``None``: none).
+    """
 
     def __init__(self, model, dataset, params_file, config_files=None, algo="exhaustive", max_evals=10,
                  early_stop=10, argv=None):
@@ -128,15 +125,16 @@ class Search(HyperTuning):
             raise UsageError(f"unknown --algo={algo}: use one of {', '.join(ALGOS)}")
         space = parse_params_file(params_file)
         check_known_keys(space, f"in {params_file}", _extra_keys(config_files))
+        self.argv = list(argv or [])
         # RecBole's Config gives the command line priority over each trial's values: a searched key
         # also given as --key=value would silently fix it in every trial.
-        clash = sorted(set(space) & command_line_keys(argv))
+        clash = sorted(set(space) & set(command_line_settings(self.argv)))
         if clash:
             raise UsageError(
                 f"--{clash[0]} is given on the command line and searched in {params_file}: the command line would override "
                 "every trial's value; drop one of them (fixed values belong in --config_files or on the command line, searched ones in the params file)"
             )
-        super().__init__(make_objective(model, dataset), space=space, fixed_config_file_list=config_files,
+        super().__init__(make_objective(model, dataset, argv=self.argv), space=space, fixed_config_file_list=config_files,
                          algo=algo, max_evals=max_evals, early_stop=early_stop)
         self.model_name, self.dataset, self.algo_name = model, dataset, algo
         self.trials = []  # (params, result) in the order they ran

@@ -6,7 +6,6 @@ same steps with this package's Config and registry, so they run T2Diff and every
 """
 import logging
 import os
-import sys
 
 import torch
 import torch.multiprocessing as mp
@@ -15,10 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from recbole_t2diff.checkpoint import check_data, load_checkpoint, save_checkpoint, unique_checkpoint_path
 from recbole_t2diff.compat import init_logger
-from recbole_t2diff.config import Config, check_model_config, get_model, properties_dir
+from recbole_t2diff.config import Config, check_model_config, get_model
 from recbole_t2diff.data import check_dataset, create_dataset, ensure_dataset
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.t2diff import T2Diff
+from recbole_t2diff.properties import properties_dir
 from recbole_t2diff.settings import apply_overrides
 
 from recbole.data import data_preparation
@@ -31,7 +31,7 @@ def prepare(config):
     ensure_dataset(config)  # first: a missing dataset leaves no empty log file behind
     init_logger(config)
     logger = logging.getLogger()
-    logger.info(sys.argv)
+    logger.info(f"command-line settings: {config.cmd_config_dict}")
     logger.info(config)
     dataset = create_dataset(config)
     logger.info(dataset)
@@ -114,9 +114,12 @@ def _share_checkpoint_name(trainer):
         trainer.saved_model_file = name[0]
 
 
-def run(model, dataset, config_file_list=None, config_dict=None, saved=True, verbose=True,
+def run(model, dataset, config_file_list=None, config_dict=None, argv=None, saved=True, verbose=True,
         nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0, on_trainer=None):
     """Train with early stopping on the validation metric, then test the best model.
+
+    The settings come from ``config_file_list``, ``config_dict`` and ``argv``, the command line's
+    ``--key=value`` settings (which override the others, see :class:`~recbole_t2diff.config.Config`).
 
     Returns the dict RecBole's ``run_recbole`` returns, plus ``model`` (the name) and
     ``saved_model_file`` (the best checkpoint, ``None`` when ``saved`` is false). With ``nproc`` > 1
@@ -127,13 +130,14 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, ver
     whose message names the checkpoint kept.
     """
     if nproc == 1 and world_size <= 1:
-        return _run(model, dataset, config_file_list, config_dict, saved, verbose, on_trainer)
+        return _run(model, dataset, config_file_list, config_dict, argv, saved, verbose, on_trainer)
     settings = distributed_settings(nproc, world_size, ip, port, group_offset)
     # Check settings and fetch a missing dataset once, here, rather than in every process.
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict={**(config_dict or {}), **settings})
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict={**(config_dict or {}), **settings},
+                    argv=argv)
     ensure_dataset(config)
     return spawn(_run, nproc, settings, config, "config_dict", model=model, dataset=dataset,
-                 config_file_list=config_file_list, config_dict=config_dict, saved=saved, verbose=verbose)
+                 config_file_list=config_file_list, config_dict=config_dict, argv=argv, saved=saved, verbose=verbose)
 
 
 def distributed_settings(nproc, world_size=-1, ip="localhost", port="5678", group_offset=0):
@@ -163,8 +167,8 @@ def _rank_main(rank, function, settings, settings_key, kwargs, results):
     torch.distributed.destroy_process_group()
 
 
-def _run(model, dataset, config_file_list, config_dict, saved, verbose, on_trainer=None):
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+def _run(model, dataset, config_file_list, config_dict, argv, saved, verbose, on_trainer=None):
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict, argv=argv)
     dataset, train_data, valid_data, test_data = prepare(config)
     model = build_model(config, train_data)
     logger = logging.getLogger()

@@ -18,12 +18,12 @@ import ipaddress
 import math
 import os
 import socket
-import sys
 import time
 
 from recbole_t2diff.config import Config
 from recbole_t2diff.errors import UsageError
-from recbole_t2diff.hyper import Search, command_line_keys, make_objective
+from recbole_t2diff.hyper import Search, make_objective
+from recbole_t2diff.settings import command_line_settings
 
 INSTALL = 'python -m uv pip install --python "$(command -v python)" -e ".[ray]"'
 SCHEDULERS = ("none", "asha", "median")
@@ -83,10 +83,9 @@ def _trial(params, *, model, dataset, config_files, cwd, argv, threads):
     ray, tune = import_ray(loopback=False)  # the worker's node is already set up
     import torch
 
-    # A worker starts in Ray's trial folder with Ray's own command line: run where the search was
-    # started (relative data_path, log/ and saved/ as for hyperopt), with the search's --key=value.
+    # A worker starts in Ray's trial folder: run where the search was started (relative data_path,
+    # log/ and saved/ as for hyperopt); the search's --key=value settings come as argv.
     os.chdir(cwd)
-    sys.argv = argv
     torch.set_num_threads(threads)
     # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id: hand it the GPUs Ray gave this trial, or none.
     fixed = {"gpu_id": ",".join(str(i) for i in ray.get_gpu_ids())}
@@ -102,7 +101,7 @@ def _trial(params, *, model, dataset, config_files, cwd, argv, threads):
 
         trainer.fit = functools.partial(trainer.fit, callback_fn=report)
 
-    result = make_objective(model, dataset, on_trainer=report_every_epoch)({**params, **fixed}, config_files)
+    result = make_objective(model, dataset, on_trainer=report_every_epoch, argv=argv)({**params, **fixed}, config_files)
     # The last report repeats the last epoch, so a scheduler records nothing new: it carries the test.
     plain = {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items()}
     tune.report({**last, BEST: result["best_valid_score"], CPU: time.process_time(), "result": plain})
@@ -126,7 +125,6 @@ class RaySearch(Search):
         self.loopback = address is None or _loopback(address)
         import_ray(self.loopback)  # no ray: say how to install it before any other work
         super().__init__(model, dataset, params_file, config_files, algo, max_evals, early_stop, argv)
-        self.argv = list(sys.argv[1:] if argv is None else argv)
         if scheduler not in SCHEDULERS:
             raise UsageError(f"unknown --scheduler={scheduler}: use one of {', '.join(SCHEDULERS)}")
         for name, value, low in (("cpus_per_trial", cpus_per_trial, 0), ("gpus_per_trial", gpus_per_trial, 0),
@@ -140,7 +138,7 @@ class RaySearch(Search):
             raise UsageError(f"--num_cpus={num_cpus}: it must be a whole number >= --cpus_per_trial ({cpus_per_trial})")
         if address is not None and num_cpus is not None:
             raise UsageError("--num_cpus sizes a local Ray instance; with --address the cluster's own CPUs count: drop one of them")
-        if "gpu_id" in set(self.space) | command_line_keys(self.argv) | set(_file_keys(config_files)):
+        if "gpu_id" in set(self.space) | set(command_line_settings(self.argv)) | set(_file_keys(config_files)):
             raise UsageError("gpu_id is Ray's to choose for each trial: drop it and give --gpus_per_trial instead")
         self.address, self.num_cpus, self.early_stop = address, num_cpus, early_stop
         self.cpus_per_trial, self.gpus_per_trial, self.max_concurrent = cpus_per_trial, gpus_per_trial, int(max_concurrent)
@@ -168,7 +166,7 @@ class RaySearch(Search):
         trainable = tune.with_resources(
             tune.with_parameters(
                 _trial, model=self.model_name, dataset=self.dataset, config_files=self.fixed_config_file_list,
-                cwd=os.getcwd(), argv=[os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "ray-trial", *self.argv],
+                cwd=os.getcwd(), argv=self.argv,
                 threads=max(1, math.floor(self.cpus_per_trial)),
             ),
             {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial},
@@ -261,13 +259,11 @@ def _file_keys(config_files):
 
 def _fixed_config(model, dataset, config_files, argv):
     """The fixed settings' Config, built as a trial builds it (same files, same command line)."""
-    saved_argv, saved_devices = sys.argv, os.environ.get("CUDA_VISIBLE_DEVICES")
-    sys.argv = [sys.argv[0] if sys.argv else "run_hyper.py", *argv]
+    saved_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
-        return Config(model=model, dataset=dataset, config_file_list=config_files)
+        return Config(model=model, dataset=dataset, config_file_list=config_files, argv=argv)
     finally:
         # RecBole's Config sets CUDA_VISIBLE_DEVICES from gpu_id: Ray must still see every GPU.
-        sys.argv = saved_argv
         if saved_devices is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:

@@ -8,9 +8,11 @@ never listed by hand, so a knob added to a property file is accepted at once:
   and dataset's yaml) and of its settings lists (``recbole.utils.argument_list``);
 - every key RecBole's or this package's code reads as ``config["key"]`` (a few have no yaml default);
 - every key of this package's property files (``properties/``: every registered model's yaml, the
-  dataset and protocol files);
-- on the command line only, the options the running script declares itself with ``add_argument``
-  (``--config_files``, ``--params_file``, ...), which RecBole's Config also reads from ``sys.argv``.
+  dataset and protocol files).
+
+Command-line settings reach a ``Config`` only as its ``argv`` argument (:func:`command_line_settings`
+reads them): a script parses its own options (``--config_files``, ``--params_file``, ...) with
+argparse first and hands over only the rest, so those options are never settings.
 
 Keys from the user's own yaml files are checked like every other source. A deliberate key of your
 own (read by your code from the config) is listed in ``extra_keys``.
@@ -21,18 +23,18 @@ import functools
 import numbers
 import os
 import re
-import sys
 from pathlib import Path
 
 import yaml
 
 import recbole
+from recbole.evaluator import metric_types
 from recbole.utils import argument_list
 
+from recbole_t2diff import properties
 from recbole_t2diff.errors import UsageError
 
 _CODE_READ = re.compile(r"""(?:config|config_dict)\[\s*["']([A-Za-z_]\w*)["']\s*\]|config\.get\(\s*["']([A-Za-z_]\w*)["']""")
-_SCRIPT_OPTION = re.compile(r"""add_argument\(\s*["']--([A-Za-z_]\w*)["']""")
 
 
 def _yaml_keys(folder):
@@ -57,23 +59,43 @@ def _code_keys(folder):
 @functools.lru_cache(maxsize=1)
 def known_keys():
     """Every setting some model, dataset or RecBole itself knows (see the module docstring)."""
-    from recbole_t2diff.config import properties_dir
-
     recbole_root = Path(recbole.__file__).parent
     package_root = Path(__file__).parent
     lists = (argument_list.general_arguments, argument_list.training_arguments,
              argument_list.evaluation_arguments, argument_list.dataset_arguments)
     keys = set().union(*lists) | _yaml_keys(recbole_root / "properties") | _code_keys(recbole_root)
-    return frozenset(keys | _yaml_keys(properties_dir()) | _code_keys(package_root) | {"model", "dataset"})
+    return frozenset(keys | _yaml_keys(properties.properties_dir()) | _code_keys(package_root) | {"model", "dataset"})
 
 
-def script_options(argv0=None):
-    """The ``--options`` the running script declares with argparse (they are its own, not settings)."""
-    script = argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")
-    if not script.endswith(".py") or not os.path.isfile(script):
-        return set()
-    with open(script, encoding="utf-8", errors="replace") as f:
-        return set(_SCRIPT_OPTION.findall(f.read()))
+def command_line_settings(argv):
+    """The ``--key=value`` settings of a command line, as ``{key: text}`` (``None``: no settings).
+
+    ``argv`` holds settings only (a script's own options are argparse's, parsed before). RecBole
+    reads ``--key=value`` with exactly one ``=`` and only logged anything else, so ``--epochs 1``
+    trained 100 epochs: anything else is refused in one line, and so is a key given twice.
+    """
+    settings = {}
+    arguments = list(argv or [])
+    for index, argument in enumerate(arguments):
+        if not (argument.startswith("--") and argument.count("=") == 1):
+            _refuse_argument(argument, arguments[index + 1] if index + 1 < len(arguments) else None)
+        key, value = argument[2:].split("=")
+        if settings.get(key, value) != value:
+            raise UsageError(f"--{key} is given twice, as --{key}={settings[key]} and {argument}: give it once")
+        settings[key] = value
+    return settings
+
+
+def _refuse_argument(argument, following):
+    if argument.startswith("--") and "=" not in argument:
+        value = following if following is not None and not following.startswith("--") else "VALUE"
+        raise UsageError(f"'{argument}' has no value: settings are written with '=', not a space; use {argument}={value}")
+    if argument.startswith("--"):
+        raise UsageError(
+            f"'{argument}' has more than one '=': RecBole reads --key=value with one '='; put this setting in a yaml file "
+            "given with --config_files"
+        )
+    raise UsageError(f"unexpected argument '{argument}': settings are written --key=value (e.g. --epochs=1)")
 
 
 def check_known_keys(keys, source, extra_keys=()):
@@ -98,7 +120,7 @@ def check_user_keys(config, config_files):
     files = ", ".join(config_files or [])
     check_known_keys(config.file_config_dict, f"in {files}", extra_keys)
     check_known_keys(config.variable_config_dict, "in config_dict", extra_keys)
-    check_known_keys(set(config.cmd_config_dict) - script_options(), "on the command line", extra_keys)
+    check_known_keys(config.cmd_config_dict, "on the command line", extra_keys)
 
 
 def _is_number(value):
@@ -163,7 +185,7 @@ _CONTAINERS = (ast.List, ast.Tuple, ast.Dict, ast.Set)
 LITERAL_FORMS = "a number, True/False/None, a word or a quoted string, or a list or dict of those (strings in it quoted)"
 
 
-def parse_setting(key, value, source, code_is_text=False):
+def parse_setting(key, value, source):
     """A setting's value as RecBole would read it from ``--key=value`` or ``config_dict``, without
     running anything: RecBole's ``Config`` passes such strings to ``eval()``, so a value could run
     any code. Here a string is read with ``ast.literal_eval``, and what is no literal is:
@@ -176,8 +198,7 @@ def parse_setting(key, value, source, code_is_text=False):
       would have run it), arithmetic on numbers (``1e-3*2``: eval would have computed it; write the
       result), or a list or dict with unquoted words (eval failed and RecBole kept the whole text).
 
-    ``code_is_text`` (a running script's own options, which argparse reads, not RecBole) keeps what
-    would be refused as text. Non-strings are returned unchanged.
+    Non-strings are returned unchanged.
     """
     if not isinstance(value, str):
         return value
@@ -194,7 +215,7 @@ def parse_setting(key, value, source, code_is_text=False):
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return value  # not Python: plain text
     problem = _code_in(tree)
-    if problem is None or code_is_text:
+    if problem is None:
         return value
     shown = value if len(value) <= 80 else value[:77] + "..."
     raise UsageError(
@@ -221,11 +242,11 @@ def _code_in(tree):
     return None
 
 
-def parse_settings(settings, source, code_is_text=()):
+def parse_settings(settings, source):
     """``parse_setting`` for every value of the dict ``settings``, in place (RecBole's own reader also
-    replaces the values in the dict it is given); keys in ``code_is_text`` keep code-like text."""
+    replaces the values in the dict it is given)."""
     for key, value in settings.items():
-        settings[key] = parse_setting(key, value, source, code_is_text=key in code_is_text)
+        settings[key] = parse_setting(key, value, source)
     return settings
 
 
@@ -262,8 +283,6 @@ def apply_overrides(config, overrides):
             raise UsageError(f"invalid setting topk={overrides['topk']}: it must be a whole number >= 1 or a list of them, e.g. [10,20]")
         config["topk"] = [int(k) for k in topk]
     if "metrics" in overrides:
-        from recbole.evaluator import metric_types
-
         metrics = [config["metrics"]] if isinstance(config["metrics"], str) else config["metrics"]
         kinds = [metric_types.get(metric.lower()) if isinstance(metric, str) else None for metric in metrics or [None]]
         if not all(kind == config["eval_type"] for kind in kinds):

@@ -5,13 +5,11 @@ import importlib.util
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-import recbole_t2diff  # noqa: F401  (numpy shim before any Config)
 from recbole_t2diff.config import Config
 from recbole_t2diff.quick_start import build_model, prepare
 
@@ -85,17 +83,6 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
 
 
-@pytest.fixture(autouse=True, scope="session")
-def clean_argv():
-    """RecBole's Config reads --key=value from sys.argv: keep pytest's own arguments (--durations=8, -k ...) out of
-    it for the whole session, so that fixtures of any scope, built before a test's own fixtures, see none either.
-    A test that needs a command line sets sys.argv itself (monkeypatch restores this one after it)."""
-    argv = sys.argv
-    sys.argv = ["pytest"]
-    yield
-    sys.argv = argv
-
-
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory):
     return write_tiny_dataset(str(tmp_path_factory.mktemp("data")))
@@ -114,15 +101,13 @@ def tiny_config(tiny_path, model="T2Diff", **overrides):
 
 @contextlib.contextmanager
 def scratch_run(folder):
-    """For fixtures wider than a test: run RecBole in ``folder`` with pytest's arguments hidden."""
-    cwd, argv = os.getcwd(), sys.argv
+    """For fixtures wider than a test: run RecBole in ``folder`` (it writes log/, saved/ and log_tensorboard/ into the cwd)."""
+    cwd = os.getcwd()
     os.chdir(folder)
-    sys.argv = ["pytest"]
     try:
         yield
     finally:
         os.chdir(cwd)
-        sys.argv = argv
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Model registry, property-file loading and priorities, knob validation, anomaly mode."""
+"""Model registry, property-file loading and priorities, knob validation, the compat patches (anomaly mode, ensure_dir)."""
 import re
+import sys
 
 import pytest
 import torch
@@ -16,9 +17,21 @@ def test_registry_resolves_our_model_and_builtins():
 
 
 def test_anomaly_mode_is_off_after_any_model_lookup():
-    torch.autograd.set_detect_anomaly(True)
-    get_model("GRU4Rec")  # importing RecBole's sequential models switches it on (sine.py)
+    """Importing RecBole's sequential models switches it on (sine.py): compat.install() imported them and switched it off."""
+    assert "recbole.model.sequential_recommender.sine" in sys.modules
+    get_model("GRU4Rec")
+    get_model("SINE")
     assert not torch.is_anomaly_enabled()
+
+
+def test_compat_install_is_idempotent():
+    from recbole.utils import ensure_dir
+
+    from recbole_t2diff import compat
+
+    patched = ensure_dir.__code__
+    compat.install()
+    assert ensure_dir.__code__ is patched and not torch.is_anomaly_enabled()
 
 
 @pytest.mark.parametrize("name,hint", [("sasrec", "did you mean --model=SASRec"), ("NoSuchModel", "RecBole built-in")])
@@ -39,9 +52,15 @@ def test_package_properties_load_and_user_values_win():
 
 
 def test_command_line_overrides_property_files(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["run_recbole.py", "--n_steps=7", "--learning_rate=0.01"])
-    config = Config(model="T2Diff", dataset="ml-100k", config_dict={"n_steps": 3})
+    config = Config(model="T2Diff", dataset="ml-100k", config_dict={"n_steps": 3}, argv=["--n_steps=7", "--learning_rate=0.01"])
     assert config["n_steps"] == 7 and config["learning_rate"] == 0.01
+
+
+def test_the_config_reads_no_command_line_but_its_argv(monkeypatch):
+    """A script hands its settings over as argv; the process's own command line (pytest's, here) is never read."""
+    monkeypatch.setattr(sys, "argv", ["run_recbole.py", "--n_steps=7"])
+    assert Config(model="T2Diff", dataset="ml-100k")["n_steps"] == 50
+    assert Config(model="T2Diff", dataset="ml-100k", argv=None).cmd_config_dict == {}
 
 
 def test_other_model_types_keep_recboles_defaults():
@@ -112,8 +131,6 @@ def test_recbole_ensure_dir_survives_a_folder_made_by_a_parallel_run(tmp_path, m
     import os
 
     from recbole.utils import ensure_dir  # the name RecBole's logger and trainer imported
-
-    import recbole_t2diff.compat  # noqa: F401
 
     made = tmp_path / "log"
     made.mkdir()
@@ -194,7 +211,7 @@ def test_run_with_several_processes_hands_its_arguments_to_every_rank(monkeypatc
     assert settings == quick_start.distributed_settings(2, 4, "10.0.0.2", 29500, 2)
     assert (config["model"], config["dataset"], config["n_steps"], config["epochs"], config["world_size"]) == (
         "T2Diff", "ml-100k", 3, 1, 4)  # checked once here, with the distributed keys, before any process starts
-    assert kwargs == {"model": "T2Diff", "dataset": "ml-100k", "config_file_list": files, "config_dict": knobs,
+    assert kwargs == {"model": "T2Diff", "dataset": "ml-100k", "config_file_list": files, "config_dict": knobs, "argv": None,
                       "saved": False, "verbose": False}
     assert checked == ["ml-100k"]
 
@@ -203,4 +220,7 @@ def test_run_with_several_processes_hands_its_arguments_to_every_rank(monkeypatc
     quick_start.run("T2Diff", "ml-100k", world_size=2)  # one process here, one on another machine
     assert len(spawned) == 3 and single == []
     assert quick_start.run("T2Diff", "ml-100k", world_size=1) == "alone"
-    assert single[-1] == ("T2Diff", "ml-100k", None, None, True, True, None)
+    assert single[-1] == ("T2Diff", "ml-100k", None, None, None, True, True, None)
+    quick_start.run("T2Diff", "ml-100k", argv=["--epochs=1"], nproc=2)  # the command line reaches every rank
+    (_, _, _, config, _), kwargs = spawned[-1]
+    assert kwargs["argv"] == ["--epochs=1"] and config["epochs"] == 1

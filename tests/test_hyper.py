@@ -12,7 +12,8 @@ from recbole.utils.utils import dict2str
 
 from recbole_t2diff.checkpoint import load_checkpoint
 from recbole_t2diff.errors import UsageError
-from recbole_t2diff.hyper import Search, check_output_file, command_line_keys, parse_params_file
+from recbole_t2diff.hyper import Search, check_output_file, parse_params_file
+from recbole_t2diff.settings import command_line_settings
 
 from conftest import REPO
 
@@ -149,7 +150,6 @@ def test_malformed_file_from_the_command_line_gives_one_line(tmp_path):
 
 def test_a_searched_key_on_the_command_line_is_rejected(tmp_path):
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
-    assert command_line_keys(["--learning_rate=0.1", "--epochs=1", "-m", "x"]) == {"learning_rate", "epochs"}
     with pytest.raises(UsageError, match="--learning_rate is given on the command line and searched"):
         Search("T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=["--learning_rate=0.1"])
 
@@ -185,10 +185,15 @@ def test_a_searched_key_of_the_users_own_passes_when_a_config_file_lists_it(tmp_
         Search("SASRec", "ml-100k", str(tmp_path / "space.hyper"), files[1:], argv=[])
 
 
-def test_searched_keys_clash_with_the_scripts_own_command_line_by_default(monkeypatch):
+def test_searched_keys_clash_only_with_the_command_line_passed_in(monkeypatch, tmp_path):
+    """The search's command line is its argv (run_hyper.py passes its settings), never the process's own."""
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
     monkeypatch.setattr(sys, "argv", ["run_hyper.py", "--learning_rate=0.1"])
-    assert command_line_keys() == {"learning_rate"}
-    assert command_line_keys([]) == set()
+    assert Search("T2Diff", "ml-100k", str(tmp_path / "space.hyper")).argv == []
+    assert command_line_settings(["--learning_rate=0.1", "--epochs=1"]) == {"learning_rate": "0.1", "epochs": "1"}
+    assert command_line_settings([]) == command_line_settings(None) == {}
+    with pytest.raises(UsageError, match="unexpected argument '-m'"):  # a script's own options are parsed before
+        command_line_settings(["--learning_rate=0.1", "-m", "x"])
 
 
 def test_the_output_file_is_checked_before_any_trial(tmp_path, monkeypatch):

@@ -15,15 +15,16 @@ import pytest
 import torch
 
 import recbole_t2diff.checkpoint as checkpoint_module
-import recbole_t2diff.config as config_module
-from recbole_t2diff.checkpoint import convert_checkpoint, load_checkpoint, save_checkpoint
+import recbole_t2diff.properties as properties_module
+from recbole_t2diff.checkpoint import load_checkpoint, save_checkpoint
 from recbole_t2diff.config import Config
+from recbole_t2diff.convert import convert_checkpoint
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.export import export_embeddings
 from recbole_t2diff.model.t2diff import T2Diff
 from recbole_t2diff.hyper import Search
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, prepare, run
-from recbole_t2diff.settings import known_keys, script_options
+from recbole_t2diff.settings import known_keys
 
 from conftest import REPO, TINY_MODEL, RunsCommand, scratch_run, write_tiny_dataset
 
@@ -390,8 +391,7 @@ def test_a_misspelt_key_names_the_nearest_known_key(typo, known, monkeypatch, tm
     one_line_error(Config, model="T2Diff", dataset="ml-100k", config_dict={typo: 2}, match=expected)
     (tmp_path / "mine.yaml").write_text(f"{typo}: 2\n")
     one_line_error(Config, model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "mine.yaml")], match=expected)
-    monkeypatch.setattr(sys, "argv", ["run_recbole.py", f"--{typo}=2"])
-    one_line_error(Config, model="T2Diff", dataset="ml-100k", match=expected)
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", argv=[f"--{typo}=2"], match=expected)
 
 
 def test_a_misspelt_key_in_a_params_file_fails_before_any_trial(tmp_path):
@@ -410,20 +410,24 @@ def test_deliberate_extra_keys_pass_when_listed():
     one_line_error(Config, model="SASRec", dataset="ml-100k", config_dict={"my_flag": 3}, match="extra_keys")
 
 
-def test_recboles_own_keys_and_the_scripts_options_are_known(monkeypatch):
+def test_recboles_own_keys_are_known_and_the_scripts_options_are_no_settings(monkeypatch):
     assert {"learning_rate", "eval_args", "encoding", "world_size", "hidden_size", "dist_backend"} <= known_keys()
-    assert {"config_files", "nproc", "group_offset"} <= script_options(os.path.join(REPO, "run_recbole.py"))
-    monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "run_recbole.py"), "--config_files=", "--nproc=1", "--encoding=utf-8"])
-    Config(model="T2Diff", dataset="ml-100k")
+    module = load_script("run_recbole.py")
+    runs = []
+    monkeypatch.setattr(module, "run", lambda *args, **kwargs: runs.append((args, kwargs)))
+    module.main(["--config_files=", "--nproc=1", "--group_offset=0", "--encoding=utf-8"])
+    (args, kwargs), = runs
+    assert kwargs["argv"] == ["--encoding=utf-8"] and (kwargs["config_file_list"], kwargs["nproc"], kwargs["group_offset"]) == (None, 1, 0)
+    assert Config(model="T2Diff", dataset="ml-100k", argv=kwargs["argv"])["encoding"] == "utf-8"
 
 
 def test_a_knob_added_to_a_property_file_is_accepted_at_once(tmp_path, monkeypatch):
     properties = tmp_path / "properties"
-    shutil.copytree(config_module.properties_dir(), properties)
+    shutil.copytree(properties_module.properties_dir(), properties)
     with open(properties / "model" / "T2Diff.yaml", "a") as f:
         f.write("brand_new_knob: 1\n")
     (properties / "model" / "FutureModel.yaml").write_text("future_knob: 2\n")  # a model registered later
-    monkeypatch.setattr(config_module, "properties_dir", lambda: properties)
+    monkeypatch.setattr(properties_module, "properties_dir", lambda: properties)
     known_keys.cache_clear()
     try:
         config = Config(model="T2Diff", dataset="ml-100k", config_dict={"brand_new_knob": 3, "future_knob": 4})
@@ -446,9 +450,8 @@ def test_a_knob_added_to_a_property_file_is_accepted_at_once(tmp_path, monkeypat
         ("--mask_diag=yes", "mask_diag=yes: it must be True or False"),
     ],
 )
-def test_bad_values_get_one_line(argument, message, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["run_recbole.py", argument])
-    one_line_error(Config, model="T2Diff", dataset="ml-100k", match=re.escape(message))
+def test_bad_values_get_one_line(argument, message):
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", argv=[argument], match=re.escape(message))
 
 
 @pytest.mark.spawns
@@ -550,8 +553,7 @@ def test_a_setting_string_runs_no_code(tmp_path, monkeypatch, source):
     marker = tmp_path / "marker"
     value = CODE.format(marker=marker)
     if source == "command line":
-        monkeypatch.setattr(sys, "argv", ["run_recbole.py", f"--learning_rate={value}"])
-        kwargs = {}
+        kwargs = {"argv": [f"--learning_rate={value}"]}
     else:
         kwargs = {"config_dict": {"learning_rate": value}}
     one_line_error(Config, model="T2Diff", dataset="ml-100k", **kwargs,
@@ -591,21 +593,37 @@ def test_setting_strings_are_read_as_recbole_read_them(text, value):
      ("f'{1}'", r"Python code \(an f-string\)"), ("open('x')", r"Python code \(a function call\)"), ("1 if x else 2", "a conditional"),
      ("__builtins__", r"Python code \(the name __builtins__\)"), ("x.__class__", r"Python code \(the name __class__\)")],
 )
-def test_code_and_expressions_are_refused_not_kept_as_text(text, problem, monkeypatch):
+def test_code_and_expressions_are_refused_not_kept_as_text(text, problem):
     """eval() computed or ran these (or kept a list with unquoted words as one string): refused in one line."""
-    monkeypatch.setattr(sys, "argv", ["run_recbole.py", f"--topk={text}"])
-    one_line_error(Config, model="T2Diff", dataset="ml-100k", match=rf"setting topk=.* \(on the command line\) is .*{problem}")
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", argv=[f"--topk={text}"], match=rf"setting topk=.* \(on the command line\) is .*{problem}")
 
 
-def test_a_scripts_own_option_may_look_like_code(monkeypatch):
+def test_a_scripts_own_option_may_look_like_code(monkeypatch, workdir):
     """argparse reads run_hyper.py's --output_file, not RecBole: a file name such as report(1).txt is no setting."""
-    monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "run_hyper.py"), "--output_file=report(1).txt"])
-    assert Config(model="T2Diff", dataset="ml-100k")["output_file"] == "report(1).txt"
+    module = load_script("run_hyper.py")
+    searches = []
+
+    class Searched(Exception):
+        pass
+
+    def search(*args, **kwargs):
+        searches.append(kwargs["argv"])
+        raise Searched
+
+    monkeypatch.setattr(module, "Search", search)
+    with pytest.raises(Searched):
+        module.main(["--output_file=report(1).txt", "--epochs=1"])
+    assert searches == [["--epochs=1"]]
+    assert Config(model="T2Diff", dataset="ml-100k", argv=searches[0])["epochs"] == 1
 
 
-def test_a_key_given_twice_on_the_command_line_gets_one_line(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["run_recbole.py", "--epochs=1", "--epochs=2"])
-    one_line_error(Config, model="T2Diff", dataset="ml-100k", match="--epochs is given twice, as --epochs=1 and --epochs=2")
+def test_a_key_given_twice_on_the_command_line_gets_one_line(monkeypatch, capsys):
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", argv=["--epochs=1", "--epochs=2"],
+                   match="--epochs is given twice, as --epochs=1 and --epochs=2")
+    module = load_script("run_recbole.py")  # ... and by the script, before anything starts
+    monkeypatch.setattr(module, "run", lambda *a, **k: pytest.fail("run started"))
+    line = script_error(module, ["run_recbole.py", "--epochs=1", "--epochs=2"], monkeypatch, capsys)
+    assert line == "error: --epochs is given twice, as --epochs=1 and --epochs=2: give it once"
 
 
 # --- 11. a mistyped flag is refused, not logged and ignored -----------------------------------------
