@@ -5,8 +5,8 @@ RecBole only looks for models and their property files inside the ``recbole`` pa
 built-ins) and loads this package's property files with *internal* priority: they override
 RecBole's defaults, while user yaml files, ``config_dict`` and the command line still override them.
 
-RecBole's ``Config`` reads the command line from ``sys.argv`` itself; this one takes it as an
-argument, ``argv`` (the ``--key=value`` settings only; ``None``: none), which the scripts pass in.
+RecBole's ``Config`` reads the process's command line itself; this one takes it as an argument,
+``argv`` (the ``--key=value`` settings only; ``None``: none), which the scripts pass in.
 """
 import importlib
 import importlib.util
@@ -118,7 +118,7 @@ def _python_tagged(node):
 
 class Config(RecBoleConfig):
     """RecBole's Config, aware of this package's models and property files, with the command line
-    given as ``argv``: the ``--key=value`` settings (e.g. a script's ``sys.argv[1:]`` less its own
+    given as ``argv``: the ``--key=value`` settings (e.g. a script's arguments less its own
     options), which override every other source, as in RecBole; ``None`` means none."""
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, argv=None):
@@ -148,7 +148,7 @@ class Config(RecBoleConfig):
         return parse_settings(config_dict, "in config_dict") if config_dict else dict()
 
     def _load_cmd_line(self):
-        """RecBole's reading of ``--key=value`` from ``sys.argv``, from ``self.argv`` instead, with
+        """RecBole's reading of ``--key=value`` from the process's command line, from ``self.argv`` instead, with
         anything but ``--key=value`` and a key given twice refused in one line (RecBole logged the
         first as unused) and values read as literals, never ``eval()``-ed (``settings.parse_setting``)."""
         return parse_settings(command_line_settings(self.argv), "on the command line")
