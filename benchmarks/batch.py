@@ -1,13 +1,13 @@
 """Run several benchmark studies through one pool of workers, in order of priority.
 
-    python benchmarks/batch.py PLAN [--jobs=N] [--stop_starting_after=MIN] [--stop_after=MIN]
+    python -m benchmarks.batch PLAN [--jobs=N] [--stop_starting_after=MIN] [--stop_after=MIN]
 
-PLAN has one study per line: the arguments run_benchmark.py would take for it (--models, --dataset,
+PLAN has one study per line: the arguments benchmarks.run_benchmark would take for it (--models, --dataset,
 --seeds, --search, --out, --key=value ...); '#' starts a comment. Every (variant, seed) of every study
 runs in its own process, --jobs at a time, earlier lines first (a study's search runs before its seeds;
 the seeds of a searched model become ready once all the study's search runs have ended). Rows go to
-each study's <out>/<dataset>.csv exactly as run_benchmark.py writes them, and runs already there are
-skipped, so a plan resumes where it stopped and `run_benchmark.py` with a study's line completes or
+each study's <out>/<dataset>.csv exactly as benchmarks.run_benchmark writes them, and runs already there are
+skipped, so a plan resumes where it stopped and `benchmarks.run_benchmark` with a study's line completes or
 summarizes that study alone. Progress: one line per validation of every run and one per finished run,
 with an estimate of the time left. At the end every study's table is written.
 
@@ -21,23 +21,33 @@ Each run gets cores // jobs torch threads (--threads sets another number); with 
 """
 import argparse
 import heapq
-import os
 import shlex
-import sys
 import threading
 import time
 
-from run_benchmark import Study, find_row, read_rows, run_worker, say, setting, summarize, threads
+from benchmarks.report import summarize
+from benchmarks.run_benchmark import Study, read_rows, say
+from benchmarks.variants import find_row
+from benchmarks.worker import environment, run_worker, threads
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.errors import UsageError
 
 
 def read_plan(path, resume_root=None):
-    """The studies of PLAN, one per non-comment line (each keeping its runs' resume state under ``resume_root`` if given)."""
+    """The studies of PLAN, one per non-comment line (each keeping its runs' resume state under ``resume_root`` if given).
+    A line that cannot be read is a UsageError naming it."""
     with open(path) as f:
         lines = [line.split("#", 1)[0].strip() for line in f]
     extra = [f"--resume_root={resume_root}"] if resume_root else []
-    studies = [Study(shlex.split(line) + extra) for line in lines if line]
+    studies = []
+    for number, line in enumerate(lines, 1):
+        if line:
+            try:
+                studies.append(Study(shlex.split(line) + extra))
+            except UsageError as error:
+                raise UsageError(f"{path}, line {number}: {error}") from error
     if not studies:
-        raise SystemExit(f"error: {path} holds no study: write one line of run_benchmark.py arguments per study")
+        raise UsageError(f"{path} holds no study: write one line of benchmarks.run_benchmark arguments per study")
     return studies
 
 
@@ -131,8 +141,8 @@ class Batch:
             name = f"{study.args.dataset} {variant} seed {seed}"
             say(f"[batch] started {name} ({self.minutes():.1f} min so far)")
 
-            on_epoch = epoch_reporter(name, setting("stopping_step", variant, study.args, study.overrides),
-                                      setting("epochs", variant, study.args, study.overrides))
+            config = study.config(variant)
+            on_epoch = epoch_reporter(name, config["stopping_step"], config["epochs"])
 
             row, error = run_worker(study.command(variant, seed), env, on_epoch, self.procs)
             with self.changed:
@@ -172,22 +182,12 @@ class Batch:
 
 def check(studies):
     """Builds the config of every variant (each search point too) of every study, in this process."""
-    from run_benchmark import parse_variant
-
-    from recbole_t2diff.config import Config
-
-    argv, count = sys.argv, 0
-    try:
-        for study in studies:
-            variants = [t for trials in study.trials.values() for t in trials] if study.grid else []
-            for variant in variants + study.variants:
-                model, settings = parse_variant(variant)
-                sys.argv = [argv[0], *study.overrides]  # RecBole reads --key=value from the command line
-                Config(model=model, dataset=study.args.dataset, config_dict={**settings, "seed": study.seeds[0], "state": "ERROR"},
-                       config_file_list=study.args.config_files.split() if study.args.config_files else None)
-                count += 1
-    finally:
-        sys.argv = argv
+    count = 0
+    for study in studies:
+        variants = [t for trials in study.trials.values() for t in trials] if study.grid else []
+        for variant in variants + study.variants:
+            study.config(variant)
+            count += 1
     say(f"[batch] {count} configs of {len(studies)} studies checked")
 
 
@@ -207,10 +207,10 @@ def summarize_all(batch, jobs):
             requested += study.variants if chosen is None else [chosen["chosen"][v] for v in study.variants]
             commands.append(study.command_line())
             search = search or chosen
-        summarize(rows, first.args, requested, search, command=commands, jobs=jobs, overrides=first.overrides)
+        summarize(first, rows, requested, commands, search, jobs=jobs)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan")
     parser.add_argument("--jobs", type=int, default=2)
@@ -221,19 +221,17 @@ def main():
     parser.add_argument("--report", action="store_true", help="write every study's table from the rows its CSV holds now, run nothing")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs)")
     parser.add_argument("--resume_root", default=None, help="where interrupted runs keep their state (default <out>/.resume of each study)")
-    args = parser.parse_args()
-    studies = read_plan(args.plan, args.resume_root)
-    if args.check:
-        from recbole_t2diff.cli import exit_on_usage_error
-
-        with exit_on_usage_error():  # a bad knob is one line, as everywhere else
+    args = parser.parse_args(argv)
+    with exit_on_usage_error():  # a bad plan line or knob is one line, as everywhere else
+        studies = read_plan(args.plan, args.resume_root)
+        if args.check:
             return check(studies)
-    batch = Batch(studies, args.jobs, args.stop_starting_after, args.abort_if_first_fail)
-    if args.report:
-        return summarize_all(batch, args.jobs)
+        batch = Batch(studies, args.jobs, args.stop_starting_after, args.abort_if_first_fail)
+        if args.report:
+            return summarize_all(batch, args.jobs)
     per_run = args.threads or threads(args.jobs)
     say(f"[batch] {len(batch.ready)} runs ready, {batch.left()} in all, {args.jobs} at a time, {per_run} torch thread(s) each")
-    env = {**os.environ, "OMP_NUM_THREADS": str(per_run)}
+    env = environment(per_run)
     workers = [threading.Thread(target=batch.work, args=(env,), daemon=True) for _ in range(args.jobs)]
     for w in workers:
         w.start()

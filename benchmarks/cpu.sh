@@ -17,9 +17,9 @@ if [ -f "$runs/batch.pid" ] && kill -0 "$(cat "$runs/batch.pid")" 2>/dev/null; t
   echo "the batch is already running (pid $(cat "$runs/batch.pid")): tail -f $runs/batch.log"
   exit 0
 fi
-python benchmarks/batch.py "$plan" --check  # a misspelt setting fails here, in one line
+python -m benchmarks.batch "$plan" --check  # a misspelt setting fails here, in one line
 echo "[cpu.sh] $(date -u '+%F %T') UTC: $plan started in $PWD" >> "$runs/batch.log"
-PYTHONUNBUFFERED=1 nohup setsid nice -n 15 python benchmarks/batch.py "$plan" --jobs="${JOBS:-2}" --threads=1 --resume_root="$runs/resume" \
+PYTHONUNBUFFERED=1 nohup setsid nice -n 15 python -m benchmarks.batch "$plan" --jobs="${JOBS:-2}" --threads=1 --resume_root="$runs/resume" \
   >> "$runs/batch.log" 2>&1 < /dev/null &
 # setsid gives the batch its own scheduler autogroup, inside which nice alone has no effect against other sessions:
 # the group's own nice value is what makes it yield to tests and foreground work.

@@ -21,9 +21,9 @@ common=(--jobs="$jobs" --out=results/diffusion --time_lag=none --unet_levels=2 -
 for dataset in ml-100k amazon-beauty; do
   where=()
   [ "$dataset" != ml-100k ] && where=(--data_path="$data_path")
-  python benchmarks/run_benchmark.py "--models=T2Diff[$signal,xhat_loss=ce,train_xhat=chain],T2Diff-copyLast,T2Diff-noDiff" \
+  python -m benchmarks.run_benchmark "--models=T2Diff[$signal,xhat_loss=ce,train_xhat=chain],T2Diff-copyLast,T2Diff-noDiff" \
     --dataset="$dataset" --seeds=2020,2021,2022 "${where[@]}" "${common[@]}"
-  python benchmarks/run_benchmark.py "--models=T2Diff[$signal,xhat_loss=ce,train_xhat=one_step],T2Diff[$signal,xhat_loss=none,train_xhat=chain],T2Diff[xhat_loss=ce,train_xhat=chain],T2Diff" \
+  python -m benchmarks.run_benchmark "--models=T2Diff[$signal,xhat_loss=ce,train_xhat=one_step],T2Diff[$signal,xhat_loss=none,train_xhat=chain],T2Diff[xhat_loss=ce,train_xhat=chain],T2Diff" \
     --dataset="$dataset" --seeds=2020 "${where[@]}" "${common[@]}"
-  python benchmarks/run_benchmark.py --models=T2Diff --dataset="$dataset" --seeds=2020,2021,2022 "${where[@]}" "${common[@]}"
+  python -m benchmarks.run_benchmark --models=T2Diff --dataset="$dataset" --seeds=2020,2021,2022 "${where[@]}" "${common[@]}"
 done

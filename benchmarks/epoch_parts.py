@@ -1,22 +1,19 @@
 """Where a RecBole training epoch's time goes: data loading, calculate_loss, backward, optimizer step and
 the rest of the trainer's loop, over the first BATCHES batches of an epoch, then one full validation.
 
-    python benchmarks/epoch_parts.py --model=SparCode --dataset=ml-100k --batches=40 [--key=value ...]
+    python -m benchmarks.epoch_parts --model=SparCode --dataset=ml-100k --batches=40 [--key=value ...]
 
 One torch thread; the parts are timed inside one run of RecBole's own ``Trainer._train_epoch``, so machine
 load hits them alike. An epoch costs what its steps add up to when data and rest are near 0.
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recbole_t2diff.config import Config  # noqa: E402
-from recbole_t2diff.settings import parse_settings  # noqa: E402
-from recbole_t2diff.quick_start import build_model, make_trainer, prepare  # noqa: E402
+from benchmarks.cli import one_thread_config
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.quick_start import build_model, make_trainer, prepare
 
 
 class FirstBatches:
@@ -47,16 +44,13 @@ def timed(spent, name, function):
     return wrapper
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SparCode")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--batches", type=int, default=40)
-    args, rest = parser.parse_known_args()
-    overrides = parse_settings({key.lstrip("-"): value for key, value in (item.split("=", 1) for item in rest)}, "on the command line")
-    sys.argv = sys.argv[:1]  # RecBole's Config reads argv
-    torch.set_num_threads(1)
-    config = Config(model=args.model, dataset=args.dataset, config_dict={"show_progress": False, "state": "WARNING", **overrides})
+    with exit_on_usage_error():
+        args, overrides, config = one_thread_config(parser, argv)
     _, train, valid, _ = prepare(config)
     trainer = make_trainer(config, build_model(config, train))
     spent = dict.fromkeys(("data", "calculate_loss", "backward", "optimizer_step"), 0.0)

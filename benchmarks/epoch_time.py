@@ -1,6 +1,6 @@
 """Wall time of one training epoch and one full-sort evaluation per model, measured in one process.
 
-    python benchmarks/epoch_time.py --models=T2Diff,SASRec --dataset=ml-100k
+    python -m benchmarks.epoch_time --models=T2Diff,SASRec --dataset=ml-100k
 
 Each model runs at its default config (property files), seed 2020, on the CPU unless a GPU is
 visible. Writes results/epoch_time_<dataset>.md and .json and prints the table.
@@ -9,18 +9,14 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
-
-from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
-from recbole_t2diff.config import Config  # noqa: E402
-from recbole_t2diff.quick_start import build_model, make_trainer, prepare  # noqa: E402
+from benchmarks.machine import command_line, describe
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.config import Config
+from recbole_t2diff.quick_start import build_model, make_trainer, prepare
 
 
 def measure(model_name, dataset, extra):

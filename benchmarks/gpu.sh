@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1
 if [ ! -d ../shared/data ] && [ -d .gpu/data ]; then
   mkdir -p ../shared && ln -sfn "$PWD/.gpu/data" ../shared/data
 fi
-"$python" benchmarks/batch.py "$plan" --jobs="${JOBS:-15}" --abort_if_first_fail=8 \
+"$python" -m benchmarks.batch "$plan" --jobs="${JOBS:-15}" --abort_if_first_fail=8 \
   --stop_starting_after="$(awk "BEGIN { print $minutes - 2.3 }")" --stop_after="$minutes" 2>&1 | tee "$out/batch.log"
 tar czf "$out/results.tgz" $(sed -n 's/.*--out=\([^ ]*\).*/\1/p' "$plan" | sort -u) 2>/dev/null
 ls -la "$out"

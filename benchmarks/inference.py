@@ -1,6 +1,6 @@
 """Accuracy and speed of T2Diff's user tower per sampler and step count, against SASRec, in one run.
 
-    python benchmarks/inference.py --t2diff=saved/T2Diff-X.pth --sasrec=saved/SASRec-Y.pth \
+    python -m benchmarks.inference --t2diff=saved/T2Diff-X.pth --sasrec=saved/SASRec-Y.pth \
         --steps=1,2,5,10,25,50 --out=results
 
 For each T2Diff setting (the ancestral DDPM chain over all n_steps, and DDIM with each step count)
@@ -15,19 +15,15 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import time
-
-from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recbole_t2diff.ann import build_index, exact_top_k, recall_ndcg, search  # noqa: E402
-from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
-from recbole_t2diff.export import item_matrix, user_matrix  # noqa: E402
-from recbole_t2diff.quick_start import load_data_and_model, make_trainer  # noqa: E402
+from benchmarks.machine import command_line, describe
+from recbole_t2diff.ann import build_index, exact_top_k, recall_ndcg, search
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.export import item_matrix, user_matrix
+from recbole_t2diff.quick_start import load_data_and_model, make_trainer
 
 
 def batch_of(loader, size):

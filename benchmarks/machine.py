@@ -12,6 +12,8 @@ def describe():
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}"
 
 
-def command_line():
-    """The command that is running, quoted so that it can be pasted back into a shell (--search holds a ";")."""
-    return f"python benchmarks/{os.path.basename(sys.argv[0])} " + shlex.join(sys.argv[1:])
+def command_line(argv=None):
+    """The running script's command (``python -m benchmarks.<script>`` with ``argv``, default this process's arguments),
+    quoted so that it can be pasted back into a shell (--search holds a ";")."""
+    script = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    return f"python -m benchmarks.{script} " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -1,6 +1,6 @@
 """Generate a synthetic sequential dataset in RecBole's atomic format (never committed: run it).
 
-    python benchmarks/make_synthetic.py --items=100000 --users=20000 --per_user=20 --out=synthetic
+    python -m benchmarks.make_synthetic --items=100000 --users=20000 --per_user=20 --out=synthetic
 
 Writes <out>/<name>/<name>.inter (user_id, item_id, timestamp), <name> defaulting to
 synth-<items>. Item popularity follows a Zipf law and each user drifts through the catalogue

@@ -1,6 +1,6 @@
 """How training and evaluation cost grow with the catalogue, on generated data.
 
-    python benchmarks/scaling.py --sizes=10000:5000,100000:20000,1000000:80000 --out=results
+    python -m benchmarks.scaling --sizes=10000:5000,100000:20000,1000000:80000 --out=results
 
 Each size ITEMS:USERS gets a synthetic dataset (benchmarks/make_synthetic.py, 20 interactions per
 user on average, written under --data and never committed). Each model runs in its own process:
@@ -20,13 +20,12 @@ import subprocess
 import sys
 import time
 
-from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
-
 import numpy as np
 
+from benchmarks.machine import command_line, describe
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 
 VARIANTS = {
     "T2Diff": ("T2Diff", {}),
@@ -95,7 +94,7 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(*args.worker, args.data, args.batches)))
         return
-    from make_synthetic import generate, write
+    from benchmarks.make_synthetic import generate, write
 
     rows = []
     for size in args.sizes.split(","):
@@ -105,7 +104,7 @@ def main():
             write(args.data, name, *generate(items, users, 20))
         for variant in args.variants.split(","):
             print(f"[scaling] {variant} on {name} ({users} users) ...", flush=True)
-            done = subprocess.run([sys.executable, __file__, "--worker", variant, name, "--data", args.data,
+            done = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--worker", variant, name, "--data", args.data,
                                    "--batches", str(args.batches)], capture_output=True, text=True, cwd=ROOT)
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if done.returncode or not line:

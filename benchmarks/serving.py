@@ -1,6 +1,6 @@
 """Serving cost of T2Diff configurations against SASRec, measured in one process with the models interleaved.
 
-    python benchmarks/serving.py --dataset=ml-100k --variants=SASRec,T2Diff,T2Diff-fast [--rounds=7] [--out=results]
+    python -m benchmarks.serving --dataset=ml-100k --variants=SASRec,T2Diff,T2Diff-fast [--rounds=7] [--out=results]
 
 A variant is a model name, or a preset's name: ``T2Diff-fast`` is T2Diff with ``properties/presets/T2Diff-fast.yaml``.
 Serving cost depends on the architecture, not on the weights, so each model is built untrained from its settings
@@ -14,19 +14,16 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import time
-
-from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks.machine import command_line, describe
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.config import Config
+from recbole_t2diff.quick_start import build_model, prepare
 
-from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
-from recbole_t2diff.config import Config  # noqa: E402
-from recbole_t2diff.quick_start import build_model, prepare  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def preset_file(variant):
@@ -83,12 +80,8 @@ def main():
     if variants[0] != "SASRec":
         raise SystemExit("error: --variants must start with SASRec, the reference every ratio is taken to")
     settings = {"data_path": args.data_path} if args.data_path else {}
-    argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole's Config reads the command line: this script's options are not settings
-    try:
-        with exit_on_usage_error():
-            models = {v: build(v, args.dataset, settings) for v in variants}
-    finally:
-        sys.argv = argv
+    with exit_on_usage_error():
+        models = {v: build(v, args.dataset, settings) for v in variants}
     results = measure(models, args.rounds)
     reference = results["SASRec"]
     for v, r in results.items():

@@ -1,35 +1,29 @@
 """SparCode's code usage over its first training steps, with the dead-code rule as now and with the EMA
 count alone (as before issue 27: an unused code reached the threshold only after ~458 steps).
 
-    python benchmarks/sparcode_codes.py --dataset=ml-100k --steps=60 [--key=value ...]
+    python -m benchmarks.sparcode_codes --dataset=ml-100k --steps=60 [--key=value ...]
 
 Same batches, seed and initial weights for both rules; one torch thread. Prints codes used per batch
 (per codebook) and restarts at chosen steps, then SparCode.code_stats over the last 10 batches (eval mode).
 """
 import argparse
 import itertools
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recbole_t2diff.config import Config  # noqa: E402
-from recbole_t2diff.settings import parse_settings  # noqa: E402
-from recbole_t2diff.quick_start import build_model, prepare  # noqa: E402
+from benchmarks.cli import one_thread_config
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.quick_start import build_model, prepare
 
 SHOWN = (1, 5, 10, 20, 25, 30, 40, 50, 60, 80, 100, 200, 380)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--steps", type=int, default=60)
-    args, rest = parser.parse_known_args()
-    overrides = parse_settings({key.lstrip("-"): value for key, value in (item.split("=", 1) for item in rest)}, "on the command line")
-    sys.argv = sys.argv[:1]  # RecBole's Config reads argv
-    torch.set_num_threads(1)
-    config = Config(model="SparCode", dataset=args.dataset, config_dict={"show_progress": False, "state": "WARNING", **overrides})
+    with exit_on_usage_error():
+        args, _, config = one_thread_config(parser, argv, model="SparCode")
     _, train, _, _ = prepare(config)
     batches = list(itertools.islice(iter(train), args.steps))
     for rule in ("now", "EMA count only"):

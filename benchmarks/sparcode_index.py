@@ -1,6 +1,6 @@
 """SparCode: exact scoring against its sparse inverted index on one trained model (docs/SPARCODE.md §12).
 
-    python benchmarks/sparcode_index.py --dataset=ml-100k [--checkpoint=saved/SparCode-....pth] \
+    python -m benchmarks.sparcode_index --dataset=ml-100k [--checkpoint=saved/SparCode-....pth] \
         [--seed=2020] [--index_keys=used] [--out=results/sparcode] [--key=value ...]
 
 Without --checkpoint it trains SparCode first (RecBole's Trainer, early stopping on exact validation
@@ -25,27 +25,20 @@ import datetime
 import json
 import math
 import os
-import re
-import sys
 import time
-
-from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.cli import options_and_settings
+from benchmarks.machine import command_line, describe
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.quick_start import load_data_and_model, make_trainer, prepare, run
+from recbole_t2diff.sparse_index import SparseIndex, top_items
 
-from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
-from recbole_t2diff.quick_start import load_data_and_model, make_trainer, prepare, run  # noqa: E402
-from recbole_t2diff.sparse_index import SparseIndex, top_items  # noqa: E402
 
 METRICS = ["recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20", "mrr@20", "recall@50", "ndcg@50", "mrr@50"]
 OVERLAP_K = (10, 20, 50)
-
-
-def parse_value(text):
-    return json.loads(text) if re.fullmatch(r"[-\d.eE]+|true|false|null|\[.*\]", text) else text
 
 
 def evaluate(trainer, test, model, score_mode):
@@ -230,22 +223,16 @@ def write_markdown(report, path):
         f.write("\n".join(lines))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--checkpoint", default=None, help="a SparCode checkpoint; without it, train one first")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--index_keys", default="used", help="all | used (default: used, the training split's keys)")
     parser.add_argument("--out", default="results/sparcode")
-    args, rest = parser.parse_known_args()
-    settings = {}
-    for item in rest:
-        key, sep, value = item.lstrip("-").partition("=")
-        if not sep:
-            raise SystemExit(f"error: cannot read '{item}': write --key=value")
-        settings[key] = parse_value(value)
-    command, machine, stamp = command_line(), describe(), datetime.date.today().isoformat()
-    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from sys.argv: the settings go in config_dict
+    with exit_on_usage_error():
+        args, settings = options_and_settings(parser, argv)
+    command, machine, stamp = command_line(argv), describe(), datetime.date.today().isoformat()
     with exit_on_usage_error():
         overrides = {"topk": [10, 20, 50], "index_keys": args.index_keys}
         checkpoint = args.checkpoint

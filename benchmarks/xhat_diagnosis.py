@@ -1,6 +1,6 @@
 """How much does a trained T2Diff's user vector use the generated item x̂? (docs/T2DIFF.md §9 diagnosis)
 
-    python benchmarks/xhat_diagnosis.py --checkpoints=saved/T2Diff-X.pth,saved/T2Diff-Y.pth \
+    python -m benchmarks.xhat_diagnosis --checkpoints=saved/T2Diff-X.pth,saved/T2Diff-Y.pth \
         [--trained_with="how they were trained"] [--out=results]
 
 For each checkpoint (all on one dataset), scores the validation split (RecBole's full-sort evaluation) with x̂ taken from:
@@ -18,16 +18,12 @@ import datetime
 import json
 import os
 import statistics
-import sys
-
-from machine import command_line, describe  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recbole_t2diff.cli import exit_on_usage_error  # noqa: E402
-from recbole_t2diff.quick_start import load_data_and_model, make_trainer  # noqa: E402
+from benchmarks.machine import command_line, describe
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.quick_start import load_data_and_model, make_trainer
 
 
 def teacher_forward(model, step, errors):

@@ -1,4 +1,4 @@
-"""benchmarks/batch.py: priorities, search then seeds, resume, abort, stop and --check, with fake workers.
+"""benchmarks.batch: priorities, search then seeds, resume, abort, stop and --check, with fake workers.
 
 No model trains here: ``Study.command`` is replaced by a tiny python process that logs its start,
 prints an ``EPOCH`` line and a ``RESULT`` row whose scores the test sets (or exits 1, or sleeps).
@@ -12,12 +12,9 @@ import time
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-
-import batch  # noqa: E402
-from run_benchmark import COLUMNS, Study  # noqa: E402
+from benchmarks import batch
+from benchmarks.run_benchmark import Study
+from benchmarks.worker import COLUMNS
 
 FAKE_WORKER = r'''
 import json, sys, time
@@ -172,10 +169,10 @@ def test_no_abort_once_a_run_has_finished(fake, tmp_path):
 def test_stop_after_stops_runs_unfinished_and_records_only_the_finished(fake, tmp_path, monkeypatch, capsys):
     fake.set({"SASRec": {"sleep": 30}})
     plan = fake.plan(f"--models=GRU4Rec,SASRec --dataset=fake --seeds=1 --out={tmp_path}")
-    monkeypatch.setattr(sys, "argv", ["batch.py", plan, "--jobs=2", "--stop_after=0.01"])
+    argv = [plan, "--jobs=2", "--stop_after=0.01"]
     begun = time.time()
     with pytest.raises(SystemExit, match=r"0 run\(s\) failed \(\) and 1 did not finish"):
-        batch.main()
+        batch.main(argv)
     assert time.time() - begun < 20
     out = capsys.readouterr().out
     assert "fake SASRec seed 1 stopped unfinished (not recorded)" in out and "failed:" not in out
@@ -199,11 +196,11 @@ def test_stop_after_also_stops_a_run_that_was_starting_when_the_others_were_stop
 
     monkeypatch.setattr(batch, "run_worker", slow_to_start)
     fake.set({"SASRec": {"sleep": 30}})
-    monkeypatch.setattr(sys, "argv", ["batch.py", fake.plan(f"--models=SASRec --dataset=fake --seeds=1 --out={tmp_path}"),
-                                      "--jobs=1", "--stop_after=0.01"])
+    argv = [fake.plan(f"--models=SASRec --dataset=fake --seeds=1 --out={tmp_path}"),
+                                      "--jobs=1", "--stop_after=0.01"]
     begun = time.time()
     with pytest.raises(SystemExit, match="1 did not finish"):
-        batch.main()
+        batch.main(argv)
     assert time.time() - begun < 20 and launched == ["SASRec"]
     assert "stopped unfinished" in capsys.readouterr().out
 
@@ -214,9 +211,9 @@ def test_stop_after_also_stops_a_run_that_was_starting_when_the_others_were_stop
 ])
 def test_check_names_a_misspelt_knob_before_any_run(fake, tmp_path, monkeypatch, capsys, line, knob):
     plan = fake.plan("--models=SASRec --dataset=ml-100k --seeds=1 --learning_rate=0.002", f"{line} --out={tmp_path}")
-    monkeypatch.setattr(sys, "argv", ["batch.py", plan, "--check"])
+    argv = [plan, "--check"]
     with pytest.raises(SystemExit) as exit:
-        batch.main()
+        batch.main(argv)
     error = capsys.readouterr().err
     assert exit.value.code == 1 and error.startswith("error: ") and knob in error and error.count("\n") == 1  # one line
     assert fake.started() == [] and not os.path.isfile(tmp_path / "ml-100k.csv")
@@ -225,8 +222,8 @@ def test_check_names_a_misspelt_knob_before_any_run(fake, tmp_path, monkeypatch,
 def test_check_passes_a_good_plan(fake, tmp_path, monkeypatch, capsys):
     plan = fake.plan(f"--models=SASRec,T2Diff,T2Diff-noDiff --dataset=ml-100k --seeds=1,2 --search=learning_rate=0.001,0.003 "
                      f"--unet_levels=2 --out={tmp_path}", f"--models=GRU4Rec --dataset=ml-100k --seeds=1 --out={tmp_path}")
-    monkeypatch.setattr(sys, "argv", ["batch.py", plan, "--check"])
-    batch.main()
+    argv = [plan, "--check"]
+    batch.main(argv)
     # 4 search points + the 3 variants themselves, then GRU4Rec; no run started.
     assert "[batch] 8 configs of 2 studies checked" in capsys.readouterr().out and fake.started() == []
 
@@ -237,9 +234,9 @@ def test_a_search_whose_run_was_stopped_stays_unfinished(fake, tmp_path, monkeyp
     seed runs, and a later batch finishes the search first."""
     fake.set({**SCORES, "SASRec[learning_rate=0.003]": {"sleep": 30}})
     plan = fake.plan(SEARCHED.format(out=tmp_path))
-    monkeypatch.setattr(sys, "argv", ["batch.py", plan, "--jobs=4", "--stop_after=0.05"])
+    argv = [plan, "--jobs=4", "--stop_after=0.05"]
     with pytest.raises(SystemExit, match="did not finish"):
-        batch.main()
+        batch.main(argv)
     assert sorted(rows(tmp_path / "fake.csv")) == sorted((v, int(s)) for v, s in TRIALS if not v.startswith("SASRec[learning_rate=0.003"))
     assert "unfinished" in (tmp_path / "fake.md").read_text()  # the table does not present a choice
     fake.set(SCORES)
@@ -267,7 +264,7 @@ def test_report_writes_the_tables_of_the_rows_there_and_runs_nothing(fake, tmp_p
     run_batch(plan)  # GRU4Rec's row lands, SASRec's run fails; no table yet (main writes it at the end)
     assert not (tmp_path / "fake.md").exists()
     started = len(fake.started())
-    monkeypatch.setattr(sys, "argv", ["batch.py", plan, "--report"])
-    batch.main()
+    argv = [plan, "--report"]
+    batch.main(argv)
     assert len(fake.started()) == started  # nothing ran, SASRec's missing run included
     assert "| GRU4Rec | 1 |" in (tmp_path / "fake.md").read_text()

@@ -12,15 +12,18 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.make_synthetic import generate, write
+from benchmarks.run_benchmark import Study
+from benchmarks.variants import parse_grid, parse_variant, pick, search_trials, split_models, with_settings
+from benchmarks.worker import Budget
 from recbole_t2diff.config import Config
+from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import prepare
 
 from conftest import REPO, TINY_MODEL
 
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-
-from make_synthetic import generate, write  # noqa: E402
-from run_benchmark import Budget, choose, parse_grid, parse_variant, setting, split_models, with_settings  # noqa: E402
+# The scripts run as `python -m benchmarks.<name>` from the project root; a test's child process runs elsewhere.
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
 
 
 def test_generator_writes_atomic_files_recbole_loads(tmp_path, workdir):
@@ -50,14 +53,12 @@ def test_variant_syntax():
     assert split_models("T2Diff,SASRec[train_batch_size=512,learning_rate=0.002],T2Diff-noDP") == [
         "T2Diff", "SASRec[train_batch_size=512,learning_rate=0.002]", "T2Diff-noDP"]
     assert parse_variant("T2Diff-noDP[n_steps=20]") == ("T2Diff", {"use_drift": False, "n_steps": 20})
-    with pytest.raises(SystemExit, match="T2Diff-noDiff"):
+    with pytest.raises(UsageError, match="T2Diff-noDiff"):
         parse_variant("T2Diff-noDif")
 
 
 def test_a_preset_is_a_variant_with_its_files_settings_and_is_searched_like_a_model():
     import yaml
-
-    from run_benchmark import search_trials
 
     with open(os.path.join(REPO, "properties", "presets", "T2Diff-paper.yaml")) as f:
         paper = yaml.safe_load(f)
@@ -66,34 +67,34 @@ def test_a_preset_is_a_variant_with_its_files_settings_and_is_searched_like_a_mo
     trials = search_trials(["T2Diff", "T2Diff-paper", "T2Diff-noDiff"], [{"learning_rate": 0.001}, {"learning_rate": 0.003}])
     assert trials["T2Diff-paper"] == ["T2Diff-paper[learning_rate=0.001]", "T2Diff-paper[learning_rate=0.003]"]
     assert "T2Diff-noDiff" not in trials  # an ablation takes T2Diff's point
-    with pytest.raises(SystemExit, match="a preset's name"):
+    with pytest.raises(UsageError, match="a preset's name"):
         parse_variant("T2Diff-nopreset")
 
 
 @pytest.mark.parametrize("variant,overrides", [("T2Diff", ()), ("SASRec", ()), ("T2Diff-noDiff[learning_rate=0.003]", ("--epochs=7",))])
 def test_the_tables_read_each_setting_as_recboles_config_does(variant, overrides, tmp_path):
     """The stopping rule a table states comes from the files, settings and overrides the run's Config read, in its order."""
-    import argparse
-
     mine = tmp_path / "mine.yaml"
     mine.write_text("stopping_step: 4\nnormalize_all: True\n")
-    args = argparse.Namespace(dataset="ml-100k", config_files=str(mine))
+    study = Study([f"--models={variant}", "--dataset=ml-100k", f"--config_files={mine}", f"--out={tmp_path}", *overrides])
     name, settings = parse_variant(variant)
     config = Config(model=name, dataset="ml-100k", config_file_list=[str(mine)],
                     config_dict={**settings, **{o[2:].split("=")[0]: int(o.split("=")[1]) for o in overrides}})
     for key in ("epochs", "stopping_step", "learning_rate", "train_batch_size", "normalize_all", "TIME_FIELD", "MAX_ITEM_LIST_LENGTH", "use_diffusion"):
-        assert setting(key, variant, args, overrides) == config[key], key
-    args.config_files = None  # the dataset files: RecBole's ml-100k.yaml normalises every float field, ours keeps timestamps
-    assert setting("normalize_all", variant, args, overrides) is False
+        assert study.config(variant)[key] == config[key], key
+    # the dataset files: RecBole's ml-100k.yaml normalises every float field, ours keeps timestamps
+    study = Study([f"--models={variant}", "--dataset=ml-100k", f"--out={tmp_path}", *overrides])
+    assert study.config(variant)["normalize_all"] is False
 
 
-def test_a_worker_process_never_reads_the_studys_csv(tmp_path, monkeypatch):
-    import run_benchmark
+def test_a_study_reads_its_csv_once_and_only_when_it_needs_the_rows(tmp_path, monkeypatch):
+    from benchmarks import run_benchmark
 
     reads = []
     monkeypatch.setattr(run_benchmark, "read_rows", lambda path: reads.append(path) or [])
-    study = run_benchmark.Study(["--worker", "SASRec", "2020", "--dataset=ml-100k", f"--out={tmp_path}"])
+    study = run_benchmark.Study(["--models=SASRec", "--dataset=ml-100k", f"--out={tmp_path}"])
     assert study.resume_dir("SASRec", 2020).startswith(str(tmp_path)) and reads == []
+    assert study.command("SASRec", 2020)[1:3] == ["-m", "benchmarks.worker"] and reads == []  # a worker gets no rows
     assert study.rows == [] and reads == [str(tmp_path / "ml-100k.csv")]  # the parent reads it, once, when it needs it
     study.rows.append({})
     assert len(study.rows) == 1 and len(reads) == 1
@@ -109,7 +110,7 @@ def test_search_grid_and_its_variant_names():
     for variant, point in [("SASRec", grid[2]), ("T2Diff-noDP", grid[3])]:  # names read back to the same settings
         name, settings = parse_variant(with_settings(variant, point))
         assert settings == {**parse_variant(variant)[1], **point}
-    with pytest.raises(SystemExit, match="key=value1,value2"):
+    with pytest.raises(UsageError, match="key=value1,value2"):
         parse_grid("learning_rate 0.001")
 
 
@@ -148,10 +149,10 @@ def test_no_budget_trains_whole_epochs(monkeypatch):
 @pytest.mark.slow
 def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     settings = [f"--{k}={v}" for k, v in TINY_MODEL.items() if k not in ("epochs", "state", "show_progress")]
-    command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "--models=T2Diff,GRU4Rec",
+    command = [sys.executable, "-m", "benchmarks.run_benchmark", "--models=T2Diff,GRU4Rec",
                "--dataset=tiny", "--seeds=1,2", "--jobs=2", "--time_budget=0.0001", "--epochs=4",
                f"--data_path={tiny_path}", f"--out={tmp_path}", *settings]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "tiny.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -164,7 +165,7 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
 
     plot = imread(str(tmp_path / "tiny.png"))  # a readable PNG with something drawn on it
     assert plot.ndim == 3 and min(plot.shape[:2]) > 100 and plot[..., :3].std() > 0.05
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
     assert again.stdout.count("already in") == 4  # resumable: finished runs are not repeated
 
 
@@ -177,21 +178,26 @@ def test_search_without_plain_t2diff_chooses_each_variant_and_ablations_need_it(
     def run_all(jobs):
         rows.extend({"variant": v, "seed": s, "valid_ndcg@10": scores[parse_variant(v)[1]["train_batch_size"]]} for v, s in jobs)
 
+    def choose(variants, grid, seed, run_all, rows):  # what a study does: every trial with the first seed, then the choice
+        trials = search_trials(variants, grid)
+        run_all([(t, seed) for v in trials for t in trials[v]])
+        return {"chosen": pick(variants, grid, seed, rows, trials)}
+
     search = choose(["T2Diff[unet_levels=2]", "GRU4Rec"], grid, 7, run_all, rows)
     assert search["chosen"] == {"T2Diff[unet_levels=2]": "T2Diff[unet_levels=2,train_batch_size=512]",
                                 "GRU4Rec": "GRU4Rec[train_batch_size=512]"}
     assert len(rows) == 4 and {r["seed"] for r in rows} == {7}
-    with pytest.raises(SystemExit, match="add T2Diff to --models"):
+    with pytest.raises(UsageError, match="add T2Diff to --models"):
         choose(["T2Diff[unet_levels=2]", "T2Diff-noDiff"], grid, 7, run_all, rows)
 
 
 @pytest.mark.slow
 def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_seed(tmp_path, tiny_path):
     settings = [f"--{k}={v}" for k, v in TINY_MODEL.items() if k not in ("epochs", "state", "show_progress", "learning_rate")]
-    command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "--models=T2Diff,GRU4Rec,T2Diff-noDiff",
+    command = [sys.executable, "-m", "benchmarks.run_benchmark", "--models=T2Diff,GRU4Rec,T2Diff-noDiff",
                "--dataset=tiny", "--seeds=1,2", "--jobs=2", "--search=learning_rate=0.0001,0.01;epochs=1",
                f"--data_path={tiny_path}", f"--out={tmp_path}", *settings]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "tiny.csv", newline="") as f:
         rows = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(f)}
@@ -213,8 +219,8 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
     assert all(0 <= float(r["xhat_hit@10"]) <= 1 and float(r["xhat_rel_error"]) > 0 for (v, _), r in rows.items() if v.startswith("T2Diff["))
     assert all(r["xhat_rel_error"] == "" for (v, _), r in rows.items() if not v.startswith("T2Diff["))
     assert f"| {chosen['T2Diff']} | " in table.split("## x̂ on the validation split")[1]
-    stated = re.search(r"Command: `python benchmarks/run_benchmark.py (.*)`", table).group(1)
-    assert shlex.split(stated) == command[2:]  # quoted: pasted into a shell, the ";" stays in --search
+    stated = re.search(r"Command: `python -m benchmarks.run_benchmark (.*)`", table).group(1)
+    assert shlex.split(stated) == command[3:]  # quoted: pasted into a shell, the ";" stays in --search
 
 
 def test_xhat_quality_of_the_copied_last_item_is_1_and_its_hits_are_the_repeats(tiny_data):
@@ -238,7 +244,7 @@ def test_xhat_quality_of_the_copied_last_item_is_1_and_its_hits_are_the_repeats(
 def test_xhat_diagnosis_chain_row_is_the_normal_evaluation(tiny_path, workdir, monkeypatch):
     from recbole_t2diff.model.t2diff import T2Diff
     from recbole_t2diff.quick_start import evaluate_checkpoint, run
-    from xhat_diagnosis import diagnose
+    from benchmarks.xhat_diagnosis import diagnose
 
     result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL})
     dataset, records = diagnose(result["saved_model_file"], [1, 4, 99])
@@ -257,12 +263,12 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(tiny_path, workdir, monkeypatch, capfd):
-    from run_benchmark import Resume, worker
+    from benchmarks.resume import Resume
+    from benchmarks.worker import worker
 
     settings = {k: v for k, v in TINY_MODEL.items() if k not in ("state", "show_progress")}
-    monkeypatch.setattr(sys, "argv", ["run_benchmark.py", f"--data_path={tiny_path}", "--state=ERROR",
-                                      *(f"--{k}={v}" for k, v in {**settings, "epochs": 4, "stopping_step": 10}.items())])
-    straight = worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "straight"))
+    overrides = [f"--data_path={tiny_path}", "--state=ERROR", *(f"--{k}={v}" for k, v in {**settings, "epochs": 4, "stopping_step": 10}.items())]
+    straight = worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "straight"), overrides=overrides)
     assert not (workdir / "straight").exists()  # a finished run leaves no state behind
 
     save = Resume.save
@@ -274,10 +280,10 @@ def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_as_an_uninterr
 
     monkeypatch.setattr(Resume, "save", save_then_die)
     with pytest.raises(Interrupted):
-        worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "broken"))
+        worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "broken"), overrides=overrides)
     assert (workdir / "broken" / "last.pth").is_file()
     monkeypatch.setattr(Resume, "save", save)
-    resumed = worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "broken"))
+    resumed = worker("T2Diff", 5, "tiny", None, resume_dir=str(workdir / "broken"), overrides=overrides)
     assert "resumed after epoch 2" in capfd.readouterr().err
     assert json.loads(resumed["valid_curve"]) == json.loads(straight["valid_curve"]) and len(json.loads(straight["valid_curve"])) == 4
     for key in ("test_ndcg@10", "test_recall@10", "valid_ndcg@10", "epochs_run", "best_epoch", "xhat_rel_error"):
@@ -285,11 +291,11 @@ def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_as_an_uninterr
 
 
 def test_a_run_stopped_early_at_its_last_saved_epoch_is_not_trained_further(tiny_path, workdir, monkeypatch):
-    from run_benchmark import Resume, worker
+    from benchmarks.resume import Resume
+    from benchmarks.worker import worker
 
     settings = {k: v for k, v in TINY_MODEL.items() if k not in ("state", "show_progress")}
-    monkeypatch.setattr(sys, "argv", ["run_benchmark.py", f"--data_path={tiny_path}", "--state=ERROR",
-                                      *(f"--{k}={v}" for k, v in {**settings, "epochs": 8, "stopping_step": 2}.items())])
+    overrides = [f"--data_path={tiny_path}", "--state=ERROR", *(f"--{k}={v}" for k, v in {**settings, "epochs": 8, "stopping_step": 2}.items())]
     save = Resume.save
 
     def stop_then_die(self, trainer, train_data, epoch):
@@ -301,14 +307,14 @@ def test_a_run_stopped_early_at_its_last_saved_epoch_is_not_trained_further(tiny
 
     monkeypatch.setattr(Resume, "save", stop_then_die)
     with pytest.raises(Interrupted):
-        worker("GRU4Rec", 5, "tiny", None, resume_dir=str(workdir / "run"))
+        worker("GRU4Rec", 5, "tiny", None, resume_dir=str(workdir / "run"), overrides=overrides)
     monkeypatch.setattr(Resume, "save", save)
-    row = worker("GRU4Rec", 5, "tiny", None, resume_dir=str(workdir / "run"))
+    row = worker("GRU4Rec", 5, "tiny", None, resume_dir=str(workdir / "run"), overrides=overrides)
     assert row["epochs_run"] == 3 and len(json.loads(row["valid_curve"])) == 3  # not trained on to epoch 8
 
 
 def test_timings_from_different_machines_are_never_averaged():
-    from run_benchmark import per_machine
+    from benchmarks.report import per_machine
 
     gpu = {"machine": "x86_64, 16 cores, NVIDIA H200", "train_s_per_epoch": "5.4"}
     cpu = {"machine": "x86_64, 2 cores, CPU", "train_s_per_epoch": "123.0"}
@@ -319,7 +325,7 @@ def test_timings_from_different_machines_are_never_averaged():
 def test_welch_p_values_need_two_seeds_a_side_and_some_spread():
     from scipy import stats
 
-    from run_benchmark import welch_p
+    from benchmarks.report import welch_p
 
     a, b = [0.061, 0.065, 0.063], [0.070, 0.068, 0.071]
     assert welch_p(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue) and welch_p(a, b) < 0.05
@@ -327,7 +333,7 @@ def test_welch_p_values_need_two_seeds_a_side_and_some_spread():
 
 
 def test_cost_is_a_ratio_to_sasrec_on_the_same_machine_and_day_only():
-    from run_benchmark import sasrec_ratio
+    from benchmarks.report import sasrec_ratio
 
     def row(variant, seconds, machine="cpu", date="2026-12-06"):
         return {"variant": variant, "train_s_per_epoch": str(seconds), "machine": machine, "date": date}
@@ -340,7 +346,8 @@ def test_cost_is_a_ratio_to_sasrec_on_the_same_machine_and_day_only():
 
 
 def test_a_csv_from_before_a_column_was_added_gets_the_column_and_keeps_its_rows(tmp_path):
-    from run_benchmark import COLUMNS, Study, read_rows
+    from benchmarks.run_benchmark import read_rows
+    from benchmarks.worker import COLUMNS
 
     old_columns = [c for c in COLUMNS if c != "reads"]
     with open(tmp_path / "ml-100k.csv", "w", newline="") as f:
@@ -359,9 +366,9 @@ def test_a_csv_from_before_a_column_was_added_gets_the_column_and_keeps_its_rows
 def test_serving_cost_is_measured_against_sasrec_and_kept_beside_the_other_inference_results(tmp_path, tiny_path):
     with open(tmp_path / "inference.json", "w") as f:
         json.dump({"runs": {"ml-100k": {"kept": True}}}, f)
-    command = [sys.executable, os.path.join(REPO, "benchmarks", "serving.py"), "--dataset=tiny", f"--data_path={tiny_path}",
+    command = [sys.executable, "-m", "benchmarks.serving", "--dataset=tiny", f"--data_path={tiny_path}",
                "--variants=SASRec,T2Diff", "--rounds=1", f"--out={tmp_path}"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     everything = json.load(open(tmp_path / "inference.json"))
     assert everything["runs"] == {"ml-100k": {"kept": True}}
@@ -370,5 +377,5 @@ def test_serving_cost_is_measured_against_sasrec_and_kept_beside_the_other_infer
     t2diff = results["T2Diff"]
     assert t2diff["throughput_vs_sasrec"] == round(t2diff["users_per_s"] / results["SASRec"]["users_per_s"], 3) > 0
     assert "| T2Diff | — |" in (tmp_path / "serving_tiny.md").read_text()
-    wrong = subprocess.run(command[:4] + ["--variants=T2Diff,SASRec", f"--out={tmp_path}"], cwd=tmp_path, capture_output=True, text=True)
+    wrong = subprocess.run(command[:5] + ["--variants=T2Diff,SASRec", f"--out={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, env=SCRIPT_ENV)
     assert wrong.returncode == 1 and "must start with SASRec" in wrong.stderr

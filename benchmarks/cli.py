@@ -1,0 +1,30 @@
+"""The command line every benchmark script reads: its own options, then RecBole settings as --key=value."""
+import sys
+
+from recbole_t2diff.settings import command_line_settings, parse_settings
+
+
+def options_and_settings(parser, argv=None):
+    """(the script's options, {key: value} of the --key=value settings after them), from ``argv`` (default: this
+    process's command line). Settings are read as a Config reads them (literals only); anything else left over
+    is a one-line UsageError."""
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return args, settings_of(rest)
+
+
+def settings_of(arguments):
+    """{key: value} of ``--key=value`` arguments, each checked (one '=', each key once) and read as a literal."""
+    return parse_settings(command_line_settings(arguments), "on the command line")
+
+
+def one_thread_config(parser, argv=None, model=None):
+    """(options, settings, Config) of a script that measures one model on one torch thread: the parser's
+    --dataset (and --model unless ``model`` is given), with the --key=value settings on top of the property files."""
+    import torch
+
+    from recbole_t2diff.config import Config
+
+    args, settings = options_and_settings(parser, argv)
+    torch.set_num_threads(1)
+    config = Config(model=model or args.model, dataset=args.dataset, config_dict={"show_progress": False, "state": "WARNING", **settings})
+    return args, settings, config
