@@ -16,6 +16,10 @@ below runs unchanged on a GPU.
 A fingerprint (sha256 of the weights the rows depend on and of the index settings) is stored with
 the index; scoring with a model whose weights have changed raises a one-line ``UsageError``.
 
+The index reads a model only through SparCode's methods named in ``MODEL_METHODS`` (its code rows, the keys of
+histories, the layout and tensors the rows depend on) and never imports the model: SparCode imports this module
+for ``score_mode: index``.
+
     from recbole_t2diff.quick_start import load_data_and_model
     from recbole_t2diff.sparse_index import SparseIndex
     config, model, dataset, train, valid, test = load_data_and_model("saved/SparCode-....pth")
@@ -39,6 +43,9 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 KEY_MODES = ("all", "used")
 MISS_MODES = ("compute", "empty")
 ARRAYS = ("indptr", "indices", "values")
+# What the index calls on a model (SparCode's): its code rows, the keys of histories and of the training split, and
+# the layout and tensors the rows depend on.
+MODEL_METHODS = ("code_row_scores", "query_keys", "training_keys", "code_layout", "code_row_state")
 META_FIELDS = ("format", "keys", "miss", "threshold", "max_postings", "dtype", "n_codebooks", "codebook_size",
                "n_query_tokens", "score_bias", "n_items", "fingerprint")
 
@@ -47,11 +54,11 @@ def fingerprint(model, settings):
     """sha256 of the tensors posting lists depend on (codebooks, item side, interaction network) and
     of the index settings; the tokenizer and query heads are left out, they only choose keys."""
     digest = hashlib.sha256(json.dumps(index_settings(**settings), sort_keys=True).encode())
-    digest.update(repr((model.score_bias, model.n_items)).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.split(".")[0] in ("quantizer", "item_embedding", "item_heads", "query_layer", "item_layer", "mlp_tail"):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    layout = model.code_layout()
+    digest.update(repr((layout["score_bias"], layout["n_items"])).encode())
+    for name, tensor in model.code_row_state():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -106,40 +113,26 @@ class SparseIndex:
         was_training = model.training
         model.eval()
         try:
-            used = cls._used_keys(model) if keys == "used" else None
-            n_rows = model.quantizer.n_keys if used is None else len(used)
-            item_side = model.item_side()[1:]  # item 0 is padding, never stored
-            block = int(block_keys or max(1, model.score_chunk_rows // max(1, len(item_side))))
+            used = model.training_keys() if keys == "used" else None
             indptr, indices, values = [np.zeros(1, dtype=np.int64)], [], []
-            for start in range(0, n_rows, block):
-                row_keys = torch.arange(start, min(start + block, n_rows), device=item_side.device) if used is None else used[start:start + block]
-                rows = model.posting_rows(row_keys, item_side)
+            for rows in model.code_row_scores(used, block_keys):
                 row_ptr, row_items, row_values = _prune(rows, settings["threshold"], settings["max_postings"])
                 indptr.append(row_ptr[1:] + indptr[-1][-1])
                 indices.append(row_items)
                 values.append(row_values.astype(DTYPES[dtype]))
         finally:
             model.train(was_training)
+        layout = model.code_layout()
         meta = {
-            "format": FORMAT_VERSION, **settings, "n_codebooks": model.quantizer.n_codebooks,
-            "codebook_size": model.quantizer.codebook_size, "n_query_tokens": model.n_query_tokens,
-            "score_bias": model.score_bias, "n_items": model.n_items, "fingerprint": fingerprint(model, settings),
+            "format": FORMAT_VERSION, **settings, "n_codebooks": layout["n_codebooks"], "codebook_size": layout["codebook_size"],
+            "n_query_tokens": layout["n_query_tokens"], "score_bias": layout["score_bias"], "n_items": layout["n_items"],
+            "fingerprint": fingerprint(model, settings),
         }
         return cls(
             np.concatenate(indptr), np.concatenate(indices) if indices else np.zeros(0, np.int32),
             np.concatenate(values) if values else np.zeros(0, DTYPES[dtype]),
             None if used is None else used.cpu().numpy(), meta,
         )
-
-    @staticmethod
-    def _used_keys(model):
-        """Sorted distinct keys of the training split's tokens, scored in eval mode."""
-        sequences, lengths = model.train_sequences
-        device = model.item_embedding.weight.device
-        found = []
-        for seq, length in zip(*(tensor.split(1024) for tensor in (sequences, lengths))):  # 1024 histories at a time
-            found.append(torch.unique(model.query_keys({model.ITEM_SEQ: seq.to(device), model.ITEM_SEQ_LEN: length.to(device)})))
-        return torch.unique(torch.cat(found))
 
     def pruned(self, model, threshold=0.0, max_postings=None, dtype=None):
         """A smaller index from this one without re-running the network: entries > ``threshold``, at
@@ -265,10 +258,9 @@ class SparseIndex:
         scores = torch.zeros(batch, self.meta["n_items"], device=device)
         scores.index_put_((torch.repeat_interleave(users[found], lengths), items), values, accumulate=True)
         missed = ~found
-        if missed.any() and self.meta["miss"] == "compute":
-            computed = model.posting_rows(flat[missed])
-            computed[:, 0] = 0
-            scores.index_add_(0, users[missed], computed)
+        if missed.any() and self.meta["miss"] == "compute":  # the rows a fresh build would have stored
+            computed = torch.cat(list(model.code_row_scores(flat[missed])))
+            scores[:, 1:].index_add_(0, users[missed], computed)
         return scores, int(missed.sum())
 
     def scores(self, model, interaction):
@@ -284,12 +276,11 @@ class SparseIndex:
 
 
 def _check_model(model):
-    from recbole_t2diff.model.sparcode import SparCode
-
-    if not isinstance(model, SparCode):
+    """The index reads a model through SparCode's code-row methods only (SparCode imports this module, not the reverse)."""
+    if not all(callable(getattr(model, name, None)) for name in MODEL_METHODS):
         raise UsageError(f"a sparse index belongs to a SparCode model, not {type(model).__name__}: load a SparCode checkpoint "
                          "(two-tower models such as T2Diff export through recbole_t2diff.export and ann.py)")
-    if model.quantizer is None:
+    if model.code_layout() is None:
         raise UsageError("the sparse index needs a quantized SparCode (quantize: true); quantize: false has no codes to key it by")
 
 

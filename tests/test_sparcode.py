@@ -311,7 +311,7 @@ def test_blocks_and_code_dedupe_change_no_score(sparcode_data):
 
 
 def test_row_scores_split_rows_into_blocks_of_the_pair_budget_and_checkpoint_only_with_grad(sparcode_data, monkeypatch):
-    import recbole_t2diff.model.sparcode as sparcode_module
+    import recbole_t2diff.model.interaction as interaction_module
 
     model = make_model(sparcode_data)
     rows, items = torch.randn(7, 16), torch.randn(5, 16)
@@ -328,8 +328,8 @@ def test_row_scores_split_rows_into_blocks_of_the_pair_budget_and_checkpoint_onl
     assert blocks == [3, 3, 1]  # one item: 3 rows per block
     assert model.row_scores(rows[:0], items).shape == (0, 5)
 
-    real_checkpoint = sparcode_module.checkpoint
-    monkeypatch.setattr(sparcode_module, "checkpoint",
+    real_checkpoint = interaction_module.checkpoint
+    monkeypatch.setattr(interaction_module, "checkpoint",
                         lambda function, *args, **kwargs: checkpointed.append(kwargs) or real_checkpoint(function, *args, **kwargs))
     model.score_chunk_rows = 10
     plain = model.row_scores(rows, items).sum()
@@ -619,7 +619,7 @@ def test_full_ce_is_cross_entropy_of_the_full_sort_logits(sparcode_data):
 
 
 def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data, monkeypatch):
-    import recbole_t2diff.model.sparcode as sparcode_module
+    import recbole_t2diff.model.interaction as interaction_module
 
     batch = first_batch(sparcode_data[1])
     model = trained(sparcode_data, softmax_negatives=None, vq_beta=2.0, sparsity_weight=0.5, ce_checkpoint=True, **QUIET)
@@ -633,8 +633,8 @@ def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data
         not_target[torch.arange(len(tokens)), batch["item_id"]] = False
         unscored = values.permute(0, 2, 1)[not_target].mean()  # over every non-target (row, item, token)
     checkpointed = []
-    real_checkpoint = sparcode_module.checkpoint
-    monkeypatch.setattr(sparcode_module, "checkpoint",
+    real_checkpoint = interaction_module.checkpoint
+    monkeypatch.setattr(interaction_module, "checkpoint",
                         lambda function, *args, **kwargs: checkpointed.append(1) or real_checkpoint(function, *args, **kwargs))
     losses = model.calculate_loss(batch)
     assert len(losses) == 3 and checkpointed, "ce_checkpoint: the full-CE blocks are recomputed in backward"

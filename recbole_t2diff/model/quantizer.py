@@ -174,3 +174,11 @@ class CodeTally:
             "relative_error": float(self.squared_error / self.squared_norm) if self.tokens else 0.0,
             "tokens": self.tokens,
         }
+
+
+def describe_codes(stats, quantizer):
+    """One log line's worth of :meth:`SparCode.code_stats`."""
+    usage = "/".join(f"{share:.0%}" for share in stats["usage"])
+    perplexity = "/".join(f"{value:.1f}" for value in stats["perplexity"])
+    return (f"usage {usage} of {quantizer.codebook_size} codes per codebook, perplexity {perplexity}, "
+            f"{stats['distinct_keys']} distinct keys, relative quantization error {stats['relative_error']:.3f}")

@@ -161,7 +161,7 @@ class Denoiser(nn.Module):
     on the query row and cannot be read off a padded edge.
     """
 
-    def __init__(self, d, n_steps, levels=4, mult=(1, 2, 4, 8), padding="valid", out_proj=False,
+    def __init__(self, d, n_steps, *, levels=4, mult=(1, 2, 4, 8), padding="valid", out_proj=False,
                  step_emb="official", step_emb_scale=0.01, eps=1e-8, step_conditioning="input", next_slot=False):
         super().__init__()
         if step_emb not in STEP_EMBEDDINGS:
