@@ -62,6 +62,15 @@ def fingerprint(model, settings):
     return digest.hexdigest()
 
 
+def current_index(model):
+    """The index of ``model``'s current weights with its ``index_settings`` (what ``score_mode: index`` scores
+    with): kept on the model as ``sparse_index`` and rebuilt when stale."""
+    settings = model.index_settings
+    if model.sparse_index is None or model.sparse_index.meta["fingerprint"] != fingerprint(model, settings):
+        model.sparse_index = SparseIndex.build(model, **settings)
+    return model.sparse_index
+
+
 def _refuse(name, value, why):
     raise UsageError(f"invalid sparse index setting {name}={value!r}: {why}")
 

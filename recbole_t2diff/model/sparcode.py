@@ -27,12 +27,12 @@ from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.layers import TransformerEncoder
 
-from recbole_t2diff import sparse_index
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.interaction import DEFAULT_CHUNK, CrossInteraction
 from recbole_t2diff.model.layers import UniformDropout, encode_at_read_position
 from recbole_t2diff.model.quantizer import CodeTally, ProductQuantizer, describe_codes
 from recbole_t2diff.model.sparcode_knobs import read_sparcode_knobs
+from recbole_t2diff.sparse_index import current_index
 
 # The parts of the state_dict that code rows depend on (the tokenizer and query heads only choose keys).
 CODE_ROW_PARTS = ("quantizer", "item_embedding", "item_heads", "query_layer", "item_layer", "mlp_tail")
@@ -312,10 +312,7 @@ class SparCode(CrossInteraction, SequentialRecommender):
 
     def index(self):
         """The sparse inverted index of this model's current weights, (re)built when stale."""
-        settings = self.index_settings
-        if self.sparse_index is None or self.sparse_index.meta["fingerprint"] != sparse_index.fingerprint(self, settings):
-            self.sparse_index = sparse_index.SparseIndex.build(self, **settings)
-        return self.sparse_index
+        return current_index(self)
 
     def code_layout(self):
         """What shapes an index of this model's codes: n_codebooks, codebook_size, n_query_tokens, n_items and
