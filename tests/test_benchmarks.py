@@ -100,6 +100,16 @@ def test_a_study_reads_its_csv_once_and_only_when_it_needs_the_rows(tmp_path, mo
     assert len(study.rows) == 1 and len(reads) == 1
 
 
+def test_a_runs_resume_folder_is_the_one_earlier_versions_named():
+    """A batch restarted with newer code goes on from the state its runs left: the folder's name is a hash of the
+    variant, the seed, --config_files and the study's --key=value settings (cpu.plan's first study, as cpu.sh runs it)."""
+    line = ('--models=SASRec,GRU4Rec --dataset=ml-100k --seeds=2020,2021,2022 "--search=learning_rate=0.001,0.003;train_batch_size=512,2048" '
+            "--out=results/converged --stopping_step=10 --epochs=50 --resume_root=/work/runs/converged/resume")
+    study = Study(shlex.split(line))
+    assert study.resume_dir("SASRec[learning_rate=0.003,train_batch_size=2048]", 2021) == "/work/runs/converged/resume/ml-100k/0c20141050ebac51"
+    assert study.resume_dir("SASRec[learning_rate=0.003,train_batch_size=2048]", 2022) == "/work/runs/converged/resume/ml-100k/c2703f418092645d"
+
+
 def test_search_grid_and_its_variant_names():
     grid = parse_grid("learning_rate=0.001,0.002; train_batch_size=512,2048")
     assert grid == [{"learning_rate": 0.001, "train_batch_size": 512}, {"learning_rate": 0.001, "train_batch_size": 2048},
