@@ -196,6 +196,18 @@ def test_searched_keys_clash_only_with_the_command_line_passed_in(monkeypatch, t
         command_line_settings(["--learning_rate=0.1", "-m", "x"])
 
 
+def test_every_trial_gets_the_command_line_settings(monkeypatch, tmp_path):
+    import recbole_t2diff.hyper as hyper_module
+
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
+    calls = []
+    monkeypatch.setattr(hyper_module, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+    search = Search("T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=["--epochs=1"])
+    search.objective_function({"learning_rate": 0.01}, None)
+    (args, kwargs), = calls
+    assert args == ("T2Diff", "ml-100k") and kwargs["argv"] == ["--epochs=1"] and kwargs["config_dict"] == {"learning_rate": 0.01}
+
+
 def test_the_output_file_is_checked_before_any_trial(tmp_path, monkeypatch):
     check_output_file(str(tmp_path / "hyper.result"))  # a new file in a writable folder
     check_output_file("hyper.result")  # in the current folder
