@@ -219,3 +219,32 @@ def test_the_schedule_constants_are_checked_with_the_other_knobs(defaults, knobs
     """Both constants reach the check that runs with the config, before any data is loaded."""
     with pytest.raises(UsageError, match=re.escape(message) + r".*outside \(0, 1\)"):
         check(defaults, T2Diff, knobs)
+
+
+def test_check_config_returns_the_parsed_settings_the_constructor_builds_from(defaults):
+    """Integers come back as int (a search's 20.0 included), x̂'s source is decided once as ``x_hat``."""
+    knobs = T2Diff.check_config(Settings({**defaults[T2Diff], "n_steps": 20.0, "session_ffn_hidden": None}))
+    assert knobs["n_steps"] == 20 and type(knobs["n_steps"]) is int and knobs["session_ffn_hidden"] == []
+    assert knobs["x_hat"] == "diffusion"
+    for settings, x_hat in [({"use_diffusion": False}, "none"), ({"x_hat_source": "copy_last"}, "copy_last"),
+                            ({"x_hat_source": "next_item", "train_xhat": "chain"}, "next_item")]:
+        assert T2Diff.check_config(Settings({**defaults[T2Diff], **settings}))["x_hat"] == x_hat
+    sparcode = SparCode.check_config(Settings({**defaults[SparCode], "mlp_hidden": [8.0, 4]}))
+    assert sparcode["mlp_hidden"] == [8, 4] and sparcode["score_bias"] == 0.0 and "dnn_hidden" not in sparcode
+    with pytest.raises(TypeError):
+        sparcode["score_bias"] = 1.0  # read-only: the constructor takes them as checked
+
+
+@pytest.mark.parametrize("model,knobs,message", [
+    (T2Diff, {"lambda_diff": "abc"}, "lambda_diff=abc: it must be a number >= 0"),
+    (T2Diff, {"ddim_eta": None}, "ddim_eta=None: it must be a number in [0, 1]"),
+    (T2Diff, {"n_steps": float("inf")}, "n_steps=inf: it must be an integer >= 1"),
+    (T2Diff, {"use_drift": "yes"}, "use_drift=yes: use true or false"),
+    (T2Diff, {"session_ffn_hidden": [0]}, "session_ffn_hidden=[0]: give a list of positive integers"),
+    (SparCode, {"relu_leak": float("nan")}, "relu_leak=nan: it must lie in [0, 1)"),
+    (SparCode, {"ce_checkpoint": 1}, "ce_checkpoint=1: use true or false"),
+], ids=str)
+def test_a_value_of_the_wrong_kind_is_refused_in_one_line(defaults, model, knobs, message):
+    with pytest.raises(UsageError, match=re.escape(f"invalid {model.__name__} setting {message}")) as raised:
+        check(defaults, model, knobs)
+    assert "\n" not in str(raised.value)

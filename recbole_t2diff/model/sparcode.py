@@ -281,6 +281,16 @@ class SparCode(CrossInteraction, SequentialRecommender):
     def forward(self, interaction):
         return self.query_values(interaction)
 
+    def predict(self, interaction):
+        query_side = self.query_side(self.query_values(interaction))
+        return self.activate(self.interact(query_side, self.item_side(interaction[self.ITEM_ID])[:, None])).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        if self.score_mode == "index":  # index() has just checked the weights' fingerprint: hash them once per batch
+            return self.index().accumulate(self, self.query_keys(interaction))[0]
+        rows, token_row = self.query_rows(interaction)
+        return self.accumulate(self.code_scores(rows), token_row, len(interaction[self.ITEM_SEQ]))
+
     # ---- the two-tower reduction (docs/SPARCODE.md §11, §14) ------------------------------------------------
 
     def check_two_tower(self):
@@ -297,16 +307,6 @@ class SparCode(CrossInteraction, SequentialRecommender):
         = (Σ_k q̃_k) · v_i + K_u·b, and the constant K_u·b changes no ranking, so it is left out."""
         self.check_two_tower()
         return self.query_values(interaction).sum(1)
-
-    def predict(self, interaction):
-        query_side = self.query_side(self.query_values(interaction))
-        return self.activate(self.interact(query_side, self.item_side(interaction[self.ITEM_ID])[:, None])).sum(-1)
-
-    def full_sort_predict(self, interaction):
-        if self.score_mode == "index":  # index() has just checked the weights' fingerprint: hash them once per batch
-            return self.index().accumulate(self, self.query_keys(interaction))[0]
-        rows, token_row = self.query_rows(interaction)
-        return self.accumulate(self.code_scores(rows), token_row, len(interaction[self.ITEM_SEQ]))
 
     # ---- the sparse index (recbole_t2diff.sparse_index, docs/SPARCODE.md §10-§11) --------------------------
 
