@@ -11,11 +11,10 @@ the params file searches (it would override every trial: that is rejected).
 import argparse
 import sys
 
-from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.cli import exit_on_usage_error, parse_script_arguments
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import ALGOS, Search, check_output_file
 from recbole_t2diff.ray_search import SCHEDULERS, RaySearch
-from recbole_t2diff.settings import command_line_settings
 
 
 def main(argv=None):
@@ -44,9 +43,9 @@ def main(argv=None):
     ray_options.add_argument("--reduction_factor", type=float, help="ASHA's rung spacing (default 4)")
     ray_options.add_argument("--max_t", type=int, help="ASHA's last rung in epochs (default: the epochs setting)")
     ray_options.add_argument("--storage_path", help="Ray Tune's experiment folder (default ./ray_results)")
-    args, settings = parser.parse_known_args(argv)
     with exit_on_usage_error():
-        command_line_settings(settings)  # a malformed or repeated setting fails here, before anything starts
+        # a malformed or repeated argument fails here, before anything starts
+        args, settings = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
         given = {action.dest: getattr(args, action.dest) for action in ray_options._group_actions if getattr(args, action.dest) is not None}
         if given and args.tool != "ray":
             raise UsageError(f"--{next(iter(given))} applies to --tool=ray only: add --tool=ray or drop it")

@@ -10,9 +10,8 @@ Every other --key=value reaches RecBole's Config and overrides the property file
 import argparse
 import sys
 
-from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.cli import exit_on_usage_error, parse_script_arguments
 from recbole_t2diff.quick_start import run
-from recbole_t2diff.settings import command_line_settings
 
 
 def main(argv=None):
@@ -28,10 +27,10 @@ def main(argv=None):
     parser.add_argument("--ip", default="localhost", help="address of the rank-0 machine")
     parser.add_argument("--port", default="5678", help="port of the rank-0 machine")
     parser.add_argument("--group_offset", type=int, default=0, help="global rank of this machine's first process")
-    args, settings = parser.parse_known_args(argv)
-    config_files = args.config_files.split() if args.config_files else None
     with exit_on_usage_error():
-        command_line_settings(settings)  # a malformed or repeated setting fails here, before anything starts
+        # a malformed or repeated argument fails here, before anything starts
+        args, settings = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
+        config_files = args.config_files.split() if args.config_files else None
         run(args.model, args.dataset, config_file_list=config_files, argv=settings, nproc=args.nproc, world_size=args.world_size,
             ip=args.ip, port=args.port, group_offset=args.group_offset)
 

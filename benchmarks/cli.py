@@ -1,6 +1,7 @@
 """The command line every benchmark script reads: its own options, then RecBole settings as --key=value."""
 import sys
 
+from recbole_t2diff.cli import parse_script_arguments
 from recbole_t2diff.settings import command_line_settings, parse_settings
 
 
@@ -8,7 +9,7 @@ def options_and_settings(parser, argv=None):
     """(the script's options, {key: value} of the --key=value settings after them), from ``argv`` (default: this
     process's command line). Settings are read as a Config reads them (literals only); anything else left over
     is a one-line UsageError."""
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, rest = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
     return args, settings_of(rest)
 
 

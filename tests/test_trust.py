@@ -626,6 +626,17 @@ def test_a_key_given_twice_on_the_command_line_gets_one_line(monkeypatch, capsys
     assert line == "error: --epochs is given twice, as --epochs=1 and --epochs=2: give it once"
 
 
+@pytest.mark.parametrize("script", ["run_recbole.py", "run_hyper.py"])
+@pytest.mark.parametrize("arguments,name", [(["--model=SASRec", "--model=GRU4Rec"], "--model"), (["-m", "SASRec", "--model=GRU4Rec"], "--model"),
+                                            (["--dataset=ml-100k", "--epochs=1", "--dataset", "ml-1m"], "--dataset")])
+def test_a_scripts_own_option_given_twice_gets_one_line(script, arguments, name, monkeypatch, capsys):
+    """argparse alone keeps the last of a repeated option without a word: the script refuses it before anything starts."""
+    module = load_script(script)
+    monkeypatch.setattr(module, "run" if script == "run_recbole.py" else "Search", lambda *a, **k: pytest.fail("started"))
+    line = script_error(module, [script, *arguments], monkeypatch, capsys)
+    assert line.startswith(f"error: {name} is given twice") and line.endswith("give it once")
+
+
 # --- 11. a mistyped flag is refused, not logged and ignored -----------------------------------------
 
 @pytest.mark.parametrize("script", ["run_recbole.py", "run_hyper.py"])
