@@ -8,7 +8,7 @@ import statistics
 from benchmarks.machine import describe
 from benchmarks.plots import plot, plot_curves
 from benchmarks.variants import OURS, base_name, find_row, parse_grid, parse_variant, search_trials
-from benchmarks.worker import XHAT_COLUMNS, threads
+from benchmarks.worker import XHAT_COLUMNS, XHAT_NOISE_DROP, threads
 
 
 def mean_std(values):
@@ -183,7 +183,9 @@ def summarize(study, rows, requested, commands, search=None, jobs=None):
             f"{per_machine([{**r, 'train_min': float(r['train_s_per_epoch']) * float(r['epochs_run']) / 60} for r in mine], 'train_min')} | "
             f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
         if all(r.get(c) not in (None, "") for r in mine for c in XHAT_COLUMNS):
-            xhat_lines.append(f"| {v} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_std(r[c] for r in mine)) for c in XHAT_COLUMNS) + " |")
+            drops = [r.get(XHAT_NOISE_DROP) for r in mine]
+            drop = "{:.4f} ± {:.4f}".format(*mean_std(drops)) if all(d not in (None, "") for d in drops) else "—"
+            xhat_lines.append(f"| {v} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_std(r[c] for r in mine)) for c in XHAT_COLUMNS) + f" | {drop} |")
     if search:
         lines += ["", f"## Search (seed {search['seed']}, validation NDCG@10; test metrics were not looked at)", "",
                   "| model | " + " | ".join(", ".join(f"{k}={v}" for k, v in point.items()) for point in search["grid"]) + " |",
@@ -199,8 +201,11 @@ def summarize(study, rows, requested, commands, search=None, jobs=None):
     if xhat_lines:
         lines += ["", "## x̂ on the validation split", "", "At the best epoch, as inference computes it (mean ± std over seeds): relative error",
                   "|x̂ - x_next| / |x_next - x_L| pooled over users (1 = no better than copying x_L), and how often the true next",
-                  "item is the nearest item token to x̂ (hit@1) or among its 10 nearest (hit@10).", "",
-                  "| model | x̂ relative error | x̂ nearest-item hit@1 | x̂ nearest-item hit@10 |", "|---|---|---|---|", *xhat_lines]
+                  "item is the nearest item token to x̂ (hit@1) or among its 10 nearest (hit@10); whether the tower uses x̂:",
+                  "validation NDCG@10 with the served x̂ minus with x̂ replaced by Gaussian noise of the same norm (about 0 when",
+                  "the tower ignores x̂; — for runs from before it was recorded).", "",
+                  "| model | x̂ relative error | x̂ nearest-item hit@1 | x̂ nearest-item hit@10 | NDCG@10 drop, x̂ → noise |",
+                  "|---|---|---|---|---|", *xhat_lines]
     with open(os.path.join(args.out, f"{args.dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, variants, os.path.join(args.out, f"{args.dataset}.png"), args.dataset, args.time_budget,

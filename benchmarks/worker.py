@@ -27,8 +27,9 @@ from recbole_t2diff.cli import exit_on_usage_error
 METRICS = ["recall@10", "mrr@10", "ndcg@10", "recall@20", "ndcg@20", "recall@2", "ndcg@2"]
 COLUMNS = ["variant", "seed", "settings", *[f"valid_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS],
            "params", "train_s_per_epoch", "eval_s", "epochs_run", "best_epoch", "peak_rss_mib",
-           "xhat_rel_error", "xhat_hit@1", "xhat_hit@10", "run_s", "valid_curve", "machine", "date", "reads"]
+           "xhat_rel_error", "xhat_hit@1", "xhat_hit@10", "run_s", "valid_curve", "machine", "date", "reads", "xhat_noise_drop"]
 XHAT_COLUMNS = ["xhat_rel_error", "xhat_hit@1", "xhat_hit@10"]
+XHAT_NOISE_DROP = "xhat_noise_drop"  # recorded since 2026-12-06: older rows leave it empty
 
 
 def run_settings(variant, seed):
@@ -167,7 +168,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     for metric in METRICS:
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
         row[f"test_{metric}"] = float(result["test_result"][metric])
-    row.update(result.get("xhat_quality") or dict.fromkeys(XHAT_COLUMNS, ""))
+    row.update(result.get("xhat_quality") or dict.fromkeys([*XHAT_COLUMNS, XHAT_NOISE_DROP], ""))
     # What the run reads that RecBole's built-ins do not: T2Diff's time lag reads the request time.
     row["reads"] = "request time" if getattr(trainer.model, "lag_embedding", None) is not None else ""
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints

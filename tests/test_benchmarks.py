@@ -228,6 +228,7 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
     # x̂ quality: a number for every T2Diff run with x̂, none for a model without one
     assert all(0 <= float(r["xhat_hit@10"]) <= 1 and float(r["xhat_rel_error"]) > 0 for (v, _), r in rows.items() if v.startswith("T2Diff["))
     assert all(r["xhat_rel_error"] == "" for (v, _), r in rows.items() if not v.startswith("T2Diff["))
+    assert all(r["xhat_noise_drop"] != "" for (v, _), r in rows.items() if v.startswith("T2Diff["))
     assert f"| {chosen['T2Diff']} | " in table.split("## x̂ on the validation split")[1]
     stated = re.search(r"Command: `python -m benchmarks.run_benchmark (.*)`", table).group(1)
     assert shlex.split(stated) == command[3:]  # quoted: pasted into a shell, the ";" stays in --search
@@ -248,6 +249,29 @@ def test_xhat_quality_of_the_copied_last_item_is_1_and_its_hits_are_the_repeats(
     assert quality["xhat_rel_error"] == 1.0 and 0 < repeats < len(last)
     assert quality["xhat_hit@1"] == round(repeats / len(last), 4) and quality["xhat_hit@1"] <= quality["xhat_hit@10"] <= 1
     assert make_model(tiny_data, use_diffusion=False).xhat_quality([(interaction,)]) is None
+
+
+def test_ndcg_at_10_ranks_as_recboles_full_sort_does():
+    from recbole_t2diff.model.generator import _ndcg_at_10
+
+    scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 4.0], [9.0, 1.0, 5.0, 3.0, 4.0]])
+    targets = torch.tensor([2, 3])  # row 0: best once the padding item 0 is masked; row 1: third (behind 2 and 4)
+    assert _ndcg_at_10(scores, targets) == pytest.approx(1.0 + 0.5)
+    masked = (torch.tensor([1, 1]), torch.tensor([2, 4]))  # row 1's history items 2 and 4 cannot rank
+    assert _ndcg_at_10(scores, targets, masked) == pytest.approx(2.0)
+    assert _ndcg_at_10(torch.arange(20.0).flip(0)[None], torch.tensor([15])) == 0.0  # 15th: outside the top 10
+
+
+def test_xhat_noise_drop_is_zero_when_the_tower_ignores_xhat_and_not_when_it_reads_it(tiny_data):
+    from conftest import make_model
+
+    loader = tiny_data[2]
+    gated = make_model(tiny_data, x_hat_gate=True)  # the gate starts at 0: the session reads x_L, never x̂
+    assert gated.xhat_quality(loader)["xhat_noise_drop"] == 0.0
+    with torch.no_grad():
+        gated.x_hat_gate.fill_(1.0)
+    copied = make_model(tiny_data, x_hat_source="copy_last")
+    assert gated.xhat_quality(loader)["xhat_noise_drop"] != 0.0 and copied.xhat_quality(loader)["xhat_noise_drop"] != 0.0
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@ conditioned on the tower's encoding of the history, with classifier-free guidanc
 (``diffusion``, ``denoiser``, ``condition_projection``, the ``drift_rms`` buffer) are attributes of the model
 itself, because checkpoints name them at the top level of its state_dict.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -256,21 +258,28 @@ class XHatGenerator:
         return super().train(mode)
 
     def xhat_quality(self, loader):
-        """How close the x̂ that inference serves is to the true next item, over a full-sort split.
+        """How close the x̂ that inference serves is to the true next item, and how much the tower uses it, over a
+        full-sort split.
 
         Returns ``xhat_rel_error`` = Σ|x̂ - x_next| / Σ|x_next - x_L| (pooled over users: 1.0 is what
-        copying x_L scores) and ``xhat_hit@1`` / ``xhat_hit@10``: how often the true next item is the
-        nearest item token to x̂ in L2, or among its 10 nearest (the padding item excluded). None for a
-        model without x̂.
+        copying x_L scores), ``xhat_hit@1`` / ``xhat_hit@10``: how often the true next item is the
+        nearest item token to x̂ in L2, or among its 10 nearest (the padding item excluded), and
+        ``xhat_noise_drop``: NDCG@10 with the served x̂ minus NDCG@10 with x̂ replaced by Gaussian noise of the
+        same norm, ranked as RecBole's full-sort evaluation ranks (padding and the batch's history masks applied):
+        about 0 when the tower ignores x̂. None for a model without x̂.
         """
         if self.x_hat == "none":
             return None
         self.eval()  # also re-seeds the chain's noise, as every evaluation does
-        error = drift = hit1 = hit10 = count = 0.0
+        # The replacement noise has its own generator, so the chain draws what it draws in any evaluation.
+        noise_generator = torch.Generator(device=self.item_embedding.weight.device).manual_seed(int(self.eval_seed) + 1)
+        error = drift = hit1 = hit10 = count = ndcg_served = ndcg_noise = 0.0
         with torch.no_grad():
+            all_items = self.item_vectors()
             items = self.tokens(torch.arange(1, self.n_items, device=self.item_embedding.weight.device))
             for batch in loader:
                 interaction = batch[0].to(items.device)
+                history_index = batch[1] if len(batch) > 1 else None
                 history, mask = self.history(interaction)
                 tokens, in_session = self.tower_inputs(interaction, history, mask)
                 x_hat = self.inference_x_hat(history, self.condition(tokens, mask, in_session))
@@ -283,5 +292,25 @@ class XHatGenerator:
                 hit1 += (rank < 1).sum().item()
                 hit10 += (rank < 10).sum().item()
                 count += len(rank)
+                noise = torch.randn(x_hat.shape, generator=noise_generator, device=x_hat.device)
+                noise = noise * (x_hat.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+                for replacement, is_noise in ((x_hat, False), (noise, True)):
+                    user = self.user_vector(tokens, mask, self.session_x_hat(history, replacement), in_session)
+                    gain = _ndcg_at_10(user @ all_items.t(), target_ids, history_index)
+                    if is_noise:
+                        ndcg_noise += gain
+                    else:
+                        ndcg_served += gain
         return {"xhat_rel_error": round(error / max(drift, 1e-12), 4), "xhat_hit@1": round(hit1 / count, 4),
-                "xhat_hit@10": round(hit10 / count, 4)}
+                "xhat_hit@10": round(hit10 / count, 4), "xhat_noise_drop": round((ndcg_served - ndcg_noise) / count, 4)}
+
+
+def _ndcg_at_10(scores, target_ids, history_index=None):
+    """Σ over rows of NDCG@10 of the one target per row, ranked as RecBole's full-sort evaluation ranks: the
+    padding item and the history items ``history_index`` (RecBole's (rows, items) mask of the batch) never rank."""
+    scores = scores.clone()
+    scores[:, 0] = -math.inf
+    if history_index is not None:
+        scores[history_index] = -math.inf
+    rank = (scores > scores.gather(1, target_ids[:, None])).sum(1)
+    return torch.where(rank < 10, 1.0 / torch.log2(rank.double() + 2), torch.zeros((), dtype=torch.double)).sum().item()
