@@ -1,10 +1,14 @@
-"""U-Net geometry and shapes for several sequence lengths and depths (docs/T2DIFF.md §8)."""
+"""The denoisers (unet.py, docs/T2DIFF.md §7-8): the 1-D U-Net's geometry and padding, its blocks and FiLM,
+the step embedding, the next-slot query row and the knobs that reach them.
+"""
 import numpy as np
 import pytest
 import torch
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.unet import Denoiser, UNet1d, unet_geometry
+
+from helpers import REPO, make_model
 
 
 def test_geometry_of_the_official_setting():
@@ -102,7 +106,6 @@ def test_the_denoisers_knobs_reach_its_parts_and_its_defaults_are_the_property_f
 
     import yaml
 
-    from conftest import REPO
     from recbole_t2diff.model.unet import step_table
 
     knobs = yaml.safe_load(open(os.path.join(REPO, "properties", "model", "T2Diff.yaml")))
@@ -133,8 +136,64 @@ def test_every_unet_block_is_conv_silu_layernorm_and_the_defaults_are_the_proper
 
 def test_a_film_t2diff_starts_with_every_film_map_at_zero(tiny_data):
     """T2Diff re-initialises every Linear; the FiLM maps must come back to zero, or the untrained U-Net is modulated at random."""
-    from conftest import make_model
 
     unet = make_model(tiny_data, step_conditioning="film").denoiser.unet
     maps = [*unet.film_down, *unet.film_merge]
     assert maps and all(float(layer.weight.abs().max()) == 0 and float(layer.bias.abs().max()) == 0 for layer in maps)
+
+
+# ---- the denoiser's input rows and step conditioning -------------------------------------------------
+
+def test_next_slot_puts_the_next_items_drift_on_a_learned_query_row():
+    torch.manual_seed(0)
+    denoiser = Denoiser(4, n_steps=10, levels=2, mult=[1, 2], next_slot=True)
+    with torch.no_grad():
+        denoiser.slot.copy_(torch.arange(1.0, 5.0))
+    seen = []
+    unet = denoiser.unet.forward
+    denoiser.unet.forward = lambda u, *rest: seen.append(u) or unet(u, *rest)
+    z_s, condition = torch.randn(3, 6, 4), torch.randn(3, 6, 4)
+    out = denoiser(z_s, condition, torch.tensor([1, 5, 10]))
+    u = seen[0] - denoiser.step_scale * denoiser.steps[torch.tensor([1, 5, 10])][:, None, :]
+    assert out.shape == (3, 6, 4) and u.shape == (3, 7, 8)
+    # drift j sits on the row of the item it leads to; the last row's condition is the query, not x_L
+    torch.testing.assert_close(u[:, 1:, :4], z_s)
+    torch.testing.assert_close(u[:, 0, :4], torch.zeros(3, 4))
+    torch.testing.assert_close(u[:, :6, 4:], condition)
+    torch.testing.assert_close(u[:, 6, 4:], torch.arange(1.0, 5.0).expand(3, 4))
+
+
+def test_the_official_layout_reads_the_last_drift_off_a_mirrored_edge():
+    """Why the slot exists: without it the U-Net's input ends at x_L, so a neighbour-difference filter reads 0 there."""
+    torch.manual_seed(0)
+    plain = Denoiser(4, n_steps=10, levels=2, mult=[1, 2])
+    seen = []
+    unet = plain.unet.forward
+    plain.unet.forward = lambda u, *rest: seen.append(u) or unet(u, *rest)
+    condition = torch.randn(2, 6, 4)
+    plain(torch.randn(2, 6, 4), condition, torch.tensor([3, 3]))
+    assert seen[0].shape == (2, 6, 8)
+    torch.testing.assert_close(seen[0][:, -1, 4:] - plain.step_scale * plain.steps[3][4:], condition[:, -1])
+
+
+@pytest.mark.parametrize("step_emb", ["official", "sinusoidal_mlp"])
+def test_film_conditions_every_level_on_the_step_and_starts_as_the_plain_unet(step_emb):
+    torch.manual_seed(0)
+    film = Denoiser(4, n_steps=10, levels=2, mult=[1, 2], step_emb=step_emb, step_conditioning="film")
+    z_s, condition = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    # zero-initialised FiLM maps: at first the step changes nothing and no step is added to the input
+    plain = film.unet(torch.cat([z_s, condition], -1), torch.zeros(2, 8))
+    torch.testing.assert_close(film(z_s, condition, torch.tensor([2, 2])), plain)
+    torch.testing.assert_close(film(z_s, condition, torch.tensor([9, 9])), plain)
+    for layer in [*film.unet.film_down, *film.unet.film_merge]:
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    early, late = film(z_s, condition, torch.tensor([1, 1])), film(z_s, condition, torch.tensor([9, 9]))
+    assert (early - late).abs().mean() > 0.05
+    # every level is modulated: zeroing one level's map changes the output
+    for layer in [film.unet.film_down[1], film.unet.film_merge[0]]:
+        saved = layer.weight.detach().clone()
+        with torch.no_grad():
+            layer.weight.zero_()
+        assert not torch.allclose(film(z_s, condition, torch.tensor([9, 9])), late)
+        with torch.no_grad():
+            layer.weight.copy_(saved)

@@ -5,7 +5,7 @@ import torch
 
 from recbole_t2diff.errors import UsageError
 
-from conftest import first_batch, make_model
+from helpers import first_batch, make_model
 
 
 def session_reversed(history, mask, k):

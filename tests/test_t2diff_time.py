@@ -9,7 +9,8 @@ from hypothesis import given, settings
 
 from recbole_t2diff.errors import UsageError
 
-from conftest import TINY_MODEL, first_batch, make_model, scratch_run
+from helpers import TINY_MODEL, first_batch, make_model, scratch_run, write_tiny_dataset
+
 
 GAP = 1800.0
 
@@ -164,8 +165,6 @@ def test_an_order_index_is_recognised_when_no_history_fills_the_window(tmp_path)
     """Only steps between two real items count: with a window longer than every user, each row starts with padding."""
     from recbole_t2diff.config import Config
     from recbole_t2diff.quick_start import build_model, prepare
-
-    from conftest import write_tiny_dataset
 
     path = write_tiny_dataset(str(tmp_path / "data"))
     with scratch_run(tmp_path):
