@@ -8,7 +8,7 @@ and no missed keys, index scores equal exact scores up to summation order.
 
 Storage is CSR over rows = keys: ``indptr`` int64 [U+1], ``indices`` int32 [nnz] (item id − 1),
 ``values`` float32 or float16 [nnz] and, with ``keys: used``, the sorted int64 ``keys`` [U].
-``save`` writes them to ``index.npz`` (plain arrays, read back with ``allow_pickle=False``) and the
+``save`` writes them to ``index.npz`` (plain arrays, read back with ``allow_pickle=False``; ``index_files.py``) and the
 settings to ``meta.json``. scipy.sparse is not used: it cannot hold float16 values, picks its own
 index dtypes (so the bytes stored would not be the ones chosen here), and the batched scatter-add
 below runs unchanged on a GPU.
@@ -30,25 +30,16 @@ for ``score_mode: index``.
 """
 import hashlib
 import json
-import os
-import zipfile
 
 import numpy as np
 import torch
 
 from recbole_t2diff.errors import UsageError
+from recbole_t2diff.index_files import DTYPES, FORMAT_VERSION, index_settings, is_number, read_index_files, refuse_setting, write_index_files
 
-FORMAT_VERSION = 1
-DTYPES = {"float32": np.float32, "float16": np.float16}
-KEY_MODES = ("all", "used")
-MISS_MODES = ("compute", "empty")
-ARRAYS = ("indptr", "indices", "values")
 # What the index calls on a model (SparCode's): its code rows, the keys of histories and of the training split, and
 # the layout and tensors the rows depend on.
 MODEL_METHODS = ("code_row_scores", "query_keys", "training_keys", "code_layout", "code_row_state")
-META_FIELDS = ("format", "keys", "miss", "threshold", "max_postings", "dtype", "n_codebooks", "codebook_size",
-               "n_query_tokens", "score_bias", "n_items", "fingerprint")
-
 
 def fingerprint(model, settings):
     """sha256 of the tensors posting lists depend on (codebooks, item side, interaction network) and
@@ -69,30 +60,6 @@ def current_index(model):
     if model.sparse_index is None or model.sparse_index.meta["fingerprint"] != fingerprint(model, settings):
         model.sparse_index = SparseIndex.build(model, **settings)
     return model.sparse_index
-
-
-def _refuse(name, value, why):
-    raise UsageError(f"invalid sparse index setting {name}={value!r}: {why}")
-
-
-def _is_number(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def index_settings(keys, miss, threshold, max_postings, dtype):
-    """The index knobs in one canonical form (the fingerprint hashes it); a bad one is refused in one line."""
-    if keys not in KEY_MODES:
-        _refuse("keys", keys, "use all (every code key) or used (the keys the training split tokenizes to)")
-    if miss not in MISS_MODES:
-        _refuse("miss", miss, "use compute (score a key without a list on the fly) or empty (drop it)")
-    if not _is_number(threshold) or not float(threshold) >= 0:  # "not >=" also refuses NaN
-        _refuse("threshold", threshold, "give a number >= 0 (0 keeps every positive entry)")
-    if max_postings is not None and (not _is_number(max_postings) or max_postings != int(max_postings) or max_postings < 1):
-        _refuse("max_postings", max_postings, "give an integer >= 1, or None for no cap")
-    if dtype not in DTYPES:
-        _refuse("dtype", dtype, f"use one of {', '.join(DTYPES)}")
-    return {"keys": keys, "miss": miss, "threshold": float(threshold),
-            "max_postings": None if max_postings is None else int(max_postings), "dtype": dtype}
 
 
 def top_items(scores, k):
@@ -117,8 +84,8 @@ class SparseIndex:
         at a time (default: as many as ``score_chunk_rows`` pairs allow, at least 1)."""
         _check_model(model)
         settings = index_settings(keys, miss, threshold, max_postings, dtype)
-        if block_keys is not None and (not _is_number(block_keys) or block_keys != int(block_keys) or block_keys < 1):
-            _refuse("block_keys", block_keys, "give an integer >= 1, or None for as many keys as score_chunk_rows allows")
+        if block_keys is not None and (not is_number(block_keys) or block_keys != int(block_keys) or block_keys < 1):
+            refuse_setting("block_keys", block_keys, "give an integer >= 1, or None for as many keys as score_chunk_rows allows")
         was_training = model.training
         model.eval()
         try:
@@ -188,42 +155,13 @@ class SparseIndex:
     # ---- persistence ----------------------------------------------------------------------------
 
     def save(self, folder):
-        os.makedirs(folder, exist_ok=True)
         arrays = {"indptr": self.indptr, "indices": self.indices, "values": self.values}
-        if self.keys is not None:
-            arrays["keys"] = self.keys
-        np.savez(os.path.join(folder, "index.npz"), **arrays)
-        with open(os.path.join(folder, "meta.json"), "w") as f:
-            json.dump(self.meta, f, indent=1)
-        return folder
+        return write_index_files(folder, arrays, self.keys, self.meta)
 
     @classmethod
     def load(cls, folder):
         """The index ``save`` wrote to ``folder``; anything else is refused in one line naming the fault."""
-        if not os.path.isdir(folder):
-            what = "is a file" if os.path.exists(folder) else "does not exist"
-            raise UsageError(f"'{folder}' {what}: give the folder SparseIndex.save wrote (index.npz and meta.json), "
-                             "e.g. SparseIndex.build(model).save('saved/sparcode_index')")
-        meta = _read_meta(os.path.join(folder, "meta.json"))
-        path = os.path.join(folder, "index.npz")
-        if not os.path.isfile(path):
-            raise UsageError(f"'{folder}' has meta.json but no index.npz: rebuild the index with SparseIndex.build(model).save('{folder}')")
-        try:
-            with np.load(path, allow_pickle=False) as stored:  # an object array would be unpickled: code would run
-                lacking = [name for name in ARRAYS + (("keys",) if meta["keys"] == "used" else ()) if name not in stored.files]
-                if lacking:
-                    raise UsageError(f"'{path}' lacks the array(s) {', '.join(lacking)}: it is incomplete; rebuild it with SparseIndex.build(model)")
-                arrays = {name: stored[name] for name in ARRAYS}
-                keys = stored["keys"] if meta["keys"] == "used" else None
-        except ValueError as err:
-            if "allow_pickle" not in str(err):  # numpy's words for an object array; anything else is another fault
-                raise UsageError(f"'{path}' cannot be read ({err}): it is damaged; rebuild it with SparseIndex.build(model)") from err
-            raise UsageError(f"'{path}' holds pickled objects, not the plain arrays an index is made of; it is not read: "
-                             "rebuild it with SparseIndex.build(model)") from err
-        except (zipfile.BadZipFile, EOFError, OSError) as err:
-            raise UsageError(f"'{path}' cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; "
-                             "rebuild it with SparseIndex.build(model)") from err
-        _check_arrays(path, meta, arrays, keys)
+        arrays, keys, meta = read_index_files(folder)
         return cls(arrays["indptr"], arrays["indices"], arrays["values"], keys, meta)
 
     # ---- retrieval ------------------------------------------------------------------------------
@@ -291,62 +229,6 @@ def _check_model(model):
                          "(two-tower models such as T2Diff export through recbole_t2diff.export and ann.py)")
     if model.code_layout() is None:
         raise UsageError("the sparse index needs a quantized SparCode (quantize: true); quantize: false has no codes to key it by")
-
-
-def _read_meta(path):
-    """meta.json as ``save`` wrote it, or a one-line refusal."""
-    def refuse(why):
-        raise UsageError(f"'{path}' is not an index's meta.json ({why}): rebuild the index with SparseIndex.build(model).save(folder)")
-
-    if not os.path.isfile(path):
-        refuse("no such file")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        refuse(f"not JSON: {err}")
-    if not isinstance(meta, dict):
-        refuse(f"a JSON {type(meta).__name__}, not an object")
-    lacking = [name for name in META_FIELDS if name not in meta]
-    if lacking:
-        refuse(f"no {', '.join(lacking)}")
-    if meta["format"] != FORMAT_VERSION:
-        raise UsageError(f"index in '{os.path.dirname(path)}' has format {meta['format']}, this package reads {FORMAT_VERSION}: rebuild it")
-    try:
-        index_settings(**{name: meta[name] for name in ("keys", "miss", "threshold", "max_postings", "dtype")})
-    except UsageError as err:
-        refuse(str(err))
-    bad = [name for name in ("n_codebooks", "codebook_size", "n_query_tokens", "n_items")
-           if not isinstance(meta[name], int) or isinstance(meta[name], bool) or meta[name] < 1]
-    if bad:
-        refuse(f"{', '.join(bad)} not a positive integer")
-    if not _is_number(meta["score_bias"]) or not isinstance(meta["fingerprint"], str):
-        refuse("score_bias not a number or fingerprint not a string")
-    return meta
-
-
-def _check_arrays(path, meta, arrays, keys):
-    """The CSR arrays agree with each other and with meta.json, so scoring cannot index out of range."""
-    indptr, indices, values = arrays["indptr"], arrays["indices"], arrays["values"]
-    expected = {"indptr": np.int64, "indices": np.int32, "values": DTYPES[meta["dtype"]], "keys": np.int64}
-    faults = [f"{name} is no array" for name, array in (*arrays.items(), ("keys", keys))
-              if array is not None and not isinstance(array, np.ndarray)]  # np.load hands back a member without the .npy header as bytes
-    faults = faults or [f"{name} is {array.dtype}[{array.ndim}-d], not 1-d {np.dtype(expected[name])}"
-                        for name, array in (*arrays.items(), ("keys", keys)) if array is not None and (array.dtype != expected[name] or array.ndim != 1)]
-    if not faults:
-        n_rows = len(keys) if keys is not None else int(meta["codebook_size"]) ** int(meta["n_codebooks"])
-        if len(indptr) != n_rows + 1:
-            faults.append(f"indptr has {len(indptr)} entries for {n_rows} keys")
-        elif indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] != len(indices):
-            faults.append("indptr is not 0, non-decreasing, ending at the number of postings")
-        if len(values) != len(indices):
-            faults.append(f"{len(indices)} item indices but {len(values)} values")
-        if len(indices) and (indices.min() < 0 or indices.max() >= int(meta["n_items"]) - 1):
-            faults.append(f"item indices outside [0, {int(meta['n_items']) - 1})")
-        if keys is not None and len(keys) > 1 and (np.diff(keys) <= 0).any():
-            faults.append("keys are not sorted and distinct")
-    if faults:
-        raise UsageError(f"'{path}' does not hold a consistent index ({'; '.join(faults)}): rebuild it with SparseIndex.build(model)")
 
 
 def _prune(rows, threshold, max_postings):

@@ -197,11 +197,11 @@ def test_progress_keeps_tested_stopped_and_cut_trials_apart(space, capsys):
 
     from ray import tune
 
-    from recbole_t2diff.ray_search import _progress_callback
+    from recbole_t2diff.ray_progress import progress_callback
 
     search = RaySearch("GRU4Rec", "tiny", str(space / "space.hyper"), [str(space / "fixed.yaml")], argv=[], early_stop=1,
                        scheduler="asha")
-    progress = _progress_callback(tune, search)
+    progress = progress_callback(tune, search)
     stopper = progress.stopper()
     tested = {"best_valid_score": 0.3, "valid_score_bigger": True, "best_valid_result": {}, "test_result": {}}
     trials = [
