@@ -1,88 +1,35 @@
-"""SparCode (docs/SPARCODE.md §15): layout, split-layer algebra, quantizer maths, losses, the sparse index, the runner."""
-import contextlib
-import io
-import json
+"""SparCode (sparcode.py, interaction.py, layers.py; docs/SPARCODE.md §15): the tokenizer's layout, the split-layer
+algebra of the interaction, the losses, the two-tower reduction, checkpoints and the runner. The quantizer's maths is in
+test_quantizer.py, the sparse index in test_sparse_index.py.
+"""
 import os
 import re
 import subprocess
 import sys
-import zipfile
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
-
-from recbole.data.interaction import Interaction
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.export import export_embeddings
-from recbole_t2diff.model.quantizer import ProductQuantizer
-from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, make_trainer, prepare, run
-from recbole_t2diff.sparse_index import SparseIndex, top_items
+from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, run
 
-from conftest import REPO, TINY_MODEL, RunsCommand, first_batch, make_model, scratch_run, tiny_config
-
-# The tiny preset of docs/SPARCODE.md §15: d = d_t = 8, one layer, MLP [16, 16], K_u = 2, N = 8 (64 keys), L = 12.
-TINY_SPARCODE = {
-    "token_size": 8, "n_layers": 1, "inner_size": 16, "dnn_hidden": [16], "mlp_hidden": [16, 16],
-    "n_query_tokens": 2, "codebook_size": 8, "softmax_negatives": 10,
-}
-QUIET = {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "mlp_dropout": 0.0}  # no dropout: losses recomputable
-
-
-@pytest.fixture(scope="module")
-def sparcode_data(tiny_path, tmp_path_factory):
-    with scratch_run(tmp_path_factory.mktemp("sparcode")):
-        config = tiny_config(tiny_path, model="SparCode", **TINY_SPARCODE)
-        _, train, valid, test = prepare(config)
-    return config, train, valid, test
-
-
-def copy_batch(batch):
-    """A shallow copy whose fields can be replaced without touching the loader's batch."""
-    return Interaction(dict(batch.interaction))
-
-
-def with_negatives(batch, n_items):
-    """The batch with a BPR negative per row (the tiny loaders are built for CE and sample none)."""
-    batch = copy_batch(batch)
-    batch.interaction["neg_item_id"] = batch["item_id"] % (n_items - 1) + 1
-    return batch
-
-
-def trained(sparcode_data, steps=3, **overrides):
-    """A tiny SparCode after a few training batches, so its codebooks are seeded and have moved."""
-    model = make_model(sparcode_data, **overrides)
-    model.train()
-    batches = iter(sparcode_data[1])
-    for _ in range(steps):
-        losses = model.calculate_loss(with_negatives(next(batches), model.n_items))
-        sum(losses if isinstance(losses, tuple) else [losses]).backward()
-    return model.eval()
-
-
-def scores(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model.full_sort_predict(batch)
-
-
-def valid_batch(sparcode_data):
-    return first_batch(sparcode_data[2])
+from helpers import (
+    QUIET, REPO, TINY_MODEL, TINY_SPARCODE, copy_batch, first_batch, make_model, scores, tiny_config, trained_sparcode,
+    valid_batch, with_negatives,
+)
 
 
 # ---- layout ---------------------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("tokenizer", ["sasrec", "dnn"])
 def test_padding_and_garbage_after_the_length_change_no_score(sparcode_data, tokenizer):
     batch = valid_batch(sparcode_data)
     lengths = batch["item_length"]
     assert (lengths < batch["item_id_list"].size(1)).any(), "the batch must contain padded sequences"
-    model = trained(sparcode_data, tokenizer=tokenizer)
+    model = trained_sparcode(sparcode_data, tokenizer=tokenizer)
     before = scores(model, batch)
     seq = batch["item_id_list"].clone()
     seq[torch.arange(seq.size(1))[None, :] >= lengths[:, None]] = 5
@@ -97,7 +44,7 @@ def test_padding_and_garbage_after_the_length_change_no_score(sparcode_data, tok
 
 def test_scoring_never_reads_the_target(sparcode_data):
     batch = valid_batch(sparcode_data)
-    model = trained(sparcode_data)
+    model = trained_sparcode(sparcode_data)
     before = scores(model, batch)
     altered = copy_batch(batch)
     altered.interaction["item_id"] = torch.ones_like(batch["item_id"])
@@ -107,7 +54,7 @@ def test_scoring_never_reads_the_target(sparcode_data):
 def test_the_sasrec_tokenizer_is_recboles_sasrec(sparcode_data, tiny_path):
     from recbole.model.sequential_recommender.sasrec import SASRec
 
-    model = trained(sparcode_data, n_heads=4, hidden_act="relu", layer_norm_eps=1e-5)  # no default left to fall back on
+    model = trained_sparcode(sparcode_data, n_heads=4, hidden_act="relu", layer_norm_eps=1e-5)  # no default left to fall back on
     batch = valid_batch(sparcode_data)
     config = sparcode_data[0]
     keys = ("n_layers", "n_heads", "inner_size", "hidden_dropout_prob", "attn_dropout_prob", "hidden_act", "layer_norm_eps")
@@ -126,7 +73,7 @@ def test_the_sasrec_tokenizer_is_recboles_sasrec(sparcode_data, tiny_path):
 def test_the_last_layer_at_the_read_position_is_the_full_stack_read_there(sparcode_data, monkeypatch, n_layers):
     batch = valid_batch(sparcode_data)
     assert len(set(batch["item_length"].tolist())) > 1, "read positions must differ across the batch"
-    full = trained(sparcode_data, n_layers=n_layers, n_heads=2, last_layer_read_only=False, **QUIET)
+    full = trained_sparcode(sparcode_data, n_layers=n_layers, n_heads=2, last_layer_read_only=False, **QUIET)
     read_only = make_model(sparcode_data, n_layers=n_layers, n_heads=2, last_layer_read_only=True, **QUIET)
     read_only.load_state_dict(full.state_dict())
     assert (full.last_layer_read_only, read_only.last_layer_read_only) == (False, True)
@@ -180,7 +127,7 @@ def test_uniform_dropout_replaces_every_dropout_and_only_when_asked(sparcode_dat
 
 
 def test_the_dnn_tokenizer_pools_the_real_items_of_each_history(sparcode_data):
-    model, batch = trained(sparcode_data, tokenizer="dnn"), copy_batch(valid_batch(sparcode_data))
+    model, batch = trained_sparcode(sparcode_data, tokenizer="dnn"), copy_batch(valid_batch(sparcode_data))
     seq = batch["item_id_list"].clone()
     seq[0], seq[1] = 0, 0
     seq[0, 0], seq[1, :3] = 1, torch.tensor([1, 2, 1])  # a history of item 1 alone, and one with item 1 twice
@@ -254,7 +201,7 @@ def test_initial_weights_follow_recboles_sasrec_and_padding_never_learns(sparcod
 
 
 def test_forward_is_the_query_tokens(sparcode_data):
-    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
+    model, batch = trained_sparcode(sparcode_data), valid_batch(sparcode_data)
     with torch.no_grad():
         torch.testing.assert_close(model(batch), model.query_values(batch))
 
@@ -263,14 +210,13 @@ def test_tokens_work_for_histories_of_one_item(sparcode_data):
     batch = copy_batch(valid_batch(sparcode_data))
     batch.interaction["item_length"] = torch.ones_like(batch["item_length"])
     for tokenizer in ("sasrec", "dnn"):
-        assert torch.isfinite(scores(trained(sparcode_data, tokenizer=tokenizer), batch)).all()
+        assert torch.isfinite(scores(trained_sparcode(sparcode_data, tokenizer=tokenizer), batch)).all()
 
 
 # ---- algebra --------------------------------------------------------------------------------------
 
-
 def test_split_first_layer_equals_the_concatenated_mlp(sparcode_data):
-    model = trained(sparcode_data, mlp_dropout=0.0)
+    model = trained_sparcode(sparcode_data, mlp_dropout=0.0)
     query, items = torch.randn(5, 8), model.item_vectors()
     joint = nn.Linear(16, 16)
     with torch.no_grad():
@@ -285,7 +231,7 @@ def test_split_first_layer_equals_the_concatenated_mlp(sparcode_data):
 @pytest.mark.parametrize("overrides", [{}, {"quantize": False}, {"interaction": "dot"}, {"score_relu": False, "score_bias": -0.3}])
 def test_predict_equals_full_sort_predict_on_every_item(sparcode_data, overrides):
     batch = valid_batch(sparcode_data)
-    model = trained(sparcode_data, **overrides)
+    model = trained_sparcode(sparcode_data, **overrides)
     full = scores(model, batch)
     for item in range(1, model.n_items):
         single = copy_batch(batch)
@@ -298,7 +244,7 @@ def test_blocks_and_code_dedupe_change_no_score(sparcode_data):
     """Any block size gives the same scores, and the deduplicated sum Σ_k r[code_k] equals scoring
     every token separately (users sharing codes, and a user using a code twice, included)."""
     batch = valid_batch(sparcode_data)
-    model = trained(sparcode_data)
+    model = trained_sparcode(sparcode_data)
     full = scores(model, batch)
     model.score_chunk_rows = 1
     torch.testing.assert_close(scores(model, batch), full)
@@ -352,94 +298,6 @@ def test_dot_scores_are_one_product_not_blocks(sparcode_data, monkeypatch):
     torch.testing.assert_close(model.row_scores(rows, items), model.activate(rows @ items.t()))
 
 
-# ---- quantizer ------------------------------------------------------------------------------------
-
-
-def seeded_quantizer(**kwargs):
-    torch.manual_seed(0)
-    quantizer = ProductQuantizer(8, 2, 16, **kwargs)
-    quantizer.seed(torch.randn(64, 8))
-    return quantizer
-
-
-def test_assignment_is_the_brute_force_nearest_codeword_and_keys_round_trip():
-    quantizer = seeded_quantizer()
-    tokens = torch.randn(3, 50, 8)
-    codes = quantizer.assign(tokens)
-    for m in range(2):
-        parts = tokens.reshape(-1, 2, 4)[:, m]
-        brute = torch.cdist(parts, quantizer.codewords[m]).argmin(-1)
-        assert torch.equal(codes.reshape(-1, 2)[:, m], brute)
-    keys = quantizer.keys(codes)
-    assert keys.min() >= 0 and keys.max() < 16**2
-    assert torch.equal(quantizer.codes(keys), codes)
-    torch.testing.assert_close(quantizer.lookup(codes)[..., :4], quantizer.codewords[0][codes[..., 0]])
-
-
-def test_straight_through_passes_the_gradient_at_the_codeword_to_the_token():
-    quantizer = seeded_quantizer()
-    tokens = torch.randn(10, 8, requires_grad=True)
-    codewords = quantizer.lookup(quantizer.assign(tokens))
-    query = tokens + (codewords - tokens).detach()
-    (query**3).sum().backward()
-    torch.testing.assert_close(tokens.grad, 3 * codewords.detach() ** 2)
-
-
-def test_the_recommendation_loss_reaches_the_tokenizer_through_the_codes(sparcode_data):
-    model = trained(sparcode_data, vq_beta=0.0)  # no commitment term: only straight-through can carry a gradient
-    model.train()
-    model.zero_grad()
-    model.calculate_loss(first_batch(sparcode_data[1]))[0].backward()
-    assert model.query_heads.weight.grad.abs().sum() > 0
-    assert model.trm_encoder.layer[0].feed_forward.dense_1.weight.grad.abs().sum() > 0
-
-
-def test_codebooks_are_buffers_not_parameters(sparcode_data):
-    model = make_model(sparcode_data)
-    names = {name for name, _ in model.named_parameters()}
-    assert not any(name.startswith("quantizer") for name in names)
-    assert {"quantizer.codewords", "quantizer.counts", "quantizer.sums", "quantizer.initialised"} <= set(model.state_dict())
-    assert "quantizer.radix" not in model.state_dict()  # derived from the sizes; checkpoints carry only the learned state
-    assert (model.quantizer.initialised.dtype, model.quantizer.restarts.dtype, model.quantizer.radix.dtype) == (
-        torch.bool, torch.long, torch.long)
-
-
-def test_the_quantizers_defaults_are_the_property_files():
-    knobs = yaml.safe_load(open(os.path.join(REPO, "properties", "model", "SparCode.yaml")))
-    quantizer = ProductQuantizer(8, 2, 4)
-    assert (quantizer.decay, quantizer.eps, quantizer.dead_code_threshold) == (
-        knobs["ema_decay"], knobs["ema_eps"], knobs["dead_code_threshold"])
-
-
-def test_restarted_codes_spread_over_the_batch_vectors():
-    # 2 vectors for 5 dead codes: tiled 3 times, 5 of the 6 copies drawn, so each vector gets 2 or 3 codes.
-    for seed in range(20):
-        torch.manual_seed(seed)
-        quantizer, vectors = ProductQuantizer(8, 2, 5), torch.randn(2, 4)
-        quantizer._restart(0, torch.ones(5, dtype=torch.bool), vectors, mean_count=1.0)
-        nearest = (quantizer.codewords[0][:, None] - vectors[None]).abs().amax(-1).argmin(-1)
-        assert sorted(torch.bincount(nearest, minlength=2).tolist()) in ([2, 3], [3, 2]), seed
-
-
-@pytest.mark.parametrize("n_vectors", [2, 5])
-def test_a_restart_with_fewer_batch_vectors_than_dead_codes_tiles_them_with_small_noise(n_vectors):
-    torch.manual_seed(0)
-    quantizer = ProductQuantizer(8, 2, 5)
-    vectors = torch.randn(n_vectors, 4)
-    quantizer._restart(0, torch.ones(5, dtype=torch.bool), vectors, mean_count=3.0)
-    codewords = quantizer.codewords[0]
-    offsets = codewords[:, None] - vectors[None]  # [codes, vectors, sub_dim]
-    nearest = offsets.abs().amax(-1).argmin(-1)
-    offset = offsets[torch.arange(5), nearest]
-    if n_vectors == 5:  # as many vectors as codes: each code takes one vector exactly
-        assert offset.abs().max() == 0 and sorted(nearest.tolist()) == [0, 1, 2, 3, 4]
-    else:  # 2 vectors tiled 3 times: codes sit within [0, 0.01/sqrt(sub_dim)) above a vector, no two alike
-        assert (offset >= 0).all() and (offset < 0.01 / 2).all() and offset.abs().max() > 0
-        assert len({tuple(c.tolist()) for c in codewords}) == 5
-    assert (quantizer.counts[0] == 3.0).all() and torch.equal(quantizer.sums[0], codewords * 3.0)
-    assert (quantizer.codewords[1] == 0).all(), "other codebooks untouched"
-
-
 def test_the_split_first_layer_starts_at_the_fan_in_of_the_concatenated_layer(sparcode_data):
     model = make_model(sparcode_data, embedding_size=64, token_size=64, n_heads=2, mlp_hidden=[256, 128])
     fan_in = model.query_layer.in_features + model.item_layer.in_features  # 128
@@ -452,165 +310,10 @@ def test_the_split_first_layer_starts_at_the_fan_in_of_the_concatenated_layer(sp
     assert abs(wide.weight.std().item() / (2.0 / wide.in_features) ** 0.5 - 1) < 0.05  # Kaiming for ReLU
 
 
-def test_with_no_decay_a_codeword_is_the_mean_of_its_vectors():
-    quantizer = seeded_quantizer(decay=0.0, eps=1e-9, dead_code_threshold=0.0)
-    tokens = torch.randn(200, 8)
-    codes = quantizer.assign(tokens)
-    quantizer.update(tokens, codes)
-    for m in range(2):
-        for code in codes[:, m].unique():
-            members = tokens.reshape(-1, 2, 4)[codes[:, m] == code, m]
-            torch.testing.assert_close(quantizer.codewords[m, code], members.mean(0), rtol=1e-4, atol=1e-5)
-
-
-def test_restart_touches_only_dead_codes_and_puts_them_on_batch_vectors():
-    # Seeded counts are the mean count 4; after one step with decay 0.5 an unused code has 2 < 0.6 x 4.
-    quantizer = seeded_quantizer(decay=0.5, dead_code_threshold=0.6)
-    tokens = torch.randn(64, 8)
-    tokens[:, :4] = quantizer.codewords[0, 3] + 0.001 * torch.randn(64, 4)  # codebook 0: every vector on code 3
-    codes = quantizer.assign(tokens)
-    before = quantizer.codewords.clone()
-    quantizer.update(tokens, codes)
-    parts = tokens[:, :4]
-    for code in range(16):
-        if code != 3:
-            assert (quantizer.codewords[0, code] - parts).abs().amax(-1).min() < 1e-6, "a restarted code sits on a batch vector"
-            assert quantizer.counts[0, code] == 64 / 16
-    # The one live code followed its EMA: (0.5·4·c + 0.5·Σ vectors) / (0.5·4 + 0.5·64).
-    expected_live = (2 * before[0, 3] + 0.5 * parts.sum(0)) / 34
-    torch.testing.assert_close(quantizer.codewords[0, 3], expected_live, rtol=1e-3, atol=1e-4)
-    unused_in_codebook_1 = int((torch.bincount(codes[:, 1], minlength=16) == 0).sum())
-    assert quantizer.restarts == 15 + unused_in_codebook_1
-
-
-def test_codes_left_unused_restart_after_the_patience_not_after_the_ema_decays():
-    """64 vectors a step for 16 codes, threshold 0.01: a code used at 1 % of the mean rate is assigned once
-    in 16 / (0.01·64) = 25 steps; the EMA count (decay 0.99) would take ~458 steps to fall below 1 %."""
-    quantizer = seeded_quantizer(decay=0.99, dead_code_threshold=0.01)
-    assert quantizer.patience(64) == 25 and quantizer.patience(10**6) == 1
-    generator = torch.Generator().manual_seed(1)
-    on_code_3 = torch.cat([quantizer.codewords[0, 3], quantizer.codewords[1, 3]])
-    for step in range(1, 26):
-        tokens = on_code_3 + 0.001 * torch.randn(64, 8, generator=generator)  # every vector on code 3 in both codebooks
-        if step == 10:
-            tokens[0] = torch.cat([quantizer.codewords[0, 7], quantizer.codewords[1, 7]])  # code 7 used once
-        before = quantizer.codewords.clone()
-        quantizer.update(tokens, quantizer.assign(tokens))
-        if step < 25:
-            assert quantizer.restarts == 0, f"restarted at step {step}, before any code was idle for 25 steps"
-    restarted = (quantizer.codewords - before).abs().amax(-1) > 1e-3
-    assert quantizer.restarts == 28 and restarted.sum() == 28
-    for m in range(2):
-        assert not restarted[m, 3] and not restarted[m, 7], "a code used within the patience is kept"
-    assert (quantizer.idle[restarted] == 0).all() and (quantizer.idle[:, 7] == 15).all()
-
-
-def test_code_stats_measure_usage_perplexity_keys_and_quantization_error(sparcode_data):
-    model = trained(sparcode_data)
-    valid = sparcode_data[2]
-    before = {name: tensor.clone() for name, tensor in model.named_buffers()}
-    model.train()
-    stats = model.code_stats(valid)
-    assert model.training, "the caller's mode is restored"
-    for name, tensor in model.named_buffers():
-        assert torch.equal(before[name], tensor), name
-    model.eval()
-    with torch.no_grad():
-        tokens = torch.cat([model.query_tokens(batch[0]) for batch in valid])
-        codes = model.quantizer.assign(tokens).reshape(-1, 2)
-    assert stats["tokens"] == len(codes) and stats["restarts"] == int(model.quantizer.restarts)
-    for m in range(2):
-        counts = torch.bincount(codes[:, m], minlength=8).double()
-        shares = counts[counts > 0] / counts.sum()
-        assert stats["usage"][m] == pytest.approx((counts > 0).double().mean().item())
-        assert stats["perplexity"][m] == pytest.approx(torch.exp(-(shares * shares.log()).sum()).item())
-    assert stats["distinct_keys"] == len(torch.unique(model.quantizer.keys(codes)))
-    error = (tokens - model.quantizer.lookup(model.quantizer.assign(tokens))).pow(2).sum() / tokens.pow(2).sum()
-    assert stats["relative_error"] == pytest.approx(error.item(), rel=1e-5) and 0 < stats["relative_error"] < 1
-    with pytest.raises(UsageError, match="quantize: true"):
-        make_model(sparcode_data, quantize=False).code_stats(valid)
-
-
-def test_each_epoch_logs_its_code_usage_and_restarts(sparcode_data, caplog):
-    model = make_model(sparcode_data)
-    model.train()
-    batches = iter(sparcode_data[1])
-    tallied = []
-    for _ in range(2):
-        batch = next(batches)
-        model.calculate_loss(batch)
-        tallied.append(len(batch) * model.n_query_tokens)
-    assert model.epoch_codes.tokens == sum(tallied)
-    restarts = int(model.quantizer.restarts)
-    with caplog.at_level("INFO"):
-        model.eval()
-    line = next(line for line in caplog.text.splitlines() if "SparCode codes in training" in line)
-    assert re.search(r"usage \d+%/\d+% of 8 codes per codebook, perplexity [0-9.]+/[0-9.]+, \d+ distinct keys, "
-                     rf"relative quantization error [0-9.]+, {restarts} restarts", line), line
-    assert model.epoch_codes.tokens == 0, "the next epoch starts a new tally"
-    caplog.clear()
-    with caplog.at_level("INFO"):
-        model.train()
-        model.eval()
-    assert "SparCode codes" not in caplog.text, "an epoch without training batches logs nothing"
-
-
-def test_the_quantizer_learns_from_bfloat16_tokens_in_float32():
-    quantizer = ProductQuantizer(8, 2, 16)
-    tokens = torch.randn(64, 8).to(torch.bfloat16)
-    quantizer.seed(tokens)
-    quantizer.update(tokens, quantizer.assign(tokens))
-    assert quantizer.codewords.dtype == quantizer.sums.dtype == torch.float32
-    assert torch.equal(quantizer.assign(tokens), quantizer.assign(tokens.float()))
-
-
-@pytest.mark.parametrize("how", ["bf16_autocast", "enable_amp"])
-def test_bfloat16_training_keeps_the_codebooks_and_losses_float32(sparcode_data, how):
-    """bf16_autocast, or RecBole's enable_amp wrapping the whole calculate_loss (which used to crash
-    in ProductQuantizer.seed, writing bfloat16 tokens into the float32 codewords)."""
-    batch = first_batch(sparcode_data[1])
-    reference = make_model(sparcode_data, **QUIET)
-    model = make_model(sparcode_data, bf16_autocast=how == "bf16_autocast", **QUIET)
-    assert model.bf16_autocast == (how == "bf16_autocast") and not reference.bf16_autocast
-    outer = torch.autocast("cpu", dtype=torch.bfloat16) if how == "enable_amp" else contextlib.nullcontext()
-    reference.train(), model.train()
-    torch.manual_seed(3)
-    expected = reference.calculate_loss(batch)
-    with outer:
-        torch.manual_seed(3)
-        losses = model.calculate_loss(batch)
-    sum(losses).backward()
-    assert all(loss.dtype == torch.float32 for loss in losses)
-    assert all(buffer.dtype == torch.float32 for name, buffer in model.quantizer.named_buffers() if buffer.is_floating_point())
-    torch.testing.assert_close(model.quantizer.codewords, reference.quantizer.codewords, rtol=0.02, atol=0.02)
-    for loss, reference_loss in zip(losses, expected):
-        torch.testing.assert_close(loss, reference_loss, rtol=0.05, atol=1e-3)
-    assert losses[0] != expected[0], "bfloat16 arithmetic ran: the loss is not the float32 one to the last bit"
-
-
-def test_seeding_leaves_no_zero_codeword_after_the_first_step(sparcode_data):
-    model = trained(sparcode_data, steps=1)
-    assert bool(model.quantizer.initialised)
-    assert (model.quantizer.codewords.norm(dim=-1) > 0).all()
-
-
-def test_scoring_changes_no_buffer_even_in_training_mode(sparcode_data):
-    model = trained(sparcode_data)
-    batch = valid_batch(sparcode_data)
-    before = {name: tensor.clone() for name, tensor in model.named_buffers()}
-    model.train()
-    with torch.no_grad():
-        model.full_sort_predict(batch)
-        model.predict(batch)
-    for name, tensor in model.named_buffers():
-        assert torch.equal(before[name], tensor), name
-
-
 # ---- losses ---------------------------------------------------------------------------------------
 
-
 def test_full_ce_is_cross_entropy_of_the_full_sort_logits(sparcode_data):
-    model = trained(sparcode_data, softmax_negatives=None, relu_leak=0.0, **QUIET)
+    model = trained_sparcode(sparcode_data, softmax_negatives=None, relu_leak=0.0, **QUIET)
     batch = first_batch(sparcode_data[1])
     logits = scores(model, batch)
     model.train()
@@ -622,7 +325,7 @@ def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data
     import recbole_t2diff.model.interaction as interaction_module
 
     batch = first_batch(sparcode_data[1])
-    model = trained(sparcode_data, softmax_negatives=None, vq_beta=2.0, sparsity_weight=0.5, ce_checkpoint=True, **QUIET)
+    model = trained_sparcode(sparcode_data, softmax_negatives=None, vq_beta=2.0, sparsity_weight=0.5, ce_checkpoint=True, **QUIET)
     model.train()
     with torch.no_grad():
         tokens = model.query_tokens(batch)
@@ -642,13 +345,13 @@ def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data
     torch.testing.assert_close(losses[2], 0.5 * unscored, rtol=1e-4, atol=0)  # scores are ~1e-2: relative only
 
     for knobs, terms in [({"sparsity_weight": 0.0}, 2), ({"sparsity_weight": 0.5, "quantize": False}, 2)]:
-        assert len(trained(sparcode_data, steps=1, **knobs).train().calculate_loss(batch)) == terms
-    alone = trained(sparcode_data, steps=1, quantize=False).train().calculate_loss(batch)
+        assert len(trained_sparcode(sparcode_data, steps=1, **knobs).train().calculate_loss(batch)) == terms
+    alone = trained_sparcode(sparcode_data, steps=1, quantize=False).train().calculate_loss(batch)
     assert isinstance(alone, torch.Tensor) and alone.dim() == 0
 
 
 def test_sampled_softmax_masks_accidental_hits(sparcode_data, monkeypatch):
-    model = trained(sparcode_data, relu_leak=0.0, **QUIET)
+    model = trained_sparcode(sparcode_data, relu_leak=0.0, **QUIET)
     batch = first_batch(sparcode_data[1])
     target = batch["item_id"]
     other = int((target % (model.n_items - 1)) [0]) + 1  # an item that is not the first row's target
@@ -702,7 +405,7 @@ def test_the_full_ce_sparsity_term_averages_the_non_target_pairs(sparcode_data, 
 
 
 def test_bpr_reads_the_sampled_negative(sparcode_data):
-    model = trained(sparcode_data, relu_leak=0.0, **QUIET,
+    model = trained_sparcode(sparcode_data, relu_leak=0.0, **QUIET,
                     loss_type="BPR", softmax_negatives=None, train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
     batch = with_negatives(first_batch(sparcode_data[1]), model.n_items)
     model.train()
@@ -727,7 +430,7 @@ def test_bpr_reads_the_sampled_negative(sparcode_data):
 ])
 def test_each_loss_trains(sparcode_data, overrides):
     """Training steps on one batch lower its recommendation loss (fixed negatives, no dropout)."""
-    model = trained(sparcode_data, steps=1, **QUIET, **overrides)
+    model = trained_sparcode(sparcode_data, steps=1, **QUIET, **overrides)
     batch = with_negatives(first_batch(sparcode_data[1]), model.n_items)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
@@ -780,9 +483,8 @@ def test_relu_leak_acts_on_training_positives_only(sparcode_data):
 
 # ---- reductions -----------------------------------------------------------------------------------
 
-
 def test_dot_interaction_is_a_two_tower_model(sparcode_data):
-    model = trained(sparcode_data, interaction="dot", quantize=False, score_relu=False)
+    model = trained_sparcode(sparcode_data, interaction="dot", quantize=False, score_relu=False)
     batch = valid_batch(sparcode_data)
     with torch.no_grad():
         user = model.query_values(batch).sum(1)
@@ -807,346 +509,7 @@ def test_only_the_two_tower_reduction_has_user_and_item_towers(sparcode_data, ov
     assert users.shape[1] == item_matrix(dot).shape[1] == 8
 
 
-# ---- the sparse index -----------------------------------------------------------------------------
-
-
-def exact_rows(model, keys):
-    with torch.no_grad():
-        rows = model.code_scores(model.quantizer.lookup(model.quantizer.codes(keys)))
-    rows[:, 0] = 0
-    return rows
-
-
-def test_index_at_threshold_zero_reproduces_exact_scores(sparcode_data):
-    model = trained(sparcode_data)
-    batch = valid_batch(sparcode_data)
-    index = SparseIndex.build(model)
-    assert index.n_rows == 64 and 0 < index.nnz < 64 * 30, "the ReLU must make the index sparse but not empty"
-    exact = scores(model, batch)
-    torch.testing.assert_close(index.scores(model, batch)[:, 1:], exact[:, 1:])
-    # A key used twice by the same query adds its list twice.
-    twice, _ = index.accumulate(model, torch.tensor([[5, 5], [5, 9]]))
-    torch.testing.assert_close(twice, torch.stack([2 * exact_rows(model, torch.tensor([5]))[0], exact_rows(model, torch.tensor([5, 9])).sum(0)]))
-
-
-def test_threshold_and_posting_cap_prune_as_documented(sparcode_data):
-    model = trained(sparcode_data)
-    keys = torch.arange(64)
-    rows = exact_rows(model, keys)
-    stored = rows[rows > 0].sort().values
-    tau = float(stored[len(stored) // 2: len(stored) // 2 + 2].mean())  # between two stored values: no entry sits on it
-    thresholded = SparseIndex.build(model, threshold=tau)
-    got, _ = thresholded.accumulate(model, keys[:, None])
-    torch.testing.assert_close(got, rows * (rows > tau))
-    capped = SparseIndex.build(model, max_postings=3)
-    assert capped.posting_lengths().max() <= 3
-    full = SparseIndex.build(model)  # pruning the τ = 0 index gives what a fresh build gives
-    for fresh, derived in ((thresholded, full.pruned(model, threshold=tau)), (capped, full.pruned(model, max_postings=3))):
-        for name in ("indptr", "indices", "values"):
-            assert np.array_equal(getattr(fresh, name), getattr(derived, name)), name
-        assert fresh.meta == derived.meta
-    got, _ = capped.accumulate(model, keys[:, None])
-    best = torch.sort(rows[:, 1:], dim=1, descending=True, stable=True)
-    for key in range(64):
-        kept = best.indices[key, :3][best.values[key, :3] > 0] + 1
-        assert set(torch.nonzero(got[key]).flatten().tolist()) == set(kept.tolist())
-
-
-def test_index_size_save_load_and_stale_weights(sparcode_data, tmp_path):
-    model = trained(sparcode_data)
-    for dtype in ("float32", "float16"):
-        index = SparseIndex.build(model, keys="used", dtype=dtype)
-        assert index.nbytes() == index.predicted_bytes()
-        loaded = SparseIndex.load(index.save(str(tmp_path / dtype)))
-        for name in ("indptr", "indices", "values", "keys"):
-            assert (getattr(loaded, name) == getattr(index, name)).all() and getattr(loaded, name).dtype == getattr(index, name).dtype
-        assert loaded.meta == index.meta
-    batch = valid_batch(sparcode_data)
-    loaded.scores(model, batch)
-    with torch.no_grad():
-        model.mlp_tail[-1].bias.add_(0.1)
-    with pytest.raises(UsageError, match="stale"):
-        loaded.scores(model, batch)
-
-
-def test_missed_keys_are_computed_or_dropped(sparcode_data):
-    model = trained(sparcode_data)
-    index = SparseIndex.build(model, keys="used")
-    stored = set(index.keys.tolist())
-    missing = next(key for key in range(64) if key not in stored)
-    present = int(index.keys[0])
-    queries = torch.tensor([[present, missing], [present, present]])
-    computed, misses = index.accumulate(model, queries)
-    assert misses == 1
-    index.meta["miss"] = "empty"
-    dropped, _ = index.accumulate(model, queries)
-    torch.testing.assert_close(computed[1], dropped[1])
-    torch.testing.assert_close(computed[0] - dropped[0], exact_rows(model, torch.tensor([missing]))[0])
-    index.meta["miss"] = "compute"  # scores() of histories whose keys miss: computed with the model
-    index.query_keys = lambda model, interaction: queries
-    torch.testing.assert_close(index.scores(model, valid_batch(sparcode_data)), computed)
-
-
-def test_top_items_are_the_best_scores_ties_by_ascending_id_and_never_padding():
-    scores = torch.tensor([[9.0, 0.5, 2.0, 2.0, 0.0, 1.0], [9.0, 0.0, 0.0, 3.0, 0.0, 0.0]])  # column 0: padding
-    assert top_items(scores, 3).tolist() == [[2, 3, 5], [3, 1, 2]]
-    assert top_items(scores, 5).tolist() == [[2, 3, 5, 1, 4], [3, 1, 2, 4, 5]]
-    ties = torch.ones(2, 301)  # wide enough that an unstable sort (torch's from ~100 columns) would shuffle the ties
-    assert top_items(ties, 50).tolist() == [list(range(1, 51))] * 2
-
-
-def test_search_returns_the_index_scores_best_first(sparcode_data):
-    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
-    index = SparseIndex.build(model)
-    full = index.scores(model, batch)
-    found, items = index.search(model, batch)
-    assert items.shape == (len(full), 10) and (items > 0).all()
-    torch.testing.assert_close(found, full.gather(1, items))
-    assert torch.equal(found, full[:, 1:].sort(dim=1, descending=True).values[:, :10])
-    assert index.search(model, batch, k=3)[1].tolist() == items[:, :3].tolist()
-
-
-def test_pruning_keeps_the_dtype_the_keys_and_only_entries_above_the_threshold(sparcode_data):
-    model = trained(sparcode_data)
-    half = SparseIndex.build(model, keys="used", dtype="float16")
-    on_an_entry = float(np.median(half.values.astype(np.float32)))  # a stored value: "> threshold" drops it
-    pruned = half.pruned(model, threshold=on_an_entry)
-    assert pruned.values.dtype == np.float16 and pruned.meta["dtype"] == "float16" and pruned.indptr.dtype == np.int64
-    assert np.array_equal(pruned.keys, half.keys) and pruned.nnz == int((half.values.astype(np.float32) > on_an_entry).sum())
-    assert half.pruned(model, dtype="float32").values.dtype == np.float32
-    # Both rules at once, as a fresh build applies them (in float32: float16 rounding can tie two values a build still tells apart).
-    both = SparseIndex.build(model, keys="used", threshold=on_an_entry, max_postings=2)
-    derived = SparseIndex.build(model, keys="used").pruned(model, threshold=on_an_entry, max_postings=2)
-    for name in ("indptr", "indices", "values", "keys"):
-        assert np.array_equal(getattr(both, name), getattr(derived, name)) and getattr(both, name).dtype == getattr(derived, name).dtype, name
-    assert both.meta == derived.meta and 0 < derived.nnz < pruned.nnz
-    # A threshold a hair below a stored value is that value in float32, as the build compares: pruning agrees.
-    full = SparseIndex.build(model)
-    below = float(np.nextafter(np.float64(full.values[0]), -np.inf))
-    assert below < float(full.values[0]) and np.array_equal(full.pruned(model, threshold=below).values, SparseIndex.build(model, threshold=below).values)
-
-
-def test_an_index_of_all_keys_saves_into_an_existing_folder_and_loads_without_keys(sparcode_data, tmp_path):
-    model = trained(sparcode_data)
-    index = SparseIndex.build(model)
-    assert index.keys is None and index.nbytes() == index.predicted_bytes() == index.nnz * 8 + 8 * (64 + 1)
-    loaded = SparseIndex.load(index.save(str(tmp_path)))  # the folder exists already
-    assert loaded.keys is None and np.array_equal(loaded.values, index.values) and loaded.meta == index.meta
-
-
-def test_an_index_file_with_pickled_objects_is_refused_without_unpickling(sparcode_data, tmp_path):
-    model = trained(sparcode_data)
-    folder = SparseIndex.build(model).save(str(tmp_path / "index"))
-    marker = tmp_path / "marker"
-    arrays = dict(np.load(os.path.join(folder, "index.npz")))
-    np.savez(os.path.join(folder, "index.npz"), **{**arrays, "values": np.array([RunsCommand(marker)], dtype=object)})
-    with pytest.raises(UsageError, match="pickled objects") as raised:
-        SparseIndex.load(folder)
-    assert "\n" not in str(raised.value) and not marker.exists()
-
-
-@pytest.mark.parametrize("settings,message", [
-    ({"keys": "bogus"}, "keys='bogus': use all"),
-    ({"miss": "bogus"}, "miss='bogus': use compute"),
-    ({"threshold": -1}, "threshold=-1: give a number >= 0"),
-    ({"threshold": float("nan")}, "threshold=nan"),
-    ({"threshold": "0.1"}, "threshold='0.1'"),
-    ({"max_postings": 0}, "max_postings=0: give an integer >= 1, or None"),
-    ({"max_postings": 2.5}, "max_postings=2.5"),
-    ({"max_postings": True}, "max_postings=True"),
-    ({"dtype": "int8"}, "dtype='int8': use one of float32, float16"),
-    ({"block_keys": 0}, "block_keys=0"),
-])
-def test_bad_index_settings_are_refused_in_one_line(sparcode_data, settings, message):
-    model = trained(sparcode_data, steps=1)
-    calls = [lambda: SparseIndex.build(model, **settings)]
-    if "block_keys" not in settings and "keys" not in settings and "miss" not in settings:
-        full = SparseIndex.build(model)
-        calls.append(lambda: full.pruned(model, **settings))
-    for call in calls:
-        with pytest.raises(UsageError) as raised:
-            call()
-        assert f"invalid sparse index setting {message}" in str(raised.value) and "\n" not in str(raised.value)
-    SparseIndex.build(model, threshold=0, max_postings=1, block_keys=1)  # the edges themselves are accepted
-
-
-def test_an_index_refuses_a_model_without_codes(sparcode_data, tiny_data):
-    sparcode = trained(sparcode_data, steps=1)
-    index = SparseIndex.build(sparcode)
-    t2diff = make_model(tiny_data)
-    for call in (lambda: SparseIndex.build(t2diff), lambda: index.scores(t2diff, valid_batch(sparcode_data)),
-                 lambda: index.pruned(t2diff, threshold=0.1)):
-        with pytest.raises(UsageError, match="belongs to a SparCode model, not T2Diff") as raised:
-            call()
-        assert "\n" not in str(raised.value)
-    with pytest.raises(UsageError, match="quantize: true"):
-        SparseIndex.build(make_model(sparcode_data, quantize=False))
-
-
-def damage(folder, what):
-    """Break a saved index one way; returns the path to load."""
-    meta_path, npz_path = os.path.join(folder, "meta.json"), os.path.join(folder, "index.npz")
-    meta = json.load(open(meta_path))
-    arrays = dict(np.load(npz_path))
-    if what == "missing folder":
-        return os.path.join(folder, "absent")
-    if what == "a checkpoint file":
-        torch.save({"state_dict": {}}, os.path.join(folder, "T2Diff-1.pth"))
-        return os.path.join(folder, "T2Diff-1.pth")
-    if what == "no meta.json":
-        os.remove(meta_path)
-    elif what == "meta not JSON":
-        open(meta_path, "w").write("{not json")
-    elif what == "meta a list":
-        json.dump([meta], open(meta_path, "w"))
-    elif what == "meta without a field":
-        json.dump({k: v for k, v in meta.items() if k != "n_items"}, open(meta_path, "w"))
-    elif what == "meta with a bad setting":
-        json.dump({**meta, "dtype": "int8"}, open(meta_path, "w"))
-    elif what == "meta with a count of items as text":
-        json.dump({**meta, "n_items": "31"}, open(meta_path, "w"))
-    elif what == "meta with a fingerprint as a number":
-        json.dump({**meta, "fingerprint": 7}, open(meta_path, "w"))
-    elif what == "garbage array":
-        with zipfile.ZipFile(npz_path, "w") as archive:
-            for name in ("indptr", "indices", "values", "keys"):
-                archive.writestr(f"{name}.npy", b"not an array")
-    elif what == "array cut short":
-        with zipfile.ZipFile(npz_path, "w") as archive:
-            for name, array in arrays.items():
-                stored = io.BytesIO()
-                np.save(stored, array)
-                archive.writestr(f"{name}.npy", stored.getvalue()[:-8] if name == "values" else stored.getvalue())
-    elif what == "meta of another format":
-        json.dump({**meta, "format": 99}, open(meta_path, "w"))
-    elif what == "no index.npz":
-        os.remove(npz_path)
-    elif what.startswith("truncated"):
-        raw = open(npz_path, "rb").read()
-        open(npz_path, "wb").write(raw[: {"truncated": len(raw) // 2, "truncated to nothing": 0}[what]])
-    elif what == "flipped byte":
-        raw = bytearray(open(npz_path, "rb").read())
-        raw[len(raw) // 3] ^= 0xFF
-        open(npz_path, "wb").write(bytes(raw))
-    elif what == "no keys array":
-        np.savez(npz_path, **{k: v for k, v in arrays.items() if k != "keys"})
-    elif what == "no values array":
-        np.savez(npz_path, **{k: v for k, v in arrays.items() if k != "values"})
-    elif what == "short indptr":
-        np.savez(npz_path, **{**arrays, "indptr": arrays["indptr"][:-1]})
-    elif what == "item out of range":
-        np.savez(npz_path, **{**arrays, "indices": arrays["indices"] + 1000})
-    elif what == "values of another dtype":
-        np.savez(npz_path, **{**arrays, "values": arrays["values"].astype(np.float64)})
-    elif what == "fewer values":
-        np.savez(npz_path, **{**arrays, "values": arrays["values"][:-1]})
-    elif what == "unsorted keys":
-        np.savez(npz_path, **{**arrays, "keys": arrays["keys"][::-1].copy()})
-    return folder
-
-
-@pytest.mark.parametrize("what,message", [
-    ("missing folder", "does not exist: give the folder SparseIndex.save wrote"),
-    ("a checkpoint file", "is a file: give the folder SparseIndex.save wrote"),
-    ("no meta.json", "is not an index's meta.json (no such file)"),
-    ("meta not JSON", "is not an index's meta.json (not JSON"),
-    ("meta a list", "(a JSON list, not an object)"),
-    ("meta without a field", "(no n_items)"),
-    ("meta with a bad setting", "dtype='int8'"),
-    ("meta with a count of items as text", "(n_items not a positive integer)"),
-    ("meta with a fingerprint as a number", "fingerprint not a string"),
-    ("garbage array", "indptr is no array"),
-    ("array cut short", "cannot be read (EOF: reading array data"),
-    ("meta of another format", "has format 99"),
-    ("no index.npz", "has meta.json but no index.npz"),
-    ("truncated", "it is truncated or damaged"),
-    ("truncated to nothing", "it is truncated or damaged"),
-    ("flipped byte", "it is truncated or damaged"),
-    ("no keys array", "lacks the array(s) keys"),
-    ("no values array", "lacks the array(s) values"),
-    ("short indptr", "indptr has"),
-    ("item out of range", "item indices outside"),
-    ("values of another dtype", "values is float64"),
-    ("fewer values", "item indices but"),
-    ("unsorted keys", "keys are not sorted"),
-])
-def test_loading_anything_but_a_saved_index_is_refused_in_one_line(sparcode_data, tmp_path, what, message):
-    model = trained(sparcode_data, steps=1)
-    folder = SparseIndex.build(model, keys="used").save(str(tmp_path / "index"))
-    with pytest.raises(UsageError) as raised:
-        SparseIndex.load(damage(folder, what))
-    assert message in str(raised.value) and "\n" not in str(raised.value)
-
-
-def test_index_scoring_hashes_the_weights_once_per_batch(sparcode_data, monkeypatch):
-    from recbole_t2diff import sparse_index
-
-    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
-    model.score_mode = "index"
-    hashed = []
-    real = sparse_index.fingerprint
-    monkeypatch.setattr(sparse_index, "fingerprint", lambda *args: hashed.append(1) or real(*args))
-    first = scores(model, batch)  # builds the index: one hash, stored with it
-    assert len(hashed) == 1
-    for _ in range(2):
-        torch.testing.assert_close(scores(model, batch), first)
-    assert len(hashed) == 3, "one staleness check per scored batch"
-    torch.testing.assert_close(model.sparse_index.scores(model, batch), first)
-    assert len(hashed) == 4
-
-
-def test_the_index_is_stale_once_any_part_its_rows_depend_on_changes(sparcode_data):
-    """Codebooks, item side, interaction network and bias make the rows; the tokenizer only picks keys."""
-    model, batch = trained(sparcode_data), valid_batch(sparcode_data)
-    index = SparseIndex.build(model)
-    for part in ("quantizer", "item_embedding", "item_heads", "query_layer", "item_layer", "mlp_tail", "trm_encoder"):
-        name, tensor = next((n, t) for n, t in model.state_dict().items() if n.split(".")[0] == part and t.is_floating_point())
-        original = tensor.clone()
-        with torch.no_grad():
-            tensor.add_(0.5)
-        if part == "trm_encoder":
-            index.check(model)
-        else:
-            with pytest.raises(UsageError, match="stale"):
-                index.check(model)
-        with torch.no_grad():
-            tensor.copy_(original)
-    index.check(model)
-    model.score_bias += 0.5
-    with pytest.raises(UsageError, match="stale"):
-        index.scores(model, batch)
-
-
-def test_posting_caps_keep_the_largest_scores_ties_by_ascending_id():
-    from recbole_t2diff.sparse_index import _prune
-
-    rows = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5], [0.0, 3.0, 0.0, 1.0, 1.0]])
-    indptr, items, values = _prune(rows, 0.0, 2)
-    assert indptr.tolist() == [0, 2, 4] and items.tolist() == [1, 2, 1, 3] and values.tolist() == [2.0, 2.0, 3.0, 1.0]
-    wide = torch.ones(2, 300)  # ties across a row wide enough for an unstable sort to shuffle them
-    assert _prune(wide, 0.0, 5)[1].tolist() == [0, 1, 2, 3, 4] * 2
-    indptr, items, _ = _prune(rows, 0.0, 5)  # a cap at the row length keeps every positive entry
-    assert indptr.tolist() == [0, 5, 8] and items.tolist() == [0, 1, 2, 3, 4, 1, 3, 4]
-
-
-def test_score_mode_index_gives_recbole_the_exact_metrics(sparcode_data):
-    config, _, _, test = sparcode_data
-    model = trained(sparcode_data)
-    trainer = make_trainer(config, model)
-    exact = trainer.evaluate(test, load_best_model=False, show_progress=False)
-    model.score_mode = "index"
-    assert dict(trainer.evaluate(test, load_best_model=False, show_progress=False)) == dict(exact)
-    built = model.sparse_index
-    trainer.evaluate(test, load_best_model=False, show_progress=False)
-    assert model.sparse_index is built, "an index of unchanged weights is reused"
-    model.index_settings = {**model.index_settings, "max_postings": 2, "keys": "used"}  # as the index_* knobs set them
-    capped = model.index()
-    assert capped is not built and capped.meta["max_postings"] == 2 and capped.meta["keys"] == "used"
-    assert capped.posting_lengths().max() <= 2 < built.posting_lengths().max()
-
-
 # ---- checkpoints and the runner -------------------------------------------------------------------
-
 
 def test_checkpoint_restores_the_codebooks_and_the_metrics(tiny_path, workdir):
     trainers = []
