@@ -11,7 +11,8 @@ import pytest
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import Search
-from recbole_t2diff.ray_search import RaySearch, _check_reachable, _last_error_line
+from recbole_t2diff.ray_progress import _last_error_line
+from recbole_t2diff.ray_search import RaySearch, _check_reachable
 
 from conftest import REPO
 
