@@ -9,8 +9,8 @@ import pytest
 
 from recbole_t2diff.quick_start import prepare, run
 
-# test_benchmarks.py and test_docs.py import these from here.
-from helpers import REPO, TINY_MODEL, TINY_SPARCODE, RunsCommand, first_batch, make_model, random_ranking_ndcg, scratch_run, tiny_config, write_tiny_dataset  # noqa: F401
+from helpers import TINY_MODEL, TINY_SPARCODE, scratch_run, tiny_config, write_tiny_dataset
+from helpers import REPO, make_model  # noqa: F401 (test_benchmarks.py and test_docs.py import these from conftest)
 
 
 def pytest_configure(config):

@@ -1,4 +1,6 @@
-"""run_hyper.py: a real two-trial search, params-file errors, command-line conflicts."""
+"""Hyperparameter search (hyper.py, run_hyper.py): a real two-trial search, the trial picked on validation where
+test disagrees, the params file read as literals and its errors named, command-line conflicts, the output file checked
+before any trial."""
 import inspect
 import math
 import os
@@ -15,7 +17,8 @@ from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import Search, check_output_file, parse_params_file
 from recbole_t2diff.settings import command_line_settings
 
-from conftest import REPO
+from helpers import CODE, REPO, one_line_error
+
 
 FIXED = """epochs: 1
 MAX_ITEM_LIST_LENGTH: 20
@@ -76,6 +79,54 @@ def test_builtin_models_can_be_searched(tmp_path, tiny_path, workdir, capsys):
         assert checkpoint["state_dict"]["gru_layers.weight_hh_l0"].shape[1] == params["hidden_size"]
 
 
+# ---- selection: the best validation score wins, whatever the test scores say ---------------------------------
+
+def fake_result(valid, test):
+    return {"model": "T2Diff", "best_valid_score": valid, "valid_score_bigger": True,
+            "best_valid_result": {"ndcg@10": valid}, "test_result": {"ndcg@10": test}}
+
+
+@pytest.mark.parametrize("bigger", [True, False])
+def test_the_search_picks_the_best_validation_score_where_test_disagrees(tmp_path, bigger):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.002,0.003]\n")
+    # learning rate -> (valid, test): validation ranks 0.002 first, test ranks it last.
+    outcomes = {0.001: (0.30, 0.50), 0.002: (0.40, 0.10), 0.003: (0.20, 0.60)}
+    if not bigger:  # a loss-like valid metric: the smallest wins (0.002 again)
+        outcomes = {lr: (1 - valid, test) for lr, (valid, test) in outcomes.items()}
+    search = Search("T2Diff", "tiny", str(tmp_path / "space.hyper"), argv=[])
+
+    def objective(config_dict, config_file_list):
+        return {**fake_result(*outcomes[config_dict["learning_rate"]]), "valid_score_bigger": bigger}
+
+    search.objective_function = objective
+    search.run()
+    best_params, best = search.best_trial()
+    assert len(search.trials) == 3 and best_params == {"learning_rate": 0.002}
+    assert search.best_params == {"learning_rate": 0.002}  # RecBole's own bookkeeping agrees
+    search.export_result(str(tmp_path / "out.result"))
+    text = (tmp_path / "out.result").read_text()
+    number = [params for params, _ in search.trials].index({"learning_rate": 0.002}) + 1
+    assert f"best trial {number}: learning_rate:0.002\n  valid score: {outcomes[0.002][0]:.6f}\n" in text
+
+
+def test_ties_on_validation_go_to_the_earliest_trial(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.002]\n")
+    search = Search("T2Diff", "tiny", str(tmp_path / "space.hyper"), argv=[])
+    search.objective_function = lambda config_dict, files: fake_result(0.5, config_dict["learning_rate"])
+    search.run()
+    assert search.best_trial()[0] == search.trials[0][0]
+
+
+def test_a_one_trial_search_selects_its_trial(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001]\n")
+    search = Search("T2Diff", "tiny", str(tmp_path / "space.hyper"), argv=[])
+    search.objective_function = lambda config_dict, files: fake_result(0.5, 0.4)
+    search.run()
+    assert search.best_trial() == search.trials[0]
+
+
+# ---- the params file ----------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize(
     "line,message",
     [
@@ -119,6 +170,15 @@ def test_a_choice_is_read_as_literals_and_never_runs_code(tmp_path):
     assert {sample(parse_params_file(str(path)))["loss_type"] for _ in range(30)} == {"CE", "a b"}
 
 
+def test_a_params_file_choice_runs_no_code(tmp_path):
+    """Each trial handed the option to RecBole's eval(): the file is refused before any trial."""
+    marker = tmp_path / "marker"
+    (tmp_path / "space.hyper").write_text(f'learning_rate choice ["{CODE.format(marker=marker)}"]\n')
+    one_line_error(Search, "T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=[],
+                   match=r"learning_rate=.* \(a choice in .*space.hyper, line 1\) is Python code")
+    assert not marker.exists()
+
+
 def test_every_type_with_comments_and_spaces_in_values(tmp_path):
     from hyperopt.pyll.stochastic import sample
 
@@ -139,33 +199,15 @@ def test_every_type_with_comments_and_spaces_in_values(tmp_path):
     assert all(math.exp(-8) <= d["weight_decay"] <= math.exp(-5) for d in draws)
 
 
-@pytest.mark.spawns
-@pytest.mark.slow
-def test_malformed_file_from_the_command_line_gives_one_line(tmp_path):
-    (tmp_path / "bad.hyper").write_text("learning_rate uniform 0.1\n")
-    result = run_hyper(["--params_file=bad.hyper"], tmp_path)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1 and len(lines) == 1 and "uniform needs low,high" in lines[0]
-
-
-def test_a_searched_key_on_the_command_line_is_rejected(tmp_path):
-    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
-    with pytest.raises(UsageError, match="--learning_rate is given on the command line and searched"):
-        Search("T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=["--learning_rate=0.1"])
-
-
-@pytest.mark.spawns
-@pytest.mark.slow
-def test_run_hyper_rejects_a_searched_key_on_its_command_line(tmp_path):
-    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
-    result = run_hyper(["--params_file=space.hyper", "--learning_rate=0.1"], tmp_path)
-    assert result.returncode == 1 and "searched in space.hyper" in result.stderr
-
-
 def test_shipped_search_spaces_parse():
     for name in ("T2Diff", "SASRec"):
         space = parse_params_file(os.path.join(REPO, "properties", "hyper", f"{name}.hyper"))
         assert "learning_rate" in space
+
+
+def test_a_misspelt_key_in_a_params_file_fails_before_any_trial(tmp_path):
+    (tmp_path / "space.hyper").write_text("lamda_diff choice [0.1,1.0]\n")
+    one_line_error(Search, "T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=[], match="did you mean 'lambda_diff'")
 
 
 def test_a_searched_key_of_the_users_own_passes_when_a_config_file_lists_it(tmp_path):
@@ -183,6 +225,31 @@ def test_a_searched_key_of_the_users_own_passes_when_a_config_file_lists_it(tmp_
     Search("SASRec", "ml-100k", str(tmp_path / "space.hyper"), [str(tmp_path / "broken.yaml"), *files[::-1]], argv=[])
     with pytest.raises(UsageError, match="unknown setting 'my_flag' \\(in .*space.hyper\\).*extra_keys"):
         Search("SASRec", "ml-100k", str(tmp_path / "space.hyper"), files[1:], argv=[])
+
+
+@pytest.mark.spawns
+@pytest.mark.slow
+def test_malformed_file_from_the_command_line_gives_one_line(tmp_path):
+    (tmp_path / "bad.hyper").write_text("learning_rate uniform 0.1\n")
+    result = run_hyper(["--params_file=bad.hyper"], tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "uniform needs low,high" in lines[0]
+
+
+# ---- the command line and the output file -------------------------------------------------------------------
+
+def test_a_searched_key_on_the_command_line_is_rejected(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
+    with pytest.raises(UsageError, match="--learning_rate is given on the command line and searched"):
+        Search("T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=["--learning_rate=0.1"])
+
+
+@pytest.mark.spawns
+@pytest.mark.slow
+def test_run_hyper_rejects_a_searched_key_on_its_command_line(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
+    result = run_hyper(["--params_file=space.hyper", "--learning_rate=0.1"], tmp_path)
+    assert result.returncode == 1 and "searched in space.hyper" in result.stderr
 
 
 def test_searched_keys_clash_only_with_the_command_line_passed_in(monkeypatch, tmp_path):
@@ -220,3 +287,15 @@ def test_the_output_file_is_checked_before_any_trial(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=f"folder {re.escape(str(tmp_path))} is not writable"):
         check_output_file(str(tmp_path / "hyper.result"))
     assert asked == [(str(tmp_path), os.W_OK)]
+
+
+@pytest.mark.spawns
+@pytest.mark.slow
+def test_run_hyper_rejects_an_unwritable_output_file_before_any_trial(tmp_path):
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), "--params_file=space.hyper",
+                             f"--output_file={tmp_path}/missing/dir/x"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+                            capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "missing/dir does not exist" in lines[0], result.stderr
+    assert "trial" not in result.stdout

@@ -1,6 +1,7 @@
 """Every numeric knob at its edges: the last accepted value passes ``check_config`` and the first
 rejected one gets the one-line error naming the knob. A check whose bound moves by one (``<`` for
-``<=``, a minimum of 2 for 1) or whose branch is dropped fails here, not at some later crash."""
+``<=``, a minimum of 2 for 1) or whose branch is dropped fails here, not at some later crash. A search's float for an integer knob (20.0) is accepted as the
+integer."""
 import re
 
 import pytest
@@ -9,6 +10,8 @@ from recbole_t2diff.config import Config
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.sparcode import SparCode
 from recbole_t2diff.model.t2diff import T2Diff
+
+from helpers import make_model
 
 
 class Settings(dict):
@@ -28,6 +31,7 @@ def check(defaults, model, knobs):
 
 
 UNIFORM = {"distribution": "uniform", "sample_num": 1}
+
 
 T2DIFF_ACCEPTED = [
     {"MAX_ITEM_LIST_LENGTH": 2, "session_len": 1},
@@ -62,6 +66,7 @@ T2DIFF_ACCEPTED = [
     {"category_field": "genre", "category_dim": 63},
     {"category_field": None, "category_dim": 64},
 ]
+
 
 T2DIFF_REJECTED = [
     ({"MAX_ITEM_LIST_LENGTH": 1, "session_len": 1}, "MAX_ITEM_LIST_LENGTH=1"),
@@ -108,6 +113,7 @@ T2DIFF_REJECTED = [
         "step_conditioning", "xhat_loss", "train_xhat", "x_hat_source", "loss_type", "sampler", "position_embedding", "xhat_loss_on")],
 ]
 
+
 SPARCODE_ACCEPTED = [
     {"embedding_size": 1, "n_heads": 1, "token_size": 1, "n_codebooks": 1},
     {"MAX_ITEM_LIST_LENGTH": 1},
@@ -138,6 +144,7 @@ SPARCODE_ACCEPTED = [
     {"nproc": 1},
     {"nproc": 2, "quantize": False},
 ]
+
 
 SPARCODE_REJECTED = [
     ({"embedding_size": 0}, "embedding_size=0"),
@@ -248,3 +255,11 @@ def test_a_value_of_the_wrong_kind_is_refused_in_one_line(defaults, model, knobs
     with pytest.raises(UsageError, match=re.escape(f"invalid {model.__name__} setting {message}")) as raised:
         check(defaults, model, knobs)
     assert "\n" not in str(raised.value)
+
+
+def test_float_knobs_from_a_search_are_accepted_as_integers(tiny_data):
+    config = Config(model="T2Diff", dataset="ml-100k", config_dict={"n_steps": 20.0, "session_len": 5.0})
+    T2Diff.check_config(config)  # hyperopt's quniform gives floats: accepted, not rejected
+    model = make_model(tiny_data, n_steps=20.0, session_len=5.0)  # ... and used as the integers they stand for
+    assert (model.n_steps, model.session_len) == (20, 5) and type(model.n_steps) is type(model.session_len) is int
+    assert model.diffusion.alphas_cumprod.shape == (21,)  # one entry per step, plus index 0

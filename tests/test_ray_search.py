@@ -2,7 +2,6 @@
 one-line errors (Ray missing, an unreachable --address, options without --tool=ray, bad settings)."""
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,14 @@ from recbole_t2diff.hyper import Search
 from recbole_t2diff.ray_progress import _last_error_line
 from recbole_t2diff.ray_search import RaySearch, _check_reachable
 
-from conftest import REPO
+from helpers import REPO, free_port
+
 
 FIXED = "data_path: {data}\nepochs: 2\nshow_progress: False\nstate: WARNING\nMAX_ITEM_LIST_LENGTH: 12\n"
+
+
 # The ray CLI of this Python (ray start), whether or not its bin folder is on PATH.
 RAY_CLI = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_hyper(args, cwd, env=None, timeout=600):
