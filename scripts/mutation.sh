@@ -5,7 +5,7 @@
 #
 #   scripts/mutation.sh                                        # the whole scope below
 #   scripts/mutation.sh 'recbole_t2diff.model.attention*'      # only mutants whose names match (fnmatch)
-#   TESTS=$'tests/test_model.py\n-k\nnot every_variant' scripts/mutation.sh  # pytest arguments, one a line
+#   TESTS=$'tests/test_t2diff.py\n-k\nnot every_variant' scripts/mutation.sh  # pytest arguments, one a line
 #   JOBS=1 OUT=/tmp/mutation scripts/mutation.sh               # workers; where the report goes
 #   MINUTES=30 scripts/mutation.sh                             # stop then and report what was tried
 #   WORK=/tmp/mutation-work MINUTES=60 scripts/mutation.sh     # keep the scratch copy as well
@@ -22,9 +22,12 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$repo/results/mutation}
 # Every in-process test of the mutated code; tests marked `spawns` run a script in a child process,
 # which imports the unmutated package from disk, so they are deselected.
-tests=${TESTS:-$'tests/test_forward_logic.py\ntests/test_selection.py\ntests/test_model.py\ntests/test_diffusion.py
-tests/test_unet.py\ntests/test_export.py\ntests/test_sparcode.py\ntests/test_diffusion_signal.py\ntests/test_hyper.py
-tests/test_config.py\ntests/test_time.py\ntests/test_trust.py\ntests/test_knob_bounds.py\n-m\nnot spawns'}
+tests=${TESTS:-$'tests/test_t2diff.py\ntests/test_t2diff_order.py\ntests/test_t2diff_time.py\ntests/test_generator.py
+tests/test_attention.py\ntests/test_diffusion.py\ntests/test_unet.py\ntests/test_knobs.py
+tests/test_sparcode.py\ntests/test_quantizer.py\ntests/test_sparse_index.py\ntests/test_config.py
+tests/test_settings.py\ntests/test_compat.py\ntests/test_data.py\ntests/test_checkpoint.py
+tests/test_convert.py\ntests/test_quick_start.py\ntests/test_distributed.py\ntests/test_export.py
+tests/test_ann.py\ntests/test_hyper.py\ntests/test_cli.py\n-m\nnot spawns'}
 python -c "import mutmut" 2>/dev/null || { echo "error: mutmut is not installed: pip install mutmut==3.8.1" >&2; exit 1; }
 
 # WORK=<dir> keeps the scratch copy, and with it mutmut's results: the same command run again resumes
