@@ -10,7 +10,6 @@ import pytest
 from recbole_t2diff.quick_start import prepare, run
 
 from helpers import TINY_MODEL, TINY_SPARCODE, scratch_run, tiny_config, write_tiny_dataset
-from helpers import REPO, make_model  # noqa: F401 (test_benchmarks.py and test_docs.py import these from conftest)
 
 
 def pytest_configure(config):

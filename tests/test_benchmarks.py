@@ -20,7 +20,7 @@ from recbole_t2diff.config import Config
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import prepare
 
-from conftest import REPO, TINY_MODEL
+from helpers import REPO, TINY_MODEL
 
 # The scripts run as `python -m benchmarks.<name>` from the project root; a test's child process runs elsewhere.
 SCRIPT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
@@ -237,7 +237,7 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
 def test_xhat_quality_of_the_copied_last_item_is_1_and_its_hits_are_the_repeats(tiny_data):
     """x̂ := x_L is the unit of the relative error; and x_L's nearest token is its own, so a hit@1 is exactly
     a user whose next item repeats the last one (made so here for every third user)."""
-    from conftest import make_model
+    from helpers import make_model
 
     model = make_model(tiny_data, x_hat_source="copy_last")
     interaction = next(iter(tiny_data[2]))[0]
@@ -263,7 +263,7 @@ def test_ndcg_at_10_ranks_as_recboles_full_sort_does():
 
 
 def test_xhat_noise_drop_is_zero_when_the_tower_ignores_xhat_and_not_when_it_reads_it(tiny_data):
-    from conftest import make_model
+    from helpers import make_model
 
     loader = tiny_data[2]
     gated = make_model(tiny_data, x_hat_gate=True)  # the gate starts at 0: the session reads x_L, never x̂

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 ROOT = Path(REPO)
 _spec = importlib.util.spec_from_file_location("knob_reference", ROOT / "scripts" / "knob_reference.py")

@@ -138,3 +138,11 @@ def test_nothing_in_the_package_reads_or_writes_sys_argv():
         uses = [node.lineno for node in ast.walk(tree)
                 if isinstance(node, ast.Attribute) and node.attr == "argv" and isinstance(node.value, ast.Name) and node.value.id == "sys"]
         assert not uses, f"{name} uses sys.argv at line(s) {uses}"
+
+
+def test_every_module_of_the_package_and_the_benchmarks_stays_under_400_lines():
+    """A module that outgrows 400 lines holds more than one thing: split it by what its parts are."""
+    modules = [*package_modules().values(), *(os.path.join(REPO, "benchmarks", f) for f in os.listdir(os.path.join(REPO, "benchmarks")) if f.endswith(".py"))]
+    assert len(modules) > 30
+    long = {os.path.relpath(path, REPO): n for path in modules if (n := sum(1 for _ in open(path, encoding="utf-8"))) >= 400}
+    assert long == {}
