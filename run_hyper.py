@@ -8,6 +8,7 @@ Each trial trains with early stopping on the validation metric; the best trial i
 best validation score. Fixed settings go in --config_files or as --key=value, but never a key that
 the params file searches (it would override every trial: that is rejected).
 """
+
 import argparse
 import sys
 
@@ -30,8 +31,13 @@ def main(argv=None):
     parser.add_argument("--algo", default="exhaustive", choices=ALGOS)
     parser.add_argument("--max_evals", type=int, default=10, help="trials for random/bayes (exhaustive runs the grid)")
     parser.add_argument("--early_stop", type=int, default=10, help="stop after this many trials without improvement")
-    parser.add_argument("--tool", default="hyperopt", type=str.lower, choices=("hyperopt", "ray"),
-                        help="hyperopt: trials one after another in this process; ray: Ray Tune trials (needs the ray extra)")
+    parser.add_argument(
+        "--tool",
+        default="hyperopt",
+        type=str.lower,
+        choices=("hyperopt", "ray"),
+        help="hyperopt: trials one after another in this process; ray: Ray Tune trials (needs the ray extra)",
+    )
     ray_options = parser.add_argument_group("with --tool=ray (recbole_t2diff/ray_search.py; defaults there)")
     ray_options.add_argument("--address", help="an existing Ray cluster (host:port); default: a local Ray on 127.0.0.1")
     ray_options.add_argument("--num_cpus", type=int, help="CPUs of the local Ray (default: all)")
@@ -51,8 +57,15 @@ def main(argv=None):
             raise UsageError(f"--{next(iter(given))} applies to --tool=ray only: add --tool=ray or drop it")
         check_output_file(args.output_file)
         search = (RaySearch if args.tool == "ray" else Search)(
-            args.model, args.dataset, args.params_file, args.config_files.split() if args.config_files else None,
-            args.algo, args.max_evals, args.early_stop, argv=settings, **given,
+            args.model,
+            args.dataset,
+            args.params_file,
+            args.config_files.split() if args.config_files else None,
+            args.algo,
+            args.max_evals,
+            args.early_stop,
+            argv=settings,
+            **given,
         )
         search.run()
         search.export_result(args.output_file)

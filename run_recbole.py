@@ -7,6 +7,7 @@
 
 Every other --key=value reaches RecBole's Config and overrides the property files.
 """
+
 import argparse
 import sys
 
@@ -31,8 +32,17 @@ def main(argv=None):
         # a malformed or repeated argument fails here, before anything starts
         args, settings = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
         config_files = args.config_files.split() if args.config_files else None
-        run(args.model, args.dataset, config_file_list=config_files, argv=settings, nproc=args.nproc, world_size=args.world_size,
-            ip=args.ip, port=args.port, group_offset=args.group_offset)
+        run(
+            args.model,
+            args.dataset,
+            config_file_list=config_files,
+            argv=settings,
+            nproc=args.nproc,
+            world_size=args.world_size,
+            ip=args.ip,
+            port=args.port,
+            group_offset=args.group_offset,
+        )
 
 
 if __name__ == "__main__":

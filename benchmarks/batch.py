@@ -19,6 +19,7 @@ costs seconds, not the lease). --report writes the tables from the rows the CSVs
 training) and exits: a plan with a misspelt setting fails here, before a machine is paid for.
 Each run gets cores // jobs torch threads (--threads sets another number); with a GPU the runs share it.
 """
+
 import argparse
 import heapq
 import shlex
@@ -57,14 +58,17 @@ def epoch_reporter(name, patience, cap):
     RecBole stops after ``patience`` + 1 validations in a row without a new best, so a run ends within
     that many epochs unless it improves, and at the epoch cap in any case.
     """
+
     def on_epoch(e):
         epoch = e["epoch"]
         left = [int(cap) - epoch] if cap is not None else []
         if patience is not None:
             left.append(e["best_epoch"] + int(patience) + 1 - epoch)
         ends = f"; ends within {min(left)} epoch(s), about {min(left) * e['run_s'] / epoch / 60:.0f} min, unless it improves" if left else ""
-        say(f"[batch]   {name} epoch {epoch}: valid NDCG@10 {e['valid']:.4f} (best {e['best']:.4f} at {e['best_epoch']}), "
-            f"{e['train_s'] / epoch:.0f} s/epoch training, {e['run_s'] / 60:.0f} min into the run{ends}")
+        say(
+            f"[batch]   {name} epoch {epoch}: valid NDCG@10 {e['valid']:.4f} (best {e['best']:.4f} at {e['best_epoch']}), "
+            f"{e['train_s'] / epoch:.0f} s/epoch training, {e['run_s'] / 60:.0f} min into the run{ends}"
+        )
 
     return on_epoch
 
@@ -111,8 +115,7 @@ class Batch:
     def left(self):
         """Runs not yet finished (the seeds of a search still running counted at their number)."""
         # a searched variant's first seed is its search run; an ablation runs every seed after the search
-        pending = sum(len(s.seeds) - (v in s.trials) for r, s in enumerate(self.studies) if s.grid and r not in self.searches
-                      for v in s.variants)
+        pending = sum(len(s.seeds) - (v in s.trials) for r, s in enumerate(self.studies) if s.grid and r not in self.searches for v in s.variants)
         return len(self.ready) + self.running + pending
 
     def eta(self):
@@ -160,9 +163,11 @@ class Batch:
                     study.record(row)
                     self.durations.append(time.time() - begun)
                     self.finished += 1
-                    say(f"[batch] finished {name}: test NDCG@10 {row['test_ndcg@10']:.4f}, valid {row['valid_ndcg@10']:.4f}, "
+                    say(
+                        f"[batch] finished {name}: test NDCG@10 {row['test_ndcg@10']:.4f}, valid {row['valid_ndcg@10']:.4f}, "
                         f"{row['epochs_run']} epochs (best {row['best_epoch']}), {row['train_s_per_epoch']} s/epoch; "
-                        f"{self.finished} done, {self.eta()} ({self.minutes():.1f} min so far)")
+                        f"{self.finished} done, {self.eta()} ({self.minutes():.1f} min so far)"
+                    )
                 if rank in self.waiting and not (row is None and self.stopping):  # a stopped search run is still to come
                     self.waiting[rank].discard((variant, seed))
                     if not self.waiting[rank] and rank not in self.searches:
@@ -246,11 +251,14 @@ def main(argv=None):
         time.sleep(1)
     summarize_all(batch, args.jobs)
     unfinished = batch.left() + len(batch.stopped)
-    say(f"[batch] {batch.finished} runs finished, {len(batch.failed)} failed, {len(batch.stopped)} stopped unfinished, "
-        f"{unfinished} not finished in all ({batch.minutes():.1f} min)")
+    say(
+        f"[batch] {batch.finished} runs finished, {len(batch.failed)} failed, {len(batch.stopped)} stopped unfinished, "
+        f"{unfinished} not finished in all ({batch.minutes():.1f} min)"
+    )
     if batch.failed or unfinished:
-        raise SystemExit(f"error: {len(batch.failed)} run(s) failed ({', '.join(batch.failed)}) and {unfinished} did not finish; "
-                         "the same command runs only those")
+        raise SystemExit(
+            f"error: {len(batch.failed)} run(s) failed ({', '.join(batch.failed)}) and {unfinished} did not finish; the same command runs only those"
+        )
 
 
 if __name__ == "__main__":

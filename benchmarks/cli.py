@@ -1,4 +1,5 @@
 """The command line every benchmark script reads: its own options, then RecBole settings as --key=value."""
+
 import sys
 
 from recbole_t2diff.cli import parse_script_arguments

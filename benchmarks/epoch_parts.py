@@ -6,6 +6,7 @@ the rest of the trainer's loop, over the first BATCHES batches of an epoch, then
 One torch thread; the parts are timed inside one run of RecBole's own ``Trainer._train_epoch``, so machine
 load hits them alike. An epoch costs what its steps add up to when data and rest are near 0.
 """
+
 import argparse
 import time
 
@@ -41,6 +42,7 @@ def timed(spent, name, function):
             return function(*args, **kwargs)
         finally:
             spent[name] += time.perf_counter() - start
+
     return wrapper
 
 
@@ -67,8 +69,7 @@ def main(argv=None):
     trainer.evaluate(valid, load_best_model=False, show_progress=False)
     validation = time.perf_counter() - start
     sequences = args.batches * config["train_batch_size"]
-    print(f"{args.model} {overrides}: {args.batches} of {len(train)} batches of {config['train_batch_size']}, "
-          f"anomaly mode {torch.is_anomaly_enabled()}")
+    print(f"{args.model} {overrides}: {args.batches} of {len(train)} batches of {config['train_batch_size']}, anomaly mode {torch.is_anomaly_enabled()}")
     print(f"total {total:.1f} s = " + ", ".join(f"{name} {seconds:.1f} s ({seconds / total:.0%})" for name, seconds in spent.items()))
     print(f"{1000 * total / sequences:.2f} s per 1,000 training sequences; one full validation {validation:.1f} s")
 

@@ -5,6 +5,7 @@
 Each model runs at its default config (property files), seed 2020, on the CPU unless a GPU is
 visible. Writes results/epoch_time_<dataset>.md and .json and prints the table.
 """
+
 import argparse
 import datetime
 import json

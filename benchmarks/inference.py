@@ -10,6 +10,7 @@ exported two-tower vectors go through faiss (exact, HNSW, IVF): retrieval metric
 full-sort scoring, and queries per second. Updates this dataset's entry in <out>/inference.json,
 rewrites inference.md from it, and plots inference_<dataset>.png. Pick the default sampler on the validation columns.
 """
+
 import argparse
 import datetime
 import json
@@ -54,8 +55,7 @@ def speed(model, loader, batch_size=1024, repeats=5, single_repeats=30):
 def accuracy(trainer, valid, test):
     v = trainer.evaluate(valid, load_best_model=False)
     t = trainer.evaluate(test, load_best_model=False)
-    return {"valid_ndcg@10": float(v["ndcg@10"]), "valid_recall@10": float(v["recall@10"]),
-            "ndcg@10": float(t["ndcg@10"]), "recall@10": float(t["recall@10"])}
+    return {"valid_ndcg@10": float(v["ndcg@10"]), "valid_recall@10": float(v["recall@10"]), "ndcg@10": float(t["ndcg@10"]), "recall@10": float(t["recall@10"])}
 
 
 def measure(name, model, trainer, valid, test, sampler, steps):
@@ -110,9 +110,17 @@ def main():
     command = command_line()
     for record in records:
         record["dataset"] = dataset
-    run = {"command": command, "machine": machine, "date": datetime.date.today().isoformat(), "dataset": dataset,
-           "checkpoints": {"T2Diff": args.t2diff, "SASRec": args.sasrec}, "trained_with": args.trained_with,
-           "ddim_default_steps": best, "records": records, "ann": ann}
+    run = {
+        "command": command,
+        "machine": machine,
+        "date": datetime.date.today().isoformat(),
+        "dataset": dataset,
+        "checkpoints": {"T2Diff": args.t2diff, "SASRec": args.sasrec},
+        "trained_with": args.trained_with,
+        "ddim_default_steps": best,
+        "records": records,
+        "ann": ann,
+    }
     # One file for every dataset measured: this run replaces only its own dataset's entry.
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "inference.json")
@@ -174,8 +182,7 @@ def plot(path, records, dataset):
     left.plot([r["steps"] for r in ddim], [r["ndcg@10"] for r in ddim], "o-", label="T2Diff DDIM (test)")
     left.plot([r["steps"] for r in ddim], [r["valid_ndcg@10"] for r in ddim], "s--", label="T2Diff DDIM (valid)")
     for r in others:
-        left.axhline(r["ndcg@10"], linestyle=":", color="C2" if r["model"] == "SASRec" else "C3",
-                     label=f"{r['model']} {r['sampler']} (test)")
+        left.axhline(r["ndcg@10"], linestyle=":", color="C2" if r["model"] == "SASRec" else "C3", label=f"{r['model']} {r['sampler']} (test)")
     left.set(xscale="log", xlabel="denoiser calls at inference", ylabel="NDCG@10", title=f"Accuracy vs steps ({dataset})")
     left.legend(fontsize=8)
     for r in records:

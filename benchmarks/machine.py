@@ -1,4 +1,5 @@
 """The machine and command lines every benchmark writes next to its numbers."""
+
 import os
 import platform
 import shlex

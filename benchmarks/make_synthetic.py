@@ -6,6 +6,7 @@ Writes <out>/<name>/<name>.inter (user_id, item_id, timestamp), <name> defaultin
 synth-<items>. Item popularity follows a Zipf law and each user drifts through the catalogue
 (the next item is often close to the previous one), so sequences carry a learnable signal.
 """
+
 import argparse
 import os
 

@@ -1,4 +1,5 @@
 """The plots of a benchmark table: accuracy against training cost, and validation curves per epoch."""
+
 import json
 
 
@@ -23,8 +24,14 @@ def plot_curves(rows, variants, path, dataset, cap_of):
         mine = sorted((r for r in rows if r["variant"] == v and r.get("valid_curve")), key=lambda r: int(r["seed"]))
         for i, r in enumerate(mine):
             curve = json.loads(r["valid_curve"])
-            ax.plot(range(1, len(curve) + 1), curve, color=colour[v], linewidth=1.2, alpha=0.85,
-                    label=f"{v} ({len(mine)} seed{'s' if len(mine) > 1 else ''})" if i == 0 else None)
+            ax.plot(
+                range(1, len(curve) + 1),
+                curve,
+                color=colour[v],
+                linewidth=1.2,
+                alpha=0.85,
+                label=f"{v} ({len(mine)} seed{'s' if len(mine) > 1 else ''})" if i == 0 else None,
+            )
             best = int(float(r["best_epoch"]))
             if 1 <= best <= len(curve):
                 ax.plot([best], [curve[best - 1]], "o", color=colour[v], markersize=4)
@@ -34,8 +41,7 @@ def plot_curves(rows, variants, path, dataset, cap_of):
         if cap <= max((len(json.loads(r["valid_curve"])) for r in rows if r["variant"] in variants and r.get("valid_curve")), default=0):
             ax.axvline(cap, color="grey", linestyle=":", linewidth=1)
             ax.text(cap, ax.get_ylim()[0], f" cap {cap:g}", color="grey", fontsize=7, va="bottom")
-    ax.set(xlabel="epoch",
-           ylabel="validation NDCG@10", title=f"{dataset}: validation NDCG@10 per epoch (dot: best epoch, whose weights are tested)")
+    ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=f"{dataset}: validation NDCG@10 per epoch (dot: best epoch, whose weights are tested)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2 if len(variants) > 6 else 1)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -66,18 +72,27 @@ def plot(rows, variants, path, dataset, time_budget=None, stopped_by_cap=()):
         for hollow in (False, True):
             part = [r for r in mine if (id(r) in at_cap) == hollow]
             if part:
-                ax.scatter([cost(r) for r in part], [float(r["test_ndcg@10"]) for r in part], edgecolors=colour[v],
-                           facecolors="none" if hollow else colour[v], label=None if hollow and len(part) < len(mine) else v)
+                ax.scatter(
+                    [cost(r) for r in part],
+                    [float(r["test_ndcg@10"]) for r in part],
+                    edgecolors=colour[v],
+                    facecolors="none" if hollow else colour[v],
+                    label=None if hollow and len(part) < len(mine) else v,
+                )
     if time_budget:
         ax.set_xscale("log")
         plain = lambda v, _=None: f"{v:g}"  # noqa: E731  "600", not "6 x 10^2"
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(lambda v, _: plain(v) if plain(v)[0] in "25" else "")  # 20, 50, 200, 500
-        ax.set(xlabel=f"training time per epoch (s, log scale); every run trained {time_budget:g} min",
-               title=f"{dataset}: accuracy vs cost per epoch, equal time budget")
+        ax.set(
+            xlabel=f"training time per epoch (s, log scale); every run trained {time_budget:g} min",
+            title=f"{dataset}: accuracy vs cost per epoch, equal time budget",
+        )
     else:
-        ax.set(xlabel="training time to early stop (min)" + ("; hollow: stopped by the epoch cap" if stopped_by_cap else ""),
-               title=f"{dataset}: accuracy vs training time")
+        ax.set(
+            xlabel="training time to early stop (min)" + ("; hollow: stopped by the epoch cap" if stopped_by_cap else ""),
+            title=f"{dataset}: accuracy vs training time",
+        )
     ax.set_ylabel("test NDCG@10")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2 if len(variants) > 6 else 1)  # below the axes: never over a point
     fig.savefig(path, dpi=120, bbox_inches="tight")

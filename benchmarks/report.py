@@ -1,5 +1,6 @@
 """A study's table from its CSV rows: mean ± std over seeds, margins with Welch's p-values, cost ratios, the
 search and x̂ sections, in markdown; the plots beside it (benchmarks/plots.py)."""
+
 import datetime
 import functools
 import os
@@ -51,14 +52,19 @@ def margin(rows, variants):
         p = welch_p(values[v][key], values[best][key])
         return f"{diff:+.4f} ({100 * diff / statistics.mean(values[best][key]):+.1f}%)", "—" if p is None else f"{p:.3g}"
 
-    lines = [f"Margins over the best built-in by mean test NDCG@10, **{best}** ({len(values[best]['test_ndcg@10'])} seeds); "
-             "p: Welch's t-test over the seeds (unpaired: seeds are not paired across models), — with fewer than 2 seeds.", "",
-             "| model | seeds | test NDCG@10 vs best built-in | p | test Recall@10 vs best built-in | p | reads beyond the built-ins |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Margins over the best built-in by mean test NDCG@10, **{best}** ({len(values[best]['test_ndcg@10'])} seeds); "
+        "p: Welch's t-test over the seeds (unpaired: seeds are not paired across models), — with fewer than 2 seeds.",
+        "",
+        "| model | seeds | test NDCG@10 vs best built-in | p | test Recall@10 vs best built-in | p | reads beyond the built-ins |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in ours:
         reads = sorted({r.get("reads") or "" for r in rows if r["variant"] == v} - {""})
-        lines.append(f"| {v} | {len(values[v]['test_ndcg@10'])} | {' | '.join(cell(v, 'test_ndcg@10'))} | "
-                     f"{' | '.join(cell(v, 'test_recall@10'))} | {', '.join(reads) or '—'} |")
+        lines.append(
+            f"| {v} | {len(values[v]['test_ndcg@10'])} | {' | '.join(cell(v, 'test_ndcg@10'))} | "
+            f"{' | '.join(cell(v, 'test_recall@10'))} | {', '.join(reads) or '—'} |"
+        )
     return lines + [""]
 
 
@@ -93,8 +99,11 @@ def capped(rows, variant, config):
     cuts runs below the cap).
     """
     cap, patience = config["epochs"], config["stopping_step"]
-    return [r for r in rows if r["variant"] == variant and float(r["epochs_run"]) >= float(cap)
-            and float(r["epochs_run"]) - float(r["best_epoch"]) <= float(patience)]
+    return [
+        r
+        for r in rows
+        if r["variant"] == variant and float(r["epochs_run"]) >= float(cap) and float(r["epochs_run"]) - float(r["best_epoch"]) <= float(patience)
+    ]
 
 
 def unfinished_search(rows, args, requested):
@@ -103,9 +112,11 @@ def unfinished_search(rows, args, requested):
     trials = [t for ts in search_trials(requested, parse_grid(args.search)).values() for t in ts]
     done = [t for t in trials if find_row(rows, t, seed)]
     searched = ", ".join(dict.fromkeys(base_name(t) for t in done))
-    return (f"Search: unfinished, {len(done)} of its {len(trials)} runs (seed {seed}, grid `{args.search}`) are in the CSV"
-            f"{f' ({searched})' if searched else ''}; the rows below are those search points, one seed each, "
-            "not yet each model's chosen point with every seed.")
+    return (
+        f"Search: unfinished, {len(done)} of its {len(trials)} runs (seed {seed}, grid `{args.search}`) are in the CSV"
+        f"{f' ({searched})' if searched else ''}; the rows below are those search points, one seed each, "
+        "not yet each model's chosen point with every seed."
+    )
 
 
 def order(variant, requested, rows):
@@ -141,19 +152,35 @@ def summarize(study, rows, requested, commands, search=None, jobs=None):
         f"{f'; {jobs} run(s) at a time' if jobs else ''}.  ",
         "Protocol: leave-one-out by time, full ranking over all items, MAX_ITEM_LIST_LENGTH 50, early stopping on",
         "validation NDCG@10; test metrics of the best-validation checkpoint. Mean ± std over the seeds listed.",
-        *([f"Budget: each run had {args.time_budget:g} min of wall-clock from its start (data loading, training and validation; "
-           f"the epoch in progress when it ran out was cut at that batch and validated); {args.jobs} run(s) at a time, "
-           f"{threads(args.jobs)} torch thread(s) each. s/epoch is per run, extrapolated to a whole epoch where one was cut."]
-          if args.time_budget else []),
-        *([f"Search: every model trained once with seed {search['seed']} at each of the {len(search['grid'])} settings below, "
-           f"{'with the same budget per run' if args.time_budget else 'under the same stopping rule'}; the one with the best validation "
-           f"NDCG@10 ran all seeds (its seed-{search['seed']} row is that search run). "
-           "Ablations use T2Diff's chosen settings."] if search else []),
+        *(
+            [
+                f"Budget: each run had {args.time_budget:g} min of wall-clock from its start (data loading, training and validation; "
+                f"the epoch in progress when it ran out was cut at that batch and validated); {args.jobs} run(s) at a time, "
+                f"{threads(args.jobs)} torch thread(s) each. s/epoch is per run, extrapolated to a whole epoch where one was cut."
+            ]
+            if args.time_budget
+            else []
+        ),
+        *(
+            [
+                f"Search: every model trained once with seed {search['seed']} at each of the {len(search['grid'])} settings below, "
+                f"{'with the same budget per run' if args.time_budget else 'under the same stopping rule'}; the one with the best validation "
+                f"NDCG@10 ran all seeds (its seed-{search['seed']} row is that search run). "
+                "Ablations use T2Diff's chosen settings."
+            ]
+            if search
+            else []
+        ),
         *([unfinished_search(rows, args, requested)] if args.search and not search else []),
-        *([f"Stopping: patience {patience} (a run ends once more validations than that in a row fail to beat its best "
-           f"validation NDCG@10), at most {cap}. A run that the cap stopped before patience ran out is marked *cap* in the "
-           "epochs column (*cap: k of n runs* when only some seeds were): it had not converged by this rule."]
-          if not args.time_budget else []),
+        *(
+            [
+                f"Stopping: patience {patience} (a run ends once more validations than that in a row fail to beat its best "
+                f"validation NDCG@10), at most {cap}. A run that the cap stopped before patience ran out is marked *cap* in the "
+                "epochs column (*cap: k of n runs* when only some seeds were): it had not converged by this rule."
+            ]
+            if not args.time_budget
+            else []
+        ),
         "s/epoch ÷ SASRec: against the table's SASRec runs on the same machine and day only (— where there are none); "
         "min to stop: training minutes until early stopping (s/epoch × epochs); timings of seeds that ran on different "
         "machines are not averaged (*mixed machines*).",
@@ -181,35 +208,56 @@ def summarize(study, rows, requested, commands, search=None, jobs=None):
             f"{per_machine(mine, 'train_s_per_epoch')} | {'—' if ratio(v) is None else f'{ratio(v):.2f}'} | {per_machine(mine, 'eval_s')} | "
             f"{mean_std(r['epochs_run'] for r in mine)[0]:.3g} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}){cap_mark(v)} | "
             f"{per_machine([{**r, 'train_min': float(r['train_s_per_epoch']) * float(r['epochs_run']) / 60} for r in mine], 'train_min')} | "
-            f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |")
+            f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |"
+        )
         if all(r.get(c) not in (None, "") for r in mine for c in XHAT_COLUMNS):
             drops = [r.get(XHAT_NOISE_DROP) for r in mine]
             drop = "{:.4f} ± {:.4f}".format(*mean_std(drops)) if all(d not in (None, "") for d in drops) else "—"
             xhat_lines.append(f"| {v} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_std(r[c] for r in mine)) for c in XHAT_COLUMNS) + f" | {drop} |")
     if search:
-        lines += ["", f"## Search (seed {search['seed']}, validation NDCG@10; test metrics were not looked at)", "",
-                  "| model | " + " | ".join(", ".join(f"{k}={v}" for k, v in point.items()) for point in search["grid"]) + " |",
-                  "|---|" + "---|" * len(search["grid"])]
+        lines += [
+            "",
+            f"## Search (seed {search['seed']}, validation NDCG@10; test metrics were not looked at)",
+            "",
+            "| model | " + " | ".join(", ".join(f"{k}={v}" for k, v in point.items()) for point in search["grid"]) + " |",
+            "|---|" + "---|" * len(search["grid"]),
+        ]
         for v, trials in search["trials"].items():
             cells = []
             for t in trials:
                 row = find_row(rows, t, search["seed"])
-                cell = "failed" if row is None else (f"{float(row['valid_ndcg@10']):.4f} ({float(row['epochs_run']):.3g} ep"
-                                                     f"{', cap' if row in capped(rows, t, study.config(t)) else ''})")
+                cell = (
+                    "failed"
+                    if row is None
+                    else (f"{float(row['valid_ndcg@10']):.4f} ({float(row['epochs_run']):.3g} ep{', cap' if row in capped(rows, t, study.config(t)) else ''})")
+                )
                 cells.append(f"**{cell}**" if t == search["chosen"][v] else cell)
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if xhat_lines:
-        lines += ["", "## x̂ on the validation split", "", "At the best epoch, as inference computes it (mean ± std over seeds): relative error",
-                  "|x̂ - x_next| / |x_next - x_L| pooled over users (1 = no better than copying x_L), and how often the true next",
-                  "item is the nearest item token to x̂ (hit@1) or among its 10 nearest (hit@10); whether the tower uses x̂:",
-                  "validation NDCG@10 with the served x̂ minus with x̂ replaced by Gaussian noise of the same norm (about 0 when",
-                  "the tower ignores x̂; — for runs from before it was recorded).", "",
-                  "| model | x̂ relative error | x̂ nearest-item hit@1 | x̂ nearest-item hit@10 | NDCG@10 drop, x̂ → noise |",
-                  "|---|---|---|---|---|", *xhat_lines]
+        lines += [
+            "",
+            "## x̂ on the validation split",
+            "",
+            "At the best epoch, as inference computes it (mean ± std over seeds): relative error",
+            "|x̂ - x_next| / |x_next - x_L| pooled over users (1 = no better than copying x_L), and how often the true next",
+            "item is the nearest item token to x̂ (hit@1) or among its 10 nearest (hit@10); whether the tower uses x̂:",
+            "validation NDCG@10 with the served x̂ minus with x̂ replaced by Gaussian noise of the same norm (about 0 when",
+            "the tower ignores x̂; — for runs from before it was recorded).",
+            "",
+            "| model | x̂ relative error | x̂ nearest-item hit@1 | x̂ nearest-item hit@10 | NDCG@10 drop, x̂ → noise |",
+            "|---|---|---|---|---|",
+            *xhat_lines,
+        ]
     with open(os.path.join(args.out, f"{args.dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(rows, variants, os.path.join(args.out, f"{args.dataset}.png"), args.dataset, args.time_budget,
-         stopped_by_cap=[r for v in variants for r in capped(rows, v, study.config(v))])
+    plot(
+        rows,
+        variants,
+        os.path.join(args.out, f"{args.dataset}.png"),
+        args.dataset,
+        args.time_budget,
+        stopped_by_cap=[r for v in variants for r in capped(rows, v, study.config(v))],
+    )
     if any(r.get("valid_curve") for r in rows if r["variant"] in variants):  # rows from before the column have none
         plot_curves(rows, variants, os.path.join(args.out, f"{args.dataset}_curves.png"), args.dataset, cap_of)
     print("\n".join(lines))

@@ -1,4 +1,5 @@
 """A benchmark run's training state after its last validated epoch, to go on from after an interruption."""
+
 import os
 import random
 import sys
@@ -28,12 +29,19 @@ class Resume:
     def save(self, trainer, train_data, epoch):
         kind, keys, position, has_gauss, gauss = np.random.get_state()
         state = {
-            "epoch": epoch, "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-            "cur_step": trainer.cur_step, "best_valid_score": float(trainer.best_valid_score),
+            "epoch": epoch,
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "cur_step": trainer.cur_step,
+            "best_valid_score": float(trainer.best_valid_score),
             "best_valid_result": {k: float(v) for k, v in (trainer.best_valid_result or {}).items()},
-            "curve": list(self.curve), "train_s": list(self.timings["train"]), "valid_s": list(self.timings["valid"]),
-            "budget_epochs": self.budget.epochs, "elapsed": time.perf_counter() - self.clock["started"],
-            "torch_rng": torch.get_rng_state(), "loader_rng": train_data.generator.get_state(),
+            "curve": list(self.curve),
+            "train_s": list(self.timings["train"]),
+            "valid_s": list(self.timings["valid"]),
+            "budget_epochs": self.budget.epochs,
+            "elapsed": time.perf_counter() - self.clock["started"],
+            "torch_rng": torch.get_rng_state(),
+            "loader_rng": train_data.generator.get_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy_rng": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
             "random_rng": random.getstate(),

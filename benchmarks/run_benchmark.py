@@ -32,6 +32,7 @@ Modules: the variant language (benchmarks/variants.py), one run in its process (
 resume state benchmarks/resume.py), the table (benchmarks/report.py, benchmarks/plots.py); this one is the CLI
 and the studies' bookkeeping (CSV rows, resume folders), which benchmarks/batch.py shares.
 """
+
 import argparse
 import concurrent.futures
 import csv
@@ -76,12 +77,16 @@ def build_parser():
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files for every model")
     parser.add_argument("--time_budget", type=float, default=None, help="training minutes per run (same for every model)")
-    parser.add_argument("--search", default=None,
-                        help='grid searched for every model with the first seed, e.g. "learning_rate=0.001,0.002;train_batch_size=512,2048"')
+    parser.add_argument(
+        "--search", default=None, help='grid searched for every model with the first seed, e.g. "learning_rate=0.001,0.002;train_batch_size=512,2048"'
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores // jobs torch threads")
     parser.add_argument("--out", default=os.path.join(ROOT, "results"))
-    parser.add_argument("--resume_root", default=None,
-                        help="where interrupted runs keep their state (default <out>/.resume); outside the work tree it survives a fresh checkout")
+    parser.add_argument(
+        "--resume_root",
+        default=None,
+        help="where interrupted runs keep their state (default <out>/.resume); outside the work tree it survives a fresh checkout",
+    )
     return parser
 
 
@@ -126,8 +131,13 @@ class Study:
         with CONFIG_LOCK:
             if variant not in self.configs:
                 model, config_dict = run_settings(variant, self.seeds[0])
-                self.configs[variant] = Config(model=model, dataset=self.args.dataset, config_file_list=self.config_files,
-                                               config_dict={**config_dict, "state": "ERROR"}, argv=self.overrides)
+                self.configs[variant] = Config(
+                    model=model,
+                    dataset=self.args.dataset,
+                    config_file_list=self.config_files,
+                    config_dict={**config_dict, "state": "ERROR"},
+                    argv=self.overrides,
+                )
             return self.configs[variant]
 
     def command(self, variant, seed):
@@ -171,8 +181,12 @@ class Study:
         """The search's outcome from the rows (``None`` without --search); call it once every trial ran or failed."""
         if not self.grid:
             return None
-        return {"grid": self.grid, "trials": self.trials, "seed": self.seeds[0],
-                "chosen": pick(self.variants, self.grid, self.seeds[0], self.rows, self.trials)}
+        return {
+            "grid": self.grid,
+            "trials": self.trials,
+            "seed": self.seeds[0],
+            "chosen": pick(self.variants, self.grid, self.seeds[0], self.rows, self.trials),
+        }
 
     def command_line(self):
         """This study as the command a table states (where runs kept their resume state is no setting)."""
@@ -204,8 +218,10 @@ def main(argv=None):
             failed.append(f"{variant} seed {seed}")
             return
         study.record(row)
-        say(f"[bench] {variant} seed {seed}: test NDCG@10 {row['test_ndcg@10']:.4f}, Recall@10 {row['test_recall@10']:.4f}, "
-            f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch ({(time.time() - started) / 60:.1f} min so far)")
+        say(
+            f"[bench] {variant} seed {seed}: test NDCG@10 {row['test_ndcg@10']:.4f}, Recall@10 {row['test_recall@10']:.4f}, "
+            f"{row['epochs_run']} epochs, {row['train_s_per_epoch']} s/epoch ({(time.time() - started) / 60:.1f} min so far)"
+        )
 
     def run_all(jobs):
         """Runs the (variant, seed) pairs not yet in the CSV, args.jobs at a time."""

@@ -9,6 +9,7 @@ Serving cost depends on the architecture, not on the weights, so each model is b
 alike, and the medians over rounds are compared as ratios to SASRec's. Writes the dataset's entry under
 "serving" in <out>/inference.json and the table <out>/serving_<dataset>.md.
 """
+
 import argparse
 import datetime
 import json
@@ -35,8 +36,12 @@ def preset_file(variant):
 def build(variant, dataset, settings):
     """(model in eval mode, a 1,024-sequence test batch, a one-sequence batch) for ``variant`` on ``dataset``."""
     preset = preset_file(variant)
-    config = Config(model=variant.partition("-")[0] if preset else variant, dataset=dataset,
-                    config_file_list=[preset] if preset else None, config_dict={**settings, "state": "ERROR", "show_progress": False})
+    config = Config(
+        model=variant.partition("-")[0] if preset else variant,
+        dataset=dataset,
+        config_file_list=[preset] if preset else None,
+        config_dict={**settings, "state": "ERROR", "show_progress": False},
+    )
     _, train, _, test = prepare(config)
     model = build_model(config, train).eval()
     interaction = next(iter(test))[0]
@@ -64,8 +69,10 @@ def measure(models, rounds, single_calls=20):
             for variant, (model, big, one) in models.items():
                 big_times[variant] += timed(lambda: model.full_sort_predict(big), 1)
                 single_times[variant] += timed(lambda: model.full_sort_predict(one), single_calls)
-    return {v: {"users_per_s": round(1024 / statistics.median(big_times[v]), 1),
-                "single_user_ms": round(1000 * statistics.median(single_times[v]), 3)} for v in models}
+    return {
+        v: {"users_per_s": round(1024 / statistics.median(big_times[v]), 1), "single_user_ms": round(1000 * statistics.median(single_times[v]), 3)}
+        for v in models
+    }
 
 
 def main():
@@ -88,8 +95,14 @@ def main():
         r["throughput_vs_sasrec"] = round(r["users_per_s"] / reference["users_per_s"], 3)
         r["latency_vs_sasrec"] = round(r["single_user_ms"] / reference["single_user_ms"], 3)
         r["preset"] = os.path.relpath(preset_file(v), ROOT) if preset_file(v) else None
-    entry = {"command": command_line(), "machine": describe(), "date": datetime.date.today().isoformat(),
-             "threads": torch.get_num_threads(), "rounds": args.rounds, "results": results}
+    entry = {
+        "command": command_line(),
+        "machine": describe(),
+        "date": datetime.date.today().isoformat(),
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "results": results,
+    }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "inference.json")
     everything = json.load(open(path)) if os.path.isfile(path) else {}
@@ -97,14 +110,21 @@ def main():
     with open(path + ".tmp", "w") as f:
         json.dump(everything, f, indent=1)
     os.replace(path + ".tmp", path)
-    lines = [f"# Serving cost on {args.dataset}: T2Diff configurations against SASRec", "",
-             f"Command: `{entry['command']}`  ", f"Machine: {entry['machine']}; {entry['threads']} torch thread(s); date {entry['date']}.  ",
-             f"Untrained models (cost depends on the architecture, not the weights); {args.rounds} rounds, the models interleaved in each; "
-             "medians. users/s: full-sort scoring of a 1,024-sequence batch; latency: one user's full-sort scoring.", "",
-             "| variant | preset | users/s | x SASRec | single-user ms | x SASRec |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Serving cost on {args.dataset}: T2Diff configurations against SASRec",
+        "",
+        f"Command: `{entry['command']}`  ",
+        f"Machine: {entry['machine']}; {entry['threads']} torch thread(s); date {entry['date']}.  ",
+        f"Untrained models (cost depends on the architecture, not the weights); {args.rounds} rounds, the models interleaved in each; "
+        "medians. users/s: full-sort scoring of a 1,024-sequence batch; latency: one user's full-sort scoring.",
+        "",
+        "| variant | preset | users/s | x SASRec | single-user ms | x SASRec |",
+        "|---|---|---|---|---|---|",
+    ]
     for v, r in results.items():
-        lines.append(f"| {v} | {r['preset'] or '—'} | {r['users_per_s']} | {r['throughput_vs_sasrec']:.2f} | {r['single_user_ms']} | "
-                     f"{r['latency_vs_sasrec']:.2f} |")
+        lines.append(
+            f"| {v} | {r['preset'] or '—'} | {r['users_per_s']} | {r['throughput_vs_sasrec']:.2f} | {r['single_user_ms']} | {r['latency_vs_sasrec']:.2f} |"
+        )
     with open(os.path.join(args.out, f"serving_{args.dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

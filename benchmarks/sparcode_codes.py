@@ -6,6 +6,7 @@ count alone (as before issue 27: an unused code reached the threshold only after
 Same batches, seed and initial weights for both rules; one torch thread. Prints codes used per batch
 (per codebook) and restarts at chosen steps, then SparCode.code_stats over the last 10 batches (eval mode).
 """
+
 import argparse
 import itertools
 
@@ -47,13 +48,17 @@ def main(argv=None):
             sum(model.calculate_loss(batch)).backward()
             optimizer.step()
         steps = [step for step in SHOWN if step <= len(used)]
-        print(f"{rule}: codes used per batch (of {model.quantizer.codebook_size}, per codebook) at step "
-              + ", ".join(f"{step}: {'/'.join(map(str, used[step - 1]))}" for step in steps))
+        print(
+            f"{rule}: codes used per batch (of {model.quantizer.codebook_size}, per codebook) at step "
+            + ", ".join(f"{step}: {'/'.join(map(str, used[step - 1]))}" for step in steps)
+        )
         print(f"{rule}: restarts so far at step " + ", ".join(f"{step}: {restarts[step - 1]}" for step in steps))
         stats = model.code_stats(batches[-10:])
-        print(f"{rule}: code_stats over the last 10 batches: usage {'/'.join(f'{u:.1%}' for u in stats['usage'])}, "
-              f"perplexity {'/'.join(f'{p:.1f}' for p in stats['perplexity'])}, {stats['distinct_keys']} distinct keys, "
-              f"relative quantization error {stats['relative_error']:.3f}")
+        print(
+            f"{rule}: code_stats over the last 10 batches: usage {'/'.join(f'{u:.1%}' for u in stats['usage'])}, "
+            f"perplexity {'/'.join(f'{p:.1f}' for p in stats['perplexity'])}, {stats['distinct_keys']} distinct keys, "
+            f"relative quantization error {stats['relative_error']:.3f}"
+        )
 
 
 if __name__ == "__main__":

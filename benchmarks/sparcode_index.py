@@ -20,6 +20,7 @@ reloads the best checkpoint and reports on the test split:
 
 Writes <out>/index_<dataset>.md, .json and .png, each with the command, machine and date.
 """
+
 import argparse
 import datetime
 import json
@@ -97,10 +98,15 @@ def code_usage(model, test):
     """SparCode.code_stats over the test users' tokens: per-codebook share of codes used and perplexity,
     distinct keys, relative quantization error, restarts during training."""
     stats = model.code_stats(test)
-    return {"codebooks": [{"codes_used": round(share * model.quantizer.codebook_size), "perplexity": round(perplexity, 1)}
-                          for share, perplexity in zip(stats["usage"], stats["perplexity"])],
-            "distinct_test_keys": stats["distinct_keys"], "relative_quantization_error": round(stats["relative_error"], 4),
-            "restarts_during_training": stats["restarts"]}
+    return {
+        "codebooks": [
+            {"codes_used": round(share * model.quantizer.codebook_size), "perplexity": round(perplexity, 1)}
+            for share, perplexity in zip(stats["usage"], stats["perplexity"])
+        ],
+        "distinct_test_keys": stats["distinct_keys"],
+        "relative_quantization_error": round(stats["relative_error"], 4),
+        "restarts_during_training": stats["restarts"],
+    }
 
 
 def timed(function, runs=100, warmups=10, max_seconds=30.0):
@@ -179,8 +185,13 @@ def plot(rows, exact, path, title):
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, marker in (("threshold", "o"), ("max_postings", "s"), ("dtype", "^")):
         chosen = [r for r in rows if kind in r]
-        ax.plot([r["bytes"] / 2**20 for r in chosen], [r["ndcg@10"] for r in chosen], marker=marker, linestyle="-" if len(chosen) > 1 else "",
-                label={"threshold": "threshold τ (quantiles 0/50/90/99 %)", "max_postings": "posting cap P (500/100/50)", "dtype": "float16 values"}[kind])
+        ax.plot(
+            [r["bytes"] / 2**20 for r in chosen],
+            [r["ndcg@10"] for r in chosen],
+            marker=marker,
+            linestyle="-" if len(chosen) > 1 else "",
+            label={"threshold": "threshold τ (quantiles 0/50/90/99 %)", "max_postings": "posting cap P (500/100/50)", "dtype": "float16 values"}[kind],
+        )
         for r in chosen:
             ax.annotate(str(r.get("quantile", r.get("max_postings", "fp16"))), (r["bytes"] / 2**20, r["ndcg@10"]), fontsize=7)
     ax.axhline(exact["ndcg@10"], color="grey", linestyle="--", label="exact scoring")
@@ -194,29 +205,58 @@ def plot(rows, exact, path, title):
 
 
 def write_markdown(report, path):
-    lines = [f"# SparCode on {report['dataset']}: exact scoring vs the sparse inverted index", "",
-             f"Command: `{report['command']}`; machine: {report['machine']}; date: {report['date']}; seed {report['seed']}.",
-             f"Checkpoint trained with: {report['training']}. Index: {report['index_settings']}; built in {report['build_s']} s.", "",
-             "## Accuracy on the test split (RecBole's evaluator, full ranking)", "",
-             "| scoring | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    lines = [
+        f"# SparCode on {report['dataset']}: exact scoring vs the sparse inverted index",
+        "",
+        f"Command: `{report['command']}`; machine: {report['machine']}; date: {report['date']}; seed {report['seed']}.",
+        f"Checkpoint trained with: {report['training']}. Index: {report['index_settings']}; built in {report['build_s']} s.",
+        "",
+        "## Accuracy on the test split (RecBole's evaluator, full ranking)",
+        "",
+        "| scoring | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+    ]
     for name in ("exact", "index"):
-        lines.append(f"| {name} | " + " | ".join(str(report['accuracy'][name][m]) for m in METRICS) + " |")
-    lines += ["", "## Fidelity", "", "| " + " | ".join(report["fidelity"]) + " |", "|---" * len(report["fidelity"]) + "|",
-              "| " + " | ".join(str(v) for v in report["fidelity"].values()) + " |", "",
-              "## Size", "", "| " + " | ".join(report["size"]) + " |", "|---" * len(report["size"]) + "|",
-              "| " + " | ".join(str(v) for v in report["size"].values()) + " |", "",
-              f"Code usage on the test users' tokens: {report['code_usage']}", "",
-              "## Latency per query batch (ms; median / p99 over `runs` calls)", "",
-              "| batch | (a) tokenize + quantize | (b) index accumulate + top-10 | (c) exact MLP, all items + top-10 | (d) two-tower dot + top-10 |",
-              "|---|---|---|---|---|"]
+        lines.append(f"| {name} | " + " | ".join(str(report["accuracy"][name][m]) for m in METRICS) + " |")
+    lines += [
+        "",
+        "## Fidelity",
+        "",
+        "| " + " | ".join(report["fidelity"]) + " |",
+        "|---" * len(report["fidelity"]) + "|",
+        "| " + " | ".join(str(v) for v in report["fidelity"].values()) + " |",
+        "",
+        "## Size",
+        "",
+        "| " + " | ".join(report["size"]) + " |",
+        "|---" * len(report["size"]) + "|",
+        "| " + " | ".join(str(v) for v in report["size"].values()) + " |",
+        "",
+        f"Code usage on the test users' tokens: {report['code_usage']}",
+        "",
+        "## Latency per query batch (ms; median / p99 over `runs` calls)",
+        "",
+        "| batch | (a) tokenize + quantize | (b) index accumulate + top-10 | (c) exact MLP, all items + top-10 | (d) two-tower dot + top-10 |",
+        "|---|---|---|---|---|",
+    ]
     for batch, parts in report["latency"].items():
         cells = [f"{p['median_ms']} / {p['p99_ms']} ({p['runs']})" for p in parts.values()]
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
-    lines += ["", "## Trade-off: index size against accuracy (pruned from the τ = 0 index)", "",
-              "| pruning | nnz | bytes | ndcg@10 | recall@10 | ndcg@20 | recall@20 |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Trade-off: index size against accuracy (pruned from the τ = 0 index)",
+        "",
+        "| pruning | nnz | bytes | ndcg@10 | recall@10 | ndcg@20 | recall@20 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["trade_off"]:
-        label = (f"τ = {r['threshold']:.4g} (q{r['quantile']})" if "threshold" in r else
-                 f"P = {r['max_postings']}" if "max_postings" in r else f"values {r['dtype']}")
+        label = (
+            f"τ = {r['threshold']:.4g} (q{r['quantile']})"
+            if "threshold" in r
+            else f"P = {r['max_postings']}"
+            if "max_postings" in r
+            else f"values {r['dtype']}"
+        )
         lines.append(f"| {label} | {r['nnz']} | {r['bytes']} | {r['ndcg@10']} | {r['recall@10']} | {r['ndcg@20']} | {r['recall@20']} |")
     lines += ["", f"![accuracy against index bytes]({os.path.basename(path)[:-3]}.png)", ""]
     with open(path, "w") as f:
@@ -238,8 +278,7 @@ def main(argv=None):
         checkpoint = args.checkpoint
         if checkpoint is None:
             trainers = []  # run() leaves the best epoch's weights in its trainer's model
-            result = run("SparCode", args.dataset, config_dict={"seed": args.seed, "show_progress": False, **settings},
-                         on_trainer=trainers.append)
+            result = run("SparCode", args.dataset, config_dict={"seed": args.seed, "show_progress": False, **settings}, on_trainer=trainers.append)
             checkpoint, config, model = result["saved_model_file"], trainers[0].config, trainers[0].model
             for key, value in overrides.items():
                 config[key] = value
@@ -254,12 +293,21 @@ def main(argv=None):
         build_s = round(time.perf_counter() - start, 1)
         model.sparse_index = index
         report = {
-            "dataset": args.dataset, "seed": args.seed, "command": command, "machine": machine, "date": stamp,
-            "checkpoint": os.path.abspath(checkpoint), "training": settings or "the property file's defaults",
-            "index_settings": index.meta | {"fingerprint": index.meta["fingerprint"][:12]}, "build_s": build_s,
+            "dataset": args.dataset,
+            "seed": args.seed,
+            "command": command,
+            "machine": machine,
+            "date": stamp,
+            "checkpoint": os.path.abspath(checkpoint),
+            "training": settings or "the property file's defaults",
+            "index_settings": index.meta | {"fingerprint": index.meta["fingerprint"][:12]},
+            "build_s": build_s,
             "accuracy": {"exact": exact, "index": evaluate(trainer, test, model, "index")},
-            "fidelity": fidelity(model, index, test), "size": size(index), "code_usage": code_usage(model, test),
-            "latency": latency(model, index, test), "threads": torch.get_num_threads(),
+            "fidelity": fidelity(model, index, test),
+            "size": size(index),
+            "code_usage": code_usage(model, test),
+            "latency": latency(model, index, test),
+            "threads": torch.get_num_threads(),
         }
         report["trade_off"] = trade_off(model, index, trainer, test)
     os.makedirs(args.out, exist_ok=True)

@@ -5,6 +5,7 @@ ablations ("T2Diff-noDP", also with brackets) or a preset ("T2Diff-fast": the se
 properties/presets/T2Diff-fast.yaml, a configuration users run, searched like a model). A variant's name
 is its identity: the CSV keys rows by variant and seed, so names must read back to the same settings.
 """
+
 import functools
 import itertools
 import json
@@ -42,8 +43,10 @@ def parse_variant(variant):
     """(model name, settings) for "SASRec", "T2Diff-noDP", "T2Diff[lambda_diff=0.1,n_steps=20]" or "T2Diff-noDP[n_steps=20]"."""
     match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", variant)
     if not match or ("-" in match.group(1) and match.group(1) not in ABLATIONS and preset_settings(match.group(1)) is None):
-        raise UsageError(f"cannot read model '{variant}': write NAME, NAME[key=value,...], one of {', '.join(ABLATIONS)} "
-                         "or a preset's name (properties/presets/<Model>-<name>.yaml)")
+        raise UsageError(
+            f"cannot read model '{variant}': write NAME, NAME[key=value,...], one of {', '.join(ABLATIONS)} "
+            "or a preset's name (properties/presets/<Model>-<name>.yaml)"
+        )
     name, settings = match.group(1), {}
     if name in ABLATIONS:
         name, settings = "T2Diff", dict(ABLATIONS[name])
@@ -73,7 +76,7 @@ def read_yaml(file):
 def with_settings(variant, point):
     """The variant with the grid point's settings added to its brackets: SASRec -> SASRec[learning_rate=0.001]."""
     name = base_name(variant)
-    pairs = [p for p in variant[len(name):].strip("[]").split(",") if p] + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items()]
+    pairs = [p for p in variant[len(name) :].strip("[]").split(",") if p] + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items()]
     return f"{name}[{','.join(pairs)}]" if pairs else name
 
 

@@ -7,6 +7,7 @@ prints an ``EPOCH {...}`` line after every validation (the runner's live progres
 ``RESULT {...}``: the run's row of :data:`COLUMNS`. The --key=value settings (a study's, for every run)
 are the run's command-line settings: they override the variant's own, in RecBole's order.
 """
+
 import argparse
 import datetime
 import json
@@ -25,9 +26,28 @@ from benchmarks.variants import ROOT, parse_variant
 from recbole_t2diff.cli import exit_on_usage_error
 
 METRICS = ["recall@10", "mrr@10", "ndcg@10", "recall@20", "ndcg@20", "recall@2", "ndcg@2"]
-COLUMNS = ["variant", "seed", "settings", *[f"valid_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS],
-           "params", "train_s_per_epoch", "eval_s", "epochs_run", "best_epoch", "peak_rss_mib",
-           "xhat_rel_error", "xhat_hit@1", "xhat_hit@10", "run_s", "valid_curve", "machine", "date", "reads", "xhat_noise_drop"]
+COLUMNS = [
+    "variant",
+    "seed",
+    "settings",
+    *[f"valid_{m}" for m in METRICS],
+    *[f"test_{m}" for m in METRICS],
+    "params",
+    "train_s_per_epoch",
+    "eval_s",
+    "epochs_run",
+    "best_epoch",
+    "peak_rss_mib",
+    "xhat_rel_error",
+    "xhat_hit@1",
+    "xhat_hit@10",
+    "run_s",
+    "valid_curve",
+    "machine",
+    "date",
+    "reads",
+    "xhat_noise_drop",
+]
 XHAT_COLUMNS = ["xhat_rel_error", "xhat_hit@1", "xhat_hit@10"]
 XHAT_NOISE_DROP = "xhat_noise_drop"  # recorded since 2026-12-06: older rows leave it empty
 
@@ -118,6 +138,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
             out = method(*args, **kwargs)
             timings[bucket].append(time.perf_counter() - start)
             return out
+
         return wrapper
 
     trainers, budget = [], Budget(time_budget)
@@ -145,9 +166,20 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
             curve.append(round(float(score), 5))
             # One line per validation, read live by the runner (progress) and kept as the run's curve.
             best = max(range(len(curve)), key=lambda i: (curve[i], -i))  # RecBole keeps the first of equal scores
-            print("EPOCH " + json.dumps({"epoch": len(curve), "valid": curve[-1], "best": curve[best], "best_epoch": best + 1,
-                                          "train_s": round(sum(timings["train"]), 1),
-                                          "run_s": round(time.perf_counter() - clock["started"], 1)}), flush=True)
+            print(
+                "EPOCH "
+                + json.dumps(
+                    {
+                        "epoch": len(curve),
+                        "valid": curve[-1],
+                        "best": curve[best],
+                        "best_epoch": best + 1,
+                        "train_s": round(sum(timings["train"]), 1),
+                        "run_s": round(time.perf_counter() - clock["started"], 1),
+                    }
+                ),
+                flush=True,
+            )
             return score, result
 
         trainer._valid_epoch = valid_epoch_reported
@@ -155,16 +187,31 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
             trainer.saved_model_file = os.path.join(checkpoints, "best.pth")
         trainers.append(trainer)
 
-    result = run(model, dataset, config_file_list=config_files, saved=True, on_trainer=on_trainer,
-                 config_dict={**config_dict, "checkpoint_dir": checkpoints}, argv=overrides)
+    result = run(
+        model,
+        dataset,
+        config_file_list=config_files,
+        saved=True,
+        on_trainer=on_trainer,
+        config_dict={**config_dict, "checkpoint_dir": checkpoints},
+        argv=overrides,
+    )
     trainer = trainers[0]
-    row = {"variant": variant, "seed": seed, "settings": json.dumps(parse_variant(variant)[1], sort_keys=True),
-           "params": result["params"], "train_s_per_epoch": round(sum(timings["train"]) / budget.epochs, 2),
-           "eval_s": round(statistics.mean(timings["valid"]), 2), "epochs_run": round(budget.epochs, 3),
-           "best_epoch": len(timings["train"]) - trainer.cur_step * trainer.eval_step,
-           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-           "run_s": round(time.perf_counter() - clock["started"], 1), "valid_curve": json.dumps(curve),
-           "machine": describe(), "date": datetime.date.today().isoformat()}
+    row = {
+        "variant": variant,
+        "seed": seed,
+        "settings": json.dumps(parse_variant(variant)[1], sort_keys=True),
+        "params": result["params"],
+        "train_s_per_epoch": round(sum(timings["train"]) / budget.epochs, 2),
+        "eval_s": round(statistics.mean(timings["valid"]), 2),
+        "epochs_run": round(budget.epochs, 3),
+        "best_epoch": len(timings["train"]) - trainer.cur_step * trainer.eval_step,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "run_s": round(time.perf_counter() - clock["started"], 1),
+        "valid_curve": json.dumps(curve),
+        "machine": describe(),
+        "date": datetime.date.today().isoformat(),
+    }
     for metric in METRICS:
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
         row[f"test_{metric}"] = float(result["test_result"][metric])
@@ -177,9 +224,18 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
 
 def command(variant, seed, dataset, config_files=None, time_budget=None, resume_dir=None, overrides=()):
     """The worker process of one (variant, seed); ``overrides`` are the study's --key=value arguments."""
-    return [sys.executable, "-m", "benchmarks.worker", variant, str(seed), f"--dataset={dataset}",
-            *([f"--config_files={config_files}"] if config_files else []), *([f"--time_budget={time_budget}"] if time_budget else []),
-            *([f"--resume_dir={resume_dir}"] if resume_dir else []), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.worker",
+        variant,
+        str(seed),
+        f"--dataset={dataset}",
+        *([f"--config_files={config_files}"] if config_files else []),
+        *([f"--time_budget={time_budget}"] if time_budget else []),
+        *([f"--resume_dir={resume_dir}"] if resume_dir else []),
+        *overrides,
+    ]
 
 
 def threads(jobs):
@@ -208,9 +264,9 @@ def run_worker(command, env, on_epoch=None, procs=None):
         row = None
         for line in proc.stdout:
             if line.startswith("EPOCH ") and on_epoch:
-                on_epoch(json.loads(line[len("EPOCH "):]))
+                on_epoch(json.loads(line[len("EPOCH ") :]))
             elif line.startswith("RESULT "):
-                row = json.loads(line[len("RESULT "):])
+                row = json.loads(line[len("RESULT ") :])
         proc.wait()
         if procs is not None:
             procs.discard(proc)
@@ -230,8 +286,9 @@ def main(argv=None):
     parser.add_argument("--resume_dir", default=None, help="where the run keeps its state after every validated epoch")
     with exit_on_usage_error():
         args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-        row = worker(args.variant, args.seed, args.dataset, args.config_files.split() if args.config_files else None,
-                     args.time_budget, args.resume_dir, overrides)
+        row = worker(
+            args.variant, args.seed, args.dataset, args.config_files.split() if args.config_files else None, args.time_budget, args.resume_dir, overrides
+        )
     print("RESULT " + json.dumps(row), flush=True)
 
 

@@ -13,6 +13,7 @@ If "chain" ≈ "removed", diffusion adds nothing at inference; if "teacher" at s
 Also reports the denoiser's error on the last drift row at each teacher step, relative to the drift's
 norm (1.0 = it predicts ~0 whatever it is given). Writes <out>/xhat_<dataset>.md and .json.
 """
+
 import argparse
 import datetime
 import json
@@ -56,13 +57,15 @@ def diagnose(checkpoint, teacher_steps):
     if not model.denoises:
         raise SystemExit(f"error: {checkpoint} was trained without a denoiser (use_diffusion=False or x_hat_source=copy_last): it has no diffusion to diagnose")
     if model.x_hat_source == "next_item" and any(k <= model.n_steps for k in teacher_steps):
-        raise SystemExit(f"error: {checkpoint} generates x̂ with x_hat_source=next_item: the teacher rows noise the drift U-Net's "
-                         "target; give --teacher_steps= (none) to compare the chain with no x̂")
+        raise SystemExit(
+            f"error: {checkpoint} generates x̂ with x_hat_source=next_item: the teacher rows noise the drift U-Net's "
+            "target; give --teacher_steps= (none) to compare the chain with no x̂"
+        )
     trainer = make_trainer(config, model)
-    label = (f"diffusion_scale={model.diffusion_scale}, diff_loss_positions={model.diff_loss_positions}, "
-             f"xhat_loss={model.xhat_loss}, train_xhat={model.train_xhat}")
-    modes = [("chain", f"{model.sampler}, {model.infer_steps} steps", model.forward, None),
-             ("removed", "no x̂ token", removed_forward(model), None)]
+    label = (
+        f"diffusion_scale={model.diffusion_scale}, diff_loss_positions={model.diff_loss_positions}, xhat_loss={model.xhat_loss}, train_xhat={model.train_xhat}"
+    )
+    modes = [("chain", f"{model.sampler}, {model.infer_steps} steps", model.forward, None), ("removed", "no x̂ token", removed_forward(model), None)]
     for k in (k for k in teacher_steps if k <= model.n_steps):
         errors = []
         modes.append((f"teacher s={k}", "reads the target", teacher_forward(model, k, errors), errors))
@@ -70,9 +73,17 @@ def diagnose(checkpoint, teacher_steps):
     for name, detail, forward, errors in modes:
         model.forward = forward  # full_sort_predict calls self.forward
         result = trainer.evaluate(valid, load_best_model=False)
-        records.append({"checkpoint": checkpoint, "model": label, "x_hat": name, "detail": detail,
-                        "valid_ndcg@10": float(result["ndcg@10"]), "valid_recall@10": float(result["recall@10"]),
-                        "last_row_rel_error": round(statistics.mean(errors), 3) if errors else None})
+        records.append(
+            {
+                "checkpoint": checkpoint,
+                "model": label,
+                "x_hat": name,
+                "detail": detail,
+                "valid_ndcg@10": float(result["ndcg@10"]),
+                "valid_recall@10": float(result["recall@10"]),
+                "last_row_rel_error": round(statistics.mean(errors), 3) if errors else None,
+            }
+        )
         print(json.dumps(records[-1]), flush=True)
     return config["dataset"], records
 
@@ -93,19 +104,28 @@ def main():
             records += mine
     if len(datasets) > 1:
         raise SystemExit(f"error: the checkpoints come from several datasets ({', '.join(sorted(datasets))}): diagnose one at a time")
-    meta = {"command": command_line(), "machine": describe(),
-            "date": datetime.date.today().isoformat(), "dataset": dataset, "trained_with": args.trained_with}
+    meta = {"command": command_line(), "machine": describe(), "date": datetime.date.today().isoformat(), "dataset": dataset, "trained_with": args.trained_with}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"xhat_{dataset}.json"), "w") as f:
         json.dump({**meta, "records": records}, f, indent=1)
-    lines = [f"# Does the user vector use x̂? ({dataset}, validation split)", "",
-             f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; date {meta['date']}.  ",
-             f"Checkpoints trained with: {meta['trained_with'] or 'not stated'}.", "",
-             "Teacher rows read the target (a diagnosis, never an evaluation); last-row error is |ẑ0 - z0| / |z0|",
-             "on the drift row behind x̂ (1.0: the denoiser ignores its input and predicts ~0).", "",
-             "| model | x̂ from | detail | valid NDCG@10 | valid Recall@10 | last-row error |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['x_hat']} | {r['detail']} | {r['valid_ndcg@10']:.4f} | {r['valid_recall@10']:.4f} | "
-              f"{'' if r['last_row_rel_error'] is None else r['last_row_rel_error']} |" for r in records]
+    lines = [
+        f"# Does the user vector use x̂? ({dataset}, validation split)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; date {meta['date']}.  ",
+        f"Checkpoints trained with: {meta['trained_with'] or 'not stated'}.",
+        "",
+        "Teacher rows read the target (a diagnosis, never an evaluation); last-row error is |ẑ0 - z0| / |z0|",
+        "on the drift row behind x̂ (1.0: the denoiser ignores its input and predicts ~0).",
+        "",
+        "| model | x̂ from | detail | valid NDCG@10 | valid Recall@10 | last-row error |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['x_hat']} | {r['detail']} | {r['valid_ndcg@10']:.4f} | {r['valid_recall@10']:.4f} | "
+        f"{'' if r['last_row_rel_error'] is None else r['last_row_rel_error']} |"
+        for r in records
+    ]
     with open(os.path.join(args.out, f"xhat_{dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,4 +1,5 @@
 """T2Diff for RecBole: a pluggable sequential model with its own config, registry and runners."""
+
 from recbole_t2diff import compat
 
 # RecBole 1.2.1 needs patches to run on today's numpy, torch and Python (compat.install lists each).

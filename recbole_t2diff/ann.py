@@ -3,6 +3,7 @@
 Row 0 of the item matrix is the padding id: it is left out of every index, so returned ids are
 rows of the item matrix (1..n_items-1), exactly the candidates RecBole's full ranking uses.
 """
+
 import time
 
 import numpy as np

@@ -11,6 +11,7 @@ they are refused with a one-line error, and ``convert.convert_checkpoint`` rewri
 when the caller says it trusts the file (``trust_checkpoint=True``, or on the command line
 ``python -m recbole_t2diff.convert --trust_checkpoint OLD.pth``).
 """
+
 import enum
 import hashlib
 import io
@@ -39,10 +40,28 @@ _ENUMS = {cls.__name__: cls for cls in (EvaluatorType, FeatureSource, FeatureTyp
 # Settings the SHA-256 of the settings leaves out: where and how a process runs and reports, never
 # what the model computes (the data's content is checked by its own fingerprint, wherever it lies).
 # Every other setting is covered, a knob added later too.
-UNCHECKED_SETTINGS = frozenset({
-    "gpu_id", "use_gpu", "device", "single_spec", "local_rank", "nproc", "world_size", "ip", "port", "offset",
-    "dist_backend", "state", "show_progress", "checkpoint_dir", "data_path", "worker", "log_wandb", "wandb_project",
-})
+UNCHECKED_SETTINGS = frozenset(
+    {
+        "gpu_id",
+        "use_gpu",
+        "device",
+        "single_spec",
+        "local_rank",
+        "nproc",
+        "world_size",
+        "ip",
+        "port",
+        "offset",
+        "dist_backend",
+        "state",
+        "show_progress",
+        "checkpoint_dir",
+        "data_path",
+        "worker",
+        "log_wandb",
+        "wandb_project",
+    }
+)
 
 
 def unique_checkpoint_path(folder, model_name):
@@ -63,8 +82,11 @@ def weights_digest(state_dict):
 def settings_digest(plain_config):
     """SHA-256 over a stored config (:func:`config_to_plain`'s result): model, dataset and every setting
     but :data:`UNCHECKED_SETTINGS`, as canonical JSON (tensors by dtype, shape and bytes)."""
-    covered = {"model": plain_config["model"], "dataset": plain_config["dataset"],
-               "settings": {key: value for key, value in plain_config["settings"].items() if key not in UNCHECKED_SETTINGS}}
+    covered = {
+        "model": plain_config["model"],
+        "dataset": plain_config["dataset"],
+        "settings": {key: value for key, value in plain_config["settings"].items() if key not in UNCHECKED_SETTINGS},
+    }
 
     def tensor(value):
         if not isinstance(value, torch.Tensor):
@@ -288,7 +310,7 @@ def _reason(err):
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     marker = next((index for index, line in enumerate(lines) if "WeightsUnpickler error:" in line), None)
     if marker is not None:
-        rest = [lines[marker].partition("WeightsUnpickler error:")[2].strip(), *lines[marker + 1:marker + 2]]
+        rest = [lines[marker].partition("WeightsUnpickler error:")[2].strip(), *lines[marker + 1 : marker + 2]]
         return next((line for line in rest if line), type(err).__name__)
     return lines[0] if lines else type(err).__name__
 
@@ -320,4 +342,3 @@ def _pickles_objects(path):
     except Exception:  # genops rejects an unknown opcode or a cut-off stream: no pickle
         return False
     return False
-

@@ -1,4 +1,5 @@
 """Shared behaviour of the command-line scripts."""
+
 import contextlib
 import sys
 
@@ -21,7 +22,6 @@ def exit_on_usage_error():
     except KeyboardInterrupt as err:
         print(f"interrupted: {err or 'stopped by Ctrl-C'}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)
-
 
 
 def parse_script_arguments(parser, argv):

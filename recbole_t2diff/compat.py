@@ -17,6 +17,7 @@ Not patches, but the same versions' problems, handled elsewhere:
 - torch >= 2.6 loads with ``weights_only=True`` and refuses RecBole's checkpoints, which pickle the
   ``Config`` (docs/RECBOLE.md §8.3): this package writes and reads its own safe format, see ``checkpoint.py``.
 """
+
 import logging
 import os
 import secrets
@@ -35,9 +36,17 @@ from recbole.utils.logger import RemoveColorFilter, log_colors_config
 # The aliases RecBole's Config sets (and its metrics use), set here too because a process that only
 # loads a checkpoint never builds a Config.
 _NUMPY_ALIASES = {
-    "float_": np.float64, "complex_": np.complex128, "unicode_": np.str_,
-    "bool": np.bool_, "int": np.int_, "float": np.float64, "complex": np.complex128,
-    "object": np.object_, "str": np.str_, "long": np.int_, "unicode": np.str_,
+    "float_": np.float64,
+    "complex_": np.complex128,
+    "unicode_": np.str_,
+    "bool": np.bool_,
+    "int": np.int_,
+    "float": np.float64,
+    "complex": np.complex128,
+    "object": np.object_,
+    "str": np.str_,
+    "long": np.int_,
+    "unicode": np.str_,
 }
 _installed = False
 
@@ -100,6 +109,7 @@ def _ensure_dir(dir_path):
 def _no_cached_dataloaders(config):
     return None
 
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 _RUN_HANDLERS = []  # the handlers init_logger last added to the root logger: the running run's
 
@@ -125,8 +135,7 @@ def init_logger(config):
     to_file.setFormatter(logging.Formatter("%(asctime)-15s %(levelname)s  %(message)s", "%a %d %b %Y %H:%M:%S"))
     to_file.addFilter(RemoveColorFilter())
     to_screen = logging.StreamHandler()
-    to_screen.setFormatter(colorlog.ColoredFormatter("%(log_color)s%(asctime)-15s %(levelname)s  %(message)s", "%d %b %H:%M",
-                                                     log_colors=log_colors_config))
+    to_screen.setFormatter(colorlog.ColoredFormatter("%(log_color)s%(asctime)-15s %(levelname)s  %(message)s", "%d %b %H:%M", log_colors=log_colors_config))
     for handler in (to_screen, to_file):
         handler.setLevel(level)
         root.addHandler(handler)

@@ -8,6 +8,7 @@ RecBole's defaults, while user yaml files, ``config_dict`` and the command line 
 RecBole's ``Config`` reads the process's command line itself; this one takes it as an argument,
 ``argv`` (the ``--key=value`` settings only; ``None``: none), which the scripts pass in.
 """
+
 import importlib
 import importlib.util
 import os
@@ -65,8 +66,7 @@ def _builtin_model(name):
         hint = f"did you mean --model={spelled[0]}?" if spelled else "check the spelling"
         raise UsageError(f"unknown model '{name}': model names are case-sensitive, {hint}")
     raise UsageError(
-        f"unknown model '{name}': use --model=T2Diff, --model=SparCode or the name of a RecBole built-in model "
-        "(e.g. SASRec, GRU4Rec, BERT4Rec, Caser, NARM)"
+        f"unknown model '{name}': use --model=T2Diff, --model=SparCode or the name of a RecBole built-in model (e.g. SASRec, GRU4Rec, BERT4Rec, Caser, NARM)"
     )
 
 

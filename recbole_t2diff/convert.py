@@ -8,6 +8,7 @@ records the data files as they are now, so convert before changing them. A file 
 safe format but written before its settings were checksummed is never unpickled: it gets the
 SHA-256 of its settings as they are now, without --trust_checkpoint.
 """
+
 import argparse
 import os
 import sys
@@ -40,8 +41,9 @@ def convert_checkpoint(path, out_path=None, trust_checkpoint=False):
     if isinstance(safe, dict) and safe.get("format") == FORMAT:
         return _add_settings_digest(path, safe, out_path)
     if not trust_checkpoint:
-        raise UsageError(f"converting '{path}' unpickles it, which runs any code it holds: "
-                         "pass trust_checkpoint=True (--trust_checkpoint) only for a file you trust")
+        raise UsageError(
+            f"converting '{path}' unpickles it, which runs any code it holds: pass trust_checkpoint=True (--trust_checkpoint) only for a file you trust"
+        )
     old = torch.load(path, map_location="cpu", weights_only=False)  # the caller vouched for this file
     if not isinstance(old, dict) or not hasattr(old.get("config"), "final_config_dict") or "state_dict" not in old:
         raise UsageError(f"'{path}' is not a RecBole checkpoint (no pickled Config and state_dict): nothing to convert")

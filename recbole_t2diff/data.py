@@ -13,6 +13,7 @@
   atomic file is checked first: malformed lines are counted, reported and dropped, and above
   ``max_malformed_lines`` the file is refused; duplicate interaction lines are reported.
 """
+
 import importlib
 import logging
 import math
@@ -54,9 +55,7 @@ def ensure_dataset(config):
         _download(url, folder, name)
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise UsageError(
-            f"dataset '{name}' not found: {inter_file} does not exist and downloading it from {url} failed ({reason}); {fix}"
-        ) from err
+        raise UsageError(f"dataset '{name}' not found: {inter_file} does not exist and downloading it from {url} failed ({reason}); {fix}") from err
     if not os.path.isfile(inter_file):
         raise UsageError(f"dataset '{name}': the download from {url} holds no {name}.inter; {fix}")
     return folder
@@ -77,8 +76,12 @@ def _download(url, folder, name):
 
 
 _DATASET_CLASSES = {
-    ModelType.GENERAL: "Dataset", ModelType.SEQUENTIAL: "SequentialDataset", ModelType.CONTEXT: "Dataset",
-    ModelType.KNOWLEDGE: "KnowledgeBasedDataset", ModelType.TRADITIONAL: "Dataset", ModelType.DECISIONTREE: "Dataset",
+    ModelType.GENERAL: "Dataset",
+    ModelType.SEQUENTIAL: "SequentialDataset",
+    ModelType.CONTEXT: "Dataset",
+    ModelType.KNOWLEDGE: "KnowledgeBasedDataset",
+    ModelType.TRADITIONAL: "Dataset",
+    ModelType.DECISIONTREE: "Dataset",
 }
 _SHOWN_LINES = 3  # malformed lines quoted in a report
 
@@ -163,9 +166,7 @@ def check_lines(filepath, header, lines, config, load_col=None, unload_col=None)
         try:
             kind = FeatureType(kind)
         except ValueError:
-            raise UsageError(
-                f"'{filepath}': header field '{field_type}' is not name:type with type one of {', '.join(t.value for t in FeatureType)}"
-            ) from None
+            raise UsageError(f"'{filepath}': header field '{field_type}' is not name:type with type one of {', '.join(t.value for t in FeatureType)}") from None
         if (load_col is not None and name not in load_col) or (unload_col is not None and name in unload_col):
             continue
         names.append(name)

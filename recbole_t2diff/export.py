@@ -7,6 +7,7 @@ so does SparCode's two-tower reduction (``interaction: dot, score_relu: false``:
 v_i; its scores add the constant K_u·score_bias, which changes no ranking). Any other SparCode is
 refused: its scores are sums of ReLU'd MLP outputs, served by ``recbole_t2diff.sparse_index``.
 """
+
 import json
 import os
 

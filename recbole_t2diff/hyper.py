@@ -5,6 +5,7 @@ model by name inside ``recbole``; :func:`make_objective` trains through this pac
 :func:`~recbole_t2diff.quick_start.run` instead. Trials are selected on the validation metric; test
 metrics are only reported.
 """
+
 import ast
 import math
 import os
@@ -107,8 +108,7 @@ def make_objective(model, dataset, saved=True, on_trainer=None, argv=None):
     (Ray trials report every epoch)."""
 
     def objective(config_dict, config_file_list):
-        return run(model, dataset, config_file_list=config_file_list, config_dict=config_dict, argv=argv, saved=saved,
-                   verbose=False, on_trainer=on_trainer)
+        return run(model, dataset, config_file_list=config_file_list, config_dict=config_dict, argv=argv, saved=saved, verbose=False, on_trainer=on_trainer)
 
     return objective
 
@@ -119,8 +119,7 @@ class Search(HyperTuning):
     ``argv``: the command line's ``--key=value`` settings, fixed for every trial (``None``: none).
     """
 
-    def __init__(self, model, dataset, params_file, config_files=None, algo="exhaustive", max_evals=10,
-                 early_stop=10, argv=None):
+    def __init__(self, model, dataset, params_file, config_files=None, algo="exhaustive", max_evals=10, early_stop=10, argv=None):
         if algo not in ALGOS:
             raise UsageError(f"unknown --algo={algo}: use one of {', '.join(ALGOS)}")
         space = parse_params_file(params_file)
@@ -134,8 +133,14 @@ class Search(HyperTuning):
                 f"--{clash[0]} is given on the command line and searched in {params_file}: the command line would override "
                 "every trial's value; drop one of them (fixed values belong in --config_files or on the command line, searched ones in the params file)"
             )
-        super().__init__(make_objective(model, dataset, argv=self.argv), space=space, fixed_config_file_list=config_files,
-                         algo=algo, max_evals=max_evals, early_stop=early_stop)
+        super().__init__(
+            make_objective(model, dataset, argv=self.argv),
+            space=space,
+            fixed_config_file_list=config_files,
+            algo=algo,
+            max_evals=max_evals,
+            early_stop=early_stop,
+        )
         self.model_name, self.dataset, self.algo_name = model, dataset, algo
         self.trials = []  # (params, result) in the order they ran
 
@@ -173,7 +178,8 @@ class Search(HyperTuning):
                 f"  valid score: {result['best_valid_score']:.6f}",
                 f"  valid: {dict2str(result['best_valid_result'])}",
                 f"  stopped by the scheduler after epoch {result['stopped_after_epoch']}: not tested"
-                if "stopped_after_epoch" in result else f"  test: {dict2str(result['test_result'])}",
+                if "stopped_after_epoch" in result
+                else f"  test: {dict2str(result['test_result'])}",
                 "",
             ]
         lines += [

@@ -4,6 +4,7 @@ back, each refused in one line when it cannot be trusted (``sparse_index.py`` bu
 ``index.npz`` holds plain arrays only and is read with ``allow_pickle=False`` (an object array would be unpickled,
 and code would run); ``meta.json`` holds the settings, the code layout and the fingerprint of the weights.
 """
+
 import json
 import os
 import zipfile
@@ -17,8 +18,20 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 KEY_MODES = ("all", "used")
 MISS_MODES = ("compute", "empty")
 ARRAYS = ("indptr", "indices", "values")
-META_FIELDS = ("format", "keys", "miss", "threshold", "max_postings", "dtype", "n_codebooks", "codebook_size",
-               "n_query_tokens", "score_bias", "n_items", "fingerprint")
+META_FIELDS = (
+    "format",
+    "keys",
+    "miss",
+    "threshold",
+    "max_postings",
+    "dtype",
+    "n_codebooks",
+    "codebook_size",
+    "n_query_tokens",
+    "score_bias",
+    "n_items",
+    "fingerprint",
+)
 
 
 def refuse_setting(name, value, why):
@@ -41,8 +54,7 @@ def index_settings(keys, miss, threshold, max_postings, dtype):
         refuse_setting("max_postings", max_postings, "give an integer >= 1, or None for no cap")
     if dtype not in DTYPES:
         refuse_setting("dtype", dtype, f"use one of {', '.join(DTYPES)}")
-    return {"keys": keys, "miss": miss, "threshold": float(threshold),
-            "max_postings": None if max_postings is None else int(max_postings), "dtype": dtype}
+    return {"keys": keys, "miss": miss, "threshold": float(threshold), "max_postings": None if max_postings is None else int(max_postings), "dtype": dtype}
 
 
 def write_index_files(folder, arrays, keys, meta):
@@ -59,8 +71,9 @@ def read_index_files(folder):
     refused in one line naming the fault."""
     if not os.path.isdir(folder):
         what = "is a file" if os.path.exists(folder) else "does not exist"
-        raise UsageError(f"'{folder}' {what}: give the folder SparseIndex.save wrote (index.npz and meta.json), "
-                         "e.g. SparseIndex.build(model).save('saved/sparcode_index')")
+        raise UsageError(
+            f"'{folder}' {what}: give the folder SparseIndex.save wrote (index.npz and meta.json), e.g. SparseIndex.build(model).save('saved/sparcode_index')"
+        )
     meta = _read_meta(os.path.join(folder, "meta.json"))
     path = os.path.join(folder, "index.npz")
     if not os.path.isfile(path):
@@ -75,17 +88,20 @@ def read_index_files(folder):
     except ValueError as err:
         if "allow_pickle" not in str(err):  # numpy's words for an object array; anything else is another fault
             raise UsageError(f"'{path}' cannot be read ({err}): it is damaged; rebuild it with SparseIndex.build(model)") from err
-        raise UsageError(f"'{path}' holds pickled objects, not the plain arrays an index is made of; it is not read: "
-                         "rebuild it with SparseIndex.build(model)") from err
+        raise UsageError(
+            f"'{path}' holds pickled objects, not the plain arrays an index is made of; it is not read: rebuild it with SparseIndex.build(model)"
+        ) from err
     except (zipfile.BadZipFile, EOFError, OSError) as err:
-        raise UsageError(f"'{path}' cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; "
-                         "rebuild it with SparseIndex.build(model)") from err
+        raise UsageError(
+            f"'{path}' cannot be read ({type(err).__name__}: {err}): it is truncated or damaged; rebuild it with SparseIndex.build(model)"
+        ) from err
     _check_arrays(path, meta, arrays, keys)
     return arrays, keys, meta
 
 
 def _read_meta(path):
     """meta.json as ``save`` wrote it, or a one-line refusal."""
+
     def refuse(why):
         raise UsageError(f"'{path}' is not an index's meta.json ({why}): rebuild the index with SparseIndex.build(model).save(folder)")
 
@@ -107,8 +123,11 @@ def _read_meta(path):
         index_settings(**{name: meta[name] for name in ("keys", "miss", "threshold", "max_postings", "dtype")})
     except UsageError as err:
         refuse(str(err))
-    bad = [name for name in ("n_codebooks", "codebook_size", "n_query_tokens", "n_items")
-           if not isinstance(meta[name], int) or isinstance(meta[name], bool) or meta[name] < 1]
+    bad = [
+        name
+        for name in ("n_codebooks", "codebook_size", "n_query_tokens", "n_items")
+        if not isinstance(meta[name], int) or isinstance(meta[name], bool) or meta[name] < 1
+    ]
     if bad:
         refuse(f"{', '.join(bad)} not a positive integer")
     if not is_number(meta["score_bias"]) or not isinstance(meta["fingerprint"], str):
@@ -120,10 +139,14 @@ def _check_arrays(path, meta, arrays, keys):
     """The CSR arrays agree with each other and with meta.json, so scoring cannot index out of range."""
     indptr, indices, values = arrays["indptr"], arrays["indices"], arrays["values"]
     expected = {"indptr": np.int64, "indices": np.int32, "values": DTYPES[meta["dtype"]], "keys": np.int64}
-    faults = [f"{name} is no array" for name, array in (*arrays.items(), ("keys", keys))
-              if array is not None and not isinstance(array, np.ndarray)]  # np.load hands back a member without the .npy header as bytes
-    faults = faults or [f"{name} is {array.dtype}[{array.ndim}-d], not 1-d {np.dtype(expected[name])}"
-                        for name, array in (*arrays.items(), ("keys", keys)) if array is not None and (array.dtype != expected[name] or array.ndim != 1)]
+    faults = [
+        f"{name} is no array" for name, array in (*arrays.items(), ("keys", keys)) if array is not None and not isinstance(array, np.ndarray)
+    ]  # np.load hands back a member without the .npy header as bytes
+    faults = faults or [
+        f"{name} is {array.dtype}[{array.ndim}-d], not 1-d {np.dtype(expected[name])}"
+        for name, array in (*arrays.items(), ("keys", keys))
+        if array is not None and (array.dtype != expected[name] or array.ndim != 1)
+    ]
     if not faults:
         n_rows = len(keys) if keys is not None else int(meta["codebook_size"]) ** int(meta["n_codebooks"])
         if len(indptr) != n_rows + 1:

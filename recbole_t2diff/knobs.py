@@ -5,6 +5,7 @@ A model's ``check_config`` reads its knobs through a :class:`KnobReader` and ret
 parsed values its constructor builds from; a bad value raises a one-line UsageError that names the model, the
 setting and its value, and says what to give instead: ``invalid T2Diff setting n_steps=0: it must be an integer >= 1``.
 """
+
 import math
 import numbers
 from types import MappingProxyType
@@ -92,8 +93,11 @@ class KnobReader:
             widths = []
         valid = isinstance(widths, (list, tuple)) and (allow_empty or widths)
         if not valid or any(not _is_number(w) or w != int(w) or w < 1 for w in widths):
-            self.refuse(key, widths, "give a list of positive integers, e.g. [64]" if allow_empty else
-                        "give a non-empty list of positive integers, e.g. [256, 256, 256]")
+            self.refuse(
+                key,
+                widths,
+                "give a list of positive integers, e.g. [64]" if allow_empty else "give a non-empty list of positive integers, e.g. [256, 256, 256]",
+            )
         return self.keep(key, [int(w) for w in widths])
 
     def settings(self):

@@ -3,6 +3,7 @@
 Its own module because both the ``Config`` (which loads the files) and ``settings`` (which derives
 the known setting names from them) need it, and ``config`` imports ``settings``.
 """
+
 from pathlib import Path
 
 
@@ -22,6 +23,10 @@ def property_files(model, dataset, sequential):
     (those that exist). The sequential protocol (leave-one-out, full ranking, CE without sampled
     negatives) would break other model types, e.g. RecBole's general BPR model, which needs negatives."""
     properties = properties_dir()
-    files = [properties / "overall.yaml", *([properties / "sequential.yaml"] if sequential else []),
-             properties / "model" / f"{model}.yaml", properties / "dataset" / f"{dataset}.yaml"]
+    files = [
+        properties / "overall.yaml",
+        *([properties / "sequential.yaml"] if sequential else []),
+        properties / "model" / f"{model}.yaml",
+        properties / "dataset" / f"{dataset}.yaml",
+    ]
     return [file for file in files if file.is_file()]

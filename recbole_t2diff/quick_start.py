@@ -4,6 +4,7 @@
 and looks models up by name inside ``recbole`` only (docs/RECBOLE.md §3). These functions follow the
 same steps with this package's Config and registry, so they run T2Diff and every built-in model.
 """
+
 import logging
 import os
 
@@ -70,8 +71,7 @@ class _SafeCheckpoints:
         if self.checkpoint_dataset is None:
             raise UsageError("this trainer was made without its dataset: pass make_trainer(config, model, dataset) to save checkpoints")
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        save_checkpoint(saved_model_file, self.config, self.model, self.checkpoint_dataset.identity, epoch=epoch,
-                        best_valid_score=self.best_valid_score)
+        save_checkpoint(saved_model_file, self.config, self.model, self.checkpoint_dataset.identity, epoch=epoch, best_valid_score=self.best_valid_score)
         if saved_model_file == self.saved_model_file:
             self.saved_epoch = epoch
         if verbose:
@@ -114,8 +114,21 @@ def _share_checkpoint_name(trainer):
         trainer.saved_model_file = name[0]
 
 
-def run(model, dataset, config_file_list=None, config_dict=None, argv=None, saved=True, verbose=True,
-        nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0, on_trainer=None):
+def run(
+    model,
+    dataset,
+    config_file_list=None,
+    config_dict=None,
+    argv=None,
+    saved=True,
+    verbose=True,
+    nproc=1,
+    world_size=-1,
+    ip="localhost",
+    port="5678",
+    group_offset=0,
+    on_trainer=None,
+):
     """Train with early stopping on the validation metric, then test the best model.
 
     The settings come from ``config_file_list``, ``config_dict`` and ``argv``, the command line's
@@ -133,17 +146,27 @@ def run(model, dataset, config_file_list=None, config_dict=None, argv=None, save
         return _run(model, dataset, config_file_list, config_dict, argv, saved, verbose, on_trainer)
     settings = distributed_settings(nproc, world_size, ip, port, group_offset)
     # Check settings and fetch a missing dataset once, here, rather than in every process.
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict={**(config_dict or {}), **settings},
-                    argv=argv)
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict={**(config_dict or {}), **settings}, argv=argv)
     ensure_dataset(config)
-    return spawn(_run, nproc, settings, config, "config_dict", model=model, dataset=dataset,
-                 config_file_list=config_file_list, config_dict=config_dict, argv=argv, saved=saved, verbose=verbose)
+    return spawn(
+        _run,
+        nproc,
+        settings,
+        config,
+        "config_dict",
+        model=model,
+        dataset=dataset,
+        config_file_list=config_file_list,
+        config_dict=config_dict,
+        argv=argv,
+        saved=saved,
+        verbose=verbose,
+    )
 
 
 def distributed_settings(nproc, world_size=-1, ip="localhost", port="5678", group_offset=0):
     """The config keys RecBole's distributed mode reads (``local_rank`` is added per process)."""
-    return {"nproc": nproc, "world_size": world_size if world_size > 0 else nproc, "ip": ip, "port": str(port),
-            "offset": group_offset}
+    return {"nproc": nproc, "world_size": world_size if world_size > 0 else nproc, "ip": ip, "port": str(port), "offset": group_offset}
 
 
 def spawn(function, nproc, settings, config, settings_key, **kwargs):
@@ -179,9 +202,7 @@ def _run(model, dataset, config_file_list, config_dict, argv, saved, verbose, on
         on_trainer(trainer)
     phase = "training"
     try:
-        best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"]
-        )
+        best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=config["show_progress"])
         phase = "the test evaluation"
         if saved:
             if not config["single_spec"]:
@@ -194,8 +215,10 @@ def _run(model, dataset, config_file_list, config_dict, argv, saved, verbose, on
     logger.info(set_color("test result", "yellow") + f": {dict2str(test_result)}")
     xhat_quality = model.xhat_quality(valid_data) if isinstance(model, T2Diff) else None
     if xhat_quality and model.denoises and 0.98 <= xhat_quality["xhat_rel_error"] <= 1.02:
-        logger.warning(f"x̂'s relative error on validation is {xhat_quality['xhat_rel_error']} (1 = a copy of the last item): the "
-                       "diffusion module learned to copy the last item; x_hat_source: copy_last gives the same tower without the U-Net")
+        logger.warning(
+            f"x̂'s relative error on validation is {xhat_quality['xhat_rel_error']} (1 = a copy of the last item): the "
+            "diffusion module learned to copy the last item; x_hat_source: copy_last gives the same tower without the U-Net"
+        )
     return {
         "model": config["model"],
         "best_valid_score": best_valid_score,
@@ -216,8 +239,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         path, epoch = trainer.saved_model_file, getattr(trainer, "saved_epoch", None)
         if epoch is not None and os.path.isfile(path):  # checkpoints are written atomically: the file is whole
             metric = trainer.config["valid_metric"]
-            kept = (f"kept {os.path.abspath(path)}, the best model so far (epoch {epoch}, valid {metric} {trainer.best_valid_score:.4f}); "
-                    f"evaluate it with evaluate_checkpoint('{os.path.abspath(path)}')")
+            kept = (
+                f"kept {os.path.abspath(path)}, the best model so far (epoch {epoch}, valid {metric} {trainer.best_valid_score:.4f}); "
+                f"evaluate it with evaluate_checkpoint('{os.path.abspath(path)}')"
+            )
         else:
             kept = "no checkpoint was kept (no validation had run yet, or saved=False)"
         super().__init__(f"{phase} stopped by Ctrl-C; {kept}")
@@ -272,8 +297,9 @@ def evaluate_checkpoint(model_file, split="test", overrides=None, nproc=1, port=
     :func:`load_data_and_model`); with ``nproc`` > 1, evaluated by that many processes and gathered."""
     if nproc > 1:
         config = load_checkpoint(model_file)["config"]
-        return spawn(evaluate_checkpoint, nproc, distributed_settings(nproc, port=port), config, "overrides",
-                     model_file=model_file, split=split, overrides=overrides)
+        return spawn(
+            evaluate_checkpoint, nproc, distributed_settings(nproc, port=port), config, "overrides", model_file=model_file, split=split, overrides=overrides
+        )
     config, model, _, _, valid_data, test_data = load_data_and_model(model_file, overrides)
     trainer = make_trainer(config, model)
     return trainer.evaluate({"valid": valid_data, "test": test_data}[split], load_best_model=False)

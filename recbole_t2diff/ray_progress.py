@@ -34,12 +34,18 @@ def progress_callback(tune, search):
                 outcome = f"valid score {result['best_valid_score']:.4f} after {last.get(EPOCH, 0)} epochs, {last.get(CPU, 0):.0f} CPU-s"
             else:
                 epoch = last.get(EPOCH, 0)
-                result = {"best_valid_score": last.get(BEST), "valid_score_bigger": search.bigger,
-                          "best_valid_result": last.get("best_valid_result", {}), "test_result": None,
-                          "stopped_after_epoch": epoch}
+                result = {
+                    "best_valid_score": last.get(BEST),
+                    "valid_score_bigger": search.bigger,
+                    "best_valid_result": last.get("best_valid_result", {}),
+                    "test_result": None,
+                    "stopped_after_epoch": epoch,
+                }
                 self.stopped.append((number, params, epoch))
-                outcome = (f"stopped by {search.scheduler_name} after epoch {epoch}, valid score {last.get(SCORE, float('nan')):.4f} "
-                           f"(best {result['best_valid_score']:.4f}), {last.get(CPU, 0):.0f} CPU-s")
+                outcome = (
+                    f"stopped by {search.scheduler_name} after epoch {epoch}, valid score {last.get(SCORE, float('nan')):.4f} "
+                    f"(best {result['best_valid_score']:.4f}), {last.get(CPU, 0):.0f} CPU-s"
+                )
             self.finished.append((number, params, result))
             self.cpu_s += last.get(CPU, 0)
             score = result["best_valid_score"]

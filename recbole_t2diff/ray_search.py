@@ -12,6 +12,7 @@ Nothing a trial loads is a pickle the user did not write: a trial gets its param
 model checkpoints are this package's checksummed format (``checkpoint.py``), RecBole's pickle caches are
 refused by the Config, and no Ray experiment state (``tuner.pkl``, searcher state) is ever read back.
 """
+
 import functools
 import inspect
 import ipaddress
@@ -60,8 +61,10 @@ def _check_reachable(address):
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as err:
-        raise UsageError(f"cannot reach a Ray cluster at --address={address} ({err.strerror or err}): start one with "
-                         "'ray start --head --node-ip-address=127.0.0.1' and pass the address it prints") from err
+        raise UsageError(
+            f"cannot reach a Ray cluster at --address={address} ({err.strerror or err}): start one with "
+            "'ray start --head --node-ip-address=127.0.0.1' and pass the address it prints"
+        ) from err
 
 
 def _loopback(address):
@@ -116,17 +119,39 @@ class RaySearch(Search):
     ``ray_results`` in the current folder.
     """
 
-    def __init__(self, model, dataset, params_file, config_files=None, algo="exhaustive", max_evals=10, early_stop=10,
-                 argv=None, address=None, num_cpus=None, cpus_per_trial=1.0, gpus_per_trial=0.0, max_concurrent=0,
-                 scheduler="none", grace_period=1, reduction_factor=4, max_t=None, storage_path="ray_results"):
+    def __init__(
+        self,
+        model,
+        dataset,
+        params_file,
+        config_files=None,
+        algo="exhaustive",
+        max_evals=10,
+        early_stop=10,
+        argv=None,
+        address=None,
+        num_cpus=None,
+        cpus_per_trial=1.0,
+        gpus_per_trial=0.0,
+        max_concurrent=0,
+        scheduler="none",
+        grace_period=1,
+        reduction_factor=4,
+        max_t=None,
+        storage_path="ray_results",
+    ):
         self.loopback = address is None or _loopback(address)
         import_ray(self.loopback)  # no ray: say how to install it before any other work
         super().__init__(model, dataset, params_file, config_files, algo, max_evals, early_stop, argv)
         if scheduler not in SCHEDULERS:
             raise UsageError(f"unknown --scheduler={scheduler}: use one of {', '.join(SCHEDULERS)}")
-        for name, value, low in (("cpus_per_trial", cpus_per_trial, 0), ("gpus_per_trial", gpus_per_trial, 0),
-                                 ("max_concurrent", max_concurrent, 0), ("grace_period", grace_period, 1),
-                                 ("reduction_factor", reduction_factor, 2)):
+        for name, value, low in (
+            ("cpus_per_trial", cpus_per_trial, 0),
+            ("gpus_per_trial", gpus_per_trial, 0),
+            ("max_concurrent", max_concurrent, 0),
+            ("grace_period", grace_period, 1),
+            ("reduction_factor", reduction_factor, 2),
+        ):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
                 raise UsageError(f"--{name}={value}: it must be a number >= {low}")
         if cpus_per_trial == 0 and gpus_per_trial == 0:
@@ -162,8 +187,12 @@ class RaySearch(Search):
         searcher.algo = self.algo  # hyperopt's own exhaustive/random/TPE step, as in the hyperopt path
         trainable = tune.with_resources(
             tune.with_parameters(
-                _trial, model=self.model_name, dataset=self.dataset, config_files=self.fixed_config_file_list,
-                cwd=os.getcwd(), argv=self.argv,
+                _trial,
+                model=self.model_name,
+                dataset=self.dataset,
+                config_files=self.fixed_config_file_list,
+                cwd=os.getcwd(),
+                argv=self.argv,
                 threads=max(1, math.floor(self.cpus_per_trial)),
             ),
             {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial},
@@ -174,16 +203,24 @@ class RaySearch(Search):
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=searcher, scheduler=self._scheduler(mode), num_samples=int(self.max_evals),
+                    search_alg=searcher,
+                    scheduler=self._scheduler(mode),
+                    num_samples=int(self.max_evals),
                     max_concurrent_trials=self.max_concurrent or self._fitting_trials(ray),
                 ),
                 run_config=tune.RunConfig(
-                    name=f"{self.model_name}-{self.dataset}", storage_path=self.storage_path, verbose=0,
-                    stop=progress.stopper(), callbacks=[progress],
+                    name=f"{self.model_name}-{self.dataset}",
+                    storage_path=self.storage_path,
+                    verbose=0,
+                    stop=progress.stopper(),
+                    callbacks=[progress],
                 ),
             )
-            print(f"[ray] Ray Tune writes its trial folders under {self.storage_path}; model checkpoints go to "
-                  f"saved/ and logs to log/ under {os.getcwd()}, as with hyperopt", flush=True)
+            print(
+                f"[ray] Ray Tune writes its trial folders under {self.storage_path}; model checkpoints go to "
+                f"saved/ and logs to log/ under {os.getcwd()}, as with hyperopt",
+                flush=True,
+            )
             tuner.fit()
         finally:
             ray.shutdown()  # with --address: this process leaves the cluster, which keeps running
@@ -194,8 +231,11 @@ class RaySearch(Search):
         self.trials = [(params, result) for _, params, result in sorted(progress.finished, key=lambda t: t[0])]
         self.stopped = progress.stopped
         stopped = ", ".join(f"trial {number} after epoch {epoch}" for number, _, epoch in self.stopped)
-        print(f"[ray] {len(self.trials)} trials, {progress.cpu_s:.0f} CPU-s in trial processes; "
-              + (f"the {self.scheduler_name} scheduler stopped {len(self.stopped)}: {stopped}" if self.stopped else "none stopped early"), flush=True)
+        print(
+            f"[ray] {len(self.trials)} trials, {progress.cpu_s:.0f} CPU-s in trial processes; "
+            + (f"the {self.scheduler_name} scheduler stopped {len(self.stopped)}: {stopped}" if self.stopped else "none stopped early"),
+            flush=True,
+        )
         if not any("stopped_after_epoch" not in result for _, result in self.trials):
             raise UsageError("every trial was stopped early, so none was tested: raise --grace_period or --max_t")
 
@@ -210,9 +250,15 @@ class RaySearch(Search):
         from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
         if self.scheduler_name == "asha":
-            return ASHAScheduler(time_attr=EPOCH, metric=SCORE, mode=mode, max_t=self.max_t,
-                                 grace_period=self.grace_period, reduction_factor=self.reduction_factor,
-                                 stop_last_trials=False)  # a trial at max_t ends by itself, after its test
+            return ASHAScheduler(
+                time_attr=EPOCH,
+                metric=SCORE,
+                mode=mode,
+                max_t=self.max_t,
+                grace_period=self.grace_period,
+                reduction_factor=self.reduction_factor,
+                stop_last_trials=False,
+            )  # a trial at max_t ends by itself, after its test
         if self.scheduler_name == "median":
             return MedianStoppingRule(time_attr=EPOCH, metric=SCORE, mode=mode, grace_period=self.grace_period)
         return None
@@ -233,8 +279,10 @@ class RaySearch(Search):
             if self.address is None:
                 raise
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UsageError(f"cannot reach a Ray cluster at --address={self.address} ({reason}): start one with "
-                             "'ray start --head --node-ip-address=127.0.0.1' and pass the address it prints") from err
+            raise UsageError(
+                f"cannot reach a Ray cluster at --address={self.address} ({reason}): start one with "
+                "'ray start --head --node-ip-address=127.0.0.1' and pass the address it prints"
+            ) from err
         if self.address is not None and ray.cluster_resources().get("CPU", 0) < self.cpus_per_trial:
             ray.shutdown()
             raise UsageError(f"the Ray cluster at {self.address} has fewer CPUs than --cpus_per_trial={self.cpus_per_trial}: lower it")

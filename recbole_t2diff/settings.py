@@ -17,6 +17,7 @@ argparse first and hands over only the rest, so those options are never settings
 Keys from the user's own yaml files are checked like every other source. A deliberate key of your
 own (read by your code from the config) is listed in ``extra_keys``.
 """
+
 import ast
 import difflib
 import functools
@@ -61,8 +62,7 @@ def known_keys():
     """Every setting some model, dataset or RecBole itself knows (see the module docstring)."""
     recbole_root = Path(recbole.__file__).parent
     package_root = Path(__file__).parent
-    lists = (argument_list.general_arguments, argument_list.training_arguments,
-             argument_list.evaluation_arguments, argument_list.dataset_arguments)
+    lists = (argument_list.general_arguments, argument_list.training_arguments, argument_list.evaluation_arguments, argument_list.dataset_arguments)
     keys = set().union(*lists) | _yaml_keys(recbole_root / "properties") | _code_keys(recbole_root)
     return frozenset(keys | _yaml_keys(properties.properties_dir()) | _code_keys(package_root) | {"model", "dataset"})
 
@@ -92,8 +92,7 @@ def _refuse_argument(argument, following):
         raise UsageError(f"'{argument}' has no value: settings are written with '=', not a space; use {argument}={value}")
     if argument.startswith("--"):
         raise UsageError(
-            f"'{argument}' has more than one '=': RecBole reads --key=value with one '='; put this setting in a yaml file "
-            "given with --config_files"
+            f"'{argument}' has more than one '=': RecBole reads --key=value with one '='; put this setting in a yaml file given with --config_files"
         )
     raise UsageError(f"unexpected argument '{argument}': settings are written --key=value (e.g. --epochs=1)")
 
@@ -107,8 +106,7 @@ def check_known_keys(keys, source, extra_keys=()):
         nearest = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f"did you mean '{nearest[0]}'? " if nearest else ""
         raise UsageError(
-            f"unknown setting '{key}' ({source}): no model, dataset or RecBole setting reads it; {hint}"
-            "(a key your own code reads goes in extra_keys: [name])"
+            f"unknown setting '{key}' ({source}): no model, dataset or RecBole setting reads it; {hint}(a key your own code reads goes in extra_keys: [name])"
         )
 
 
@@ -176,10 +174,22 @@ def check_no_pickle_caches(config):
 _LITERAL_TYPES = (str, int, float, bool, list, tuple, dict, type(None))
 # Syntax that only code has: a value holding one of these is refused, not kept as text.
 _CODE_SYNTAX = {
-    ast.Call: "a function call", ast.Subscript: "indexing", ast.Lambda: "a lambda", ast.ListComp: "a comprehension",
-    ast.SetComp: "a comprehension", ast.DictComp: "a comprehension", ast.GeneratorExp: "a generator",
-    ast.NamedExpr: "an assignment", ast.Starred: "unpacking", ast.IfExp: "a conditional", ast.BoolOp: "and/or",
-    ast.Compare: "a comparison", ast.Await: "await", ast.Yield: "yield", ast.YieldFrom: "yield", ast.JoinedStr: "an f-string",
+    ast.Call: "a function call",
+    ast.Subscript: "indexing",
+    ast.Lambda: "a lambda",
+    ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension",
+    ast.DictComp: "a comprehension",
+    ast.GeneratorExp: "a generator",
+    ast.NamedExpr: "an assignment",
+    ast.Starred: "unpacking",
+    ast.IfExp: "a conditional",
+    ast.BoolOp: "and/or",
+    ast.Compare: "a comparison",
+    ast.Await: "await",
+    ast.Yield: "yield",
+    ast.YieldFrom: "yield",
+    ast.JoinedStr: "an f-string",
 }
 _CONTAINERS = (ast.List, ast.Tuple, ast.Dict, ast.Set)
 LITERAL_FORMS = "a number, True/False/None, a word or a quoted string, or a list or dict of those (strings in it quoted)"
@@ -237,7 +247,8 @@ def _code_in(tree):
     if isinstance(tree, _CONTAINERS):
         return "a list, tuple or dict with unquoted words (quote each string, e.g. ['Recall','NDCG'])"
     if isinstance(tree, (ast.BinOp, ast.UnaryOp)) and all(
-            isinstance(node, ast.Constant) for node in ast.walk(tree) if not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop))):
+        isinstance(node, ast.Constant) for node in ast.walk(tree) if not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop))
+    ):
         return "arithmetic, not a value (write its result)"
     return None
 
@@ -252,6 +263,7 @@ def parse_settings(settings, source):
 
 # --- dataset names ------------------------------------------------------------------------------------
 
+
 def check_dataset_name(name):
     """A dataset is named by its folder's name; RecBole joins the name into the log file's path and
     the data path, so a name with a path in it wrote (an empty log file) outside the working folder."""
@@ -263,6 +275,7 @@ def check_dataset_name(name):
 
 
 # --- overrides of a checkpoint's settings ---------------------------------------------------------------
+
 
 def apply_overrides(config, overrides):
     """Set ``overrides`` on a checkpoint's reloaded config, read and checked as a Config reads and

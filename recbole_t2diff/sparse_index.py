@@ -28,6 +28,7 @@ for ``score_mode: index``.
     index = SparseIndex.load("saved/sparcode_index")
     scores, items = index.search(model, next(iter(test))[0], k=10)   # item ids, best first
 """
+
 import hashlib
 import json
 
@@ -40,6 +41,7 @@ from recbole_t2diff.index_files import DTYPES, FORMAT_VERSION, index_settings, i
 # What the index calls on a model (SparCode's): its code rows, the keys of histories and of the training split, and
 # the layout and tensors the rows depend on.
 MODEL_METHODS = ("code_row_scores", "query_keys", "training_keys", "code_layout", "code_row_state")
+
 
 def fingerprint(model, settings):
     """sha256 of the tensors posting lists depend on (codebooks, item side, interaction network) and
@@ -100,14 +102,21 @@ class SparseIndex:
             model.train(was_training)
         layout = model.code_layout()
         meta = {
-            "format": FORMAT_VERSION, **settings, "n_codebooks": layout["n_codebooks"], "codebook_size": layout["codebook_size"],
-            "n_query_tokens": layout["n_query_tokens"], "score_bias": layout["score_bias"], "n_items": layout["n_items"],
+            "format": FORMAT_VERSION,
+            **settings,
+            "n_codebooks": layout["n_codebooks"],
+            "codebook_size": layout["codebook_size"],
+            "n_query_tokens": layout["n_query_tokens"],
+            "score_bias": layout["score_bias"],
+            "n_items": layout["n_items"],
             "fingerprint": fingerprint(model, settings),
         }
         return cls(
-            np.concatenate(indptr), np.concatenate(indices) if indices else np.zeros(0, np.int32),
+            np.concatenate(indptr),
+            np.concatenate(indices) if indices else np.zeros(0, np.int32),
             np.concatenate(values) if values else np.zeros(0, DTYPES[dtype]),
-            None if used is None else used.cpu().numpy(), meta,
+            None if used is None else used.cpu().numpy(),
+            meta,
         )
 
     def pruned(self, model, threshold=0.0, max_postings=None, dtype=None):
@@ -225,8 +234,10 @@ class SparseIndex:
 def _check_model(model):
     """The index reads a model through SparCode's code-row methods only (SparCode imports this module, not the reverse)."""
     if not all(callable(getattr(model, name, None)) for name in MODEL_METHODS):
-        raise UsageError(f"a sparse index belongs to a SparCode model, not {type(model).__name__}: load a SparCode checkpoint "
-                         "(two-tower models such as T2Diff export through recbole_t2diff.export and ann.py)")
+        raise UsageError(
+            f"a sparse index belongs to a SparCode model, not {type(model).__name__}: load a SparCode checkpoint "
+            "(two-tower models such as T2Diff export through recbole_t2diff.export and ann.py)"
+        )
     if model.code_layout() is None:
         raise UsageError("the sparse index needs a quantized SparCode (quantize: true); quantize: false has no codes to key it by")
 

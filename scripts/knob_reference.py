@@ -7,6 +7,7 @@ reference cannot drift from the defaults a run reads; tests/test_docs.py fails w
     python scripts/knob_reference.py           # rewrite docs/KNOBS.md
     python scripts/knob_reference.py --check   # exit 1, naming the file, when it is out of date
 """
+
 import argparse
 import re
 import sys
@@ -35,7 +36,7 @@ def knob_tables(text):
             lines.extend(["| key | default | type | meaning |", "|---|---|---|---|", *rows, ""])
             rows.clear()
 
-    body = text.splitlines()[len(_header(text)):]
+    body = text.splitlines()[len(_header(text)) :]
     for raw in body:
         line = raw.rstrip()
         if not line:
@@ -49,7 +50,7 @@ def knob_tables(text):
             raise ValueError(f"cannot read this property line as 'key: default  # (type) meaning': {line!r}")
         comment = match.group("comment") or ""
         kind = _TYPE.match(comment)
-        meaning = comment[kind.end():] if kind else comment
+        meaning = comment[kind.end() :] if kind else comment
         rows.append(f"| `{match.group('key')}` | `{_cell(match.group('value'))}` | {kind.group('type') if kind else ''} | {_cell(meaning)} |")
     flush()
     return lines
@@ -84,9 +85,13 @@ def render(root=ROOT):
     out += ["## Every model (`properties/overall.yaml`)", "", *_header(overall), "", *knob_tables(overall)]
     sequential = (properties / "sequential.yaml").read_text(encoding="utf-8")
     out += ["## The sequential protocol (`properties/sequential.yaml`)", "", "```yaml", *sequential.rstrip().splitlines(), "```", ""]
-    out += ["## Presets (`properties/presets/`)", "",
-            "Presets pin a configuration so that it keeps its meaning whatever the defaults become; pass one with",
-            "`--config_files=properties/presets/<name>.yaml` (benchmarks take the file name as a variant).", ""]
+    out += [
+        "## Presets (`properties/presets/`)",
+        "",
+        "Presets pin a configuration so that it keeps its meaning whatever the defaults become; pass one with",
+        "`--config_files=properties/presets/<name>.yaml` (benchmarks take the file name as a variant).",
+        "",
+    ]
     for preset in sorted((properties / "presets").glob("*.yaml")):
         out += [f"### {preset.stem}", "", "```yaml", *preset.read_text(encoding="utf-8").rstrip().splitlines(), "```", ""]
     out += ["## Datasets (`properties/dataset/`)", "", "Read for the dataset of that name, over the files above.", ""]

@@ -11,6 +11,7 @@ mutants are tried again. EXPLAINED is scripts/mutation_explained.txt: "<name pat
 ...]: why it survives" per line, the patterns (fnmatch, without the leading "recbole_t2diff.") naming
 equivalent mutants and out-of-scope code.
 """
+
 import ast
 import collections
 import difflib
@@ -25,16 +26,30 @@ import sys
 
 # Verdicts from mutmut's exit codes. 255 is not a verdict: the test harness raised (mutmut would call
 # it a timeout), e.g. when a test id it recorded no longer matches; such mutants are re-tried next run.
-OUTCOME = {0: "survived", 1: "killed", 3: "killed", 5: "no tests", 33: "no tests", 36: "timeout", 24: "timeout",
-           -24: "timeout", 152: "timeout", -9: "segfault", -11: "segfault", 255: "harness error"}
+OUTCOME = {
+    0: "survived",
+    1: "killed",
+    3: "killed",
+    5: "no tests",
+    33: "no tests",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+    -9: "segfault",
+    -11: "segfault",
+    255: "harness error",
+}
 KILLED = ("killed", "timeout", "segfault")
 RETRIED = (0, 33, 255)  # survived, no tests, harness error
 
 # Two kinds are recognised from the diff alone: a changed or dropped ``device=`` (the tests run on a
 # CPU, where every tensor is on the one device; on a GPU the mismatch raises, it is not silent) and a
 # changed or dropped ``encoding=`` (None and "UTF-8" are utf-8 in the UTF-8 locale the tests run in).
-AUTOMATIC = {"device": "device placement only: one device on the CPU the tests run on; a GPU mismatch raises",
-             "encoding": "file encoding only: None and 'UTF-8' are utf-8 in a UTF-8 locale"}
+AUTOMATIC = {
+    "device": "device placement only: one device on the CPU the tests run on; a GPU mismatch raises",
+    "encoding": "file encoding only: None and 'UTF-8' are utf-8 in a UTF-8 locale",
+}
 
 
 def meta_files():
@@ -85,16 +100,20 @@ def functions(module):
     source = open(os.path.join("mutants", *module.split(".")) + ".py").read()
     lines, tree = source.splitlines(), ast.parse(source)
     nodes = list(tree.body) + [node for c in tree.body if isinstance(c, ast.ClassDef) for node in c.body]
-    return {n.name: lines[n.lineno - 1:n.end_lineno] for n in nodes if isinstance(n, ast.FunctionDef)}
+    return {n.name: lines[n.lineno - 1 : n.end_lineno] for n in nodes if isinstance(n, ast.FunctionDef)}
 
 
 def diff(name):
     module, function = name.rsplit(".", 1)
     original = function.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
     found = functions(module)
-    return "\n".join(line for line in difflib.unified_diff(
-        [line.replace(original, "f") for line in found[original]], [line.replace(function, "f") for line in found[function]],
-        lineterm="", n=0) if line[:1] in "+-" and not line.startswith(("+++", "---")))
+    return "\n".join(
+        line
+        for line in difflib.unified_diff(
+            [line.replace(original, "f") for line in found[original]], [line.replace(function, "f") for line in found[function]], lineterm="", n=0
+        )
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    )
 
 
 def only_changes(change, keyword):
@@ -117,8 +136,10 @@ def report(out, started, selection, tests, explained_path):
     survivors = sorted(name for name, s in tried.items() if s not in KILLED)
     reasons = read_explanations(explained_path)
     diffs = {name: diff(name) for name in survivors}
-    explained = {name: listed_reason(name, reasons) or next((why for keyword, why in AUTOMATIC.items() if only_changes(diffs[name], keyword)), None)
-                 for name in survivors}
+    explained = {
+        name: listed_reason(name, reasons) or next((why for keyword, why in AUTOMATIC.items() if only_changes(diffs[name], keyword)), None)
+        for name in survivors
+    }
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "survivors.txt"), "w") as f:
@@ -144,8 +165,10 @@ def report(out, started, selection, tests, explained_path):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# Mutation run of {started}\n\n")
         f.write(f"Command: `scripts/mutation.sh {selection}`; tests: {' '.join(tests.splitlines())}\n\n")
-        f.write("Explained: equivalent mutants and code out of the scope's tests, one line each in scripts/mutation_explained.txt "
-                "(listed with their diffs in explained.txt). Score: killed / (tried - explained). Unexplained survivors: survivors.txt.\n\n")
+        f.write(
+            "Explained: equivalent mutants and code out of the scope's tests, one line each in scripts/mutation_explained.txt "
+            "(listed with their diffs in explained.txt). Score: killed / (tried - explained). Unexplained survivors: survivors.txt.\n\n"
+        )
         f.write("| module | generated | tried | killed | explained | unexplained | score |\n|---|---|---|---|---|---|---|\n")
         for module, row in sorted(rows.items()) + [("**all**", total)]:
             f.write(f"| {module} | {row['generated']} | {row['tried']} | {row['killed']} | {row['explained']} | {row['unexplained']} | {score(row)} |\n")

@@ -1,5 +1,6 @@
 """Fixtures and hooks: a tiny generated dataset in RecBole's atomic format, the data and trained runs shared by the test
 files, the `slow` marker on every test that spawns a process. Plain helpers are in helpers.py."""
+
 import functools
 import importlib.util
 import json
@@ -18,7 +19,7 @@ def pytest_configure(config):
     instead of failing mid-collection."""
     missing = [name for name in ("hypothesis", "faiss", "matplotlib", "ray") if importlib.util.find_spec(name) is None]
     if missing:
-        raise pytest.UsageError(f"the tests need {', '.join(missing)} from the test and ray extras: the README's install with \".[test,ray]\"")
+        raise pytest.UsageError(f'the tests need {", ".join(missing)} from the test and ray extras: the README\'s install with ".[test,ray]"')
 
 
 @functools.lru_cache(maxsize=None)

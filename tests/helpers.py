@@ -1,5 +1,6 @@
 """Helpers shared by several test files: the tiny dataset and model settings, model builders, one-line error checks,
 crafted pickles, SparCode's tiny preset. Fixtures built from them are in conftest.py."""
+
 import contextlib
 import math
 import os
@@ -37,8 +38,14 @@ TINY_MODEL = {
 
 # The tiny preset of docs/SPARCODE.md §15: d = d_t = 8, one layer, MLP [16, 16], K_u = 2, N = 8 (64 keys), L = 12.
 TINY_SPARCODE = {
-    "token_size": 8, "n_layers": 1, "inner_size": 16, "dnn_hidden": [16], "mlp_hidden": [16, 16],
-    "n_query_tokens": 2, "codebook_size": 8, "softmax_negatives": 10,
+    "token_size": 8,
+    "n_layers": 1,
+    "inner_size": 16,
+    "dnn_hidden": [16],
+    "mlp_hidden": [16, 16],
+    "n_query_tokens": 2,
+    "codebook_size": 8,
+    "softmax_negatives": 10,
 }
 QUIET = {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "mlp_dropout": 0.0}  # no dropout: losses recomputable
 
@@ -158,6 +165,7 @@ def write_crafted(path, marker, form):
 
 
 # ---- SparCode on the tiny data ----------------------------------------------------------------------
+
 
 def copy_batch(batch):
     """A shallow copy whose fields can be replaced without touching the loader's batch."""

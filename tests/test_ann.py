@@ -1,5 +1,6 @@
 """Retrieval over exported vectors (ann.py): the exact index is the full-sort top-k without the padding row,
 approximate indexes mostly agree with it, and recall and NDCG by hand."""
+
 import numpy as np
 import pytest
 

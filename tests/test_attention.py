@@ -1,6 +1,7 @@
 """The user tower's mixed attention (attention.py, docs/T2DIFF.md §11): session self-attention against a per-head
 reference under the diagonal and padding masks, and target attention as the DIN scorer over the real older rows only.
 """
+
 import pytest
 import torch
 
@@ -66,8 +67,11 @@ def test_the_session_layer_is_bias_free_attention_then_linear_elu_layernorm_per_
         assert projection.bias is None and projection.weight.shape == (6, 6)
     assert encoder.attention_norm.eps == encoder.ffn_norm.eps == 1e-6
     assert [[type(m) for m in step] for step in encoder.ffn] == [[torch.nn.Linear, torch.nn.ELU, torch.nn.LayerNorm]] * 3
-    assert [(step[0].in_features, step[0].out_features, step[0].bias, step[2].normalized_shape, step[2].eps)
-            for step in encoder.ffn] == [(6, 5, None, (5,), 1e-6), (5, 4, None, (4,), 1e-6), (4, 6, None, (6,), 1e-6)]
+    assert [(step[0].in_features, step[0].out_features, step[0].bias, step[2].normalized_shape, step[2].eps) for step in encoder.ffn] == [
+        (6, 5, None, (5,), 1e-6),
+        (5, 4, None, (4,), 1e-6),
+        (4, 6, None, (6,), 1e-6),
+    ]
 
 
 def test_target_attention_ignores_padding_and_is_zero_without_history():

@@ -3,6 +3,7 @@
 No model trains here: ``Study.command`` is replaced by a tiny python process that logs its start,
 prints an ``EPOCH`` line and a ``RESULT`` row whose scores the test sets (or exits 1, or sleeps).
 """
+
 import csv
 import json
 import os
@@ -16,7 +17,7 @@ from benchmarks import batch
 from benchmarks.run_benchmark import Study
 from benchmarks.worker import COLUMNS
 
-FAKE_WORKER = r'''
+FAKE_WORKER = r"""
 import json, sys, time
 log, spec, variant, seed = sys.argv[1:]
 with open(log, "a") as f:
@@ -30,7 +31,7 @@ row = {**dict.fromkeys(COLUMNS, 1), "xhat_rel_error": "", "xhat_hit@1": "", "xha
 row.update({"variant": variant, "seed": int(seed), "settings": "{}", "valid_ndcg@10": me.get("valid", 0.1),
             "test_ndcg@10": me.get("test", 0.1), "valid_curve": "[0.1]", "machine": "fake", "date": "2024-01-01"})
 print("RESULT " + json.dumps(row), flush=True)
-'''
+"""
 
 
 class Fake:
@@ -85,18 +86,25 @@ def rows(path):
         return [(r["variant"], int(r["seed"])) for r in csv.DictReader(f)]
 
 
-SEARCHED = ("--models=T2Diff,SASRec,T2Diff-noDiff --dataset=fake --seeds=1,2 "
-            "--search=learning_rate=0.001,0.003 --out={out}")
+SEARCHED = "--models=T2Diff,SASRec,T2Diff-noDiff --dataset=fake --seeds=1,2 --search=learning_rate=0.001,0.003 --out={out}"
 SCORES = {  # T2Diff: 0.001 has the best test but 0.003 the best valid; SASRec prefers 0.001
     "T2Diff[learning_rate=0.001]": {"valid": 0.30, "test": 0.50},
     "T2Diff[learning_rate=0.003]": {"valid": 0.40, "test": 0.20},
     "SASRec[learning_rate=0.001]": {"valid": 0.35, "test": 0.30},
     "SASRec[learning_rate=0.003]": {"valid": 0.25, "test": 0.40},
 }
-TRIALS = [("T2Diff[learning_rate=0.001]", "1"), ("T2Diff[learning_rate=0.003]", "1"),
-          ("SASRec[learning_rate=0.001]", "1"), ("SASRec[learning_rate=0.003]", "1")]
-SEEDS = [("T2Diff[learning_rate=0.003]", "2"), ("SASRec[learning_rate=0.001]", "2"),
-         ("T2Diff-noDiff[learning_rate=0.003]", "1"), ("T2Diff-noDiff[learning_rate=0.003]", "2")]
+TRIALS = [
+    ("T2Diff[learning_rate=0.001]", "1"),
+    ("T2Diff[learning_rate=0.003]", "1"),
+    ("SASRec[learning_rate=0.001]", "1"),
+    ("SASRec[learning_rate=0.003]", "1"),
+]
+SEEDS = [
+    ("T2Diff[learning_rate=0.003]", "2"),
+    ("SASRec[learning_rate=0.001]", "2"),
+    ("T2Diff-noDiff[learning_rate=0.003]", "1"),
+    ("T2Diff-noDiff[learning_rate=0.003]", "2"),
+]
 
 
 def test_plan_order_search_before_seeds_and_choice_on_validation(fake, tmp_path):
@@ -106,8 +114,11 @@ def test_plan_order_search_before_seeds_and_choice_on_validation(fake, tmp_path)
     plan = fake.plan(SEARCHED.format(out=tmp_path / "a"), f"--models=GRU4Rec --dataset=fake --seeds=1 --out={tmp_path / 'b'}")
     b = run_batch(plan)
     assert fake.started() == TRIALS + SEEDS + [("GRU4Rec", "1")]
-    assert b.searches[0]["chosen"] == {"T2Diff": "T2Diff[learning_rate=0.003]", "SASRec": "SASRec[learning_rate=0.001]",
-                                       "T2Diff-noDiff": "T2Diff-noDiff[learning_rate=0.003]"}
+    assert b.searches[0]["chosen"] == {
+        "T2Diff": "T2Diff[learning_rate=0.003]",
+        "SASRec": "SASRec[learning_rate=0.001]",
+        "T2Diff-noDiff": "T2Diff-noDiff[learning_rate=0.003]",
+    }
     assert sorted(rows(tmp_path / "a" / "fake.csv")) == sorted((v, int(s)) for v, s in TRIALS + SEEDS)
     assert rows(tmp_path / "b" / "fake.csv") == [("GRU4Rec", 1)]
     assert b.finished == 9 and not b.failed and b.left() == 0
@@ -196,8 +207,7 @@ def test_stop_after_also_stops_a_run_that_was_starting_when_the_others_were_stop
 
     monkeypatch.setattr(batch, "run_worker", slow_to_start)
     fake.set({"SASRec": {"sleep": 30}})
-    argv = [fake.plan(f"--models=SASRec --dataset=fake --seeds=1 --out={tmp_path}"),
-                                      "--jobs=1", "--stop_after=0.01"]
+    argv = [fake.plan(f"--models=SASRec --dataset=fake --seeds=1 --out={tmp_path}"), "--jobs=1", "--stop_after=0.01"]
     begun = time.time()
     with pytest.raises(SystemExit, match="1 did not finish"):
         batch.main(argv)
@@ -205,10 +215,13 @@ def test_stop_after_also_stops_a_run_that_was_starting_when_the_others_were_stop
     assert "stopped unfinished" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("line, knob", [
-    ("--models=SASRec,T2Diff[bogus_knob=1] --dataset=ml-100k --seeds=1", "bogus_knob"),
-    ("--models=T2Diff,T2Diff-noDiff --dataset=ml-100k --seeds=1 --search=learning_rate=0.001,0.003 --unet_levls=2", "unet_levls"),
-])
+@pytest.mark.parametrize(
+    "line, knob",
+    [
+        ("--models=SASRec,T2Diff[bogus_knob=1] --dataset=ml-100k --seeds=1", "bogus_knob"),
+        ("--models=T2Diff,T2Diff-noDiff --dataset=ml-100k --seeds=1 --search=learning_rate=0.001,0.003 --unet_levls=2", "unet_levls"),
+    ],
+)
 def test_check_names_a_misspelt_knob_before_any_run(fake, tmp_path, monkeypatch, capsys, line, knob):
     plan = fake.plan("--models=SASRec --dataset=ml-100k --seeds=1 --learning_rate=0.002", f"{line} --out={tmp_path}")
     argv = [plan, "--check"]
@@ -220,8 +233,10 @@ def test_check_names_a_misspelt_knob_before_any_run(fake, tmp_path, monkeypatch,
 
 
 def test_check_passes_a_good_plan(fake, tmp_path, monkeypatch, capsys):
-    plan = fake.plan(f"--models=SASRec,T2Diff,T2Diff-noDiff --dataset=ml-100k --seeds=1,2 --search=learning_rate=0.001,0.003 "
-                     f"--unet_levels=2 --out={tmp_path}", f"--models=GRU4Rec --dataset=ml-100k --seeds=1 --out={tmp_path}")
+    plan = fake.plan(
+        f"--models=SASRec,T2Diff,T2Diff-noDiff --dataset=ml-100k --seeds=1,2 --search=learning_rate=0.001,0.003 --unet_levels=2 --out={tmp_path}",
+        f"--models=GRU4Rec --dataset=ml-100k --seeds=1 --out={tmp_path}",
+    )
     argv = [plan, "--check"]
     batch.main(argv)
     # 4 search points + the 3 variants themselves, then GRU4Rec; no run started.

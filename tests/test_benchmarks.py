@@ -1,4 +1,5 @@
 """Benchmark helpers: the synthetic data generator, the model/variant syntax and the runner."""
+
 import csv
 import json
 import os
@@ -49,9 +50,14 @@ def test_variant_syntax():
     assert parse_variant("SASRec") == ("SASRec", {})
     assert parse_variant("T2Diff-noDP") == ("T2Diff", {"use_drift": False})
     assert parse_variant("T2Diff[lambda_diff=0.1,beta_schedule=log,use_drift=false]") == (
-        "T2Diff", {"lambda_diff": 0.1, "beta_schedule": "log", "use_drift": False})
+        "T2Diff",
+        {"lambda_diff": 0.1, "beta_schedule": "log", "use_drift": False},
+    )
     assert split_models("T2Diff,SASRec[train_batch_size=512,learning_rate=0.002],T2Diff-noDP") == [
-        "T2Diff", "SASRec[train_batch_size=512,learning_rate=0.002]", "T2Diff-noDP"]
+        "T2Diff",
+        "SASRec[train_batch_size=512,learning_rate=0.002]",
+        "T2Diff-noDP",
+    ]
     assert parse_variant("T2Diff-noDP[n_steps=20]") == ("T2Diff", {"use_drift": False, "n_steps": 20})
     with pytest.raises(UsageError, match="T2Diff-noDiff"):
         parse_variant("T2Diff-noDif")
@@ -78,8 +84,9 @@ def test_the_tables_read_each_setting_as_recboles_config_does(variant, overrides
     mine.write_text("stopping_step: 4\nnormalize_all: True\n")
     study = Study([f"--models={variant}", "--dataset=ml-100k", f"--config_files={mine}", f"--out={tmp_path}", *overrides])
     name, settings = parse_variant(variant)
-    config = Config(model=name, dataset="ml-100k", config_file_list=[str(mine)],
-                    config_dict={**settings, **{o[2:].split("=")[0]: int(o.split("=")[1]) for o in overrides}})
+    config = Config(
+        model=name, dataset="ml-100k", config_file_list=[str(mine)], config_dict={**settings, **{o[2:].split("=")[0]: int(o.split("=")[1]) for o in overrides}}
+    )
     for key in ("epochs", "stopping_step", "learning_rate", "train_batch_size", "normalize_all", "TIME_FIELD", "MAX_ITEM_LIST_LENGTH", "use_diffusion"):
         assert study.config(variant)[key] == config[key], key
     # the dataset files: RecBole's ml-100k.yaml normalises every float field, ours keeps timestamps
@@ -103,8 +110,10 @@ def test_a_study_reads_its_csv_once_and_only_when_it_needs_the_rows(tmp_path, mo
 def test_a_runs_resume_folder_is_the_one_earlier_versions_named():
     """A batch restarted with newer code goes on from the state its runs left: the folder's name is a hash of the
     variant, the seed, --config_files and the study's --key=value settings (cpu.plan's first study, as cpu.sh runs it)."""
-    line = ('--models=SASRec,GRU4Rec --dataset=ml-100k --seeds=2020,2021,2022 "--search=learning_rate=0.001,0.003;train_batch_size=512,2048" '
-            "--out=results/converged --stopping_step=10 --epochs=50 --resume_root=/work/runs/converged/resume")
+    line = (
+        '--models=SASRec,GRU4Rec --dataset=ml-100k --seeds=2020,2021,2022 "--search=learning_rate=0.001,0.003;train_batch_size=512,2048" '
+        "--out=results/converged --stopping_step=10 --epochs=50 --resume_root=/work/runs/converged/resume"
+    )
     study = Study(shlex.split(line))
     assert study.resume_dir("SASRec[learning_rate=0.003,train_batch_size=2048]", 2021) == "/work/runs/converged/resume/ml-100k/0c20141050ebac51"
     assert study.resume_dir("SASRec[learning_rate=0.003,train_batch_size=2048]", 2022) == "/work/runs/converged/resume/ml-100k/c2703f418092645d"
@@ -112,8 +121,12 @@ def test_a_runs_resume_folder_is_the_one_earlier_versions_named():
 
 def test_search_grid_and_its_variant_names():
     grid = parse_grid("learning_rate=0.001,0.002; train_batch_size=512,2048")
-    assert grid == [{"learning_rate": 0.001, "train_batch_size": 512}, {"learning_rate": 0.001, "train_batch_size": 2048},
-                    {"learning_rate": 0.002, "train_batch_size": 512}, {"learning_rate": 0.002, "train_batch_size": 2048}]
+    assert grid == [
+        {"learning_rate": 0.001, "train_batch_size": 512},
+        {"learning_rate": 0.001, "train_batch_size": 2048},
+        {"learning_rate": 0.002, "train_batch_size": 512},
+        {"learning_rate": 0.002, "train_batch_size": 2048},
+    ]
     assert with_settings("SASRec", grid[1]) == "SASRec[learning_rate=0.001,train_batch_size=2048]"
     assert with_settings("T2Diff-noDiff[n_steps=20]", {"loss_type": "BPR"}) == "T2Diff-noDiff[n_steps=20,loss_type=BPR]"
     assert with_settings("GRU4Rec", {}) == "GRU4Rec"
@@ -159,9 +172,20 @@ def test_no_budget_trains_whole_epochs(monkeypatch):
 @pytest.mark.slow
 def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     settings = [f"--{k}={v}" for k, v in TINY_MODEL.items() if k not in ("epochs", "state", "show_progress")]
-    command = [sys.executable, "-m", "benchmarks.run_benchmark", "--models=T2Diff,GRU4Rec",
-               "--dataset=tiny", "--seeds=1,2", "--jobs=2", "--time_budget=0.0001", "--epochs=4",
-               f"--data_path={tiny_path}", f"--out={tmp_path}", *settings]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.run_benchmark",
+        "--models=T2Diff,GRU4Rec",
+        "--dataset=tiny",
+        "--seeds=1,2",
+        "--jobs=2",
+        "--time_budget=0.0001",
+        "--epochs=4",
+        f"--data_path={tiny_path}",
+        f"--out={tmp_path}",
+        *settings,
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "tiny.csv", newline="") as f:
@@ -194,8 +218,7 @@ def test_search_without_plain_t2diff_chooses_each_variant_and_ablations_need_it(
         return {"chosen": pick(variants, grid, seed, rows, trials)}
 
     search = choose(["T2Diff[unet_levels=2]", "GRU4Rec"], grid, 7, run_all, rows)
-    assert search["chosen"] == {"T2Diff[unet_levels=2]": "T2Diff[unet_levels=2,train_batch_size=512]",
-                                "GRU4Rec": "GRU4Rec[train_batch_size=512]"}
+    assert search["chosen"] == {"T2Diff[unet_levels=2]": "T2Diff[unet_levels=2,train_batch_size=512]", "GRU4Rec": "GRU4Rec[train_batch_size=512]"}
     assert len(rows) == 4 and {r["seed"] for r in rows} == {7}
     with pytest.raises(UsageError, match="add T2Diff to --models"):
         choose(["T2Diff[unet_levels=2]", "T2Diff-noDiff"], grid, 7, run_all, rows)
@@ -204,9 +227,19 @@ def test_search_without_plain_t2diff_chooses_each_variant_and_ablations_need_it(
 @pytest.mark.slow
 def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_seed(tmp_path, tiny_path):
     settings = [f"--{k}={v}" for k, v in TINY_MODEL.items() if k not in ("epochs", "state", "show_progress", "learning_rate")]
-    command = [sys.executable, "-m", "benchmarks.run_benchmark", "--models=T2Diff,GRU4Rec,T2Diff-noDiff",
-               "--dataset=tiny", "--seeds=1,2", "--jobs=2", "--search=learning_rate=0.0001,0.01;epochs=1",
-               f"--data_path={tiny_path}", f"--out={tmp_path}", *settings]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.run_benchmark",
+        "--models=T2Diff,GRU4Rec,T2Diff-noDiff",
+        "--dataset=tiny",
+        "--seeds=1,2",
+        "--jobs=2",
+        "--search=learning_rate=0.0001,0.01;epochs=1",
+        f"--data_path={tiny_path}",
+        f"--out={tmp_path}",
+        *settings,
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "tiny.csv", newline="") as f:
@@ -216,7 +249,7 @@ def test_search_picks_each_model_on_validation_and_runs_its_choice_with_every_se
         trials = [f"{model}[learning_rate={lr},epochs=1]" for lr in ("0.0001", "0.01")]
         chosen[model] = max(trials, key=lambda t: float(rows[(t, 1)]["valid_ndcg@10"]))  # on validation, seed 1
         assert (chosen[model], 2) in rows and not any((t, 2) in rows for t in trials if t != chosen[model])
-    ablation = "T2Diff-noDiff" + chosen["T2Diff"][len("T2Diff"):]
+    ablation = "T2Diff-noDiff" + chosen["T2Diff"][len("T2Diff") :]
     assert (ablation, 1) in rows and (ablation, 2) in rows and len(rows) == 4 + 2 + 2
     table = (tmp_path / "tiny.md").read_text()
     margins, main_table = table.split("## Search")[0].split("| model | seeds | test NDCG@10 |")
@@ -400,8 +433,16 @@ def test_a_csv_from_before_a_column_was_added_gets_the_column_and_keeps_its_rows
 def test_serving_cost_is_measured_against_sasrec_and_kept_beside_the_other_inference_results(tmp_path, tiny_path):
     with open(tmp_path / "inference.json", "w") as f:
         json.dump({"runs": {"ml-100k": {"kept": True}}}, f)
-    command = [sys.executable, "-m", "benchmarks.serving", "--dataset=tiny", f"--data_path={tiny_path}",
-               "--variants=SASRec,T2Diff", "--rounds=1", f"--out={tmp_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.serving",
+        "--dataset=tiny",
+        f"--data_path={tiny_path}",
+        "--variants=SASRec,T2Diff",
+        "--rounds=1",
+        f"--out={tmp_path}",
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     everything = json.load(open(tmp_path / "inference.json"))

@@ -1,5 +1,6 @@
 """Checkpoints (checkpoint.py): loading one runs no code, a file is tied to its data, its weights and its settings,
 names are unique and writes atomic, and a file that is no checkpoint gets one line."""
+
 import enum
 import os
 import pickle
@@ -45,6 +46,7 @@ def resealed(payload):
 
 # ---- loading never unpickles: a crafted file runs no code, settings are stored as plain data -------------
 
+
 @pytest.mark.parametrize("form", ["torch-zip", "raw-pickle"])
 def test_the_crafted_files_do_run_code_when_unpickled(tmp_path, form):
     """Control: the crafted files are live, so their marker staying absent below means something."""
@@ -74,8 +76,10 @@ def test_a_safe_format_file_cannot_smuggle_code_through_a_setting(trained, tmp_p
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("setting,value,message", [("save_dataloaders", True, "save_dataloaders=True is not supported"),
-                                                    ("dataset", "../escape", "dataset name '../escape' is not a folder name")])
+@pytest.mark.parametrize(
+    "setting,value,message",
+    [("save_dataloaders", True, "save_dataloaders=True is not supported"), ("dataset", "../escape", "dataset name '../escape' is not a folder name")],
+)
 def test_a_crafted_checkpoint_setting_writes_nothing(trained, tmp_path, workdir, setting, value, message):
     payload = torch.load(trained["saved_model_file"], weights_only=True)
     if setting == "dataset":
@@ -91,16 +95,32 @@ def test_settings_are_stored_as_plain_data_and_come_back_as_they_were(tmp_path):
 
     from recbole_t2diff.checkpoint import _plain, _restore
 
-    settings = {"int": np.int64(3), "float": np.float32(0.5), "flag": np.bool_(True), "name": np.str_("x"), "pair": (1, 2.5, None),
-                "type": ModelType.SEQUENTIAL, "device": torch.device("cpu"), "nested": {"inputs": [InputType.POINTWISE]},
-                "tensor": torch.ones(2)}
+    settings = {
+        "int": np.int64(3),
+        "float": np.float32(0.5),
+        "flag": np.bool_(True),
+        "name": np.str_("x"),
+        "pair": (1, 2.5, None),
+        "type": ModelType.SEQUENTIAL,
+        "device": torch.device("cpu"),
+        "nested": {"inputs": [InputType.POINTWISE]},
+        "tensor": torch.ones(2),
+    }
     plain = _plain(settings, "settings")
     assert [type(plain[k]) for k in ("int", "float", "flag", "name", "pair")] == [int, float, bool, str, list]
     torch.save(plain, tmp_path / "plain.pth")
     restored = _restore(torch.load(tmp_path / "plain.pth", weights_only=True))  # plain data only: loads without unpickling code
     assert torch.equal(restored.pop("tensor"), torch.ones(2))
-    assert restored == {"int": 3, "float": 0.5, "flag": True, "name": "x", "pair": [1, 2.5, None], "type": ModelType.SEQUENTIAL,
-                        "device": torch.device("cpu"), "nested": {"inputs": [InputType.POINTWISE]}}
+    assert restored == {
+        "int": 3,
+        "float": 0.5,
+        "flag": True,
+        "name": "x",
+        "pair": [1, 2.5, None],
+        "type": ModelType.SEQUENTIAL,
+        "device": torch.device("cpu"),
+        "nested": {"inputs": [InputType.POINTWISE]},
+    }
     for value in ({1: "a"}, object(), {"a": {2}}, [object()], enum.Enum("Colour", "RED").RED):  # RecBole's enums only
         one_line_error(_plain, value, "my_key", match="setting my_key=.* cannot be stored in a checkpoint")
 
@@ -126,7 +146,7 @@ def test_a_reloaded_config_is_the_stored_one_and_reads_nothing_else(trained, tmp
     stored, model = stored_and_model(trained)
     path = str(tmp_path / "again.pth")
     save_checkpoint(path, stored["config"], model, stored["data"])  # written here, not by the shared fixture: under
-    payload = torch.load(path, weights_only=True)                   # mutmut a fixture's calls count for its first test only
+    payload = torch.load(path, weights_only=True)  # mutmut a fixture's calls count for its first test only
     assert (payload["config"]["model"], payload["config"]["dataset"]) == ("T2Diff", "tiny")
     config = load_checkpoint(path)["config"]
     assert (config.model, config.dataset, config.model_class) == ("T2Diff", "tiny", T2Diff)
@@ -136,6 +156,7 @@ def test_a_reloaded_config_is_the_stored_one_and_reads_nothing_else(trained, tmp
 
 
 # ---- a file that is no checkpoint, or a damaged one, gets one line -----------------------------------------
+
 
 @pytest.mark.parametrize("error,reason", [(EOFError(), "EOFError"), (RuntimeError("bad magic number\nsee the docs"), "bad magic number")])
 def test_an_unreadable_file_is_named_with_the_first_line_of_the_reason(tmp_path, monkeypatch, error, reason):
@@ -170,8 +191,12 @@ def test_files_that_are_not_checkpoints_get_one_line(trained, tmp_path, kind):
     elif kind != "missing":
         torch.save({"empty dict": {}, "other dict": {"weights": torch.ones(1), "epoch": 3}, "list": [torch.ones(1)]}[kind], path)
     message = one_line_error(load_checkpoint, str(path))
-    assert {"truncated": "damaged or not a checkpoint", "text": "damaged or not a checkpoint", "state-dict only": "holds only weights",
-            "missing": "does not exist"}.get(kind, "is not a recbole_t2diff checkpoint (no 'recbole_t2diff checkpoint 1' format tag)") in message
+    assert {
+        "truncated": "damaged or not a checkpoint",
+        "text": "damaged or not a checkpoint",
+        "state-dict only": "holds only weights",
+        "missing": "does not exist",
+    }.get(kind, "is not a recbole_t2diff checkpoint (no 'recbole_t2diff checkpoint 1' format tag)") in message
 
 
 def test_damaged_weights_are_refused(trained, tmp_path):
@@ -180,7 +205,7 @@ def test_damaged_weights_are_refused(trained, tmp_path):
     with zipfile.ZipFile(path) as archive:  # the largest tensor record, where a flipped bit goes unnoticed by the zip reader
         record = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda info: info.file_size)
     raw = bytearray(path.read_bytes())
-    name_length, extra_length = np.frombuffer(bytes(raw[record.header_offset + 26: record.header_offset + 30]), dtype="<u2")
+    name_length, extra_length = np.frombuffer(bytes(raw[record.header_offset + 26 : record.header_offset + 30]), dtype="<u2")
     start = record.header_offset + 30 + int(name_length) + int(extra_length)
     raw[start + record.file_size // 2] ^= 0x10
     path.write_bytes(bytes(raw))
@@ -210,6 +235,7 @@ def test_the_settings_checksum_covers_every_setting_but_where_the_process_runs(t
 
 
 # ---- unique names and atomic writes: no run overwrites another's checkpoint or leaves half a file ---------
+
 
 def test_runs_started_in_the_same_second_keep_their_own_checkpoints(tiny_path, workdir, monkeypatch):
     monkeypatch.setattr(checkpoint_module, "get_local_time", lambda: "Nov-30-2026_12-00-00")  # one second for both
@@ -250,6 +276,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_whole(trained, tmp_path, 
 
 # ---- a checkpoint is tied to its data ------------------------------------------------------------------------
 
+
 def test_the_data_fingerprint_covers_every_table_and_sequence_field():
     import pandas as pd
 
@@ -277,9 +304,13 @@ def test_the_data_fingerprint_covers_every_table_and_sequence_field():
     base = data_identity(Data())
     assert base["tokens"] == {"item_id": ["[PAD]", "a"]}
     with_users = data_identity(Data(user_feat=pd.DataFrame({"age": [30]})))
-    fingerprints = {base["fingerprint"], with_users["fingerprint"], data_identity(Data(user_feat=pd.DataFrame({"age": [31]})))["fingerprint"],
-                    data_identity(Data(item_feat=pd.DataFrame({"genre": [2]})))["fingerprint"],
-                    data_identity(Data(item_feat=pd.DataFrame({"genre": [3]})))["fingerprint"]}
+    fingerprints = {
+        base["fingerprint"],
+        with_users["fingerprint"],
+        data_identity(Data(user_feat=pd.DataFrame({"age": [31]})))["fingerprint"],
+        data_identity(Data(item_feat=pd.DataFrame({"genre": [2]})))["fingerprint"],
+        data_identity(Data(item_feat=pd.DataFrame({"genre": [3]})))["fingerprint"],
+    }
     assert len(fingerprints) == 5
 
 
@@ -287,10 +318,16 @@ def test_data_that_lost_a_token_field_is_refused_by_name():
     from recbole_t2diff.checkpoint import check_data
 
     stored = {"tokens": {"genre": ["[PAD]", "drama"]}, "fingerprint": "f"}
-    one_line_error(check_data, "x.pth", stored, {"tokens": {}, "fingerprint": "f"},
-                   match="checkpoint 'x.pth' was trained on other data: field genre is missing")
-    one_line_error(check_data, "x.pth", stored, {"tokens": {"genre": ["[PAD]"]}, "fingerprint": "f"},
-                   match="field genre maps its ids to other tokens \\(2 ids at training, 1 now\\)")
+    one_line_error(
+        check_data, "x.pth", stored, {"tokens": {}, "fingerprint": "f"}, match="checkpoint 'x.pth' was trained on other data: field genre is missing"
+    )
+    one_line_error(
+        check_data,
+        "x.pth",
+        stored,
+        {"tokens": {"genre": ["[PAD]"]}, "fingerprint": "f"},
+        match="field genre maps its ids to other tokens \\(2 ids at training, 1 now\\)",
+    )
     check_data("x.pth", stored, {"tokens": {"genre": ["[PAD]", "drama"], "new": ["[PAD]"]}, "fingerprint": "f"})
 
 
@@ -306,8 +343,9 @@ def test_reordered_or_changed_data_is_refused(tmp_path, workdir):
     header, rows = original[0], original[1:]
     with open(inter, "w") as f:  # the same interactions, rows in another order: ids are re-mapped
         f.write("\n".join([header] + rows[::-1]) + "\n")
-    one_line_error(evaluate_checkpoint, model_file,
-                   match=f"checkpoint '{re.escape(model_file)}' was trained on other data: field item_id maps its ids to other tokens")
+    one_line_error(
+        evaluate_checkpoint, model_file, match=f"checkpoint '{re.escape(model_file)}' was trained on other data: field item_id maps its ids to other tokens"
+    )
     one_line_error(export_embeddings, model_file, str(tmp_path / "export"), match="trained on other data")
     user, item, time = rows[-1].split("\t")
     with open(inter, "w") as f:  # same order, one timestamp moved (still the user's last)

@@ -1,6 +1,7 @@
 """The scripts (run_recbole.py, run_hyper.py; cli.py): run_recbole.py end to end in a child process, RecBole's
 settings and the scripts' own options on one command line, a mistyped or repeated flag refused, bad input in one line
 with exit code 1."""
+
 import os
 import re
 import subprocess
@@ -23,9 +24,7 @@ FAST_T2DIFF = ["--embedding_size=16", "--n_steps=3", "--unet_levels=2", "--sessi
 
 def run_script(args, cwd):
     env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "run_recbole.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    return subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def load_script(name):
@@ -50,6 +49,7 @@ def script_error(module, argv, monkeypatch, capsys, code=1):
 
 # ---- run_recbole.py in a child process ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model,extra", [("T2Diff", FAST_T2DIFF), ("SASRec", ["--hidden_size=16", "--inner_size=32", "--n_layers=1"])])
 @pytest.mark.spawns
 @pytest.mark.slow
@@ -63,8 +63,7 @@ def test_runner_trains_and_tests_on_ml100k(tmp_path, model, extra):
     assert len(checkpoints) == 1, "the best checkpoint must be saved"
     # A new process that only loads the checkpoint gets the same test metric.
     code = f"from recbole_t2diff import evaluate_checkpoint; print('NDCG', evaluate_checkpoint({str(checkpoints[0])!r})['ndcg@10'])"
-    reload = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
-                            capture_output=True, text=True, timeout=600)
+    reload = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600)
     assert reload.returncode == 0, reload.stderr[-3000:]
     assert float(re.search(r"NDCG ([0-9.]+)", reload.stdout).group(1)) == float(logged.group(1))
 
@@ -101,8 +100,14 @@ def test_bad_input_gives_one_line_and_exit_code_1(tmp_path, args, message):
 @pytest.mark.spawns
 @pytest.mark.slow
 def test_epochs_zero_leaves_no_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), "--epochs=0"], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_recbole.py"), "--epochs=0"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1 and "epochs=0" in lines[0], result.stderr
     assert not (tmp_path / "saved").exists()
@@ -110,13 +115,14 @@ def test_epochs_zero_leaves_no_checkpoint(tmp_path):
 
 # ---- the command line: RecBole's settings and the scripts' own options, each read once and as written -------------
 
+
 def test_recboles_own_keys_are_known_and_the_scripts_options_are_no_settings(monkeypatch):
     assert {"learning_rate", "eval_args", "encoding", "world_size", "hidden_size", "dist_backend"} <= known_keys()
     module = load_script("run_recbole.py")
     runs = []
     monkeypatch.setattr(module, "run", lambda *args, **kwargs: runs.append((args, kwargs)))
     module.main(["--config_files=", "--nproc=1", "--group_offset=0", "--encoding=utf-8"])
-    (args, kwargs), = runs
+    ((args, kwargs),) = runs
     assert kwargs["argv"] == ["--encoding=utf-8"] and (kwargs["config_file_list"], kwargs["nproc"], kwargs["group_offset"]) == (None, 1, 0)
     assert Config(model="T2Diff", dataset="ml-100k", argv=kwargs["argv"])["encoding"] == "utf-8"
 
@@ -150,8 +156,7 @@ def test_a_scripts_own_option_may_look_like_code(monkeypatch, workdir):
 
 
 def test_a_key_given_twice_on_the_command_line_gets_one_line(monkeypatch, capsys):
-    one_line_error(Config, model="T2Diff", dataset="ml-100k", argv=["--epochs=1", "--epochs=2"],
-                   match="--epochs is given twice, as --epochs=1 and --epochs=2")
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", argv=["--epochs=1", "--epochs=2"], match="--epochs is given twice, as --epochs=1 and --epochs=2")
     module = load_script("run_recbole.py")  # ... and by the script, before anything starts
     monkeypatch.setattr(module, "run", lambda *a, **k: pytest.fail("run started"))
     line = script_error(module, ["run_recbole.py", "--epochs=1", "--epochs=2"], monkeypatch, capsys)
@@ -159,8 +164,14 @@ def test_a_key_given_twice_on_the_command_line_gets_one_line(monkeypatch, capsys
 
 
 @pytest.mark.parametrize("script", ["run_recbole.py", "run_hyper.py"])
-@pytest.mark.parametrize("arguments,name", [(["--model=SASRec", "--model=GRU4Rec"], "--model"), (["-m", "SASRec", "--model=GRU4Rec"], "--model"),
-                                            (["--dataset=ml-100k", "--epochs=1", "--dataset", "ml-1m"], "--dataset")])
+@pytest.mark.parametrize(
+    "arguments,name",
+    [
+        (["--model=SASRec", "--model=GRU4Rec"], "--model"),
+        (["-m", "SASRec", "--model=GRU4Rec"], "--model"),
+        (["--dataset=ml-100k", "--epochs=1", "--dataset", "ml-1m"], "--dataset"),
+    ],
+)
 def test_a_scripts_own_option_given_twice_gets_one_line(script, arguments, name, monkeypatch, capsys):
     """argparse alone keeps the last of a repeated option without a word: the script refuses it before anything starts."""
     module = load_script(script)
@@ -172,11 +183,13 @@ def test_a_scripts_own_option_given_twice_gets_one_line(script, arguments, name,
 @pytest.mark.parametrize("script", ["run_recbole.py", "run_hyper.py"])
 @pytest.mark.parametrize(
     "arguments,message",
-    [(["--epochs", "1"], "'--epochs' has no value: .*use --epochs=1"),
-     (["--train_batch_size", "256", "--epochs=2"], "use --train_batch_size=256"),
-     (["--epochs"], "use --epochs=VALUE"),
-     (["--eval_args={'a'=1}"], "has more than one '='"),
-     (["epochs=1"], "unexpected argument 'epochs=1'")],
+    [
+        (["--epochs", "1"], "'--epochs' has no value: .*use --epochs=1"),
+        (["--train_batch_size", "256", "--epochs=2"], "use --train_batch_size=256"),
+        (["--epochs"], "use --epochs=VALUE"),
+        (["--eval_args={'a'=1}"], "has more than one '='"),
+        (["epochs=1"], "unexpected argument 'epochs=1'"),
+    ],
 )
 def test_an_argument_recbole_would_not_read_is_refused(script, arguments, message, monkeypatch, capsys, tmp_path):
     module = load_script(script)

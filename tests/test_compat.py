@@ -1,5 +1,6 @@
 """RecBole's patches (compat.py): anomaly mode off, a folder made by a parallel run, a log file and a tensorboard
 folder per run, RecBole's invalid escape sequences silenced."""
+
 import logging
 import os
 import subprocess
@@ -86,9 +87,6 @@ def test_without_a_log_file_tensorboard_folders_are_still_unique(monkeypatch, wo
 def test_recboles_invalid_escape_sequences_print_nothing():
     """Python 3.12+ warns about the ``\\p`` in RecBole's dien.py whenever it compiles it (every run
     where bytecode is not cached): the compat shim silences it, so one-line errors stay one line."""
-    probe = (
-        "import recbole_t2diff, recbole.model.sequential_recommender.dien as dien\n"
-        "compile(open(dien.__file__).read(), dien.__file__, 'exec')\n"
-    )
+    probe = "import recbole_t2diff, recbole.model.sequential_recommender.dien as dien\ncompile(open(dien.__file__).read(), dien.__file__, 'exec')\n"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "SyntaxWarning" not in done.stderr, done.stderr

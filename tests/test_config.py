@@ -1,5 +1,6 @@
 """The Config (config.py): the model registry, the property files and their priorities, the yaml files it reads,
 and the knobs it checks before any data is loaded."""
+
 import re
 import sys
 
@@ -70,15 +71,19 @@ def test_missing_config_file_is_reported(tmp_path):
 
 def test_a_yaml_syntax_error_gets_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: 3\nlearning_rate: [0.1\n")
-    one_line_error(Config, model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "bad.yaml")],
-                   match="bad.yaml' is not valid yaml at line 3")
+    one_line_error(Config, model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "bad.yaml")], match="bad.yaml' is not valid yaml at line 3")
 
 
 @pytest.mark.parametrize("tagged", ["!!python/object/apply:os.system ['true']", "!!python/name:os.system", "!!python/tuple [1, 2]"])
 def test_a_python_yaml_tag_gets_one_line(tmp_path, tagged):
     (tmp_path / "mine.yaml").write_text(f"epochs: 1\ntopk: {tagged}\n")
-    one_line_error(Config, model="T2Diff", dataset="ml-100k", config_file_list=[str(tmp_path / "mine.yaml")],
-                   match=r"mine.yaml' line 2: the tag !!python/\S+ asks for a Python object.*drop the tag")
+    one_line_error(
+        Config,
+        model="T2Diff",
+        dataset="ml-100k",
+        config_file_list=[str(tmp_path / "mine.yaml")],
+        match=r"mine.yaml' line 2: the tag !!python/\S+ asks for a Python object.*drop the tag",
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,5 +125,17 @@ def test_invalid_sampler_settings(knobs, message):
 
 def test_unknown_backend_is_rejected(tiny_path):
     with pytest.raises(UsageError, match="unknown dist_backend 'mpi'"):
-        Config(model="T2Diff", dataset="tiny", config_dict={"data_path": tiny_path, "dist_backend": "mpi", "local_rank": 0,
-                                                             "nproc": 1, "world_size": 1, "ip": "localhost", "port": "1", "offset": 0})
+        Config(
+            model="T2Diff",
+            dataset="tiny",
+            config_dict={
+                "data_path": tiny_path,
+                "dist_backend": "mpi",
+                "local_rank": 0,
+                "nproc": 1,
+                "world_size": 1,
+                "ip": "localhost",
+                "port": "1",
+                "offset": 0,
+            },
+        )

@@ -1,5 +1,6 @@
 """Datasets (data.py): a failed download named in one line, RecBole's pickle caches never read, malformed and
 duplicate lines reported, unusable files refused in one line."""
+
 import logging
 import os
 import urllib.error
@@ -41,12 +42,17 @@ HEADER = "user_id:token\titem_id:token\ttimestamp:float"
     "case,lines,message",
     [
         ("header only", [HEADER], "has a header but no interaction lines"),
-        ("no timestamp column", ["user_id:token\titem_id:token"] + [f"{u}\t{i}" for u in range(1, 9) for i in range(1, 9)],
-         "no loaded column 'timestamp'"),
-        ("one interaction per user", [HEADER] + [f"{u}\t{u % 7 + 1}\t{u}" for u in range(1, 40)],
-         "no user with the 4 interactions.*39 of 39 users have one interaction only"),
-        ("non-numeric timestamps", [HEADER] + [f"{u}\t{i}\tday{i}" for u in range(1, 9) for i in range(1, 9)],
-         "64 malformed line.*timestamp='day1' is not a valid value.*more than max_malformed_lines=10"),
+        ("no timestamp column", ["user_id:token\titem_id:token"] + [f"{u}\t{i}" for u in range(1, 9) for i in range(1, 9)], "no loaded column 'timestamp'"),
+        (
+            "one interaction per user",
+            [HEADER] + [f"{u}\t{u % 7 + 1}\t{u}" for u in range(1, 40)],
+            "no user with the 4 interactions.*39 of 39 users have one interaction only",
+        ),
+        (
+            "non-numeric timestamps",
+            [HEADER] + [f"{u}\t{i}\tday{i}" for u in range(1, 9) for i in range(1, 9)],
+            "64 malformed line.*timestamp='day1' is not a valid value.*more than max_malformed_lines=10",
+        ),
     ],
 )
 def test_unusable_data_files_get_one_line(tmp_path, workdir, case, lines, message):
@@ -71,8 +77,11 @@ def test_malformed_lines_are_dropped_and_reported_not_ingested(tmp_path, workdir
     clean, *_ = prepare(Config(model="T2Diff", dataset="tiny", config_dict={"data_path": write_tiny_dataset(str(tmp_path / "clean")), **TINY_MODEL}))
     assert len(dataset.inter_feat) == len(clean.inter_feat) and "BROKEN" not in dataset.field2id_token["item_id"]
     assert list(dataset.field2id_token["item_id"]) == list(clean.field2id_token["item_id"])
-    one_line_error(prepare, Config(model="T2Diff", dataset="tiny", config_dict={"data_path": data, **TINY_MODEL, "max_malformed_lines": 1}),
-                   match="2 malformed line.*more than max_malformed_lines=1")
+    one_line_error(
+        prepare,
+        Config(model="T2Diff", dataset="tiny", config_dict={"data_path": data, **TINY_MODEL, "max_malformed_lines": 1}),
+        match="2 malformed line.*more than max_malformed_lines=1",
+    )
 
 
 def test_duplicate_lines_are_counted(tmp_path, workdir, caplog):

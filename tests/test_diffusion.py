@@ -1,4 +1,5 @@
 """Noise schedules, forward noising and reverse-step maths against closed forms (docs/T2DIFF.md §6, §10)."""
+
 import numpy as np
 import pytest
 import torch
@@ -142,9 +143,7 @@ def test_ddim_with_eta_1_and_every_step_is_the_ddpm_step(schedule):
     torch.manual_seed(0)
     z0_hat, z_s, noise = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     for s in range(2, 31):
-        torch.testing.assert_close(
-            diffusion.ddim_step(z0_hat, z_s, s, s - 1, 1.0, noise), diffusion.step(z0_hat, z_s, s, noise), rtol=1e-4, atol=1e-5
-        )
+        torch.testing.assert_close(diffusion.ddim_step(z0_hat, z_s, s, s - 1, 1.0, noise), diffusion.step(z0_hat, z_s, s, noise), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(diffusion.ddim_step(z0_hat, z_s, 1, 0, 1.0, noise), z0_hat)
 
 

@@ -1,5 +1,6 @@
 """RecBole's distributed mode (quick_start.py): the settings and arguments every rank gets, what rank 0 alone
 does, a checkpoint from several processes reloading in one, and two gloo processes on the CPU training and evaluating."""
+
 import os
 
 import pytest
@@ -15,7 +16,12 @@ def test_distributed_settings_fill_recboles_keys():
 
     assert distributed_settings(2) == {"nproc": 2, "world_size": 2, "ip": "localhost", "port": "5678", "offset": 0}
     assert distributed_settings(2, world_size=4, ip="10.0.0.1", port=29500, group_offset=2) == {
-        "nproc": 2, "world_size": 4, "ip": "10.0.0.1", "port": "29500", "offset": 2}
+        "nproc": 2,
+        "world_size": 4,
+        "ip": "10.0.0.1",
+        "port": "29500",
+        "offset": 2,
+    }
     assert distributed_settings(3, world_size=1)["world_size"] == 1  # one machine's share of a larger group, as given
     assert distributed_settings(3, world_size=0)["world_size"] == 3  # unset: this machine's processes
 
@@ -36,8 +42,7 @@ def test_each_rank_gets_its_settings_and_only_global_rank_0_reports(monkeypatch,
     settings = {"nproc": 2, "offset": 0}
     for rank, offset, given in [(0, 0, {"epochs": 1}), (1, 0, None), (1, 1, None), (0, 2, None)]:
         results = Results()
-        quick_start._rank_main(rank, function, {**settings, "offset": offset}, "config_dict",
-                               {"config_dict": given, "tag": "x"}, results)
+        quick_start._rank_main(rank, function, {**settings, "offset": offset}, "config_dict", {"config_dict": given, "tag": "x"}, results)
         assert calls[-1] == ({**(given or {}), **settings, "offset": offset, "local_rank": rank}, "x")
         assert results == (["result of 0"] if rank + offset == 0 else [])
     assert len(destroyed) == 4
@@ -72,15 +77,21 @@ def test_run_with_several_processes_hands_its_arguments_to_every_rank(monkeypatc
     files, knobs = [str(tmp_path / "fixed.yaml")], {"n_steps": 3}
     (tmp_path / "fixed.yaml").write_text("epochs: 1\n")
 
-    assert quick_start.run("T2Diff", "ml-100k", files, knobs, saved=False, verbose=False, nproc=2, world_size=4, ip="10.0.0.2",
-                           port=29500, group_offset=2) == "rank 0"
+    assert (
+        quick_start.run("T2Diff", "ml-100k", files, knobs, saved=False, verbose=False, nproc=2, world_size=4, ip="10.0.0.2", port=29500, group_offset=2)
+        == "rank 0"
+    )
     (function, nproc, settings, config, key), kwargs = spawned[-1]
     assert (function, nproc, key) == (quick_start._run, 2, "config_dict")
     assert settings == quick_start.distributed_settings(2, 4, "10.0.0.2", 29500, 2)
     assert (config["model"], config["dataset"], config["n_steps"], config["epochs"], config["world_size"]) == (
-        "T2Diff", "ml-100k", 3, 1, 4)  # checked once here, with the distributed keys, before any process starts
-    assert kwargs == {"model": "T2Diff", "dataset": "ml-100k", "config_file_list": files, "config_dict": knobs, "argv": None,
-                      "saved": False, "verbose": False}
+        "T2Diff",
+        "ml-100k",
+        3,
+        1,
+        4,
+    )  # checked once here, with the distributed keys, before any process starts
+    assert kwargs == {"model": "T2Diff", "dataset": "ml-100k", "config_file_list": files, "config_dict": knobs, "argv": None, "saved": False, "verbose": False}
     assert checked == ["ml-100k"]
 
     quick_start.run("T2Diff", "ml-100k", nproc=2)
@@ -103,8 +114,7 @@ def test_evaluating_with_several_processes_hands_the_checkpoint_to_each_rank(tra
     assert quick_start.evaluate_checkpoint(path, "valid", {"infer_steps": 2}, nproc=2, port=1234) == "gathered"
     assert quick_start.evaluate_checkpoint(path, nproc=2) == "gathered"
     (function, nproc, settings, config, key), kwargs = calls[0]
-    assert (function, nproc, settings, key) == (
-        quick_start.evaluate_checkpoint, 2, quick_start.distributed_settings(2, port=1234), "overrides")
+    assert (function, nproc, settings, key) == (quick_start.evaluate_checkpoint, 2, quick_start.distributed_settings(2, port=1234), "overrides")
     assert config["model"] == "T2Diff" and config["checkpoint_dir"] is not None  # the checkpoint's own config
     assert kwargs == {"model_file": path, "split": "valid", "overrides": {"infer_steps": 2}}
     assert calls[1][0][2]["port"] == "5679" and calls[1][1] == {"model_file": path, "split": "test", "overrides": None}
@@ -213,12 +223,12 @@ def test_a_checkpoint_from_several_processes_reloads_in_one(trained_t2diff, tmp_
 
 # ---- two gloo processes ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.spawns
 @pytest.mark.slow
 def test_gathered_evaluation_equals_single_process(tiny_path, workdir):
     """The same weights scored by 2 processes: RecBole gathers per-rank metrics into the same numbers."""
-    result = run("SASRec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "MAX_ITEM_LIST_LENGTH": 12,
-                                                "show_progress": False, "state": "WARNING"})
+    result = run("SASRec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "MAX_ITEM_LIST_LENGTH": 12, "show_progress": False, "state": "WARNING"})
     single = evaluate_checkpoint(result["saved_model_file"])
     gathered = evaluate_checkpoint(result["saved_model_file"], nproc=2, port=free_port())
     assert set(gathered) == set(single)

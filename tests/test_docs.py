@@ -1,5 +1,6 @@
 """The documentation says what the repository holds: the knob reference is generated from the property files,
 every design-note citation names a section that exists, every relative link resolves, and the README stays a guide."""
+
 import importlib.util
 import re
 from pathlib import Path
@@ -19,8 +20,7 @@ _LINK = re.compile(r"\[[^\]]*\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def test_the_knob_reference_is_what_the_property_files_generate():
-    assert (ROOT / "docs" / "KNOBS.md").read_text(encoding="utf-8") == knob_reference.render(), (
-        "docs/KNOBS.md is stale: run python scripts/knob_reference.py")
+    assert (ROOT / "docs" / "KNOBS.md").read_text(encoding="utf-8") == knob_reference.render(), "docs/KNOBS.md is stale: run python scripts/knob_reference.py"
 
 
 @pytest.mark.parametrize("model", knob_reference.MODEL_FILES)

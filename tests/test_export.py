@@ -1,5 +1,6 @@
 """Two-tower export (export.py): the exported vectors reproduce the model's scores and RecBole's metrics for the
 split and the overrides asked for, for T2Diff, built-in models and SparCode's dot reduction."""
+
 import json
 
 import numpy as np
@@ -84,8 +85,20 @@ def test_export_writes_what_it_returns_and_can_write_again(trained_t2diff, tmp_p
 
 
 def test_a_builtin_model_exports(tiny_path, workdir, tmp_path):
-    result = run("SASRec", "tiny", config_dict={"data_path": tiny_path, "hidden_size": 8, "inner_size": 16, "n_layers": 1,
-                                                 "n_heads": 1, "epochs": 1, "show_progress": False, "state": "WARNING"})
+    result = run(
+        "SASRec",
+        "tiny",
+        config_dict={
+            "data_path": tiny_path,
+            "hidden_size": 8,
+            "inner_size": 16,
+            "n_layers": 1,
+            "n_heads": 1,
+            "epochs": 1,
+            "show_progress": False,
+            "state": "WARNING",
+        },
+    )
     paths, items, users, targets = export_embeddings(result["saved_model_file"], str(tmp_path / "export"))
     _, model, *_ = load_data_and_model(result["saved_model_file"])
     np.testing.assert_array_equal(items, model.item_embedding.weight.detach().numpy())
@@ -93,8 +106,11 @@ def test_a_builtin_model_exports(tiny_path, workdir, tmp_path):
 
 
 def test_a_builtin_model_exports_its_item_embedding_and_sequence_vectors(tiny_path, tmp_path, workdir):
-    result = run("SASRec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "hidden_size": 16, "inner_size": 32,
-                                                "n_layers": 1, "show_progress": False, "state": "WARNING"})
+    result = run(
+        "SASRec",
+        "tiny",
+        config_dict={"data_path": tiny_path, "epochs": 1, "hidden_size": 16, "inner_size": 32, "n_layers": 1, "show_progress": False, "state": "WARNING"},
+    )
     _, items, users, targets = export_embeddings(result["saved_model_file"], str(tmp_path), split="valid")
     _, model, _, _, valid, _ = load_data_and_model(result["saved_model_file"])
     torch.testing.assert_close(torch.from_numpy(items), model.item_embedding.weight.detach())
@@ -108,8 +124,17 @@ def test_a_builtin_model_exports_its_item_embedding_and_sequence_vectors(tiny_pa
 
 # SparCode's two-tower reduction on the tiny data (docs/SPARCODE.md §11): quantized tokens, dot interaction, no ReLU.
 # A non-zero bias: the constant K_u·b it adds to every score must change no ranking the export serves.
-SPARCODE_DOT = {"token_size": 8, "n_layers": 1, "inner_size": 16, "n_query_tokens": 2, "codebook_size": 8,
-                "softmax_negatives": 10, "interaction": "dot", "score_relu": False, "score_bias": -0.5}
+SPARCODE_DOT = {
+    "token_size": 8,
+    "n_layers": 1,
+    "inner_size": 16,
+    "n_query_tokens": 2,
+    "codebook_size": 8,
+    "softmax_negatives": 10,
+    "interaction": "dot",
+    "score_relu": False,
+    "score_bias": -0.5,
+}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ together from the reconstructed row, its diffusion loss, the running scale and t
 (stop-gradients); the gate, the copy-last control, x̂'s cross-entropy and sampled evaluation; the next-item denoiser with guidance.
 The maths of the schedules and samplers is in test_diffusion.py, the denoiser networks in test_unet.py.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from helpers import TINY_MODEL, first_batch, make_model, record_calls
 
 
 # ---- x̂: from the last reconstructed row back to an item token -----------------------------------
+
 
 @pytest.mark.parametrize("use_drift", [True, False])
 def test_generated_item_adds_the_last_history_token_back_in_drift_mode(tiny_data, use_drift):
@@ -61,6 +63,7 @@ def test_a_denoiser_predicting_zero_serves_the_last_item_in_drift_mode(tiny_data
 
 # ---- several reverse chains per user -------------------------------------------------------------
 
+
 def chain_x_hat(model, history):
     model.eval()  # resets the evaluation generator, ...
     torch.manual_seed(0)  # ... and the global one: the chains draw the same noise for the same shape
@@ -82,6 +85,7 @@ def test_infer_samples_averages_each_users_own_chains(tiny_data):
 
 # ---- the diffusion loss and the running scale of the drift ------------------------------------------
 
+
 @pytest.mark.parametrize("diff_loss,positions", [("l2norm", "all"), ("mse", "valid"), ("l2norm", "last"), ("mse", "all")])
 def test_the_diffusion_loss_regresses_the_true_drift_at_uniform_steps_on_the_chosen_rows(tiny_data, diff_loss, positions):
     model = make_model(tiny_data, diffusion_scale="rms", diff_loss=diff_loss, diff_loss_positions=positions, lambda_diff=0.7)
@@ -100,8 +104,11 @@ def test_the_diffusion_loss_regresses_the_true_drift_at_uniform_steps_on_the_cho
         estimate = model.one_step_estimate(drift / 0.5, history / 0.5, steps, noise)
         error = estimate - drift / 0.5
         per_row = error.norm(dim=-1) if diff_loss == "l2norm" else error.pow(2).mean(-1)
-        rows = {"all": torch.ones_like(mask), "valid": torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], dim=1),
-                "last": torch.zeros_like(mask).index_fill(1, torch.tensor([mask.size(1) - 1]), True)}[positions]
+        rows = {
+            "all": torch.ones_like(mask),
+            "valid": torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], dim=1),
+            "last": torch.zeros_like(mask).index_fill(1, torch.tensor([mask.size(1) - 1]), True),
+        }[positions]
         if positions == "valid":
             assert not rows.all(), "the batch must hold padded rows for 'valid' to differ from 'all'"
         expected = 0.7 * (per_row * rows).sum() / rows.sum()
@@ -165,6 +172,7 @@ def test_diffusion_runs_in_units_of_the_drifts_running_rms(tiny_data, diffusion_
 
 # ---- the reverse chain at inference --------------------------------------------------------------
 
+
 def test_the_chain_runs_in_diffusion_units_and_x_hat_comes_back_in_token_units(tiny_data):
     """A denoiser that returns its (scaled) condition predicts the drift x_L/scale; x̂ = x_L + scale·x_L/scale."""
     model = make_model(tiny_data, diffusion_scale="rms")
@@ -201,6 +209,7 @@ def test_switching_the_sampler_keeps_ddim_deterministic_unless_told(tiny_data):
 
 
 # ---- which loss trains which part ------------------------------------------------------------------
+
 
 def grads(model, loss):
     model.zero_grad()
@@ -262,13 +271,14 @@ def test_without_stop_gradients_the_tower_loss_reaches_the_unet_through_the_chai
 
 # ---- the gate, the copy-last control, x̂'s cross-entropy, sampled evaluation -----------------------------
 
+
 def test_a_gated_x_hat_starts_as_the_copied_last_item_and_the_tower_loss_trains_the_gate(tiny_data):
     _, train, _, _ = tiny_data
     model = make_model(tiny_data, x_hat_gate=True)
     batch = first_batch(train)
     history, mask = model.history(batch)
     x_hat = torch.randn_like(history[:, -1])
-    assert float(model.x_hat_gate) == 0.0
+    assert model.x_hat_gate.item() == 0.0
     torch.testing.assert_close(model.session_x_hat(history, x_hat), history[:, -1])  # the copy-last control at the start
     with torch.no_grad():
         model.x_hat_gate.fill_(0.25)
@@ -341,13 +351,16 @@ def test_copy_last_needs_the_x_hat_token(tiny_data):
         make_model(tiny_data, x_hat_source="copy_last", use_diffusion=False)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("xhat_loss", "bce", "xhat_loss=bce: use one of none, ce"),
-    ("train_xhat", "chains", "train_xhat=chains: use one of one_step, chain"),
-    ("step_conditioning", "add", "step_conditioning=add: use one of input, film"),
-    ("lambda_xhat", -1, "lambda_xhat=-1: it must be >= 0"),
-    ("infer_steps", 9, "infer_steps=9 with sampler=ddim: it must lie in 1..n_steps=4"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("xhat_loss", "bce", "xhat_loss=bce: use one of none, ce"),
+        ("train_xhat", "chains", "train_xhat=chains: use one of one_step, chain"),
+        ("step_conditioning", "add", "step_conditioning=add: use one of input, film"),
+        ("lambda_xhat", -1, "lambda_xhat=-1: it must be >= 0"),
+        ("infer_steps", 9, "infer_steps=9 with sampler=ddim: it must lie in 1..n_steps=4"),
+    ],
+)
 def test_bad_diffusion_knobs_say_which_setting_is_wrong(tiny_data, key, value, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         make_model(tiny_data, **{key: value})
@@ -379,9 +392,21 @@ def test_predict_gives_every_row_of_a_user_the_same_x_hat(tiny_data):
 def test_sampled_evaluation_runs_and_repeats(tiny_path, workdir):
     from recbole_t2diff.quick_start import run
 
-    settings = {"data_path": tiny_path, "epochs": 1, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni100"},
-                "show_progress": False, "embedding_size": 8, "n_heads": 2, "session_len": 3, "MAX_ITEM_LIST_LENGTH": 8,
-                "n_steps": 4, "unet_levels": 2, "unet_mult": [1, 2], "session_ffn_hidden": [8], **SIGNAL}
+    settings = {
+        "data_path": tiny_path,
+        "epochs": 1,
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni100"},
+        "show_progress": False,
+        "embedding_size": 8,
+        "n_heads": 2,
+        "session_len": 3,
+        "MAX_ITEM_LIST_LENGTH": 8,
+        "n_steps": 4,
+        "unet_levels": 2,
+        "unet_mult": [1, 2],
+        "session_ffn_hidden": [8],
+        **SIGNAL,
+    }
     first = run("T2Diff", "tiny", config_dict=settings, verbose=False)
     second = run("T2Diff", "tiny", config_dict=settings, verbose=False)
     assert first["test_result"] == second["test_result"]
@@ -389,6 +414,7 @@ def test_sampled_evaluation_runs_and_repeats(tiny_path, workdir):
 
 
 # ---- x_hat_source: next_item, a denoiser of the next item's token alone, conditioned on the tower's encoding -------
+
 
 def generator_and_tower_grads(model, loss):
     model.zero_grad()
@@ -450,15 +476,31 @@ def test_guidance_mixes_the_conditional_and_the_unconditional_estimate(tiny_data
 def test_a_next_item_t2diff_trains_and_reports_its_x_hat(tiny_path, workdir):
     from recbole_t2diff.quick_start import run
 
-    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "x_hat_source": "next_item",
-                                                 "train_xhat": "chain", "guidance_weight": 1.0, "infer_steps": 2, "diffusion_scale": "rms"}, saved=False)
+    result = run(
+        "T2Diff",
+        "tiny",
+        config_dict={
+            "data_path": tiny_path,
+            **TINY_MODEL,
+            "epochs": 1,
+            "x_hat_source": "next_item",
+            "train_xhat": "chain",
+            "guidance_weight": 1.0,
+            "infer_steps": 2,
+            "diffusion_scale": "rms",
+        },
+        saved=False,
+    )
     assert result["xhat_quality"]["xhat_rel_error"] > 0 and 0 <= result["test_result"]["ndcg@10"] <= 1
 
 
-@pytest.mark.parametrize("knobs, message", [
-    ({"guidance_weight": -1}, "guidance_weight=-1: it must be >= 0"),
-    ({"condition_dropout": 1.0}, "condition_dropout=1.0: it must lie in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"guidance_weight": -1}, "guidance_weight=-1: it must be >= 0"),
+        ({"condition_dropout": 1.0}, "condition_dropout=1.0: it must lie in [0, 1)"),
+    ],
+)
 def test_bad_guidance_knobs_are_refused_in_one_line(tiny_data, knobs, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
         make_model(tiny_data, x_hat_source="next_item", train_xhat="chain", **knobs)
@@ -504,11 +546,14 @@ def test_the_x_hat_cross_entropy_can_be_put_on_the_served_chain(tiny_data):
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.denoiser.parameters())
 
 
-@pytest.mark.parametrize("knobs, message", [
-    ({"xhat_loss_on": "served", "xhat_loss": "none", "train_xhat": "chain"}, "xhat_loss_on=served with xhat_loss=none"),
-    ({"xhat_loss_on": "served", "xhat_loss": "ce", "train_xhat": "one_step"}, "xhat_loss_on=served with xhat_loss=ce, train_xhat=one_step"),
-    ({"x_hat_in_score": True, "use_diffusion": False}, "x_hat_in_score=True with use_diffusion=False"),
-])
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"xhat_loss_on": "served", "xhat_loss": "none", "train_xhat": "chain"}, "xhat_loss_on=served with xhat_loss=none"),
+        ({"xhat_loss_on": "served", "xhat_loss": "ce", "train_xhat": "one_step"}, "xhat_loss_on=served with xhat_loss=ce, train_xhat=one_step"),
+        ({"x_hat_in_score": True, "use_diffusion": False}, "x_hat_in_score=True with use_diffusion=False"),
+    ],
+)
 def test_ranking_aligned_knobs_refuse_what_cannot_work(tiny_data, knobs, message):
     with pytest.raises(UsageError, match=message):
         make_model(tiny_data, **knobs)

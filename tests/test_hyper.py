@@ -1,6 +1,7 @@
 """Hyperparameter search (hyper.py, run_hyper.py): a real two-trial search, the trial picked on validation where
 test disagrees, the params file read as literals and its errors named, command-line conflicts, the output file checked
 before any trial."""
+
 import inspect
 import math
 import os
@@ -33,8 +34,7 @@ session_len: 5
 
 def run_hyper(args, cwd):
     env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.spawns
@@ -42,8 +42,7 @@ def run_hyper(args, cwd):
 def test_two_trial_search_on_ml100k_picks_the_better_validation_score(tmp_path):
     (tmp_path / "fixed.yaml").write_text(FIXED)
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.00001,0.005]\n")
-    result = run_hyper(["--model=T2Diff", "--dataset=ml-100k", "--params_file=space.hyper", "--config_files=fixed.yaml",
-                        "--output_file=out.result"], tmp_path)
+    result = run_hyper(["--model=T2Diff", "--dataset=ml-100k", "--params_file=space.hyper", "--config_files=fixed.yaml", "--output_file=out.result"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trial 1 of at most 2" in result.stdout and "trial 2 of at most 2" in result.stdout
     text = (tmp_path / "out.result").read_text()
@@ -81,9 +80,9 @@ def test_builtin_models_can_be_searched(tmp_path, tiny_path, workdir, capsys):
 
 # ---- selection: the best validation score wins, whatever the test scores say ---------------------------------
 
+
 def fake_result(valid, test):
-    return {"model": "T2Diff", "best_valid_score": valid, "valid_score_bigger": True,
-            "best_valid_result": {"ndcg@10": valid}, "test_result": {"ndcg@10": test}}
+    return {"model": "T2Diff", "best_valid_score": valid, "valid_score_bigger": True, "best_valid_result": {"ndcg@10": valid}, "test_result": {"ndcg@10": test}}
 
 
 @pytest.mark.parametrize("bigger", [True, False])
@@ -126,6 +125,7 @@ def test_a_one_trial_search_selects_its_trial(tmp_path):
 
 
 # ---- the params file ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "line,message",
@@ -174,8 +174,9 @@ def test_a_params_file_choice_runs_no_code(tmp_path):
     """Each trial handed the option to RecBole's eval(): the file is refused before any trial."""
     marker = tmp_path / "marker"
     (tmp_path / "space.hyper").write_text(f'learning_rate choice ["{CODE.format(marker=marker)}"]\n')
-    one_line_error(Search, "T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=[],
-                   match=r"learning_rate=.* \(a choice in .*space.hyper, line 1\) is Python code")
+    one_line_error(
+        Search, "T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=[], match=r"learning_rate=.* \(a choice in .*space.hyper, line 1\) is Python code"
+    )
     assert not marker.exists()
 
 
@@ -183,12 +184,14 @@ def test_every_type_with_comments_and_spaces_in_values(tmp_path):
     from hyperopt.pyll.stochastic import sample
 
     path = tmp_path / "space.hyper"
-    path.write_text("# a whole-line comment\n\n"
-                    "learning_rate choice [0.001, 0.01]  # a comment\n"
-                    "dropout_prob uniform 0.1, 0.2  # a comment # with two hashes\n"
-                    "embedding_size quniform 8, 64, 8\n"
-                    "step_emb_scale quniform 0.5,2.5,0.5\n"
-                    "weight_decay loguniform -8,-5\n")
+    path.write_text(
+        "# a whole-line comment\n\n"
+        "learning_rate choice [0.001, 0.01]  # a comment\n"
+        "dropout_prob uniform 0.1, 0.2  # a comment # with two hashes\n"
+        "embedding_size quniform 8, 64, 8\n"
+        "step_emb_scale quniform 0.5,2.5,0.5\n"
+        "weight_decay loguniform -8,-5\n"
+    )
     space = parse_params_file(str(path))
     assert sorted(space) == ["dropout_prob", "embedding_size", "learning_rate", "step_emb_scale", "weight_decay"]
     draws = [sample(space) for _ in range(40)]
@@ -238,6 +241,7 @@ def test_malformed_file_from_the_command_line_gives_one_line(tmp_path):
 
 # ---- the command line and the output file -------------------------------------------------------------------
 
+
 def test_a_searched_key_on_the_command_line_is_rejected(tmp_path):
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
     with pytest.raises(UsageError, match="--learning_rate is given on the command line and searched"):
@@ -271,7 +275,7 @@ def test_every_trial_gets_the_command_line_settings(monkeypatch, tmp_path):
     monkeypatch.setattr(hyper_module, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
     search = Search("T2Diff", "ml-100k", str(tmp_path / "space.hyper"), argv=["--epochs=1"])
     search.objective_function({"learning_rate": 0.01}, None)
-    (args, kwargs), = calls
+    ((args, kwargs),) = calls
     assert args == ("T2Diff", "ml-100k") and kwargs["argv"] == ["--epochs=1"] and kwargs["config_dict"] == {"learning_rate": 0.01}
 
 
@@ -293,9 +297,14 @@ def test_the_output_file_is_checked_before_any_trial(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_run_hyper_rejects_an_unwritable_output_file_before_any_trial(tmp_path):
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), "--params_file=space.hyper",
-                             f"--output_file={tmp_path}/missing/dir/x"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_hyper.py"), "--params_file=space.hyper", f"--output_file={tmp_path}/missing/dir/x"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1 and "missing/dir does not exist" in lines[0], result.stderr
     assert "trial" not in result.stdout

@@ -2,6 +2,7 @@
 rejected one gets the one-line error naming the knob. A check whose bound moves by one (``<`` for
 ``<=``, a minimum of 2 for 1) or whose branch is dropped fails here, not at some later crash. A search's float for an integer knob (20.0) is accepted as the
 integer."""
+
 import re
 
 import pytest
@@ -108,9 +109,25 @@ T2DIFF_REJECTED = [
     ({"x_hat_source": "copy_last", "x_hat_gate": True}, "x_hat_gate=True"),
     ({"category_field": "genre", "category_dim": 64}, "category_dim=64"),
     ({"category_field": "genre", "category_dim": 0}, "category_dim=0"),
-    *[({knob: "nonsense"}, f"{knob}=nonsense") for knob in (
-        "reverse_coef", "unet_padding", "step_emb", "diff_loss", "diffusion_scale", "diff_loss_positions",
-        "step_conditioning", "xhat_loss", "train_xhat", "x_hat_source", "loss_type", "sampler", "position_embedding", "xhat_loss_on")],
+    *[
+        ({knob: "nonsense"}, f"{knob}=nonsense")
+        for knob in (
+            "reverse_coef",
+            "unet_padding",
+            "step_emb",
+            "diff_loss",
+            "diffusion_scale",
+            "diff_loss_positions",
+            "step_conditioning",
+            "xhat_loss",
+            "train_xhat",
+            "x_hat_source",
+            "loss_type",
+            "sampler",
+            "position_embedding",
+            "xhat_loss_on",
+        )
+    ],
 ]
 
 
@@ -125,7 +142,7 @@ SPARCODE_ACCEPTED = [
     {"n_item_tokens": 3},
     {"quantize": False, "score_mode": "exact"},
     {"codebook_size": 2},
-    {"token_size": 2, "n_codebooks": 2, "codebook_size": 2 ** 30},  # keys of 2 x 30 bits
+    {"token_size": 2, "n_codebooks": 2, "codebook_size": 2**30},  # keys of 2 x 30 bits
     {"vq_beta": 0, "ema_decay": 0, "ema_eps": 0, "dead_code_threshold": 0},
     {"ema_decay": 0.999},
     {"interaction": "dot", "n_item_tokens": 1},
@@ -171,7 +188,7 @@ SPARCODE_REJECTED = [
     ({"n_codebooks": 0}, "n_codebooks=0"),
     ({"n_codebooks": 3}, "n_codebooks=3"),
     ({"codebook_size": 1}, "codebook_size=1"),
-    ({"token_size": 2, "n_codebooks": 2, "codebook_size": 2 ** 30 + 1}, "codebook_size=1073741825"),  # 2 x 31 bits
+    ({"token_size": 2, "n_codebooks": 2, "codebook_size": 2**30 + 1}, "codebook_size=1073741825"),  # 2 x 31 bits
     ({"vq_beta": -0.1}, "vq_beta=-0.1"),
     ({"vq_beta": None}, "vq_beta=None"),
     ({"ema_decay": 1}, "ema_decay=1"),
@@ -206,15 +223,20 @@ SPARCODE_REJECTED = [
 ]
 
 
-@pytest.mark.parametrize("model,knobs", [(T2Diff, k) for k in T2DIFF_ACCEPTED] + [(SparCode, k) for k in SPARCODE_ACCEPTED],
-                         ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
+@pytest.mark.parametrize(
+    "model,knobs",
+    [(T2Diff, k) for k in T2DIFF_ACCEPTED] + [(SparCode, k) for k in SPARCODE_ACCEPTED],
+    ids=lambda v: v.__name__ if isinstance(v, type) else str(v),
+)
 def test_the_last_accepted_value_passes(defaults, model, knobs):
     check(defaults, model, knobs)
 
 
-@pytest.mark.parametrize("model,knobs,message",
-                         [(T2Diff, *case) for case in T2DIFF_REJECTED] + [(SparCode, *case) for case in SPARCODE_REJECTED],
-                         ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
+@pytest.mark.parametrize(
+    "model,knobs,message",
+    [(T2Diff, *case) for case in T2DIFF_REJECTED] + [(SparCode, *case) for case in SPARCODE_REJECTED],
+    ids=lambda v: v.__name__ if isinstance(v, type) else str(v),
+)
 def test_the_first_rejected_value_names_its_knob(defaults, model, knobs, message):
     with pytest.raises(UsageError, match=re.escape(f"invalid {model.__name__} setting {message}")) as raised:
         check(defaults, model, knobs)
@@ -233,8 +255,11 @@ def test_check_config_returns_the_parsed_settings_the_constructor_builds_from(de
     knobs = T2Diff.check_config(Settings({**defaults[T2Diff], "n_steps": 20.0, "session_ffn_hidden": None}))
     assert knobs["n_steps"] == 20 and type(knobs["n_steps"]) is int and knobs["session_ffn_hidden"] == []
     assert knobs["x_hat"] == "diffusion"
-    for settings, x_hat in [({"use_diffusion": False}, "none"), ({"x_hat_source": "copy_last"}, "copy_last"),
-                            ({"x_hat_source": "next_item", "train_xhat": "chain"}, "next_item")]:
+    for settings, x_hat in [
+        ({"use_diffusion": False}, "none"),
+        ({"x_hat_source": "copy_last"}, "copy_last"),
+        ({"x_hat_source": "next_item", "train_xhat": "chain"}, "next_item"),
+    ]:
         assert T2Diff.check_config(Settings({**defaults[T2Diff], **settings}))["x_hat"] == x_hat
     sparcode = SparCode.check_config(Settings({**defaults[SparCode], "mlp_hidden": [8.0, 4]}))
     assert sparcode["mlp_hidden"] == [8, 4] and sparcode["score_bias"] == 0.0 and "dnn_hidden" not in sparcode
@@ -242,15 +267,19 @@ def test_check_config_returns_the_parsed_settings_the_constructor_builds_from(de
         sparcode["score_bias"] = 1.0  # read-only: the constructor takes them as checked
 
 
-@pytest.mark.parametrize("model,knobs,message", [
-    (T2Diff, {"lambda_diff": "abc"}, "lambda_diff=abc: it must be a number >= 0"),
-    (T2Diff, {"ddim_eta": None}, "ddim_eta=None: it must be a number in [0, 1]"),
-    (T2Diff, {"n_steps": float("inf")}, "n_steps=inf: it must be an integer >= 1"),
-    (T2Diff, {"use_drift": "yes"}, "use_drift=yes: use true or false"),
-    (T2Diff, {"session_ffn_hidden": [0]}, "session_ffn_hidden=[0]: give a list of positive integers"),
-    (SparCode, {"relu_leak": float("nan")}, "relu_leak=nan: it must lie in [0, 1)"),
-    (SparCode, {"ce_checkpoint": 1}, "ce_checkpoint=1: use true or false"),
-], ids=str)
+@pytest.mark.parametrize(
+    "model,knobs,message",
+    [
+        (T2Diff, {"lambda_diff": "abc"}, "lambda_diff=abc: it must be a number >= 0"),
+        (T2Diff, {"ddim_eta": None}, "ddim_eta=None: it must be a number in [0, 1]"),
+        (T2Diff, {"n_steps": float("inf")}, "n_steps=inf: it must be an integer >= 1"),
+        (T2Diff, {"use_drift": "yes"}, "use_drift=yes: use true or false"),
+        (T2Diff, {"session_ffn_hidden": [0]}, "session_ffn_hidden=[0]: give a list of positive integers"),
+        (SparCode, {"relu_leak": float("nan")}, "relu_leak=nan: it must lie in [0, 1)"),
+        (SparCode, {"ce_checkpoint": 1}, "ce_checkpoint=1: use true or false"),
+    ],
+    ids=str,
+)
 def test_a_value_of_the_wrong_kind_is_refused_in_one_line(defaults, model, knobs, message):
     with pytest.raises(UsageError, match=re.escape(f"invalid {model.__name__} setting {message}")) as raised:
         check(defaults, model, knobs)

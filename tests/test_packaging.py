@@ -1,5 +1,6 @@
 """The metadata says which Pythons are supported, only --tool=ray needs ray (the install drops RecBole's pin), and the
 package's modules import each other without cycles and never touch sys.argv."""
+
 import ast
 import configparser
 import os
@@ -19,8 +20,9 @@ PROMISED = ["3.10", "3.11", "3.12", "3.13"]
 def test_python_requires_admits_exactly_the_classified_versions():
     metadata = configparser.ConfigParser()
     metadata.read(os.path.join(REPO, "setup.cfg"))
-    classified = [line.rsplit("::", 1)[1].strip() for line in metadata["metadata"]["classifiers"].splitlines()
-                  if line.startswith("Programming Language :: Python :: 3.")]
+    classified = [
+        line.rsplit("::", 1)[1].strip() for line in metadata["metadata"]["classifiers"].splitlines() if line.startswith("Programming Language :: Python :: 3.")
+    ]
     requires = SpecifierSet(metadata["options"]["python_requires"])
     admitted = [f"3.{minor}" for minor in range(0, 30) if f"3.{minor}.0" in requires]
     assert classified == admitted and set(PROMISED) <= set(classified)
@@ -135,8 +137,11 @@ def test_nothing_in_the_package_reads_or_writes_sys_argv():
     for name, path in package_modules().items():
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
-        uses = [node.lineno for node in ast.walk(tree)
-                if isinstance(node, ast.Attribute) and node.attr == "argv" and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+        uses = [
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "argv" and isinstance(node.value, ast.Name) and node.value.id == "sys"
+        ]
         assert not uses, f"{name} uses sys.argv at line(s) {uses}"
 
 

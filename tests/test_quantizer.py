@@ -1,6 +1,7 @@
 """SparCode's product quantizer (quantizer.py, docs/SPARCODE.md §5): nearest-codeword assignment and keys,
 straight-through gradients, EMA codebooks as buffers, dead-code restarts, code statistics, bfloat16 training.
 """
+
 import contextlib
 import os
 import re
@@ -60,15 +61,13 @@ def test_codebooks_are_buffers_not_parameters(sparcode_data):
     assert not any(name.startswith("quantizer") for name in names)
     assert {"quantizer.codewords", "quantizer.counts", "quantizer.sums", "quantizer.initialised"} <= set(model.state_dict())
     assert "quantizer.radix" not in model.state_dict()  # derived from the sizes; checkpoints carry only the learned state
-    assert (model.quantizer.initialised.dtype, model.quantizer.restarts.dtype, model.quantizer.radix.dtype) == (
-        torch.bool, torch.long, torch.long)
+    assert (model.quantizer.initialised.dtype, model.quantizer.restarts.dtype, model.quantizer.radix.dtype) == (torch.bool, torch.long, torch.long)
 
 
 def test_the_quantizers_defaults_are_the_property_files():
     knobs = yaml.safe_load(open(os.path.join(REPO, "properties", "model", "SparCode.yaml")))
     quantizer = ProductQuantizer(8, 2, 4)
-    assert (quantizer.decay, quantizer.eps, quantizer.dead_code_threshold) == (
-        knobs["ema_decay"], knobs["ema_eps"], knobs["dead_code_threshold"])
+    assert (quantizer.decay, quantizer.eps, quantizer.dead_code_threshold) == (knobs["ema_decay"], knobs["ema_eps"], knobs["dead_code_threshold"])
 
 
 def test_restarted_codes_spread_over_the_batch_vectors():
@@ -193,8 +192,11 @@ def test_each_epoch_logs_its_code_usage_and_restarts(sparcode_data, caplog):
     with caplog.at_level("INFO"):
         model.eval()
     line = next(line for line in caplog.text.splitlines() if "SparCode codes in training" in line)
-    assert re.search(r"usage \d+%/\d+% of 8 codes per codebook, perplexity [0-9.]+/[0-9.]+, \d+ distinct keys, "
-                     rf"relative quantization error [0-9.]+, {restarts} restarts", line), line
+    assert re.search(
+        r"usage \d+%/\d+% of 8 codes per codebook, perplexity [0-9.]+/[0-9.]+, \d+ distinct keys, "
+        rf"relative quantization error [0-9.]+, {restarts} restarts",
+        line,
+    ), line
     assert model.epoch_codes.tokens == 0, "the next epoch starts a new tally"
     caplog.clear()
     with caplog.at_level("INFO"):

@@ -1,6 +1,7 @@
 """run, load_data_and_model and evaluate_checkpoint (quick_start.py) on the tiny data: what is reported is what
 was selected (the best-validation checkpoint is the one tested, and reloads to the same metrics), the same seed gives
 the same metrics, built-in models run through the same functions, Ctrl-C says what it kept, x̂'s quality is reported."""
+
 import copy
 import os
 import re
@@ -57,8 +58,7 @@ def test_the_best_validation_epoch_is_the_one_tested_even_when_it_is_not_the_las
 
         trainer._valid_epoch, trainer.fit, trainer.evaluate = scripted_valid_epoch, recording_fit, recording_evaluate
 
-    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 3, "learning_rate": 0.01},
-                 on_trainer=on_trainer)
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 3, "learning_rate": 0.01}, on_trainer=on_trainer)
     assert result["best_valid_score"] == 0.9 and dict(result["best_valid_result"]) == valid_results[0]
     assert dict(evaluate_checkpoint(result["saved_model_file"], "valid")) == valid_results[0]  # the file holds epoch 0
     assert dict(result["test_result"]) == dict(evaluate_checkpoint(result["saved_model_file"], "test"))
@@ -76,20 +76,23 @@ def test_show_progress_reaches_the_test_evaluation_and_the_result_names_its_mode
         evaluate = trainer.evaluate
         trainer.evaluate = lambda data, *args, **kwargs: flags.append(kwargs.get("show_progress")) or evaluate(data, *args, **kwargs)
 
-    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "show_progress": True},
-                 saved=False, on_trainer=on_trainer)
+    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "show_progress": True}, saved=False, on_trainer=on_trainer)
     assert flags == [True, True]  # the epoch's validation, then the test
     assert result["model"] == "T2Diff"
 
 
 def test_a_run_without_saving_reports_no_file_and_counts_trainable_parameters(tiny_path, workdir):
     seen = {}
-    result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1}, saved=False,
-                 on_trainer=lambda trainer: seen.update(model=trainer.model))
+    result = run(
+        "T2Diff",
+        "tiny",
+        config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1},
+        saved=False,
+        on_trainer=lambda trainer: seen.update(model=trainer.model),
+    )
     assert result["saved_model_file"] is None and not list(workdir.glob("saved/*"))
     assert result["params"] == sum(p.numel() for p in seen["model"].parameters() if p.requires_grad)
-    assert set(result) == {"model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result",
-                           "saved_model_file", "params", "xhat_quality"}
+    assert set(result) == {"model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result", "saved_model_file", "params", "xhat_quality"}
 
 
 def test_builtin_models_run_through_the_same_function(tiny_path, workdir):
@@ -106,12 +109,16 @@ def test_each_model_type_gets_recboles_trainer_for_it(monkeypatch):
     from recbole_t2diff import quick_start
 
     monkeypatch.setattr(quick_start, "_safe_trainer_class", lambda trainer_class: lambda config, model, dataset: trainer_class)
-    for model_type, model, expected in [(ModelType.TRADITIONAL, "Pop", TraditionalTrainer),
-                                        (ModelType.KNOWLEDGE, "CKE", KGTrainer), (ModelType.SEQUENTIAL, "T2Diff", Trainer)]:
+    for model_type, model, expected in [
+        (ModelType.TRADITIONAL, "Pop", TraditionalTrainer),
+        (ModelType.KNOWLEDGE, "CKE", KGTrainer),
+        (ModelType.SEQUENTIAL, "T2Diff", Trainer),
+    ]:
         assert quick_start.make_trainer({"MODEL_TYPE": model_type, "model": model, "single_spec": True}, None) is expected
 
 
 # ---- reloading a checkpoint -----------------------------------------------------------------------------------
+
 
 def test_other_parameters_come_back_with_the_weights(trained_t2diff, tmp_path, workdir, monkeypatch):
     """RecBole models may keep state outside the state dict (``other_parameter``): both reload paths hand it back."""
@@ -158,8 +165,10 @@ def test_a_checkpoint_can_be_evaluated_with_the_few_step_sampler(trained_t2diff,
 
 # ---- Ctrl-C --------------------------------------------------------------------------------------------------
 
+
 def interrupt_at_epoch(epoch):
     """An on_trainer hook: Ctrl-C when training epoch ``epoch`` starts."""
+
     def hook(trainer):
         train_epoch = trainer._train_epoch
 
@@ -169,6 +178,7 @@ def interrupt_at_epoch(epoch):
             return train_epoch(train_data, epoch_idx, *args, **kwargs)
 
         trainer._train_epoch = interrupted
+
     return hook
 
 
@@ -180,8 +190,11 @@ def test_ctrl_c_during_training_says_what_was_kept(tiny_path, workdir, capsys):
         run("T2Diff", "tiny", config_dict=settings, on_trainer=interrupt_at_epoch(2))
     saved = [os.path.abspath(os.path.join("saved", name)) for name in os.listdir("saved")]
     assert len(saved) == 1 and load_checkpoint(saved[0])["epoch"] in (0, 1)
-    assert re.fullmatch(rf"training stopped by Ctrl-C; kept {re.escape(saved[0])}, the best model so far \(epoch {load_checkpoint(saved[0])['epoch']}, "
-                        rf"valid NDCG@10 \d\.\d{{4}}\); evaluate it with evaluate_checkpoint\('{re.escape(saved[0])}'\)", str(info.value)), str(info.value)
+    assert re.fullmatch(
+        rf"training stopped by Ctrl-C; kept {re.escape(saved[0])}, the best model so far \(epoch {load_checkpoint(saved[0])['epoch']}, "
+        rf"valid NDCG@10 \d\.\d{{4}}\); evaluate it with evaluate_checkpoint\('{re.escape(saved[0])}'\)",
+        str(info.value),
+    ), str(info.value)
     with pytest.raises(SystemExit) as exit_info, exit_on_usage_error():
         raise info.value
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -204,6 +217,7 @@ def test_ctrl_c_after_training_says_the_checkpoint_is_kept(tiny_path, workdir, m
 
 # ---- x̂'s quality, measured after training -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rel_error, warned", [(0.985, True), (1.02, True), (0.975, False), (1.03, False)])
 def test_a_run_warns_when_the_diffusion_module_learned_to_copy_the_last_item(tiny_path, workdir, monkeypatch, rel_error, warned):
     import logging
@@ -223,5 +237,7 @@ def test_a_run_warns_when_the_diffusion_module_learned_to_copy_the_last_item(tin
 def test_a_run_without_a_generated_item_reports_no_xhat_quality_and_never_warns(tiny_path, workdir):
     result = run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "x_hat_source": "copy_last"}, saved=False)
     assert result["xhat_quality"]["xhat_rel_error"] == 1.0  # the copy is the unit; a control is not warned about
-    assert run("SASRec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "show_progress": False, "state": "WARNING"},
-               saved=False)["xhat_quality"] is None
+    assert (
+        run("SASRec", "tiny", config_dict={"data_path": tiny_path, "epochs": 1, "show_progress": False, "state": "WARNING"}, saved=False)["xhat_quality"]
+        is None
+    )

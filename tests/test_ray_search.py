@@ -1,5 +1,6 @@
 """run_hyper.py --tool=ray: two trials in parallel on a local Ray cluster, the result file, and the
 one-line errors (Ray missing, an unreachable --address, options without --tool=ray, bad settings)."""
+
 import os
 import re
 import subprocess
@@ -24,8 +25,14 @@ RAY_CLI = [sys.executable, "-c", "import sys; from ray.scripts.scripts import ma
 
 
 def run_hyper(args, cwd, env=None, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), *args], cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": REPO, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_hyper.py"), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def error_lines(result):
@@ -50,19 +57,45 @@ def test_two_trials_run_in_parallel_on_a_local_ray_cluster(space):
     env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     # --block keeps the cluster's processes under this one process: terminating it stops exactly this
     # cluster (`ray stop` would stop every Ray instance on the machine).
-    head = subprocess.Popen([*RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
-                            env=env, cwd=space, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    common = ["--tool=ray", f"--address=127.0.0.1:{port}", "--model=GRU4Rec", "--dataset=tiny", "--config_files=fixed.yaml",
-              "--cpus_per_trial=1"]
+    head = subprocess.Popen(
+        [
+            *RAY_CLI,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        cwd=space,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    common = ["--tool=ray", f"--address=127.0.0.1:{port}", "--model=GRU4Rec", "--dataset=tiny", "--config_files=fixed.yaml", "--cpus_per_trial=1"]
     (space / "rates.hyper").write_text("learning_rate choice [0.01,0.000001]\n")
     try:
-        result = run_hyper([*common, "--params_file=space.hyper", "--output_file=out.result", "--storage_path=tune"],
-                           space, env={"HOME": str(home)})
+        result = run_hyper([*common, "--params_file=space.hyper", "--output_file=out.result", "--storage_path=tune"], space, env={"HOME": str(home)})
         # One at a time, so ASHA's one rung (epoch 1) is deterministic: the second trial is stopped when
         # its epoch-1 score is below the first's, as a learning rate of 1e-6 leaves it.
-        asha = run_hyper([*common, "--params_file=rates.hyper", "--output_file=asha.result", "--max_concurrent=1",
-                          "--scheduler=asha", "--grace_period=1", "--reduction_factor=2", "--checkpoint_dir=saved_asha"], space, env={"HOME": str(home)})
+        asha = run_hyper(
+            [
+                *common,
+                "--params_file=rates.hyper",
+                "--output_file=asha.result",
+                "--max_concurrent=1",
+                "--scheduler=asha",
+                "--grace_period=1",
+                "--reduction_factor=2",
+                "--checkpoint_dir=saved_asha",
+            ],
+            space,
+            env={"HOME": str(home)},
+        )
     finally:
         head.terminate()
         head.wait(timeout=120)
@@ -97,8 +130,18 @@ def test_two_trials_run_in_parallel_on_a_local_ray_cluster(space):
 @pytest.mark.slow
 def test_an_unreachable_address_gives_one_line(space):
     started = time.monotonic()
-    result = run_hyper(["--tool=ray", f"--address=127.0.0.1:{free_port()}", "--model=GRU4Rec", "--dataset=tiny",
-                        "--params_file=space.hyper", "--config_files=fixed.yaml", "--output_file=out.result"], space)
+    result = run_hyper(
+        [
+            "--tool=ray",
+            f"--address=127.0.0.1:{free_port()}",
+            "--model=GRU4Rec",
+            "--dataset=tiny",
+            "--params_file=space.hyper",
+            "--config_files=fixed.yaml",
+            "--output_file=out.result",
+        ],
+        space,
+    )
     lines = error_lines(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith("error: cannot reach a Ray cluster at --address=127.0.0.1:") and "ray start --head" in lines[0]
@@ -109,10 +152,18 @@ def test_an_unreachable_address_gives_one_line(space):
 @pytest.mark.slow
 def test_without_ray_the_tool_says_how_to_install_it(space):
     # A None entry in sys.modules makes `import ray` fail as if ray were not installed.
-    probe = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['run_hyper.py', *sys.argv[1:]]; "
-             f"runpy.run_path({os.path.join(REPO, 'run_hyper.py')!r}, run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", probe, "--tool=ray", "--model=GRU4Rec", "--params_file=space.hyper"],
-                            cwd=space, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600)
+    probe = (
+        "import runpy, sys; sys.modules['ray'] = None; sys.argv = ['run_hyper.py', *sys.argv[1:]]; "
+        f"runpy.run_path({os.path.join(REPO, 'run_hyper.py')!r}, run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "--tool=ray", "--model=GRU4Rec", "--params_file=space.hyper"],
+        cwd=space,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = error_lines(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
     assert "--tool=ray needs Ray Tune" in lines[0] and '-e ".[ray]"' in lines[0]
@@ -163,11 +214,12 @@ def test_a_stopped_trial_is_listed_as_stopped_and_never_selected(tmp_path):
     search = Search("GRU4Rec", "ml-100k", str(tmp_path / "space.hyper"), argv=[])
     valid = {"ndcg@10": 0.5}
     search.trials = [
-        ({"learning_rate": 0.1}, {"best_valid_score": 0.3, "valid_score_bigger": True, "best_valid_result": valid,
-                                  "test_result": {"ndcg@10": 0.25}}),
+        ({"learning_rate": 0.1}, {"best_valid_score": 0.3, "valid_score_bigger": True, "best_valid_result": valid, "test_result": {"ndcg@10": 0.25}}),
         # A stopped trial's best score so far can exceed a tested one's; it has no test and is never the pick.
-        ({"learning_rate": 0.2}, {"best_valid_score": 0.4, "valid_score_bigger": True, "best_valid_result": valid,
-                                  "test_result": None, "stopped_after_epoch": 2}),
+        (
+            {"learning_rate": 0.2},
+            {"best_valid_score": 0.4, "valid_score_bigger": True, "best_valid_result": valid, "test_result": None, "stopped_after_epoch": 2},
+        ),
     ]
     assert search.best_trial() == search.trials[0]
     search.export_result(str(tmp_path / "out.result"))
@@ -178,11 +230,14 @@ def test_a_stopped_trial_is_listed_as_stopped_and_never_selected(tmp_path):
 
 def test_a_failed_trial_is_named_by_its_exception_line(tmp_path):
     error = tmp_path / "error.txt"
-    error.write_text("Failure # 1\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
-                     "ray.exceptions.RayTaskError(UsageError): ray::ImplicitFunc.train()\n"
-                     "recbole_t2diff.errors.UsageError: invalid setting epochs=0: it must be a whole number >= 1\n")
+    error.write_text(
+        'Failure # 1\nTraceback (most recent call last):\n  File "x.py", line 1\n'
+        "ray.exceptions.RayTaskError(UsageError): ray::ImplicitFunc.train()\n"
+        "recbole_t2diff.errors.UsageError: invalid setting epochs=0: it must be a whole number >= 1\n"
+    )
     assert _last_error_line(str(error)) == (
-        f"recbole_t2diff.errors.UsageError: invalid setting epochs=0: it must be a whole number >= 1 (traceback in {error})")
+        f"recbole_t2diff.errors.UsageError: invalid setting epochs=0: it must be a whole number >= 1 (traceback in {error})"
+    )
     assert "see the trial's error.txt" in _last_error_line(str(tmp_path / "missing.txt"))
 
 
@@ -196,15 +251,17 @@ def test_progress_keeps_tested_stopped_and_cut_trials_apart(space, capsys):
 
     from recbole_t2diff.ray_progress import progress_callback
 
-    search = RaySearch("GRU4Rec", "tiny", str(space / "space.hyper"), [str(space / "fixed.yaml")], argv=[], early_stop=1,
-                       scheduler="asha")
+    search = RaySearch("GRU4Rec", "tiny", str(space / "space.hyper"), [str(space / "fixed.yaml")], argv=[], early_stop=1, scheduler="asha")
     progress = progress_callback(tune, search)
     stopper = progress.stopper()
     tested = {"best_valid_score": 0.3, "valid_score_bigger": True, "best_valid_result": {}, "test_result": {}}
     trials = [
         SimpleNamespace(trial_id="a", config={"hidden_size": 8}, last_result={"epoch": 2, "cpu_s": 5.0, "result": tested}),
-        SimpleNamespace(trial_id="b", config={"hidden_size": 16},
-                        last_result={"epoch": 1, "valid_score": 0.4, "best_valid_score": 0.4, "cpu_s": 2.0, "best_valid_result": {"ndcg@10": 0.4}}),
+        SimpleNamespace(
+            trial_id="b",
+            config={"hidden_size": 16},
+            last_result={"epoch": 1, "valid_score": 0.4, "best_valid_score": 0.4, "cpu_s": 2.0, "best_valid_result": {"ndcg@10": 0.4}},
+        ),
         SimpleNamespace(trial_id="c", config={"hidden_size": 32}, last_result={"epoch": 1, "valid_score": 0.1, "cpu_s": 1.0}),
     ]
     for trial in trials:
@@ -215,7 +272,9 @@ def test_progress_keeps_tested_stopped_and_cut_trials_apart(space, capsys):
     assert stopper.stop_all()  # one trial (the stopped one) without improvement: --early_stop=1
     progress.on_trial_complete(0, trials, trials[2])
     assert [(number, params, result["best_valid_score"]) for number, params, result in progress.finished] == [
-        (1, {"hidden_size": 8}, 0.3), (2, {"hidden_size": 16}, 0.4)]
+        (1, {"hidden_size": 8}, 0.3),
+        (2, {"hidden_size": 16}, 0.4),
+    ]
     assert progress.finished[1][2]["stopped_after_epoch"] == 1 and progress.stopped == [(2, {"hidden_size": 16}, 1)]
     assert progress.cpu_s == 7.0
     out = capsys.readouterr().out

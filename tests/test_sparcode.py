@@ -2,6 +2,7 @@
 algebra of the interaction, the losses, the two-tower reduction, checkpoints and the runner. The quantizer's maths is in
 test_quantizer.py, the sparse index in test_sparse_index.py.
 """
+
 import os
 import re
 import subprocess
@@ -17,12 +18,23 @@ from recbole_t2diff.export import export_embeddings
 from recbole_t2diff.quick_start import evaluate_checkpoint, load_data_and_model, run
 
 from helpers import (
-    QUIET, REPO, TINY_MODEL, TINY_SPARCODE, copy_batch, first_batch, make_model, scores, tiny_config, trained_sparcode,
-    valid_batch, with_negatives,
+    QUIET,
+    REPO,
+    TINY_MODEL,
+    TINY_SPARCODE,
+    copy_batch,
+    first_batch,
+    make_model,
+    scores,
+    tiny_config,
+    trained_sparcode,
+    valid_batch,
+    with_negatives,
 )
 
 
 # ---- layout ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tokenizer", ["sasrec", "dnn"])
 def test_padding_and_garbage_after_the_length_change_no_score(sparcode_data, tokenizer):
@@ -61,8 +73,7 @@ def test_the_sasrec_tokenizer_is_recboles_sasrec(sparcode_data, tiny_path):
     sasrec_config = tiny_config(tiny_path, model="SASRec", hidden_size=config["embedding_size"], **{k: config[k] for k in keys})
     sasrec_config["n_heads"], sasrec_config["hidden_act"], sasrec_config["layer_norm_eps"] = 4, "relu", 1e-5
     sasrec = SASRec(sasrec_config, sparcode_data[1].dataset)
-    weights = {("LayerNorm" + name[len("input_norm"):] if name.startswith("input_norm") else name): value
-               for name, value in model.state_dict().items()}
+    weights = {("LayerNorm" + name[len("input_norm") :] if name.startswith("input_norm") else name): value for name, value in model.state_dict().items()}
     sasrec.load_state_dict({name: weights[name] for name in sasrec.state_dict()})
     sasrec.eval()
     with torch.no_grad():
@@ -165,8 +176,9 @@ def test_train_trains_and_eval_reports_then_clears_the_dead_positives(sparcode_d
 
 
 def test_every_width_and_quantizer_knob_reaches_its_layer(sparcode_data):
-    model = make_model(sparcode_data, tokenizer="dnn", dnn_hidden=[16, 12], mlp_hidden=[16, 12, 10], n_item_tokens=2,
-                       ema_decay=0.5, ema_eps=0.1, dead_code_threshold=0.2)
+    model = make_model(
+        sparcode_data, tokenizer="dnn", dnn_hidden=[16, 12], mlp_hidden=[16, 12, 10], n_item_tokens=2, ema_decay=0.5, ema_eps=0.1, dead_code_threshold=0.2
+    )
     d, d_t = model.embedding_size, model.token_size
     shapes = lambda stack: [(layer.in_features, layer.out_features) for layer in stack if isinstance(layer, nn.Linear)]
     assert shapes(model.dnn) == [(d, 16), (16, 12), (12, d)]
@@ -178,8 +190,7 @@ def test_every_width_and_quantizer_knob_reaches_its_layer(sparcode_data):
 
 
 def test_sasrec_knobs_reach_the_encoder(sparcode_data):
-    model = make_model(sparcode_data, n_heads=4, attn_dropout_prob=0.2, hidden_dropout_prob=0.3, hidden_act="relu",
-                       layer_norm_eps=1e-5)
+    model = make_model(sparcode_data, n_heads=4, attn_dropout_prob=0.2, hidden_dropout_prob=0.3, hidden_act="relu", layer_norm_eps=1e-5)
     layer = model.trm_encoder.layer[0]
     assert (layer.multi_head_attention.num_attention_heads, layer.multi_head_attention.attn_dropout.p) == (4, 0.2)
     assert (layer.multi_head_attention.out_dropout.p, layer.feed_forward.LayerNorm.eps) == (0.3, 1e-5)
@@ -214,6 +225,7 @@ def test_tokens_work_for_histories_of_one_item(sparcode_data):
 
 
 # ---- algebra --------------------------------------------------------------------------------------
+
 
 def test_split_first_layer_equals_the_concatenated_mlp(sparcode_data):
     model = trained_sparcode(sparcode_data, mlp_dropout=0.0)
@@ -275,8 +287,9 @@ def test_row_scores_split_rows_into_blocks_of_the_pair_budget_and_checkpoint_onl
     assert model.row_scores(rows[:0], items).shape == (0, 5)
 
     real_checkpoint = interaction_module.checkpoint
-    monkeypatch.setattr(interaction_module, "checkpoint",
-                        lambda function, *args, **kwargs: checkpointed.append(kwargs) or real_checkpoint(function, *args, **kwargs))
+    monkeypatch.setattr(
+        interaction_module, "checkpoint", lambda function, *args, **kwargs: checkpointed.append(kwargs) or real_checkpoint(function, *args, **kwargs)
+    )
     model.score_chunk_rows = 10
     plain = model.row_scores(rows, items).sum()
     assert checkpointed == []
@@ -312,6 +325,7 @@ def test_the_split_first_layer_starts_at_the_fan_in_of_the_concatenated_layer(sp
 
 # ---- losses ---------------------------------------------------------------------------------------
 
+
 def test_full_ce_is_cross_entropy_of_the_full_sort_logits(sparcode_data):
     model = trained_sparcode(sparcode_data, softmax_negatives=None, relu_leak=0.0, **QUIET)
     batch = first_batch(sparcode_data[1])
@@ -337,8 +351,9 @@ def test_the_loss_terms_are_recommendation_commitment_and_sparsity(sparcode_data
         unscored = values.permute(0, 2, 1)[not_target].mean()  # over every non-target (row, item, token)
     checkpointed = []
     real_checkpoint = interaction_module.checkpoint
-    monkeypatch.setattr(interaction_module, "checkpoint",
-                        lambda function, *args, **kwargs: checkpointed.append(1) or real_checkpoint(function, *args, **kwargs))
+    monkeypatch.setattr(
+        interaction_module, "checkpoint", lambda function, *args, **kwargs: checkpointed.append(1) or real_checkpoint(function, *args, **kwargs)
+    )
     losses = model.calculate_loss(batch)
     assert len(losses) == 3 and checkpointed, "ce_checkpoint: the full-CE blocks are recomputed in backward"
     torch.testing.assert_close(losses[1], 2.0 * F.mse_loss(tokens, quantized), rtol=1e-4, atol=0)
@@ -354,7 +369,7 @@ def test_sampled_softmax_masks_accidental_hits(sparcode_data, monkeypatch):
     model = trained_sparcode(sparcode_data, relu_leak=0.0, **QUIET)
     batch = first_batch(sparcode_data[1])
     target = batch["item_id"]
-    other = int((target % (model.n_items - 1)) [0]) + 1  # an item that is not the first row's target
+    other = int((target % (model.n_items - 1))[0]) + 1  # an item that is not the first row's target
     assert other != int(target[0])
     forced = torch.tensor([int(target[0])] * 3 + [other])
     drawn = []
@@ -405,8 +420,9 @@ def test_the_full_ce_sparsity_term_averages_the_non_target_pairs(sparcode_data, 
 
 
 def test_bpr_reads_the_sampled_negative(sparcode_data):
-    model = trained_sparcode(sparcode_data, relu_leak=0.0, **QUIET,
-                    loss_type="BPR", softmax_negatives=None, train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
+    model = trained_sparcode(
+        sparcode_data, relu_leak=0.0, **QUIET, loss_type="BPR", softmax_negatives=None, train_neg_sample_args={"distribution": "uniform", "sample_num": 1}
+    )
     batch = with_negatives(first_batch(sparcode_data[1]), model.n_items)
     model.train()
     batch.interaction["neg_item_id"] = torch.full_like(batch["item_id"], 1)
@@ -420,14 +436,17 @@ def test_bpr_reads_the_sampled_negative(sparcode_data):
     assert first != second
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"softmax_negatives": None},
-    {"loss_type": "BPR", "softmax_negatives": None, "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
-    {"sparsity_weight": 0.01, "score_bias": -0.5, "relu_leak": 0.1},
-    {"quantize": False},
-    {"interaction": "dot", "quantize": False, "score_relu": False},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"softmax_negatives": None},
+        {"loss_type": "BPR", "softmax_negatives": None, "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
+        {"sparsity_weight": 0.01, "score_bias": -0.5, "relu_leak": 0.1},
+        {"quantize": False},
+        {"interaction": "dot", "quantize": False, "score_relu": False},
+    ],
+)
 def test_each_loss_trains(sparcode_data, overrides):
     """Training steps on one batch lower its recommendation loss (fixed negatives, no dropout)."""
     model = trained_sparcode(sparcode_data, steps=1, **QUIET, **overrides)
@@ -448,26 +467,29 @@ def test_each_loss_trains(sparcode_data, overrides):
     assert loss()[0].item() < first
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"token_size": 9}, "n_codebooks=2: it must divide token_size=9"),
-    ({"codebook_size": 1}, "codebook_size=1"),
-    ({"n_codebooks": 8, "codebook_size": 1024, "token_size": 8}, "below 2^62"),
-    ({"n_query_tokens": 0}, "n_query_tokens=0"),
-    ({"n_heads": 3}, "n_heads=3: it must divide embedding_size=8"),
-    ({"interaction": "dot", "n_item_tokens": 2}, "n_item_tokens=2"),
-    ({"score_mode": "index", "quantize": False}, "score_mode=index"),
-    ({"mlp_dropout": 1.0}, "mlp_dropout=1.0"),
-    ({"relu_leak": -0.1}, "relu_leak=-0.1"),
-    ({"ema_decay": 1.0}, "ema_decay=1.0"),
-    ({"sparsity_weight": -1}, "sparsity_weight=-1"),
-    ({"index_threshold": -0.5}, "index_threshold=-0.5"),
-    ({"tokenizer": "gru"}, "tokenizer=gru"),
-    ({"index_keys": "some"}, "index_keys=some"),
-    ({"loss_type": "BPR", "softmax_negatives": None}, "BPR needs sampled negatives"),
-    ({"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}, "softmax_negatives=10"),
-    ({"nproc": 2}, "nproc=2"),
-    ({"score_bias": "low"}, "score_bias=low"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"token_size": 9}, "n_codebooks=2: it must divide token_size=9"),
+        ({"codebook_size": 1}, "codebook_size=1"),
+        ({"n_codebooks": 8, "codebook_size": 1024, "token_size": 8}, "below 2^62"),
+        ({"n_query_tokens": 0}, "n_query_tokens=0"),
+        ({"n_heads": 3}, "n_heads=3: it must divide embedding_size=8"),
+        ({"interaction": "dot", "n_item_tokens": 2}, "n_item_tokens=2"),
+        ({"score_mode": "index", "quantize": False}, "score_mode=index"),
+        ({"mlp_dropout": 1.0}, "mlp_dropout=1.0"),
+        ({"relu_leak": -0.1}, "relu_leak=-0.1"),
+        ({"ema_decay": 1.0}, "ema_decay=1.0"),
+        ({"sparsity_weight": -1}, "sparsity_weight=-1"),
+        ({"index_threshold": -0.5}, "index_threshold=-0.5"),
+        ({"tokenizer": "gru"}, "tokenizer=gru"),
+        ({"index_keys": "some"}, "index_keys=some"),
+        ({"loss_type": "BPR", "softmax_negatives": None}, "BPR needs sampled negatives"),
+        ({"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}, "softmax_negatives=10"),
+        ({"nproc": 2}, "nproc=2"),
+        ({"score_bias": "low"}, "score_bias=low"),
+    ],
+)
 def test_bad_settings_raise_one_line(tiny_path, workdir, overrides, message):
     with pytest.raises(UsageError) as raised:
         tiny_config(tiny_path, model="SparCode", **{**TINY_SPARCODE, **overrides})
@@ -483,6 +505,7 @@ def test_relu_leak_acts_on_training_positives_only(sparcode_data):
 
 # ---- reductions -----------------------------------------------------------------------------------
 
+
 def test_dot_interaction_is_a_two_tower_model(sparcode_data):
     model = trained_sparcode(sparcode_data, interaction="dot", quantize=False, score_relu=False)
     batch = valid_batch(sparcode_data)
@@ -491,11 +514,14 @@ def test_dot_interaction_is_a_two_tower_model(sparcode_data):
         torch.testing.assert_close(scores(model, batch), user @ model.item_vectors().t())
 
 
-@pytest.mark.parametrize("overrides,unlike", [
-    ({"interaction": "dot", "score_relu": True}, "score_relu: true"),
-    ({"interaction": "mlp", "score_relu": False}, "interaction: mlp"),
-    ({"interaction": "mlp", "score_relu": True}, "interaction: mlp and score_relu: true"),
-])
+@pytest.mark.parametrize(
+    "overrides,unlike",
+    [
+        ({"interaction": "dot", "score_relu": True}, "score_relu: true"),
+        ({"interaction": "mlp", "score_relu": False}, "interaction: mlp"),
+        ({"interaction": "mlp", "score_relu": True}, "interaction: mlp and score_relu: true"),
+    ],
+)
 def test_only_the_two_tower_reduction_has_user_and_item_towers(sparcode_data, overrides, unlike):
     from recbole_t2diff.export import item_matrix, user_matrix
 
@@ -510,6 +536,7 @@ def test_only_the_two_tower_reduction_has_user_and_item_towers(sparcode_data, ov
 
 
 # ---- checkpoints and the runner -------------------------------------------------------------------
+
 
 def test_checkpoint_restores_the_codebooks_and_the_metrics(tiny_path, workdir):
     trainers = []
@@ -526,8 +553,7 @@ def test_checkpoint_restores_the_codebooks_and_the_metrics(tiny_path, workdir):
     assert dict(again["test_result"]) == dict(result["test_result"])
     # Scores are a sum over query tokens of an MLP, not one inner product: no two-tower export, even
     # when the token count equals the token width so the matrices' second sizes agree.
-    square = run("SparCode", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **TINY_SPARCODE, "n_query_tokens": 8,
-                                                  "epochs": 1})
+    square = run("SparCode", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, **TINY_SPARCODE, "n_query_tokens": 8, "epochs": 1})
     for checkpoint in (result["saved_model_file"], square["saved_model_file"]):
         with pytest.raises(UsageError, match="SparCode with interaction: mlp and score_relu: true does not score by the inner product .* no two-tower export"):
             export_embeddings(checkpoint, str(workdir / "export"))
@@ -536,18 +562,32 @@ def test_checkpoint_restores_the_codebooks_and_the_metrics(tiny_path, workdir):
 @pytest.mark.spawns
 @pytest.mark.slow
 def test_runner_trains_sparcode_on_ml100k(tmp_path):
-    args = ["--model=SparCode", "--dataset=ml-100k", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=20", "--train_batch_size=2048",
-            "--show_progress=False", "--embedding_size=16", "--token_size=16", "--n_layers=1", "--inner_size=32",
-            "--mlp_hidden=[16,16]", "--n_query_tokens=2", "--codebook_size=8", "--softmax_negatives=20"]
+    args = [
+        "--model=SparCode",
+        "--dataset=ml-100k",
+        "--epochs=1",
+        "--MAX_ITEM_LIST_LENGTH=20",
+        "--train_batch_size=2048",
+        "--show_progress=False",
+        "--embedding_size=16",
+        "--token_size=16",
+        "--n_layers=1",
+        "--inner_size=32",
+        "--mlp_hidden=[16,16]",
+        "--n_query_tokens=2",
+        "--codebook_size=8",
+        "--softmax_negatives=20",
+    ]
     env = {**os.environ, "PYTHONPATH": REPO}
-    result = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = re.search(r"test result.*?ndcg@10 : ([0-9.]+)", result.stdout + result.stderr)
     assert logged, (result.stdout + result.stderr)[-3000:]
     checkpoint = next((tmp_path / "saved").glob("SparCode-*.pth"))
-    code = ("from recbole_t2diff import evaluate_checkpoint; "
-            f"print('NDCG', evaluate_checkpoint({str(checkpoint)!r}, overrides={{'score_mode': 'index'}})['ndcg@10'])")
+    code = (
+        "from recbole_t2diff import evaluate_checkpoint; "
+        f"print('NDCG', evaluate_checkpoint({str(checkpoint)!r}, overrides={{'score_mode': 'index'}})['ndcg@10'])"
+    )
     index = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert index.returncode == 0, index.stderr[-3000:]
     assert float(re.search(r"NDCG ([0-9.]+)", index.stdout).group(1)) == float(logged.group(1))

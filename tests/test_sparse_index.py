@@ -1,6 +1,7 @@
 """SparCode's sparse inverted index (sparse_index.py, docs/SPARCODE.md §10, §12): exact at threshold 0, pruning and
 posting caps as documented, saving and loading (never unpickling), staleness, and score_mode: index giving RecBole's metrics.
 """
+
 import io
 import json
 import os
@@ -41,7 +42,7 @@ def test_threshold_and_posting_cap_prune_as_documented(sparcode_data):
     keys = torch.arange(64)
     rows = exact_rows(model, keys)
     stored = rows[rows > 0].sort().values
-    tau = float(stored[len(stored) // 2: len(stored) // 2 + 2].mean())  # between two stored values: no entry sits on it
+    tau = float(stored[len(stored) // 2 : len(stored) // 2 + 2].mean())  # between two stored values: no entry sits on it
     thresholded = SparseIndex.build(model, threshold=tau)
     got, _ = thresholded.accumulate(model, keys[:, None])
     torch.testing.assert_close(got, rows * (rows > tau))
@@ -152,18 +153,21 @@ def test_an_index_file_with_pickled_objects_is_refused_without_unpickling(sparco
     assert "\n" not in str(raised.value) and not marker.exists()
 
 
-@pytest.mark.parametrize("settings,message", [
-    ({"keys": "bogus"}, "keys='bogus': use all"),
-    ({"miss": "bogus"}, "miss='bogus': use compute"),
-    ({"threshold": -1}, "threshold=-1: give a number >= 0"),
-    ({"threshold": float("nan")}, "threshold=nan"),
-    ({"threshold": "0.1"}, "threshold='0.1'"),
-    ({"max_postings": 0}, "max_postings=0: give an integer >= 1, or None"),
-    ({"max_postings": 2.5}, "max_postings=2.5"),
-    ({"max_postings": True}, "max_postings=True"),
-    ({"dtype": "int8"}, "dtype='int8': use one of float32, float16"),
-    ({"block_keys": 0}, "block_keys=0"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"keys": "bogus"}, "keys='bogus': use all"),
+        ({"miss": "bogus"}, "miss='bogus': use compute"),
+        ({"threshold": -1}, "threshold=-1: give a number >= 0"),
+        ({"threshold": float("nan")}, "threshold=nan"),
+        ({"threshold": "0.1"}, "threshold='0.1'"),
+        ({"max_postings": 0}, "max_postings=0: give an integer >= 1, or None"),
+        ({"max_postings": 2.5}, "max_postings=2.5"),
+        ({"max_postings": True}, "max_postings=True"),
+        ({"dtype": "int8"}, "dtype='int8': use one of float32, float16"),
+        ({"block_keys": 0}, "block_keys=0"),
+    ],
+)
 def test_bad_index_settings_are_refused_in_one_line(sparcode_data, settings, message):
     model = trained_sparcode(sparcode_data, steps=1)
     calls = [lambda: SparseIndex.build(model, **settings)]
@@ -181,8 +185,7 @@ def test_an_index_refuses_a_model_without_codes(sparcode_data, tiny_data):
     sparcode = trained_sparcode(sparcode_data, steps=1)
     index = SparseIndex.build(sparcode)
     t2diff = make_model(tiny_data)
-    for call in (lambda: SparseIndex.build(t2diff), lambda: index.scores(t2diff, valid_batch(sparcode_data)),
-                 lambda: index.pruned(t2diff, threshold=0.1)):
+    for call in (lambda: SparseIndex.build(t2diff), lambda: index.scores(t2diff, valid_batch(sparcode_data)), lambda: index.pruned(t2diff, threshold=0.1)):
         with pytest.raises(UsageError, match="belongs to a SparCode model, not T2Diff") as raised:
             call()
         assert "\n" not in str(raised.value)
@@ -252,31 +255,34 @@ def damage(folder, what):
     return folder
 
 
-@pytest.mark.parametrize("what,message", [
-    ("missing folder", "does not exist: give the folder SparseIndex.save wrote"),
-    ("a checkpoint file", "is a file: give the folder SparseIndex.save wrote"),
-    ("no meta.json", "is not an index's meta.json (no such file)"),
-    ("meta not JSON", "is not an index's meta.json (not JSON"),
-    ("meta a list", "(a JSON list, not an object)"),
-    ("meta without a field", "(no n_items)"),
-    ("meta with a bad setting", "dtype='int8'"),
-    ("meta with a count of items as text", "(n_items not a positive integer)"),
-    ("meta with a fingerprint as a number", "fingerprint not a string"),
-    ("garbage array", "indptr is no array"),
-    ("array cut short", "cannot be read (EOF: reading array data"),
-    ("meta of another format", "has format 99"),
-    ("no index.npz", "has meta.json but no index.npz"),
-    ("truncated", "it is truncated or damaged"),
-    ("truncated to nothing", "it is truncated or damaged"),
-    ("flipped byte", "it is truncated or damaged"),
-    ("no keys array", "lacks the array(s) keys"),
-    ("no values array", "lacks the array(s) values"),
-    ("short indptr", "indptr has"),
-    ("item out of range", "item indices outside"),
-    ("values of another dtype", "values is float64"),
-    ("fewer values", "item indices but"),
-    ("unsorted keys", "keys are not sorted"),
-])
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("missing folder", "does not exist: give the folder SparseIndex.save wrote"),
+        ("a checkpoint file", "is a file: give the folder SparseIndex.save wrote"),
+        ("no meta.json", "is not an index's meta.json (no such file)"),
+        ("meta not JSON", "is not an index's meta.json (not JSON"),
+        ("meta a list", "(a JSON list, not an object)"),
+        ("meta without a field", "(no n_items)"),
+        ("meta with a bad setting", "dtype='int8'"),
+        ("meta with a count of items as text", "(n_items not a positive integer)"),
+        ("meta with a fingerprint as a number", "fingerprint not a string"),
+        ("garbage array", "indptr is no array"),
+        ("array cut short", "cannot be read (EOF: reading array data"),
+        ("meta of another format", "has format 99"),
+        ("no index.npz", "has meta.json but no index.npz"),
+        ("truncated", "it is truncated or damaged"),
+        ("truncated to nothing", "it is truncated or damaged"),
+        ("flipped byte", "it is truncated or damaged"),
+        ("no keys array", "lacks the array(s) keys"),
+        ("no values array", "lacks the array(s) values"),
+        ("short indptr", "indptr has"),
+        ("item out of range", "item indices outside"),
+        ("values of another dtype", "values is float64"),
+        ("fewer values", "item indices but"),
+        ("unsorted keys", "keys are not sorted"),
+    ],
+)
 def test_loading_anything_but_a_saved_index_is_refused_in_one_line(sparcode_data, tmp_path, what, message):
     model = trained_sparcode(sparcode_data, steps=1)
     folder = SparseIndex.build(model, keys="used").save(str(tmp_path / "index"))

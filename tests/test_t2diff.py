@@ -2,6 +2,7 @@
 the seeded evaluation chain, input tokens (the clip, categories), the user tower's rows, the item tower and the tower's losses,
 every architecture knob reaching its part, every ablation training, and the presets.
 """
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -151,6 +152,7 @@ def test_without_diffusion_there_is_no_unet_and_one_loss(tiny_data):
 
 # ---- input tokens ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cap,short,long", [(1.5, 0.5, 3.0), (0.8, 0.5, 0.9)])
 def test_emb_max_norm_shrinks_long_tokens_to_the_cap_and_leaves_short_ones_alone(tiny_data, cap, short, long):
     model = make_model(tiny_data, emb_max_norm=cap)
@@ -189,7 +191,8 @@ def test_every_real_item_and_category_learns_and_padding_never_does(tiny_data, c
     loss = model.calculate_loss(first_batch(train))
     sum(loss if isinstance(loss, tuple) else [loss]).backward()
     for table, used in [(model.item_embedding, torch.arange(1, model.n_items))] + (
-            [(model.category_embedding, model.item_categories[1:].unique())] if category_field else []):
+        [(model.category_embedding, model.item_categories[1:].unique())] if category_field else []
+    ):
         assert (table.weight.grad[0] == 0).all()
         assert (table.weight.grad[used[used > 0]] != 0).any(dim=1).all()
 
@@ -214,6 +217,7 @@ def test_a_single_token_category_field_becomes_one_column_per_item():
 
 # ---- the user tower: which rows feed which attention ------------------------------------------------
 
+
 @pytest.mark.parametrize("use_user_ffn", [False, True])
 def test_session_is_the_last_rows_plus_x_hat_and_target_attention_reads_only_the_older_rows(tiny_data, use_user_ffn):
     model = make_model(tiny_data, use_user_ffn=use_user_ffn)
@@ -225,10 +229,10 @@ def test_session_is_the_last_rows_plus_x_hat_and_target_attention_reads_only_the
     session_calls, target_calls = record_calls(model.session_encoder), record_calls(model.target_attention)
     user = model.user_vector(history, mask, x_hat)
 
-    (session, session_mask), = session_calls
+    ((session, session_mask),) = session_calls
     torch.testing.assert_close(session, torch.cat([history[:, -k:], x_hat[:, None]], dim=1))
     assert session_mask.tolist() == [[True] * (k + 1)] * 2
-    (query, older, older_mask), = target_calls
+    ((query, older, older_mask),) = target_calls
     torch.testing.assert_close(older, history[:, :-k])
     assert torch.equal(older_mask, mask[:, :-k])
     h_s = model.session_encoder(session, session_mask)
@@ -247,10 +251,10 @@ def test_a_time_gap_session_masks_its_rows_in_the_session_and_leaves_the_rest_to
     in_session[0, -2:] = True  # a gap before the last two items: a session shorter than session_len
     session_calls, target_calls = record_calls(model.session_encoder), record_calls(model.target_attention)
     model.user_vector(history, mask, x_hat, in_session)
-    (session, session_mask), = session_calls
+    ((session, session_mask),) = session_calls
     torch.testing.assert_close(session, torch.cat([history[:, -k:], x_hat[:, None]], dim=1))
     assert session_mask.tolist() == [[False] * (k - 2) + [True] * 3]
-    (_, older, older_mask), = target_calls
+    ((_, older, older_mask),) = target_calls
     torch.testing.assert_close(older, history)  # the whole history, the session's rows masked out
     assert older_mask.tolist() == [[True] * 10 + [False] * 2]
 
@@ -278,6 +282,7 @@ def test_the_target_attention_score_is_linear_elu_layernorm_linear_without_biase
 
 
 # ---- the item tower and the tower's losses ------------------------------------------------------------
+
 
 def test_item_tower_is_computed_from_item_tokens_only(tiny_data):
     """Two-tower property: item vectors are a function of the item alone, computed once for all items."""
@@ -317,8 +322,10 @@ def test_sampled_negatives_are_drawn_from_every_real_item_and_never_the_padding(
     assert len(negatives) == 500 and set(negatives.tolist()) == set(range(1, model.n_items))
     # ... and the loss is the softmax of the positive against them, a row's own target left out
     items = model.item_vectors()
-    expected = [torch.logsumexp(torch.cat([user[row] @ items[[target]].t(), user[row] @ items[negatives[negatives != target]].t()]), 0)
-                - user[row] @ items[target] for row, target in enumerate(targets.tolist())]
+    expected = [
+        torch.logsumexp(torch.cat([user[row] @ items[[target]].t(), user[row] @ items[negatives[negatives != target]].t()]), 0) - user[row] @ items[target]
+        for row, target in enumerate(targets.tolist())
+    ]
     torch.testing.assert_close(loss, torch.stack(expected).mean())
 
 
@@ -335,24 +342,44 @@ def test_bpr_is_the_log_sigmoid_of_the_positive_minus_the_negative_score(tiny_da
 def test_bpr_trains_with_recboles_negatives(tiny_path, workdir):
     from recbole_t2diff.quick_start import run
 
-    result = run("T2Diff", "tiny", config_dict={
-        "data_path": tiny_path, **TINY_MODEL, "loss_type": "BPR",
-        "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1},
-    })
+    result = run(
+        "T2Diff",
+        "tiny",
+        config_dict={
+            "data_path": tiny_path,
+            **TINY_MODEL,
+            "loss_type": "BPR",
+            "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1},
+        },
+    )
     # It learned the data's order (BPR scored 0.29-0.36 over seeds 1-5), and with the right sign.
     assert result["test_result"]["ndcg@10"] > random_ranking_ndcg(30) + 0.05
 
 
 # ---- the knobs reach their parts, the presets build ------------------------------------------------------
 
+
 def test_every_architecture_knob_reaches_its_part(tiny_data):
     """The layout of docs/T2DIFF.md §6-§12, built from non-default knobs (d = 8): a knob read under the wrong key or dropped
     on the way to its module would otherwise leave the module at its own default."""
     from recbole_t2diff.model.diffusion import GaussianDiffusion
 
-    model = make_model(tiny_data, beta_schedule="linear", beta_a=0.03, beta_b=0.02, reverse_coef="official", unet_levels=2,
-                       unet_out_proj=True, session_ffn_hidden=[5, 6], mask_diag=False, mask_pads=False, layer_norm_eps=1e-6,
-                       use_user_ffn=True, xhat_loss="ce", initializer_range=0.05)
+    model = make_model(
+        tiny_data,
+        beta_schedule="linear",
+        beta_a=0.03,
+        beta_b=0.02,
+        reverse_coef="official",
+        unet_levels=2,
+        unet_out_proj=True,
+        session_ffn_hidden=[5, 6],
+        mask_diag=False,
+        mask_pads=False,
+        layer_norm_eps=1e-6,
+        use_user_ffn=True,
+        xhat_loss="ce",
+        initializer_range=0.05,
+    )
     schedule = GaussianDiffusion(model.n_steps, "linear", 0.03, 0.02, "official")
     for name in ("betas", "alphas_cumprod", "coef_x0", "coef_zs", "sigma"):
         torch.testing.assert_close(getattr(model.diffusion, name), getattr(schedule, name), rtol=0, atol=0)
@@ -373,18 +400,41 @@ def test_every_architecture_knob_reaches_its_part(tiny_data):
     assert "xhat_logit_scale" not in plain.state_dict() and plain.user_ffn is None
 
 
-@pytest.mark.parametrize("preset, expected", [
-    ("T2Diff-paper.yaml", {"sampler": "ddpm", "infer_steps": None, "diff_loss": "mse", "use_user_ffn": True,
-                           "denoiser_next_slot": False, "xhat_loss": "none", "unet_levels": 4}),
-    ("T2Diff-official.yaml", {"sampler": "ddpm", "infer_steps": None, "reverse_coef": "official", "embedding_size": 4,
-                              "category_field": "genre", "lambda_diff": 0.1, "mask_pads": False, "train_batch_size": 512}),
-])
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        (
+            "T2Diff-paper.yaml",
+            {
+                "sampler": "ddpm",
+                "infer_steps": None,
+                "diff_loss": "mse",
+                "use_user_ffn": True,
+                "denoiser_next_slot": False,
+                "xhat_loss": "none",
+                "unet_levels": 4,
+            },
+        ),
+        (
+            "T2Diff-official.yaml",
+            {
+                "sampler": "ddpm",
+                "infer_steps": None,
+                "reverse_coef": "official",
+                "embedding_size": 4,
+                "category_field": "genre",
+                "lambda_diff": 0.1,
+                "mask_pads": False,
+                "train_batch_size": 512,
+            },
+        ),
+    ],
+)
 def test_presets_load_and_build(tiny_path, workdir, preset, expected):
     from recbole_t2diff.config import Config, properties_dir
     from recbole_t2diff.quick_start import build_model, prepare
 
-    config = Config(model="T2Diff", dataset="tiny", config_file_list=[str(properties_dir() / "presets" / preset)],
-                    config_dict={"data_path": tiny_path})
+    config = Config(model="T2Diff", dataset="tiny", config_file_list=[str(properties_dir() / "presets" / preset)], config_dict={"data_path": tiny_path})
     for key, value in expected.items():
         assert config[key] == value, key
     _, train, _, _ = prepare(config)
@@ -396,8 +446,9 @@ def test_the_fast_preset_is_the_copy_control_with_positions_and_no_unet(tiny_pat
     from recbole_t2diff.config import Config, properties_dir
     from recbole_t2diff.quick_start import build_model, prepare
 
-    config = Config(model="T2Diff", dataset="tiny", config_file_list=[str(properties_dir() / "presets" / "T2Diff-fast.yaml")],
-                    config_dict={"data_path": tiny_path})
+    config = Config(
+        model="T2Diff", dataset="tiny", config_file_list=[str(properties_dir() / "presets" / "T2Diff-fast.yaml")], config_dict={"data_path": tiny_path}
+    )
     _, train, _, _ = prepare(config)
     model = build_model(config, train)
     assert model.x_hat_source == "copy_last" and not model.denoises and not hasattr(model, "denoiser")

@@ -1,5 +1,6 @@
 """Order in T2Diff's user tower (position_embedding): without it the mixed attention cannot tell a
 session from its permutation; with it every history row carries its distance from the request."""
+
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def test_the_user_vector_sees_the_order_of_the_history_only_with_positions(tiny_
     batch = first_batch(tiny_data[1])
     with torch.no_grad():
         history, mask = model.history(batch)
-        users = mask[:, -model.session_len:].sum(1) >= 3  # a reversal of 3 or more items moves some item away from its place
+        users = mask[:, -model.session_len :].sum(1) >= 3  # a reversal of 3 or more items moves some item away from its place
         before = user_vectors(model, batch, history, mask)[users]
         after = user_vectors(model, batch, session_reversed(history, mask, model.session_len), mask, history[:, -1])[users]
     # The x̂ token (the copied last item, as before) is kept, so only the session's order differs.

@@ -1,4 +1,5 @@
 """Sessions cut by time gaps and the time-lag feature (session_split: time_gap, time_lag: bucket)."""
+
 import os
 
 import hypothesis.strategies as st
@@ -91,7 +92,7 @@ def test_a_time_gap_session_spanning_the_last_k_equals_the_last_k_path(timed_dat
     batch = first_batch(train)
     history, mask = model.history(batch)
     last_k = torch.zeros_like(mask)
-    last_k[:, -model.session_len:] = True
+    last_k[:, -model.session_len :] = True
     x_hat = torch.randn(len(mask), model.embedding_size)
     torch.testing.assert_close(model.user_vector(history, mask, x_hat, last_k & mask), model.user_vector(history, mask, x_hat))
 
@@ -102,7 +103,7 @@ def test_target_attention_reads_exactly_the_rows_before_the_session(timed_data):
     batch = first_batch(train)
     history, mask = model.history(batch)
     _, in_session = model.tower_inputs(batch, history, mask)
-    assert (in_session.sum(1) < mask[:, -model.session_len:].sum(1)).any(), "some session must be cut by a gap"
+    assert (in_session.sum(1) < mask[:, -model.session_len :].sum(1)).any(), "some session must be cut by a gap"
     seen = []
     attention = model.target_attention.forward
     model.target_attention.forward = lambda query, rows, rows_mask: seen.append(rows_mask) or attention(query, rows, rows_mask)
@@ -156,7 +157,7 @@ def test_time_lag_auto_takes_the_lag_on_clock_time_and_goes_without_on_an_order_
 
 @pytest.mark.parametrize("knob", [{"session_split": "time_gap"}, {"time_lag": "bucket"}])
 def test_time_knobs_refuse_a_timestamp_that_only_counts_interactions(tiny_data, knob):
-    (name, value), = knob.items()
+    ((name, value),) = knob.items()
     with pytest.raises(UsageError, match=f"^{name}: {value} needs clock time, but 'timestamp' only counts each user's interactions"):
         make_model(tiny_data, **knob)
 
@@ -168,8 +169,7 @@ def test_an_order_index_is_recognised_when_no_history_fills_the_window(tmp_path)
 
     path = write_tiny_dataset(str(tmp_path / "data"))
     with scratch_run(tmp_path):
-        config = Config(model="T2Diff", dataset="tiny", config_dict={"data_path": path, **TINY_MODEL, "MAX_ITEM_LIST_LENGTH": 500,
-                                                                     "time_lag": "bucket"})
+        config = Config(model="T2Diff", dataset="tiny", config_dict={"data_path": path, **TINY_MODEL, "MAX_ITEM_LIST_LENGTH": 500, "time_lag": "bucket"})
         _, train, _, _ = prepare(config)
         assert not bool((train.dataset.inter_feat["item_length"] == 500).any())
         with pytest.raises(UsageError, match="only counts each user's interactions"):
@@ -188,12 +188,15 @@ def test_time_knobs_refuse_normalised_timestamps(timed_data, tmp_path):
             build_model(config, train)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"session_split": "gap"}, "session_split=gap: use one of last_k, time_gap"),
-    ({"session_split": "time_gap", "session_gap": 0}, "session_gap=0: give the gap"),
-    ({"session_split": "time_gap", "mask_pads": False}, "session_split=time_gap with mask_pads=False"),
-    ({"time_lag": "log"}, "time_lag=log: use one of auto, none, bucket"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"session_split": "gap"}, "session_split=gap: use one of last_k, time_gap"),
+        ({"session_split": "time_gap", "session_gap": 0}, "session_gap=0: give the gap"),
+        ({"session_split": "time_gap", "mask_pads": False}, "session_split=time_gap with mask_pads=False"),
+        ({"time_lag": "log"}, "time_lag=log: use one of auto, none, bucket"),
+    ],
+)
 def test_bad_time_knobs_say_what_to_do(tiny_data, settings, message):
     with pytest.raises(UsageError, match=message):
         make_model(tiny_data, **settings)
@@ -212,8 +215,7 @@ def test_a_run_with_both_time_knobs_trains_and_repeats(timed_data, workdir):
 @pytest.mark.parametrize("stop_grad", [True, False])
 def test_training_scores_the_time_gap_session_with_the_copied_last_item(timed_data, stop_grad):
     config, train, *_ = timed_data
-    model = make_model((config, train, None, None), session_split="time_gap", time_lag="none", x_hat_source="copy_last",
-                       stop_grad=stop_grad)
+    model = make_model((config, train, None, None), session_split="time_gap", time_lag="none", x_hat_source="copy_last", stop_grad=stop_grad)
     model.train()
     batch = first_batch(train)
     seen, user_vector = [], model.user_vector
@@ -240,7 +242,7 @@ def test_the_time_lag_bucket_is_one_plus_log2_of_one_plus_the_minutes(timed_data
     row = int(torch.nonzero(lengths >= 6)[0])
     request = float(batch["timestamp"][row])
     # 10^10 s is 2^27 minutes, past the last bucket's start (2^22 min): capped there. The last: logged after the request.
-    lags_seconds = torch.tensor([59.0, 0.0, 60.0, 180.0, 10 ** 10, -120.0])
+    lags_seconds = torch.tensor([59.0, 0.0, 60.0, 180.0, 10**10, -120.0])
     times = batch["timestamp_list"].clone()
     times[row, :6] = request - lags_seconds
     batch.interaction["timestamp_list"] = times

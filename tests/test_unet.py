@@ -1,6 +1,7 @@
 """The denoisers (unet.py, docs/T2DIFF.md §7-8): the 1-D U-Net's geometry and padding, its blocks and FiLM,
 the step embedding, the next-slot query row and the knobs that reach them.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -111,7 +112,12 @@ def test_the_denoisers_knobs_reach_its_parts_and_its_defaults_are_the_property_f
     knobs = yaml.safe_load(open(os.path.join(REPO, "properties", "model", "T2Diff.yaml")))
     default = Denoiser(8, 10)
     assert (default.unet.levels, default.unet.out_proj, default.step_scale, default.film, default.slot) == (
-        knobs["unet_levels"], None, knobs["step_emb_scale"], False, None)
+        knobs["unet_levels"],
+        None,
+        knobs["step_emb_scale"],
+        False,
+        None,
+    )
     torch.testing.assert_close(default.steps, step_table("official", 10, 16))
     assert "steps" not in default.state_dict()  # derived from the knobs; checkpoints carry only the learned weights
     assert {m.eps for m in default.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-8}
@@ -142,6 +148,7 @@ def test_a_film_t2diff_starts_with_every_film_map_at_zero(tiny_data):
 
 
 # ---- the denoiser's input rows and step conditioning -------------------------------------------------
+
 
 def test_next_slot_puts_the_next_items_drift_on_a_learned_query_row():
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 Masks are boolean, True for a real item. Blocked logits get a large finite negative value rather
 than -inf, so a row with nothing admissible stays finite.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,10 +31,9 @@ class SessionEncoder(nn.Module):
         self.query, self.key, self.value, self.out = (nn.Linear(d, d, bias=False) for _ in range(4))
         self.attention_norm = nn.LayerNorm(d, eps=eps)
         widths = [d] + list(ffn_hidden) + [d]
-        self.ffn = nn.Sequential(*[
-            nn.Sequential(nn.Linear(widths[i], widths[i + 1], bias=False), nn.ELU(), nn.LayerNorm(widths[i + 1], eps=eps))
-            for i in range(len(widths) - 1)
-        ])
+        self.ffn = nn.Sequential(
+            *[nn.Sequential(nn.Linear(widths[i], widths[i + 1], bias=False), nn.ELU(), nn.LayerNorm(widths[i + 1], eps=eps)) for i in range(len(widths) - 1)]
+        )
         self.ffn_norm = nn.LayerNorm(d, eps=eps)
 
     def forward(self, tokens, mask):
@@ -70,17 +70,14 @@ class TargetAttention(nn.Module):
         super().__init__()
         hidden = hidden or d
         self.mask_pads = mask_pads
-        self.score = nn.Sequential(
-            nn.Linear(4 * d, hidden, bias=False), nn.ELU(), nn.LayerNorm(hidden, eps=eps), nn.Linear(hidden, 1, bias=False)
-        )
+        self.score = nn.Sequential(nn.Linear(4 * d, hidden, bias=False), nn.ELU(), nn.LayerNorm(hidden, eps=eps), nn.Linear(hidden, 1, bias=False))
 
     def forward(self, query, history, mask):
         """``query`` [B, d], ``history`` [B, M, d], ``mask`` [B, M] -> h_l [B, d]."""
         # The first layer on [q, x, q - x, q ⊙ x] equals (W_q + W_diff)·q + (W_x - W_diff)·x + W_prod·(q ⊙ x):
         # the query part is computed once per user, not once per history position (1.5x faster here).
         w_q, w_x, w_diff, w_prod = self.score[0].weight.split(query.size(-1), dim=1)
-        hidden = (F.linear(query, w_q + w_diff).unsqueeze(1) + F.linear(history, w_x - w_diff)
-                  + F.linear(query.unsqueeze(1) * history, w_prod))
+        hidden = F.linear(query, w_q + w_diff).unsqueeze(1) + F.linear(history, w_x - w_diff) + F.linear(query.unsqueeze(1) * history, w_prod)
         logits = self.score[1:](hidden).squeeze(-1)
         if not self.mask_pads:
             return (logits.softmax(-1).unsqueeze(-1) * history).sum(1)

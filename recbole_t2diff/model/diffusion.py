@@ -6,6 +6,7 @@ x_0-predicting denoiser and ``reverse_chain`` runs all T of them; ``ddim_step`` 
 jump between any two steps (DDIM), so inference can use far fewer denoiser calls than training.
 Steps are 1-based, s ∈ {1..T}; index 0 of every table is the clean state (ᾱ_0 = 1).
 """
+
 import numpy as np
 import torch
 from torch import nn

@@ -10,6 +10,7 @@ conditioned on the tower's encoding of the history, with classifier-free guidanc
 (``diffusion``, ``denoiser``, ``condition_projection``, the ``drift_rms`` buffer) are attributes of the model
 itself, because checkpoints name them at the top level of its state_dict.
 """
+
 import math
 
 import torch
@@ -41,9 +42,17 @@ class XHatGenerator:
             self.denoiser = NextItemDenoiser(d, self.n_steps, eps)
         else:
             self.denoiser = Denoiser(
-                d, self.n_steps, levels=knobs["unet_levels"], mult=knobs["unet_mult"], padding=knobs["unet_padding"],
-                out_proj=knobs["unet_out_proj"], step_emb=knobs["step_emb"], step_emb_scale=knobs["step_emb_scale"], eps=eps,
-                step_conditioning=knobs["step_conditioning"], next_slot=knobs["denoiser_next_slot"],
+                d,
+                self.n_steps,
+                levels=knobs["unet_levels"],
+                mult=knobs["unet_mult"],
+                padding=knobs["unet_padding"],
+                out_proj=knobs["unet_out_proj"],
+                step_emb=knobs["step_emb"],
+                step_emb_scale=knobs["step_emb_scale"],
+                eps=eps,
+                step_conditioning=knobs["step_conditioning"],
+                next_slot=knobs["denoiser_next_slot"],
             )
 
     @property
@@ -301,8 +310,12 @@ class XHatGenerator:
                         ndcg_noise += gain
                     else:
                         ndcg_served += gain
-        return {"xhat_rel_error": round(error / max(drift, 1e-12), 4), "xhat_hit@1": round(hit1 / count, 4),
-                "xhat_hit@10": round(hit10 / count, 4), "xhat_noise_drop": round((ndcg_served - ndcg_noise) / count, 4)}
+        return {
+            "xhat_rel_error": round(error / max(drift, 1e-12), 4),
+            "xhat_hit@1": round(hit1 / count, 4),
+            "xhat_hit@10": round(hit10 / count, 4),
+            "xhat_noise_drop": round((ndcg_served - ndcg_noise) / count, 4),
+        }
 
 
 def _ndcg_at_10(scores, target_ids, history_index=None):

@@ -9,6 +9,7 @@ to ``recbole_t2diff.sparse_index``.
 :class:`CrossInteraction` is mixed into :class:`~recbole_t2diff.model.sparcode.SparCode`; its layers
 (``query_layer``, ``item_layer``, ``mlp_tail``) are attributes of the model itself, as checkpoints name them.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn

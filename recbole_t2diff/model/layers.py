@@ -1,5 +1,6 @@
 """Layers of SparCode's tokenizer that RecBole's do not offer: a cheaper CPU dropout, and SASRec's encoder read at
 one position without running its last layer at every other."""
+
 import torch
 from torch import nn
 

@@ -16,6 +16,7 @@ training mode must not move a codeword); its dead-code threshold is an absolute 
 restarted code gets that count rather than the mean count; and the index needs the raw codes, the
 key arithmetic and the codewords as plain buffers (docs/SPARCODE.md §10). What is left is ~100 lines.
 """
+
 import math
 
 import torch
@@ -46,7 +47,7 @@ class ProductQuantizer(nn.Module):
 
     @property
     def n_keys(self):
-        return self.codebook_size ** self.n_codebooks
+        return self.codebook_size**self.n_codebooks
 
     def split(self, z):
         """[..., d_t] -> [M, R, d_t/M], the sub-vectors of all R tokens per codebook."""
@@ -58,9 +59,9 @@ class ProductQuantizer(nn.Module):
         in float32 even under autocast: bfloat16 distances would tie or misorder nearby codewords."""
         parts = self.split(z.to(self.codewords.dtype))
         with torch.autocast(z.device.type, enabled=False):
-            distances = torch.baddbmm(
-                self.codewords.pow(2).sum(-1).unsqueeze(1), parts, self.codewords.transpose(1, 2), alpha=-2.0
-            ) + parts.pow(2).sum(-1, keepdim=True)
+            distances = torch.baddbmm(self.codewords.pow(2).sum(-1).unsqueeze(1), parts, self.codewords.transpose(1, 2), alpha=-2.0) + parts.pow(2).sum(
+                -1, keepdim=True
+            )
         return distances.argmin(-1).t().reshape(*z.shape[:-1], self.n_codebooks)
 
     def lookup(self, codes):
@@ -96,9 +97,7 @@ class ProductQuantizer(nn.Module):
         assigned = torch.zeros(self.n_codebooks, self.codebook_size, device=z.device).scatter_add_(
             1, flat_codes, torch.ones_like(flat_codes, dtype=torch.float)
         )
-        summed = torch.zeros_like(self.sums).scatter_add_(
-            1, flat_codes.unsqueeze(-1).expand(-1, -1, self.sub_dim), parts
-        )
+        summed = torch.zeros_like(self.sums).scatter_add_(1, flat_codes.unsqueeze(-1).expand(-1, -1, self.sub_dim), parts)
         self.idle.add_(1).masked_fill_(assigned > 0, 0)
         self.counts.mul_(self.decay).add_(assigned, alpha=1 - self.decay)
         self.sums.mul_(self.decay).add_(summed, alpha=1 - self.decay)
@@ -180,5 +179,7 @@ def describe_codes(stats, quantizer):
     """One log line's worth of :meth:`SparCode.code_stats`."""
     usage = "/".join(f"{share:.0%}" for share in stats["usage"])
     perplexity = "/".join(f"{value:.1f}" for value in stats["perplexity"])
-    return (f"usage {usage} of {quantizer.codebook_size} codes per codebook, perplexity {perplexity}, "
-            f"{stats['distinct_keys']} distinct keys, relative quantization error {stats['relative_error']:.3f}")
+    return (
+        f"usage {usage} of {quantizer.codebook_size} codes per codebook, perplexity {perplexity}, "
+        f"{stats['distinct_keys']} distinct keys, relative quantization error {stats['relative_error']:.3f}"
+    )

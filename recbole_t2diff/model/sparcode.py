@@ -17,6 +17,7 @@ positive entries only, in a code-keyed sparse inverted index (``recbole_t2diff.s
 serving then runs the tokenizer and adds K_u posting lists. Every knob is documented in
 ``properties/model/SparCode.yaml`` and read in ``sparcode_knobs.py``; the maths is in ``docs/SPARCODE.md``.
 """
+
 import contextlib
 import logging
 
@@ -80,9 +81,14 @@ class SparCode(CrossInteraction, SequentialRecommender):
             eps = knobs["layer_norm_eps"]
             self.position_embedding = nn.Embedding(self.max_seq_length, d)
             self.trm_encoder = TransformerEncoder(
-                n_layers=knobs["n_layers"], n_heads=knobs["n_heads"], hidden_size=d, inner_size=knobs["inner_size"],
-                hidden_dropout_prob=knobs["hidden_dropout_prob"], attn_dropout_prob=knobs["attn_dropout_prob"],
-                hidden_act=knobs["hidden_act"], layer_norm_eps=eps,
+                n_layers=knobs["n_layers"],
+                n_heads=knobs["n_heads"],
+                hidden_size=d,
+                inner_size=knobs["inner_size"],
+                hidden_dropout_prob=knobs["hidden_dropout_prob"],
+                attn_dropout_prob=knobs["attn_dropout_prob"],
+                hidden_act=knobs["hidden_act"],
+                layer_norm_eps=eps,
             )
             self.input_norm = nn.LayerNorm(d, eps=eps)
             self.input_dropout = nn.Dropout(knobs["hidden_dropout_prob"])
@@ -96,8 +102,14 @@ class SparCode(CrossInteraction, SequentialRecommender):
         self.query_heads = nn.Linear(d, self.n_query_tokens * d_t)
         self.quantizer = None
         if knobs["quantize"]:
-            self.quantizer = ProductQuantizer(d_t, knobs["n_codebooks"], knobs["codebook_size"], decay=knobs["ema_decay"],
-                                              eps=knobs["ema_eps"], dead_code_threshold=knobs["dead_code_threshold"])
+            self.quantizer = ProductQuantizer(
+                d_t,
+                knobs["n_codebooks"],
+                knobs["codebook_size"],
+                decay=knobs["ema_decay"],
+                eps=knobs["ema_eps"],
+                dead_code_threshold=knobs["dead_code_threshold"],
+            )
         self.item_heads = nn.Linear(d, self.n_item_tokens * d_t)
         # The training batches' code usage since the last eval(), logged there (not saved).
         self.epoch_codes = None if self.quantizer is None else CodeTally(self.quantizer)
@@ -246,8 +258,9 @@ class SparCode(CrossInteraction, SequentialRecommender):
             self.dead_positives.zero_()
         if not mode and self.epoch_codes is not None and self.epoch_codes.tokens > 0:
             restarts = int(self.quantizer.restarts)
-            logging.getLogger().info(f"SparCode codes in training: {describe_codes(self.epoch_codes.stats(), self.quantizer)}, "
-                                     f"{restarts - self.restarts_logged} restarts")
+            logging.getLogger().info(
+                f"SparCode codes in training: {describe_codes(self.epoch_codes.stats(), self.quantizer)}, {restarts - self.restarts_logged} restarts"
+            )
             self.epoch_codes, self.restarts_logged = CodeTally(self.quantizer), restarts
         return super().train(mode)
 
@@ -300,7 +313,8 @@ class SparCode(CrossInteraction, SequentialRecommender):
             raise UsageError(
                 f"SparCode with {' and '.join(unlike)} does not score by the inner product of one user vector and one item "
                 "vector: it has no two-tower export; serve it through its sparse index (recbole_t2diff.sparse_index.SparseIndex), "
-                "or train the two-tower reduction (interaction: dot, score_relu: false)")
+                "or train the two-tower reduction (interaction: dot, score_relu: false)"
+            )
 
     def user_vectors(self, interaction):
         """Σ_k q̃_k [B, d_t], the user tower of the two-tower reduction: there y(u, i) = Σ_k (q̃_k · v_i + b)
@@ -319,8 +333,13 @@ class SparCode(CrossInteraction, SequentialRecommender):
         score_bias; None with quantize: false (no codes)."""
         if self.quantizer is None:
             return None
-        return {"n_codebooks": self.quantizer.n_codebooks, "codebook_size": self.quantizer.codebook_size,
-                "n_query_tokens": self.n_query_tokens, "n_items": self.n_items, "score_bias": self.score_bias}
+        return {
+            "n_codebooks": self.quantizer.n_codebooks,
+            "codebook_size": self.quantizer.codebook_size,
+            "n_query_tokens": self.n_query_tokens,
+            "n_items": self.n_items,
+            "score_bias": self.score_bias,
+        }
 
     def code_row_state(self):
         """(name, tensor) of every state_dict entry that code rows depend on, sorted by name: what an index's

@@ -3,6 +3,7 @@
 A knob that only one variant uses (the SASRec tokenizer's layers, the MLP's widths) is read only for that variant,
 so the other variants' configs may leave it at anything.
 """
+
 from recbole_t2diff.knobs import KnobReader
 
 TOKENIZERS = ("sasrec", "dnn")

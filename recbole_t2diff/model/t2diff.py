@@ -14,6 +14,7 @@ The item tower is e_i = LN(ELU(W·x_i)) and the score is e_u·e_i, so item vecto
 Every knob is documented in ``properties/model/T2Diff.yaml`` and read in ``t2diff_knobs.py``; the maths is in
 ``docs/T2DIFF.md``.
 """
+
 import logging
 import math
 
@@ -103,7 +104,7 @@ class T2Diff(XHatGenerator, SequentialRecommender):
             # Tokens start at ~N(0, initializer_range²) per coordinate, so raw dot products with the
             # table are ~0.03 and the softmax is flat: a learned logit scale, starting where a token's
             # product with itself is 1, lets the x̂ objective sharpen without waiting for the tokens to grow.
-            self.xhat_logit_scale = nn.Parameter(torch.tensor(-math.log(d * self.initializer_range ** 2)))
+            self.xhat_logit_scale = nn.Parameter(torch.tensor(-math.log(d * self.initializer_range**2)))
         # x_hat_gate: x̂ enters the session as x_L + g·(x̂ - x_L), g starting at 0, so the tower begins as the copy-last
         # control (which beat every diffusion x̂ so far) and takes x̂ in only as far as training finds it useful.
         self.x_hat_gate = nn.Parameter(torch.zeros(())) if self.denoises and knobs["x_hat_gate"] else None
@@ -153,11 +154,15 @@ class T2Diff(XHatGenerator, SequentialRecommender):
         valid = torch.cat([valid, valid.new_ones(len(valid), 1)], dim=1)
         steps = (times[:, 1:] - times[:, :-1])[valid[:, 1:] & valid[:, :-1]]
         if len(steps) and bool((steps == 1).all()):
-            return (f"{wanted} needs clock time, but '{self.TIME}' only counts each user's interactions (0, 1, 2, ...), as in "
-                    f"this project's copies of ml-1m and amazon-beauty: use session_split: last_k and time_lag: none on this data")
+            return (
+                f"{wanted} needs clock time, but '{self.TIME}' only counts each user's interactions (0, 1, 2, ...), as in "
+                f"this project's copies of ml-1m and amazon-beauty: use session_split: last_k and time_lag: none on this data"
+            )
         if float(feature[self.TIME].max()) <= 1:
-            return (f"{wanted} needs clock time in seconds, but '{self.TIME}' lies in [0, 1] (normalised): set normalize_all: False "
-                    f"or leave '{self.TIME}' out of normalize_field")
+            return (
+                f"{wanted} needs clock time in seconds, but '{self.TIME}' lies in [0, 1] (normalised): set normalize_all: False "
+                f"or leave '{self.TIME}' out of normalize_field"
+            )
         return None
 
     def _init_weights(self, module):
@@ -252,8 +257,7 @@ class T2Diff(XHatGenerator, SequentialRecommender):
         tokens, in_session = self.tower_inputs(interaction, history, mask)
         x_hat, diffusion_losses = None, []
         if self.denoises:
-            x_hat, diffusion_losses = self.diffusion_training(history, mask, interaction[self.POS_ITEM_ID],
-                                                              self.condition(tokens, mask, in_session))
+            x_hat, diffusion_losses = self.diffusion_training(history, mask, interaction[self.POS_ITEM_ID], self.condition(tokens, mask, in_session))
             x_hat = self.session_x_hat(history, x_hat)
         elif self.x_hat == "copy_last":  # the control: x̂ := x_L, treated like a generated x̂
             x_hat = history[:, -1].detach() if self.stop_grad else history[:, -1]
@@ -281,8 +285,7 @@ class T2Diff(XHatGenerator, SequentialRecommender):
         """Scores of (user, item) rows. x̂ depends on the user only: one chain per distinct user in
         the batch, shared by all of that user's candidate rows (sampled evaluation, e.g. uni100)."""
         users, rows = interaction[self.USER_ID].unique(return_inverse=True)
-        first = torch.full((len(users),), len(rows), device=rows.device).scatter_reduce(
-            0, rows, torch.arange(len(rows), device=rows.device), reduce="amin")
+        first = torch.full((len(users),), len(rows), device=rows.device).scatter_reduce(0, rows, torch.arange(len(rows), device=rows.device), reduce="amin")
         order = first.argsort()  # users in order of first appearance: noise as a full-sort batch of them draws it
         user = self.forward(interaction[first[order]])[order.argsort()[rows]]
         return (user * self.item_vectors(interaction[self.ITEM_ID])).sum(-1)

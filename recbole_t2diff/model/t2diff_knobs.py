@@ -4,6 +4,7 @@ Besides the knobs as given, the parsed settings hold ``x_hat``, the one place th
 ``use_diffusion`` and ``x_hat_source``: none (no x̂ token), copy_last (x̂ := x_L, the control), diffusion (the drift
 U-Net) or next_item (the next-item denoiser).
 """
+
 from recbole_t2diff.knobs import KnobReader
 from recbole_t2diff.model.diffusion import REVERSE_COEFS, SAMPLERS, beta_schedule
 from recbole_t2diff.model.unet import PADDINGS, STEP_CONDITIONINGS, STEP_EMBEDDINGS
@@ -29,22 +30,31 @@ def read_t2diff_knobs(config):
     d = _read_tower(knobs)
     _read_diffusion(knobs)
     if knobs.one_of("xhat_loss_on", XHAT_LOSS_ON) == "served" and (config["xhat_loss"] != "ce" or config["train_xhat"] != "chain"):
-        refuse("xhat_loss_on", f"served with xhat_loss={config['xhat_loss']}, train_xhat={config['train_xhat']}", "it puts the x̂ "
-               "cross-entropy on the chain the tower is served; set xhat_loss: ce and train_xhat: chain")
+        refuse(
+            "xhat_loss_on",
+            f"served with xhat_loss={config['xhat_loss']}, train_xhat={config['train_xhat']}",
+            "it puts the x̂ cross-entropy on the chain the tower is served; set xhat_loss: ce and train_xhat: chain",
+        )
     use_diffusion = knobs.boolean("use_diffusion")
     if knobs.boolean("x_hat_in_score") and not use_diffusion:
         refuse("x_hat_in_score", "True with use_diffusion=False", "there is no x̂ to add to the score")
     source = knobs.one_of("x_hat_source", X_HAT_SOURCES)
     if source != "diffusion" and not use_diffusion:
-        refuse("x_hat_source", f"{source} with use_diffusion=False", "use_diffusion: False removes x̂ altogether; keep use_diffusion: "
-               "True to feed the copied last item as x̂")
+        refuse(
+            "x_hat_source",
+            f"{source} with use_diffusion=False",
+            "use_diffusion: False removes x̂ altogether; keep use_diffusion: True to feed the copied last item as x̂",
+        )
     if knobs.boolean("x_hat_gate") and not (use_diffusion and source != "copy_last"):
-        refuse("x_hat_gate", True, "it gates a generated x̂ against the copied last item; it needs use_diffusion: True and "
-               "x_hat_source: diffusion or next_item")
+        refuse("x_hat_gate", True, "it gates a generated x̂ against the copied last item; it needs use_diffusion: True and x_hat_source: diffusion or next_item")
     if source == "next_item" and config["train_xhat"] != "chain":
-        refuse("x_hat_source", f"{source} with train_xhat={config['train_xhat']}", "the one-step estimate denoises the noised next item "
-               "itself, so the tower would learn from the answer (on ml-100k validation NDCG@10 fell to 0.03); set train_xhat: chain, "
-               "the x̂ the sampler serves")
+        refuse(
+            "x_hat_source",
+            f"{source} with train_xhat={config['train_xhat']}",
+            "the one-step estimate denoises the noised next item "
+            "itself, so the tower would learn from the answer (on ml-100k validation NDCG@10 fell to 0.03); set train_xhat: chain, "
+            "the x̂ the sampler serves",
+        )
     knobs.keep("x_hat", source if use_diffusion else "none")
     knobs.fraction("condition_dropout")
     knobs.number("guidance_weight", minimum=0)
@@ -79,8 +89,11 @@ def _read_tower(knobs):
     max_len = knobs.integer("MAX_ITEM_LIST_LENGTH", 2)
     session_len = knobs.integer("session_len", 1)
     if session_len >= max_len:
-        knobs.refuse("session_len", session_len, f"it must be smaller than MAX_ITEM_LIST_LENGTH={max_len} so that an older history remains; "
-                     "lower session_len or raise MAX_ITEM_LIST_LENGTH")
+        knobs.refuse(
+            "session_len",
+            session_len,
+            f"it must be smaller than MAX_ITEM_LIST_LENGTH={max_len} so that an older history remains; lower session_len or raise MAX_ITEM_LIST_LENGTH",
+        )
     split = knobs.one_of("session_split", SESSION_SPLITS)
     gap = knobs.number("session_gap")
     mask_pads = knobs.boolean("mask_pads")
@@ -115,8 +128,11 @@ def _read_diffusion(knobs):
     infer_steps = knobs.integer("infer_steps", 1, optional=True)
     if infer_steps is not None:
         if sampler == "ddpm" and infer_steps != n_steps:
-            knobs.refuse("infer_steps", f"{infer_steps} with sampler=ddpm", f"the ddpm chain always runs all n_steps={n_steps}; "
-                         "set infer_steps: ~ (--infer_steps=None), or sampler: ddim for fewer steps")
+            knobs.refuse(
+                "infer_steps",
+                f"{infer_steps} with sampler=ddpm",
+                f"the ddpm chain always runs all n_steps={n_steps}; set infer_steps: ~ (--infer_steps=None), or sampler: ddim for fewer steps",
+            )
         if infer_steps > n_steps:
             knobs.refuse("infer_steps", f"{infer_steps} with sampler=ddim", f"it must lie in 1..n_steps={n_steps}")
     knobs.number("ddim_eta", minimum=0, maximum=1)

@@ -3,6 +3,7 @@
 Input rows are ``[z_s ; X]`` (noised drift joined channel-wise with the history it is conditioned
 on) plus a step embedding; output rows are the estimated clean drift, one per sequence position.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -78,12 +79,10 @@ class UNet1d(nn.Module):
         conv_pad = 1 if padding == "same" else 0
         widths = [in_channels] + list(channels)
         self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(widths[i], widths[i + 1], 3, padding=conv_pad), nn.SiLU(), ChannelLayerNorm(widths[i + 1], eps))
-            for i in range(self.levels)
+            nn.Sequential(nn.Conv1d(widths[i], widths[i + 1], 3, padding=conv_pad), nn.SiLU(), ChannelLayerNorm(widths[i + 1], eps)) for i in range(self.levels)
         )
         self.up = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(channels[i + 1], channels[i], 1), nn.SiLU())
-            for i in range(self.levels - 1)
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(channels[i + 1], channels[i], 1), nn.SiLU()) for i in range(self.levels - 1)
         )
         self.merge = nn.ModuleList(
             nn.Sequential(nn.Conv1d(2 * channels[i], channels[i], 3, padding=conv_pad), nn.SiLU(), ChannelLayerNorm(channels[i], eps))
@@ -161,8 +160,21 @@ class Denoiser(nn.Module):
     on the query row and cannot be read off a padded edge.
     """
 
-    def __init__(self, d, n_steps, *, levels=4, mult=(1, 2, 4, 8), padding="valid", out_proj=False,
-                 step_emb="official", step_emb_scale=0.01, eps=1e-8, step_conditioning="input", next_slot=False):
+    def __init__(
+        self,
+        d,
+        n_steps,
+        *,
+        levels=4,
+        mult=(1, 2, 4, 8),
+        padding="valid",
+        out_proj=False,
+        step_emb="official",
+        step_emb_scale=0.01,
+        eps=1e-8,
+        step_conditioning="input",
+        next_slot=False,
+    ):
         super().__init__()
         if step_emb not in STEP_EMBEDDINGS:
             raise UsageError(f"unknown step_emb '{step_emb}': use one of {', '.join(STEP_EMBEDDINGS)}")
@@ -176,8 +188,7 @@ class Denoiser(nn.Module):
             self.step_scale = 1.0
         self.film = step_conditioning == "film"
         self.slot = nn.Parameter(torch.zeros(d)) if next_slot else None
-        self.unet = UNet1d(2 * d, [d * m for m in mult[:levels]], padding, d if out_proj else None, eps,
-                           film_dim=2 * d if self.film else None)
+        self.unet = UNet1d(2 * d, [d * m for m in mult[:levels]], padding, d if out_proj else None, eps, film_dim=2 * d if self.film else None)
 
     def forward(self, z_s, condition, s):
         """``z_s``, ``condition``: [B, L, d]; ``s``: [B] steps (1-based). Returns ẑ_0 [B, L, d]."""

@@ -4,6 +4,7 @@ included, which /usr/bin/time misses (they are not waited for by the driver). Po
 
     python cputree.py PID   # prints 'cpu_tree_s=<seconds> processes=<count>' when PID exits
 """
+
 import os
 import sys
 import time
