@@ -517,7 +517,7 @@ def test_x_hat_in_the_score_starts_at_zero_and_the_tower_loss_trains_it(tiny_dat
     batch = first_batch(tiny_data[1])
     history, mask = model.history(batch)
     tokens, in_session = model.tower_inputs(batch, history, mask)
-    assert float(model.score_projection.weight.abs().max()) == 0  # the plain user vector at the start
+    assert model.score_projection.weight.abs().max().item() == 0  # the plain user vector at the start
     with torch.no_grad():
         model.score_projection.weight.normal_()
     model.eval()
