@@ -144,7 +144,7 @@ def test_a_film_t2diff_starts_with_every_film_map_at_zero(tiny_data):
     """T2Diff re-initialises every Linear; the FiLM maps must come back to zero, or the untrained U-Net is modulated at random."""
     unet = make_model(tiny_data, step_conditioning="film").denoiser.unet
     maps = [*unet.film_down, *unet.film_merge]
-    assert maps and all(float(layer.weight.abs().max()) == 0 and float(layer.bias.abs().max()) == 0 for layer in maps)
+    assert maps and all(layer.weight.abs().max().item() == 0 and layer.bias.abs().max().item() == 0 for layer in maps)
 
 
 # ---- the denoiser's input rows and step conditioning -------------------------------------------------
