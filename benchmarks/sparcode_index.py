@@ -204,6 +204,11 @@ def plot(rows, exact, path, title):
     fig.savefig(path, dpi=120)
 
 
+def one_row_table(values):
+    """A markdown table of one row: the keys of ``values`` as the header, its values below."""
+    return ["| " + " | ".join(values) + " |", "|---" * len(values) + "|", "| " + " | ".join(str(v) for v in values.values()) + " |"]
+
+
 def write_markdown(report, path):
     lines = [
         f"# SparCode on {report['dataset']}: exact scoring vs the sparse inverted index",
@@ -222,15 +227,11 @@ def write_markdown(report, path):
         "",
         "## Fidelity",
         "",
-        "| " + " | ".join(report["fidelity"]) + " |",
-        "|---" * len(report["fidelity"]) + "|",
-        "| " + " | ".join(str(v) for v in report["fidelity"].values()) + " |",
+        *one_row_table(report["fidelity"]),
         "",
         "## Size",
         "",
-        "| " + " | ".join(report["size"]) + " |",
-        "|---" * len(report["size"]) + "|",
-        "| " + " | ".join(str(v) for v in report["size"].values()) + " |",
+        *one_row_table(report["size"]),
         "",
         f"Code usage on the test users' tokens: {report['code_usage']}",
         "",

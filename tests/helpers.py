@@ -7,6 +7,8 @@ import os
 import pickle
 import re
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -192,3 +194,10 @@ def trained_sparcode(sparcode_data, steps=3, **overrides):
 
 def valid_batch(sparcode_data):
     return first_batch(sparcode_data[2])
+
+
+def run_python(arguments, cwd, timeout=300):
+    """(the finished process, its non-blank stderr lines) of ``python ARGUMENTS`` in ``cwd`` with this checkout importable:
+    a script's whole path from the command line to its exit code and one-line error."""
+    done = subprocess.run([sys.executable, *arguments], cwd=cwd, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=timeout)
+    return done, [line for line in done.stderr.splitlines() if line.strip()]

@@ -12,7 +12,7 @@ import pytest
 from recbole_t2diff.config import Config
 from recbole_t2diff.settings import known_keys
 
-from helpers import REPO, one_line_error
+from helpers import REPO, one_line_error, run_python
 
 
 # ml-100k, shortened so that one epoch takes seconds on two cores.
@@ -100,15 +100,7 @@ def test_bad_input_gives_one_line_and_exit_code_1(tmp_path, args, message):
 @pytest.mark.spawns
 @pytest.mark.slow
 def test_epochs_zero_leaves_no_checkpoint(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "run_recbole.py"), "--epochs=0"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    result, lines = run_python([os.path.join(REPO, "run_recbole.py"), "--epochs=0"], tmp_path)
     assert result.returncode == 1 and len(lines) == 1 and "epochs=0" in lines[0], result.stderr
     assert not (tmp_path / "saved").exists()
 

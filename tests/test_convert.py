@@ -1,10 +1,7 @@
 """Converting old checkpoints (convert.py): a pickled file only on an explicit opt-in, an unsigned one without
 unpickling, and one line for a file with nothing to convert."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from recbole_t2diff.convert import convert_checkpoint
 from recbole_t2diff.model.t2diff import T2Diff
 from recbole_t2diff.quick_start import evaluate_checkpoint
 
-from helpers import REPO, one_line_error, write_crafted
+from helpers import one_line_error, run_python, write_crafted
 
 
 def test_converting_needs_an_explicit_opt_in(tmp_path):
@@ -30,15 +27,7 @@ def test_converting_needs_an_explicit_opt_in(tmp_path):
 def test_the_convert_command_needs_an_explicit_opt_in(tmp_path):
     path, marker = tmp_path / "evil.pth", tmp_path / "marker"
     write_crafted(path, marker, "torch-zip")
-    cli = subprocess.run(
-        [sys.executable, "-m", "recbole_t2diff.convert", str(path)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in cli.stderr.splitlines() if line.strip()]
+    cli, lines = run_python(["-m", "recbole_t2diff.convert", str(path)], tmp_path)
     assert cli.returncode == 1 and len(lines) == 1 and "--trust_checkpoint" in lines[0], cli.stderr
     assert not marker.exists()
 

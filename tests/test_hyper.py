@@ -18,7 +18,7 @@ from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import Search, check_output_file, parse_params_file
 from recbole_t2diff.settings import command_line_settings
 
-from helpers import CODE, REPO, one_line_error
+from helpers import CODE, REPO, one_line_error, run_python
 
 
 FIXED = """epochs: 1
@@ -297,14 +297,6 @@ def test_the_output_file_is_checked_before_any_trial(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_run_hyper_rejects_an_unwritable_output_file_before_any_trial(tmp_path):
     (tmp_path / "space.hyper").write_text("learning_rate choice [0.001,0.01]\n")
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "run_hyper.py"), "--params_file=space.hyper", f"--output_file={tmp_path}/missing/dir/x"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    result, lines = run_python([os.path.join(REPO, "run_hyper.py"), "--params_file=space.hyper", f"--output_file={tmp_path}/missing/dir/x"], tmp_path)
     assert result.returncode == 1 and len(lines) == 1 and "missing/dir does not exist" in lines[0], result.stderr
     assert "trial" not in result.stdout
