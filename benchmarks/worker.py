@@ -26,6 +26,11 @@ from benchmarks.variants import ROOT, parse_variant
 from recbole_t2diff.cli import exit_on_usage_error
 
 METRICS = ["recall@10", "mrr@10", "ndcg@10", "recall@20", "ndcg@20", "recall@2", "ndcg@2"]
+XHAT_COLUMNS = ["xhat_rel_error", "xhat_hit@1", "xhat_hit@10"]
+XHAT_NOISE_DROP = "xhat_noise_drop"  # recorded since 2026-12-06: older rows leave it empty
+# A quantized SparCode's exact sparse index (the keys its training split uses, threshold 0) at the tested weights: the
+# share of (key, item) entries it stores and its size (recorded since 2026-12-06; the trade-off of docs/SPARCODE.md §10).
+INDEX_COLUMNS = ["index_density", "index_mib"]
 COLUMNS = [
     "variant",
     "seed",
@@ -47,9 +52,8 @@ COLUMNS = [
     "date",
     "reads",
     "xhat_noise_drop",
+    *INDEX_COLUMNS,
 ]
-XHAT_COLUMNS = ["xhat_rel_error", "xhat_hit@1", "xhat_hit@10"]
-XHAT_NOISE_DROP = "xhat_noise_drop"  # recorded since 2026-12-06: older rows leave it empty
 
 
 def run_settings(variant, seed):
@@ -218,8 +222,21 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     row.update(result.get("xhat_quality") or dict.fromkeys([*XHAT_COLUMNS, XHAT_NOISE_DROP], ""))
     # What the run reads that RecBole's built-ins do not: T2Diff's time lag reads the request time.
     row["reads"] = "request time" if getattr(trainer.model, "lag_embedding", None) is not None else ""
+    row.update(index_columns(trainer.model))
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
     return row
+
+
+def index_columns(model):
+    """:data:`INDEX_COLUMNS` of a quantized SparCode (its exact index over the keys the training split uses); empty
+    for any other model. At threshold 0 the index scores exactly as the model, so the row's test metrics are the
+    index's: what a smaller index costs in accuracy is read across rows (score_bias, sparsity_weight)."""
+    from recbole_t2diff.sparse_index import MODEL_METHODS, SparseIndex
+
+    if not all(callable(getattr(model, name, None)) for name in MODEL_METHODS) or model.code_layout() is None:
+        return dict.fromkeys(INDEX_COLUMNS, "")
+    index = SparseIndex.build(model, keys="used", threshold=0.0)
+    return {"index_density": round(index.nnz / max(index.n_rows * (model.n_items - 1), 1), 4), "index_mib": round(index.nbytes() / 2**20, 3)}
 
 
 def command(variant, seed, dataset, config_files=None, time_budget=None, resume_dir=None, overrides=()):

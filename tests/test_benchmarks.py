@@ -454,3 +454,33 @@ def test_serving_cost_is_measured_against_sasrec_and_kept_beside_the_other_infer
     assert "| T2Diff | — |" in (tmp_path / "serving_tiny.md").read_text()
     wrong = subprocess.run(command[:5] + ["--variants=T2Diff,SASRec", f"--out={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, env=SCRIPT_ENV)
     assert wrong.returncode == 1 and "must start with SASRec" in wrong.stderr
+
+
+def test_a_quantized_sparcodes_row_records_the_size_of_its_exact_index(sparcode_data, tiny_data):
+    from benchmarks.worker import index_columns
+    from helpers import make_model, trained_sparcode
+    from recbole_t2diff.sparse_index import SparseIndex
+
+    model = trained_sparcode(sparcode_data)
+    index = SparseIndex.build(model, keys="used", threshold=0.0)
+    recorded = index_columns(model)
+    assert recorded == {"index_density": round(index.nnz / (index.n_rows * (model.n_items - 1)), 4), "index_mib": round(index.nbytes() / 2**20, 3)}
+    assert 0 < recorded["index_density"] <= 1
+    model.score_bias = -1e6  # no entry survives ReLU(s + b) > 0: the index keeps nothing
+    assert index_columns(model)["index_density"] == 0.0
+    empty = {"index_density": "", "index_mib": ""}
+    assert index_columns(trained_sparcode(sparcode_data, quantize=False)) == empty and index_columns(make_model(tiny_data)) == empty
+
+
+def test_the_table_lists_the_index_of_every_sparcode_row_and_no_other(tmp_path):
+    from benchmarks.worker import COLUMNS
+
+    study = Study(["--models=SparCode,SASRec", "--dataset=ml-100k", "--seeds=1,2", f"--out={tmp_path}"])
+    for seed, density in (("1", "0.25"), ("2", "0.35")):
+        base = {**dict.fromkeys(COLUMNS, "1"), "seed": seed, "valid_curve": "[0.1]", "machine": "m", "date": "d"}
+        study.record({**base, "variant": "SparCode", "index_density": density, "index_mib": "2.0"})
+        study.record({**base, "variant": "SASRec", "index_density": "", "index_mib": ""})
+    study.summarize()
+    section = (tmp_path / "ml-100k.md").read_text().split("## SparCode's sparse index")[1]
+    assert "| SparCode | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 0.3000 ± 0.0707 | 2.0000 ± 0.0000 |" in section
+    assert "SASRec" not in section
