@@ -97,3 +97,24 @@ def plot(rows, variants, path, dataset, time_budget=None, stopped_by_cap=()):
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2 if len(variants) > 6 else 1)  # below the axes: never over a point
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_index(rows, variants, path, dataset):
+    """Test NDCG@10 against the size of the exact sparse index, a point per SparCode run that recorded one (the
+    trade-off a score bias and a sparsity weight buy: a smaller index for what accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colour = colours(variants)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v and r.get("index_mib") not in (None, "")]
+        if mine:
+            ax.scatter([float(r["index_mib"]) for r in mine], [float(r["test_ndcg@10"]) for r in mine], color=colour[v], label=v)
+    ax.set(xlabel="exact sparse index (MiB; keys of the training split, threshold 0)", ylabel="test NDCG@10", title=f"{dataset}: accuracy vs index size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2 if len(variants) > 6 else 1)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -7,7 +7,7 @@ import os
 import statistics
 
 from benchmarks.machine import describe
-from benchmarks.plots import plot, plot_curves
+from benchmarks.plots import plot, plot_curves, plot_index
 from benchmarks.variants import OURS, base_name, find_row, parse_grid, parse_variant, search_trials
 from benchmarks.worker import INDEX_COLUMNS, XHAT_COLUMNS, XHAT_NOISE_DROP, threads
 
@@ -277,6 +277,8 @@ def summarize(study, rows, requested, commands, search=None, jobs=None):
         args.time_budget,
         stopped_by_cap=[r for v in variants for r in capped(rows, v, study.config(v))],
     )
+    if index_lines:
+        plot_index(rows, variants, os.path.join(args.out, f"{args.dataset}_index.png"), args.dataset)
     if any(r.get("valid_curve") for r in rows if r["variant"] in variants):  # rows from before the column have none
         plot_curves(rows, variants, os.path.join(args.out, f"{args.dataset}_curves.png"), args.dataset, cap_of)
     print("\n".join(lines))
