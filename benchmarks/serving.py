@@ -2,7 +2,8 @@
 
     python -m benchmarks.serving --dataset=ml-100k --variants=SASRec,T2Diff,T2Diff-fast [--rounds=7] [--out=results]
 
-A variant is a model name, or a preset's name: ``T2Diff-fast`` is T2Diff with ``properties/presets/T2Diff-fast.yaml``.
+A variant is written as in a benchmark study (``benchmarks.variants``): a model name, ``T2Diff[key=value,...]``, or a
+preset's name: ``T2Diff-fast`` is T2Diff with the settings of ``properties/presets/T2Diff-fast.yaml``.
 Serving cost depends on the architecture, not on the weights, so each model is built untrained from its settings
 (the same Config a run would read). Each round times, for every model in turn, full-sort scoring of a batch of
 1,024 test sequences (users/s) and 20 one-user calls (latency): a change of load during the run hits every model
@@ -20,28 +21,18 @@ import time
 import torch
 
 from benchmarks.machine import command_line, describe
+from benchmarks.variants import ROOT, parse_variant, preset_file
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.config import Config
+from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import build_model, prepare
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def preset_file(variant):
-    """``properties/presets/<variant>.yaml`` when the variant names a preset, else None."""
-    path = os.path.join(ROOT, "properties", "presets", f"{variant}.yaml")
-    return path if os.path.isfile(path) else None
 
 
 def build(variant, dataset, settings):
-    """(model in eval mode, a 1,024-sequence test batch, a one-sequence batch) for ``variant`` on ``dataset``."""
-    preset = preset_file(variant)
-    config = Config(
-        model=variant.partition("-")[0] if preset else variant,
-        dataset=dataset,
-        config_file_list=[preset] if preset else None,
-        config_dict={**settings, "state": "ERROR", "show_progress": False},
-    )
+    """(model in eval mode, a 1,024-sequence test batch, a one-sequence batch) for ``variant`` on ``dataset``, its
+    settings read as a benchmark run reads them (``variants.parse_variant``)."""
+    model, variant_settings = parse_variant(variant)
+    config = Config(model=model, dataset=dataset, config_dict={**variant_settings, **settings, "state": "ERROR", "show_progress": False})
     _, train, _, test = prepare(config)
     model = build_model(config, train).eval()
     interaction = next(iter(test))[0]
@@ -84,10 +75,10 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "results"))
     args = parser.parse_args()
     variants = args.variants.split(",")
-    if variants[0] != "SASRec":
-        raise SystemExit("error: --variants must start with SASRec, the reference every ratio is taken to")
     settings = {"data_path": args.data_path} if args.data_path else {}
     with exit_on_usage_error():
+        if variants[0] != "SASRec":
+            raise UsageError("--variants must start with SASRec, the reference every ratio is taken to")
         models = {v: build(v, args.dataset, settings) for v in variants}
     results = measure(models, args.rounds)
     reference = results["SASRec"]

@@ -58,10 +58,16 @@ def parse_variant(variant):
     return name, settings
 
 
-def preset_settings(name):
-    """The settings of ``properties/presets/<name>.yaml`` (e.g. T2Diff-fast), or None when there is no such preset."""
+def preset_file(name):
+    """``properties/presets/<name>.yaml`` when ``name`` names a preset (e.g. T2Diff-fast), else None."""
     path = os.path.join(ROOT, "properties", "presets", f"{name}.yaml")
-    return dict(read_yaml(path)) if os.path.isfile(path) else None
+    return path if os.path.isfile(path) else None
+
+
+def preset_settings(name):
+    """The settings of the preset ``name`` (:func:`preset_file`), or None when there is no such preset."""
+    path = preset_file(name)
+    return None if path is None else dict(read_yaml(path))
 
 
 @functools.lru_cache(maxsize=None)
