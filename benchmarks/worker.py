@@ -231,9 +231,9 @@ def index_columns(model):
     """:data:`INDEX_COLUMNS` of a quantized SparCode (its exact index over the keys the training split uses); empty
     for any other model. At threshold 0 the index scores exactly as the model, so the row's test metrics are the
     index's: what a smaller index costs in accuracy is read across rows (score_bias, sparsity_weight)."""
-    from recbole_t2diff.sparse_index import MODEL_METHODS, SparseIndex
+    from recbole_t2diff.sparse_index import SparseIndex, indexable
 
-    if not all(callable(getattr(model, name, None)) for name in MODEL_METHODS) or model.code_layout() is None:
+    if not indexable(model):
         return dict.fromkeys(INDEX_COLUMNS, "")
     index = SparseIndex.build(model, keys="used", threshold=0.0)
     return {"index_density": round(index.nnz / max(index.n_rows * (model.n_items - 1), 1), 4), "index_mib": round(index.nbytes() / 2**20, 3)}

@@ -231,9 +231,19 @@ class SparseIndex:
         return scores.gather(1, items), items
 
 
+def reads_codes(model):
+    """Whether ``model`` offers SparCode's code-row methods (``MODEL_METHODS``), the only way the index reads a model."""
+    return all(callable(getattr(model, name, None)) for name in MODEL_METHODS)
+
+
+def indexable(model):
+    """Whether a sparse index can be built from ``model``: a SparCode with codes (quantize: true)."""
+    return reads_codes(model) and model.code_layout() is not None
+
+
 def _check_model(model):
-    """The index reads a model through SparCode's code-row methods only (SparCode imports this module, not the reverse)."""
-    if not all(callable(getattr(model, name, None)) for name in MODEL_METHODS):
+    """:func:`indexable`, or a one-line refusal saying which part is missing (SparCode imports this module, not the reverse)."""
+    if not reads_codes(model):
         raise UsageError(
             f"a sparse index belongs to a SparCode model, not {type(model).__name__}: load a SparCode checkpoint "
             "(two-tower models such as T2Diff export through recbole_t2diff.export and ann.py)"

@@ -303,13 +303,13 @@ class XHatGenerator:
                 count += len(rank)
                 noise = torch.randn(x_hat.shape, generator=noise_generator, device=x_hat.device)
                 noise = noise * (x_hat.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp(min=1e-12))
-                for replacement, is_noise in ((x_hat, False), (noise, True)):
+
+                def ndcg_with(replacement):
                     user = self.user_vector(tokens, mask, self.session_x_hat(history, replacement), in_session)
-                    gain = _ndcg_at_10(user @ all_items.t(), target_ids, history_index)
-                    if is_noise:
-                        ndcg_noise += gain
-                    else:
-                        ndcg_served += gain
+                    return _ndcg_at_10(user @ all_items.t(), target_ids, history_index)
+
+                ndcg_served += ndcg_with(x_hat)
+                ndcg_noise += ndcg_with(noise)
         return {
             "xhat_rel_error": round(error / max(drift, 1e-12), 4),
             "xhat_hit@1": round(hit1 / count, 4),
