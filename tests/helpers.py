@@ -124,9 +124,10 @@ def scores(model, batch):
 
 
 def record_calls(module):
-    """Record the arguments of every call of ``module`` (its forward still runs)."""
+    """Record the arguments of every call of ``module`` (its forward still runs): the positional ones, then a
+    dict of the keyword ones if it had any."""
     calls, forward = [], module.forward
-    module.forward = lambda *args: calls.append(args) or forward(*args)
+    module.forward = lambda *args, **kwargs: calls.append(args + ((kwargs,) if kwargs else ())) or forward(*args, **kwargs)
     return calls
 
 

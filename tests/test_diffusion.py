@@ -105,13 +105,13 @@ def test_reverse_chain_visits_every_step_downwards_and_ends_on_the_estimate():
     diffusion = GaussianDiffusion(7)
     seen, target = [], torch.full((2, 3, 4), 0.5)
 
-    def denoise(z, s):
-        seen.append(s)
+    def denoise(z, s, final):
+        seen.append((s, final))
         return target
 
     draws = []
     out = diffusion.reverse_chain(denoise, torch.randn(2, 3, 4), lambda shape: draws.append(shape) or torch.randn(shape))
-    assert seen == [7, 6, 5, 4, 3, 2, 1]
+    assert seen == [(7, False), (6, False), (5, False), (4, False), (3, False), (2, False), (1, True)]
     torch.testing.assert_close(out, target)
     assert draws == [(2, 3, 4)] * 6  # the last step returns the estimate and draws no noise (the RNG stream stays put)
 
@@ -151,7 +151,7 @@ def test_ddim_chain_with_every_step_and_eta_1_reproduces_the_ddpm_chain():
     diffusion = GaussianDiffusion(12)
     condition = torch.randn(2, 3, 4)
 
-    def denoise(z, s):  # any deterministic function of (z, s)
+    def denoise(z, s, final):  # any deterministic function of (z, s)
         return torch.tanh(z * 0.5 + condition) / s
 
     def chain(sampler):
@@ -169,15 +169,15 @@ def test_deterministic_ddim_calls_the_denoiser_once_per_step():
     diffusion = GaussianDiffusion(50)
     seen = []
 
-    def denoise(z, s):
-        seen.append(s)
+    def denoise(z, s, final):
+        seen.append((s, final))
         return torch.zeros_like(z)
 
     def no_noise(shape):
         raise AssertionError("eta = 0 must not draw noise")
 
     diffusion.ddim_chain(denoise, torch.randn(1, 2, 2), no_noise, 5, eta=0.0)
-    assert seen == [50, 38, 26, 13, 1]
+    assert seen == [(50, False), (38, False), (26, False), (13, False), (1, True)]  # the last call is told it is
 
 
 def test_ddim_is_deterministic_unless_asked_for_noise():
@@ -189,7 +189,7 @@ def test_ddim_is_deterministic_unless_asked_for_noise():
         draws.append(shape)
         return torch.randn(shape)
 
-    diffusion.ddim_chain(lambda z, s: torch.zeros_like(z), z_T, draw, 4)
+    diffusion.ddim_chain(lambda z, s, final: torch.zeros_like(z), z_T, draw, 4)
     assert draws == [], "eta defaults to 0: no noise is drawn"
 
 

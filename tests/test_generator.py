@@ -192,6 +192,8 @@ def test_each_sampler_makes_its_number_of_denoiser_calls(tiny_data, sampler, inf
     with torch.no_grad():
         x_hat = model.sample_generated_item(torch.randn(2, 12, 8))
     assert len(steps) == calls and [int(call[2][0]) for call in steps][0] == model.n_steps  # from pure noise
+    # x̂ reads one row of the last estimate: only the last call asks the U-Net for that row alone
+    assert [call[3] for call in steps] == [{"rows": None}] * (calls - 1) + [{"rows": 1}]
     assert torch.isfinite(x_hat).all()
     if sampler == "ddim" and calls > 1:  # ddim_eta = 1 draws fresh noise between steps, unlike the deterministic chain
         history = torch.randn(2, 12, 8)
@@ -243,7 +245,7 @@ def test_the_tower_trains_on_the_one_step_estimate_or_on_the_inference_chain(tin
     model = make_model(tiny_data, train_xhat=train_xhat, infer_steps=2)
     model.train()
     calls, denoise = [], model.denoiser.forward
-    model.denoiser.forward = lambda z, condition, s: calls.append(s.clone()) or denoise(z, condition, s)
+    model.denoiser.forward = lambda z, condition, s, **options: calls.append(s.clone()) or denoise(z, condition, s, **options)
     seen = []
     user_vector = model.user_vector
     model.user_vector = lambda history, mask, x_hat, *rest: seen.append(x_hat) or user_vector(history, mask, x_hat, *rest)

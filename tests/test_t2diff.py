@@ -293,6 +293,38 @@ def test_item_tower_is_computed_from_item_tokens_only(tiny_data):
     torch.testing.assert_close(model.item_vectors(some), everything[some])
 
 
+@pytest.mark.parametrize("category_field", [None, "genre"])
+def test_without_gradients_every_items_vector_is_computed_once_until_a_weight_it_reads_changes(tiny_data, category_field):
+    model = make_model(tiny_data, category_field=category_field)
+    tower = record_calls(model.item_tower)
+
+    def fresh():
+        with torch.enable_grad():
+            return model.item_vectors()
+
+    with torch.no_grad():
+        first = model.item_vectors()
+        assert model.item_vectors() is first and len(tower) == 1  # served again, not recomputed
+        torch.testing.assert_close(first, fresh().detach())
+        next(model.session_encoder.parameters()).add_(1.0)  # a user-tower weight: the item vectors stand
+        assert model.item_vectors() is first
+    # an optimiser step on the item side, a loaded state, a change of the category table: each is seen
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.item_vectors().pow(2).sum().backward()
+    optimizer.step()
+    changes = [lambda: None, lambda: model.load_state_dict(make_model(tiny_data, category_field=category_field).state_dict())]
+    if category_field:
+        changes.append(lambda: model.item_categories.copy_(model.item_categories.roll(1, dims=0)))
+    for change in changes:
+        with torch.no_grad():
+            before = model.item_vectors()
+            change()
+            after = model.item_vectors()
+        assert not torch.equal(before, after) or change is changes[0], "a change on the item side was not seen"
+        torch.testing.assert_close(after, fresh().detach())
+    assert fresh().requires_grad  # with gradients, always built afresh in the graph
+
+
 def test_the_item_tower_reads_unclipped_tokens(tiny_data):
     model = make_model(tiny_data, emb_max_norm=0.01)  # far below the initial token norms: every user-side token is clipped
     ids = torch.arange(1, model.n_items)

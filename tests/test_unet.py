@@ -5,6 +5,7 @@ the step embedding, the next-slot query row and the knobs that reach them.
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.unet import Denoiser, UNet1d, unet_geometry
@@ -157,7 +158,7 @@ def test_next_slot_puts_the_next_items_drift_on_a_learned_query_row():
         denoiser.slot.copy_(torch.arange(1.0, 5.0))
     seen = []
     unet = denoiser.unet.forward
-    denoiser.unet.forward = lambda u, *rest: seen.append(u) or unet(u, *rest)
+    denoiser.unet.forward = lambda u, *rest, **options: seen.append(u) or unet(u, *rest, **options)
     z_s, condition = torch.randn(3, 6, 4), torch.randn(3, 6, 4)
     out = denoiser(z_s, condition, torch.tensor([1, 5, 10]))
     u = seen[0] - denoiser.step_scale * denoiser.steps[torch.tensor([1, 5, 10])][:, None, :]
@@ -175,7 +176,7 @@ def test_the_official_layout_reads_the_last_drift_off_a_mirrored_edge():
     plain = Denoiser(4, n_steps=10, levels=2, mult=[1, 2])
     seen = []
     unet = plain.unet.forward
-    plain.unet.forward = lambda u, *rest: seen.append(u) or unet(u, *rest)
+    plain.unet.forward = lambda u, *rest, **options: seen.append(u) or unet(u, *rest, **options)
     condition = torch.randn(2, 6, 4)
     plain(torch.randn(2, 6, 4), condition, torch.tensor([3, 3]))
     assert seen[0].shape == (2, 6, 8)
@@ -203,3 +204,74 @@ def test_film_conditions_every_level_on_the_step_and_starts_as_the_plain_unet(st
         assert not torch.allclose(film(z_s, condition, torch.tensor([9, 9])), late)
         with torch.no_grad():
             layer.weight.copy_(saved)
+
+
+# ---- computing only the rows that are read ---------------------------------------------------------
+
+
+def whole_sequence_unet(net, u, condition=None):
+    """The U-Net as docs/T2DIFF.md §8 states it, written out plainly: every row of every level, the
+    convolutions padded by themselves, skips cropped on both sides, the last L rows kept."""
+    length, pad = u.size(1), net.conv_pad
+    geometry = unet_geometry(length, net.levels, net.padding)
+    x = F.pad(u.transpose(1, 2), (geometry.padded_length - length, 0))
+    if geometry.mirror:
+        m = geometry.mirror
+        x = torch.cat([x[..., :m].flip(-1), x, x[..., -m:].flip(-1)], dim=-1)
+
+    def block(layers, x):
+        return layers[2](layers[1](F.conv1d(x, layers[0].weight, layers[0].bias, padding=pad)))
+
+    def modulate(x, film):
+        if film is None:
+            return x
+        gamma, beta = film(condition).unsqueeze(-1).chunk(2, dim=1)
+        return x * (1.0 + gamma) + beta
+
+    skips = []
+    for i in range(net.levels):
+        x = modulate(block(net.down[i], x if i == 0 else F.max_pool1d(x, 2)), net.film_down and net.film_down[i])
+        skips.append(x)
+    for i in reversed(range(net.levels - 1)):
+        crop = geometry.crops[i]
+        skip = skips[i][..., crop : skips[i].size(-1) - crop]
+        x = modulate(block(net.merge[i], torch.cat([net.up[i](x), skip], dim=1)), net.film_merge and net.film_merge[i])
+    if net.out_proj is not None:
+        x = net.out_proj(x)
+    return x[..., -length:].transpose(1, 2)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("levels", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [3, 10, 11, 50])
+def test_the_last_rows_alone_are_the_whole_sequences_last_rows(padding, levels, length):
+    torch.manual_seed(levels * 100 + length)
+    film = levels % 2 == 0
+    net = UNet1d(6, [8 * 2**i for i in range(levels)], padding, out_channels=5 if levels == 3 else None, film_dim=4 if film else None)
+    if film:  # FiLM maps start at 0; give them something to do
+        for layer in [*net.film_down, *net.film_merge]:
+            torch.nn.init.normal_(layer.weight)
+    u, condition = torch.randn(3, length, 6), torch.randn(3, 4) if film else None
+    with torch.no_grad():
+        whole = whole_sequence_unet(net, u, condition)
+        if padding == "valid":  # every row computed: the very operations of the plain U-Net, bit for bit
+            assert torch.equal(net(u, condition), whole)
+        else:  # "same" pads the rows it hands each convolution instead of the convolution padding them: rounding
+            torch.testing.assert_close(net(u, condition), whole, rtol=1e-5, atol=1e-6)
+        for rows in sorted({1, 2, length}):
+            torch.testing.assert_close(net(u, condition, rows=rows), whole[:, -rows:], rtol=1e-5, atol=1e-6)
+
+
+def test_the_last_row_of_the_official_unet_reads_a_quarter_of_its_rows():
+    """docs/T2DIFF.md §8: at 4 levels over 50 rows the last row's cone is 44, 20, 8, 2 rows of the down
+    path (of 92, 44, 20, 8) and 2, 2, 1 of the merges (of 14, 26, 50)."""
+    net = UNet1d(4, [4, 8, 16, 32])
+    widths = {}
+    for name, layers in [("down", net.down), ("merge", net.merge)]:
+        for i, layer in enumerate(layers):
+            layer.register_forward_hook(lambda module, args, out, key=(name, i): widths.setdefault(key, []).append(out.size(-1)))
+    with torch.no_grad():
+        net(torch.randn(2, 50, 4))
+        net(torch.randn(2, 50, 4), rows=1)
+    assert [widths[("down", i)] for i in range(4)] == [[92, 44], [44, 20], [20, 8], [8, 2]]
+    assert [widths[("merge", i)] for i in range(3)] == [[50, 1], [26, 2], [14, 2]]

@@ -93,12 +93,14 @@ class GaussianDiffusion(nn.Module):
     def reverse_chain(self, denoise, z_T, draw_noise):
         """Ancestral sampling from z_T down to z_0.
 
-        ``denoise(z_s, s)`` returns ẑ_0; ``draw_noise(shape)`` returns standard normal noise, so
-        the caller decides which random generator the chain uses.
+        ``denoise(z_s, s, final)`` returns ẑ_0; ``final`` is True on the last call, whose ẑ_0 the chain
+        returns as it is (so a caller that reads only some of its rows may compute only those).
+        ``draw_noise(shape)`` returns standard normal noise, so the caller decides which random generator
+        the chain uses.
         """
         z = z_T
         for s in range(self.n_steps, 0, -1):
-            z0_hat = denoise(z, s)
+            z0_hat = denoise(z, s, s == 1)
             z = z0_hat if s == 1 else self.step(z0_hat, z, s, draw_noise(z.shape))
         return z
 
@@ -129,6 +131,6 @@ class GaussianDiffusion(nn.Module):
         steps = self.ddim_steps(n_steps)
         z = z_T
         for s, s_prev in zip(steps, steps[1:] + [0]):
-            z0_hat = denoise(z, s)
+            z0_hat = denoise(z, s, s_prev == 0)
             z = self.ddim_step(z0_hat, z, s, s_prev, eta, draw_noise(z.shape) if eta and s_prev else None)
         return z

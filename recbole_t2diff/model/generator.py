@@ -192,7 +192,7 @@ class XHatGenerator:
         condition = condition.repeat_interleave(self.infer_samples, dim=0)
         free = torch.ones(len(condition), dtype=torch.bool, device=condition.device)
 
-        def denoise(z_s, s):
+        def denoise(z_s, s, final):
             steps = torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long)
             guided = self.denoiser(z_s, condition, steps)
             if self.guidance_weight == 0:
@@ -212,8 +212,8 @@ class XHatGenerator:
         condition = history.repeat_interleave(self.infer_samples, dim=0)
         scaled_condition = condition / scale
 
-        def denoise(z_s, s):
-            return self.denoiser(z_s, scaled_condition, torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long))
+        def denoise(z_s, s, final):  # x̂ reads the last row of the final estimate: the U-Net computes that row alone
+            return self.denoiser(z_s, scaled_condition, torch.full((len(z_s),), s, device=z_s.device, dtype=torch.long), rows=1 if final else None)
 
         z0 = self.reverse(denoise, condition.shape, generator, history.device)
         return self.generated_item(condition, z0[:, -1] * scale).view(batch, self.infer_samples, d).mean(1)

@@ -112,6 +112,7 @@ class T2Diff(XHatGenerator, SequentialRecommender):
         # x̂ depends on the user only).
         self.score_projection = nn.Linear(d, 2 * d, bias=False) if self.x_hat != "none" and knobs["x_hat_in_score"] else None
         self.dropout = nn.Dropout(knobs["dropout_prob"])
+        self._all_item_vectors = None  # (key, every item's vector), kept while no weight it reads changes
 
         self.apply(self._init_weights)
         if self.x_hat == "diffusion":  # _init_weights drew the FiLM maps like any Linear: back to zero
@@ -184,9 +185,22 @@ class T2Diff(XHatGenerator, SequentialRecommender):
         return tokens
 
     def item_vectors(self, ids=None):
-        """Item tower output for ``ids``, or for every item id (padding 0 included) when None."""
-        ids = torch.arange(self.n_items, device=self.item_embedding.weight.device) if ids is None else ids
-        return self.item_tower(self.tokens(ids, clip=False))
+        """Item tower output for ``ids``, or for every item id (padding 0 included) when None: without gradients,
+        the one computed while the tensors it reads last stood as they are now (docs/T2DIFF.md §12)."""
+        if ids is not None:
+            return self.item_tower(self.tokens(ids, clip=False))
+        every_id = torch.arange(self.n_items, device=self.item_embedding.weight.device)
+        if torch.is_grad_enabled():
+            return self.item_tower(self.tokens(every_id, clip=False))
+        # A tensor's version counter moves with every in-place write (optimiser steps, load_state_dict)
+        # and a move to another device gives new storage, so an unchanged key means unchanged weights.
+        key = tuple((t.data_ptr(), t._version) for t in [*self.item_embedding.parameters(), *self.item_tower.parameters(), *self._category_tensors()])
+        if self._all_item_vectors is None or self._all_item_vectors[0] != key:
+            self._all_item_vectors = (key, self.item_tower(self.tokens(every_id, clip=False)))
+        return self._all_item_vectors[1]
+
+    def _category_tensors(self):
+        return [] if self.category_embedding is None else [self.item_categories, *self.category_embedding.parameters()]
 
     # ---- user tower -----------------------------------------------------------------------------
 

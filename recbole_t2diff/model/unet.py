@@ -58,10 +58,6 @@ class ChannelLayerNorm(nn.LayerNorm):
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
-def _crop(x, rows):
-    return x if rows == 0 else x[..., rows:-rows]
-
-
 class UNet1d(nn.Module):
     """Conv1d U-Net on [B, L, in_channels] -> [B, L, channels[0]] (or ``out_channels`` with a projection).
 
@@ -70,23 +66,29 @@ class UNet1d(nn.Module):
     than a small offset added once to the input (FiLM, Perez et al. 2018). The maps start at zero, so an
     untrained FiLM U-Net computes what the plain one does; an owner that re-initialises every Linear
     calls ``zero_film`` after it.
+
+    Every layer is local along the sequence (k=3 convolutions, pairwise max-pooling, nearest upsampling,
+    1x1 convolutions, per-row norms), so ``forward(..., rows=r)`` computes the last r output rows from the
+    rows they depend on alone (docs/T2DIFF.md §8): serving reads one row, x̂'s, and at 4 levels over 50 rows
+    that cone is about a quarter of the U-Net's work.
     """
 
     def __init__(self, in_channels, channels, padding="valid", out_channels=None, eps=1e-8, film_dim=None):
         super().__init__()
         self.levels = len(channels)
         self.padding = padding
-        conv_pad = 1 if padding == "same" else 0
+        # The convolutions themselves never pad: forward pads the rows it hands them (zeros at the
+        # sequence's edges for "same"), so a slice of the sequence is convolved as the whole one is.
+        self.conv_pad = 1 if padding == "same" else 0
         widths = [in_channels] + list(channels)
         self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(widths[i], widths[i + 1], 3, padding=conv_pad), nn.SiLU(), ChannelLayerNorm(widths[i + 1], eps)) for i in range(self.levels)
+            nn.Sequential(nn.Conv1d(widths[i], widths[i + 1], 3), nn.SiLU(), ChannelLayerNorm(widths[i + 1], eps)) for i in range(self.levels)
         )
         self.up = nn.ModuleList(
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(channels[i + 1], channels[i], 1), nn.SiLU()) for i in range(self.levels - 1)
         )
         self.merge = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(2 * channels[i], channels[i], 3, padding=conv_pad), nn.SiLU(), ChannelLayerNorm(channels[i], eps))
-            for i in range(self.levels - 1)
+            nn.Sequential(nn.Conv1d(2 * channels[i], channels[i], 3), nn.SiLU(), ChannelLayerNorm(channels[i], eps)) for i in range(self.levels - 1)
         )
         self.out_proj = nn.Conv1d(channels[0], out_channels, 1) if out_channels is not None else None
         self.film_down = self.film_merge = None
@@ -108,25 +110,92 @@ class UNet1d(nn.Module):
         gamma, beta = film(condition).unsqueeze(-1).chunk(2, dim=1)
         return x * (1.0 + gamma) + beta
 
-    def forward(self, u, condition=None):
-        """``u`` [B, L, in_channels]; ``condition`` [B, film_dim] when the U-Net was built with FiLM."""
+    def _conv_input(self, rows):
+        """The input rows [first, last) a k=3 block reads for its output ``rows`` [lo, hi); with "same",
+        rows outside the input are its zero padding."""
+        lo, hi = rows
+        return lo - self.conv_pad, hi - self.conv_pad + 2
+
+    def _block(self, block, x, start, length, rows):
+        """Output ``rows`` of ``block`` applied to a length-``length`` input of which ``x`` holds the rows
+        from ``start`` on: the rows it reads, zero-padded where they run past the input's edges."""
+        first, last = self._conv_input(rows)
+        x = x[..., max(first, 0) - start : min(last, length) - start]
+        if first < 0 or last > length:
+            x = F.pad(x, (max(-first, 0), max(last - length, 0)))
+        return block(x)
+
+    def _row_plan(self, length, crops, rows):
+        """Which rows every block computes so that the last ``rows`` output rows come out.
+
+        Returns (input lengths of the down blocks, their output row ranges, input lengths of the merge
+        blocks, their output row ranges), ranges as [lo, hi) in each tensor's own row numbers.
+        """
+        down_in, n = [], length
+        for i in range(self.levels):
+            n = n if i == 0 else n // 2
+            down_in.append(n)
+            n = n + 2 * self.conv_pad - 2
+        merge_in = [0] * (self.levels - 1)
+        for i in reversed(range(self.levels - 1)):
+            merge_in[i] = 2 * n
+            n = 2 * n + 2 * self.conv_pad - 2
+        down_rows, merge_rows = [None] * self.levels, [None] * (self.levels - 1)
+        skip_rows = [None] * self.levels
+        wanted = (n - rows, n)
+        for i in range(self.levels - 1):  # from the output down the merge path
+            merge_rows[i] = wanted
+            first, last = self._conv_input(wanted)
+            first, last = max(first, 0), min(last, merge_in[i])
+            skip_rows[i] = (first + crops[i], last + crops[i])
+            wanted = (first // 2, (last - 1) // 2 + 1)  # nearest upsampling: up row j is row j // 2 below
+        for i in reversed(range(self.levels)):  # up the down path: what the level below and the skip need
+            rows_i = wanted if skip_rows[i] is None else (min(wanted[0], skip_rows[i][0]), max(wanted[1], skip_rows[i][1]))
+            down_rows[i] = rows_i
+            first, last = self._conv_input(rows_i)
+            wanted = (2 * max(first, 0), 2 * min(last, down_in[i]))  # pooling: row j is the max of rows 2j, 2j + 1
+        return down_in, down_rows, merge_in, merge_rows
+
+    def forward(self, u, condition=None, rows=None):
+        """``u`` [B, L, in_channels]; ``condition`` [B, film_dim] when the U-Net was built with FiLM.
+
+        Returns the output rows [B, L, C], or with ``rows`` the last ``rows`` of them [B, rows, C], computed
+        from the rows they depend on alone.
+        """
         length = u.size(1)
         geometry = unet_geometry(length, self.levels, self.padding)
         x = F.pad(u.transpose(1, 2), (geometry.padded_length - length, 0))
         if geometry.mirror:  # NumPy "symmetric": the edge row is repeated, as in the official code
             m = geometry.mirror
             x = torch.cat([x[..., :m].flip(-1), x, x[..., -m:].flip(-1)], dim=-1)
-        skips = []
+        # Without ``rows`` every row is computed (the zero rows prepended up to padded_length too), so
+        # training runs the very convolutions the whole sequence always ran.
+        down_in, down_rows, merge_in, merge_rows = self._row_plan(x.size(-1), geometry.crops, rows or geometry.padded_length)
+        skips, start = [], 0  # skips[i]: (the rows level i computed, the first one's number)
         for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool1d(x, 2))
-            x = self._modulate(x, self.film_down and self.film_down[i], condition)
-            skips.append(x)
+            if i:
+                below, below_start = skips[i - 1]
+                first, last = self._conv_input(down_rows[i])
+                first, last = max(first, 0), min(last, down_in[i])
+                # one row past the pairs: pooling drops an odd last row, and a slice that reaches the end is
+                # the whole tensor, pooled (ties in the gradient included) as the whole sequence always was
+                x, start = F.max_pool1d(below[..., 2 * first - below_start : 2 * last + 1 - below_start], 2), first
+            x = self._modulate(self._block(block, x, start, down_in[i], down_rows[i]), self.film_down and self.film_down[i], condition)
+            skips.append((x, down_rows[i][0]))
+        x, start = skips[-1]
         for i in reversed(range(self.levels - 1)):
-            x = self.merge[i](torch.cat([self.up[i](x), _crop(skips[i], geometry.crops[i])], dim=1))
+            first, last = self._conv_input(merge_rows[i])
+            first, last = max(first, 0), min(last, merge_in[i])
+            source = x[..., first // 2 - start : (last - 1) // 2 + 1 - start]
+            up = self.up[i](source)[..., first % 2 : first % 2 + last - first]
+            skip, skip_start = skips[i]
+            skip = skip[..., first + geometry.crops[i] - skip_start : last + geometry.crops[i] - skip_start]
+            x = self._block(self.merge[i], torch.cat([up, skip], dim=1), first, merge_in[i], merge_rows[i])
             x = self._modulate(x, self.film_merge and self.film_merge[i], condition)
+            start = merge_rows[i][0]
         if self.out_proj is not None:
             x = self.out_proj(x)
-        return x[..., -length:].transpose(1, 2)
+        return x[..., -(rows or length) :].transpose(1, 2)
 
 
 def step_table(kind, n_steps, width):
@@ -190,8 +259,10 @@ class Denoiser(nn.Module):
         self.slot = nn.Parameter(torch.zeros(d)) if next_slot else None
         self.unet = UNet1d(2 * d, [d * m for m in mult[:levels]], padding, d if out_proj else None, eps, film_dim=2 * d if self.film else None)
 
-    def forward(self, z_s, condition, s):
-        """``z_s``, ``condition``: [B, L, d]; ``s``: [B] steps (1-based). Returns ẑ_0 [B, L, d]."""
+    def forward(self, z_s, condition, s, rows=None):
+        """``z_s``, ``condition``: [B, L, d]; ``s``: [B] steps (1-based). Returns ẑ_0 [B, L, d], or its last
+        ``rows`` rows [B, rows, d] computed alone (:class:`UNet1d`)."""
+        length = z_s.size(1)
         step = self.steps[s]
         if self.step_mlp is not None:
             step = self.step_mlp(step)
@@ -200,10 +271,10 @@ class Denoiser(nn.Module):
             z_s = torch.cat([z_s.new_zeros(len(z_s), 1, z_s.size(-1)), z_s], dim=1)
         u = torch.cat([z_s, condition], dim=-1)
         if self.film:  # FiLM reads the step features unscaled: its own zero-initialised maps set the scale
-            z0_hat = self.unet(u, step)
+            z0_hat = self.unet(u, step, rows=rows)
         else:
-            z0_hat = self.unet(u + self.step_scale * step[:, None, :])
-        return z0_hat[:, 1:] if self.slot is not None else z0_hat
+            z0_hat = self.unet(u + self.step_scale * step[:, None, :], rows=rows)
+        return z0_hat[:, -(rows or length) :]  # with the slot, its extra first row goes
 
 
 class NextItemDenoiser(nn.Module):
