@@ -197,8 +197,14 @@ def valid_batch(sparcode_data):
     return first_batch(sparcode_data[2])
 
 
-def run_python(arguments, cwd, timeout=300):
-    """(the finished process, its non-blank stderr lines) of ``python ARGUMENTS`` in ``cwd`` with this checkout importable:
-    a script's whole path from the command line to its exit code and one-line error."""
-    done = subprocess.run([sys.executable, *arguments], cwd=cwd, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=timeout)
+def run_python(arguments, cwd, timeout=300, env=None):
+    """(the finished process, its non-blank stderr lines) of ``python ARGUMENTS`` in ``cwd`` with this checkout importable
+    (``env``: variables to add): a script's whole path from the command line to its exit code and one-line error."""
+    environment = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
+    done = subprocess.run([sys.executable, *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
     return done, [line for line in done.stderr.splitlines() if line.strip()]
+
+
+def run_script(script, arguments, cwd, timeout=600, env=None):
+    """The finished process of this checkout's ``script`` (run_recbole.py, run_hyper.py) run with ``arguments`` in ``cwd``."""
+    return run_python([os.path.join(REPO, script), *arguments], cwd, timeout, env)[0]

@@ -12,7 +12,7 @@ import pytest
 from recbole_t2diff.config import Config
 from recbole_t2diff.settings import known_keys
 
-from helpers import REPO, one_line_error, run_python
+from helpers import REPO, one_line_error, run_python, run_script
 
 
 # ml-100k, shortened so that one epoch takes seconds on two cores.
@@ -20,11 +20,6 @@ FAST_ML100K = ["--epochs=1", "--MAX_ITEM_LIST_LENGTH=20", "--train_batch_size=20
 
 
 FAST_T2DIFF = ["--embedding_size=16", "--n_steps=3", "--unet_levels=2", "--session_len=5"]
-
-
-def run_script(args, cwd):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, "run_recbole.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def load_script(name):
@@ -54,7 +49,7 @@ def script_error(module, argv, monkeypatch, capsys, code=1):
 @pytest.mark.spawns
 @pytest.mark.slow
 def test_runner_trains_and_tests_on_ml100k(tmp_path, model, extra):
-    result = run_script([f"--model={model}", "--dataset=ml-100k", *FAST_ML100K, *extra], tmp_path)
+    result = run_script("run_recbole.py", [f"--model={model}", "--dataset=ml-100k", *FAST_ML100K, *extra], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     logged = re.search(r"test result.*?ndcg@10 : ([0-9.]+)", log)
@@ -72,7 +67,7 @@ def test_runner_trains_and_tests_on_ml100k(tmp_path, model, extra):
 @pytest.mark.slow
 def test_runner_reads_config_files(tmp_path):
     (tmp_path / "mine.yaml").write_text("session_len: 60\n")
-    result = run_script(["--model=T2Diff", "--dataset=ml-100k", "--config_files=mine.yaml"], tmp_path)
+    result = run_script("run_recbole.py", ["--model=T2Diff", "--dataset=ml-100k", "--config_files=mine.yaml"], tmp_path)
     assert result.returncode == 1 and "session_len=60" in result.stderr
 
 
@@ -90,7 +85,7 @@ def test_runner_reads_config_files(tmp_path):
 @pytest.mark.spawns
 @pytest.mark.slow
 def test_bad_input_gives_one_line_and_exit_code_1(tmp_path, args, message):
-    result = run_script(args, tmp_path)
+    result = run_script("run_recbole.py", args, tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -6,7 +6,6 @@ import inspect
 import math
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -18,7 +17,7 @@ from recbole_t2diff.errors import UsageError
 from recbole_t2diff.hyper import Search, check_output_file, parse_params_file
 from recbole_t2diff.settings import command_line_settings
 
-from helpers import CODE, REPO, one_line_error, run_python
+from helpers import CODE, REPO, one_line_error, run_python, run_script
 
 
 FIXED = """epochs: 1
@@ -33,8 +32,7 @@ session_len: 5
 
 
 def run_hyper(args, cwd):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, "run_hyper.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return run_script("run_hyper.py", args, cwd, timeout=900)
 
 
 @pytest.mark.spawns

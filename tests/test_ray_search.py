@@ -14,7 +14,7 @@ from recbole_t2diff.hyper import Search
 from recbole_t2diff.ray_progress import _last_error_line
 from recbole_t2diff.ray_search import RaySearch, _check_reachable
 
-from helpers import REPO, free_port
+from helpers import REPO, free_port, run_script
 
 
 FIXED = "data_path: {data}\nepochs: 2\nshow_progress: False\nstate: WARNING\nMAX_ITEM_LIST_LENGTH: 12\n"
@@ -25,14 +25,7 @@ RAY_CLI = [sys.executable, "-c", "import sys; from ray.scripts.scripts import ma
 
 
 def run_hyper(args, cwd, env=None, timeout=600):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "run_hyper.py"), *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script("run_hyper.py", args, cwd, timeout, env)
 
 
 def error_lines(result):
