@@ -484,3 +484,27 @@ def test_the_table_lists_the_index_of_every_sparcode_row_and_no_other(tmp_path):
     section = (tmp_path / "ml-100k.md").read_text().split("## SparCode's sparse index")[1]
     assert "| SparCode | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 0.3000 ± 0.0707 | 2.0000 ± 0.0000 |" in section
     assert "SASRec" not in section and (tmp_path / "ml-100k_index.png").stat().st_size > 0
+
+
+def test_compare_gives_each_pairs_means_difference_and_welch_p_over_the_chosen_seeds(tmp_path, capsys):
+    from scipy import stats
+
+    from benchmarks.compare import main
+
+    values = {"A[x=1]": [0.080, 0.084, 0.082, 0.090], "A": [0.070, 0.071, 0.069]}
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["variant", "seed", "valid_ndcg@10", "test_ndcg@10"])
+        writer.writeheader()
+        for variant, scores in values.items():
+            for seed, score in zip([2020, 2021, 2022, 2023], scores):
+                writer.writerow({"variant": variant, "seed": seed, "valid_ndcg@10": score, "test_ndcg@10": score - 0.01})
+    main([str(tmp_path / "rows.csv"), "--pair", "A[x=1]|A", "--seeds=2020,2021,2022", "--out", str(tmp_path / "out.md")])
+    row = next(line for line in open(tmp_path / "out.md") if line.startswith("| A[x=1] |")).split(" | ")
+    p = stats.ttest_ind(values["A[x=1]"][:3], values["A"], equal_var=False).pvalue
+    assert row[2] == "2020, 2021, 2022" and row[3:7] == ["0.0820 ± 0.0020", "0.0700 ± 0.0010", "+0.0120", f"{p:.3g}"]
+    main([str(tmp_path / "rows.csv"), "--pair", "A[x=1]|A"])  # every seed: the pair ran different ones, and says so
+    assert "| 2020, 2021, 2022, 2023 | 2020, 2021, 2022 |" in capsys.readouterr().out
+    for pair, error in [("A[x=1]|B", "no rows of 'B'"), ("A[x=1]", "not two variants")]:
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "rows.csv"), "--pair", pair])
+        assert error in capsys.readouterr().err
