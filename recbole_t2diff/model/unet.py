@@ -110,27 +110,23 @@ class UNet1d(nn.Module):
         gamma, beta = film(condition).unsqueeze(-1).chunk(2, dim=1)
         return x * (1.0 + gamma) + beta
 
-    def _conv_input(self, rows):
-        """The input rows [first, last) a k=3 block reads for its output ``rows`` [lo, hi); with "same",
-        rows outside the input are its zero padding."""
-        lo, hi = rows
-        return lo - self.conv_pad, hi - self.conv_pad + 2
+    def _first_input_row(self, first):
+        """The first input row a k=3 block reads for its output rows from ``first`` on (the "same" padding's
+        zero row before the input when that is -1: it is not one of the input's rows)."""
+        return max(first - self.conv_pad, 0)
 
-    def _block(self, block, x, start, length, rows):
-        """Output ``rows`` of ``block`` applied to a length-``length`` input of which ``x`` holds the rows
-        from ``start`` on: the rows it reads, zero-padded where they run past the input's edges."""
-        first, last = self._conv_input(rows)
-        x = x[..., max(first, 0) - start : min(last, length) - start]
-        if first < 0 or last > length:
-            x = F.pad(x, (max(-first, 0), max(last - length, 0)))
+    def _block(self, block, x, start, first):
+        """``block``'s output rows from ``first`` to the end, from ``x``: its input's rows from ``start`` to the
+        end, zero-padded past the input's edges for "same"."""
+        x = x[..., self._first_input_row(first) - start :]
+        if self.conv_pad:
+            x = F.pad(x, (max(self.conv_pad - first, 0), self.conv_pad))
         return block(x)
 
-    def _row_plan(self, length, crops, rows):
-        """Which rows every block computes so that the last ``rows`` output rows come out.
-
-        Returns (input lengths of the down blocks, their output row ranges, input lengths of the merge
-        blocks, their output row ranges), ranges as [lo, hi) in each tensor's own row numbers.
-        """
+    def _first_rows(self, length, crops, rows):
+        """The first output row each block computes, every one up to its end, so that the last ``rows`` output
+        rows come out: (down blocks' input lengths, their first rows, merge blocks' input lengths, their first
+        rows). Only the last rows are ever asked for, so each block's rows run to its end."""
         down_in, n = [], length
         for i in range(self.levels):
             n = n if i == 0 else n // 2
@@ -140,21 +136,17 @@ class UNet1d(nn.Module):
         for i in reversed(range(self.levels - 1)):
             merge_in[i] = 2 * n
             n = 2 * n + 2 * self.conv_pad - 2
-        down_rows, merge_rows = [None] * self.levels, [None] * (self.levels - 1)
-        skip_rows = [None] * self.levels
-        wanted = (n - rows, n)
+        down_first, merge_first, skip_first = [0] * self.levels, [0] * (self.levels - 1), [None] * self.levels
+        wanted = n - rows
         for i in range(self.levels - 1):  # from the output down the merge path
-            merge_rows[i] = wanted
-            first, last = self._conv_input(wanted)
-            first, last = max(first, 0), min(last, merge_in[i])
-            skip_rows[i] = (first + crops[i], last + crops[i])
-            wanted = (first // 2, (last - 1) // 2 + 1)  # nearest upsampling: up row j is row j // 2 below
-        for i in reversed(range(self.levels)):  # up the down path: what the level below and the skip need
-            rows_i = wanted if skip_rows[i] is None else (min(wanted[0], skip_rows[i][0]), max(wanted[1], skip_rows[i][1]))
-            down_rows[i] = rows_i
-            first, last = self._conv_input(rows_i)
-            wanted = (2 * max(first, 0), 2 * min(last, down_in[i]))  # pooling: row j is the max of rows 2j, 2j + 1
-        return down_in, down_rows, merge_in, merge_rows
+            merge_first[i] = wanted
+            first = self._first_input_row(wanted)
+            skip_first[i] = first + crops[i]
+            wanted = first // 2  # nearest upsampling: up row j is row j // 2 below
+        for i in reversed(range(self.levels)):  # from the deepest level up: what the level below and the skip need
+            down_first[i] = wanted if skip_first[i] is None else min(wanted, skip_first[i])
+            wanted = 2 * self._first_input_row(down_first[i])  # pooling: row j is the max of rows 2j, 2j + 1
+        return down_in, down_first, merge_in, merge_first
 
     def forward(self, u, condition=None, rows=None):
         """``u`` [B, L, in_channels]; ``condition`` [B, film_dim] when the U-Net was built with FiLM.
@@ -169,30 +161,25 @@ class UNet1d(nn.Module):
             m = geometry.mirror
             x = torch.cat([x[..., :m].flip(-1), x, x[..., -m:].flip(-1)], dim=-1)
         # Without ``rows`` every row is computed (the zero rows prepended up to padded_length too), so
-        # training runs the very convolutions the whole sequence always ran.
-        down_in, down_rows, merge_in, merge_rows = self._row_plan(x.size(-1), geometry.crops, rows or geometry.padded_length)
-        skips, start = [], 0  # skips[i]: (the rows level i computed, the first one's number)
+        # training runs the very operations the whole sequence always ran.
+        down_in, down_first, merge_in, merge_first = self._first_rows(x.size(-1), geometry.crops, rows or geometry.padded_length)
+        skips, start = [], 0  # skips[i]: (level i's rows from its first computed one to the end, that row's number)
         for i, block in enumerate(self.down):
             if i:
                 below, below_start = skips[i - 1]
-                first, last = self._conv_input(down_rows[i])
-                first, last = max(first, 0), min(last, down_in[i])
-                # one row past the pairs: pooling drops an odd last row, and a slice that reaches the end is
-                # the whole tensor, pooled (ties in the gradient included) as the whole sequence always was
-                x, start = F.max_pool1d(below[..., 2 * first - below_start : 2 * last + 1 - below_start], 2), first
-            x = self._modulate(self._block(block, x, start, down_in[i], down_rows[i]), self.film_down and self.film_down[i], condition)
-            skips.append((x, down_rows[i][0]))
+                start = self._first_input_row(down_first[i])
+                x = F.max_pool1d(below[..., 2 * start - below_start :], 2)  # an odd last row is dropped, as in the whole sequence
+            x = self._modulate(self._block(block, x, start, down_first[i]), self.film_down and self.film_down[i], condition)
+            skips.append((x, down_first[i]))
         x, start = skips[-1]
         for i in reversed(range(self.levels - 1)):
-            first, last = self._conv_input(merge_rows[i])
-            first, last = max(first, 0), min(last, merge_in[i])
-            source = x[..., first // 2 - start : (last - 1) // 2 + 1 - start]
-            up = self.up[i](source)[..., first % 2 : first % 2 + last - first]
+            first = self._first_input_row(merge_first[i])
+            up = self.up[i](x[..., first // 2 - start :])[..., first % 2 :]
             skip, skip_start = skips[i]
-            skip = skip[..., first + geometry.crops[i] - skip_start : last + geometry.crops[i] - skip_start]
-            x = self._block(self.merge[i], torch.cat([up, skip], dim=1), first, merge_in[i], merge_rows[i])
+            skip = skip[..., first + geometry.crops[i] - skip_start : skip.size(-1) - geometry.crops[i]]
+            x = self._block(self.merge[i], torch.cat([up, skip], dim=1), first, merge_first[i])
             x = self._modulate(x, self.film_merge and self.film_merge[i], condition)
-            start = merge_rows[i][0]
+            start = merge_first[i]
         if self.out_proj is not None:
             x = self.out_proj(x)
         return x[..., -(rows or length) :].transpose(1, 2)
