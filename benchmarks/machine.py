@@ -13,6 +13,15 @@ def describe():
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}"
 
 
+def load_average():
+    """The 1-minute load average ("n/a" where the system has none): timings beside it say how busy the machine was,
+    which the ratios to a reference measured in the same run are meant to cancel."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return "n/a"
+
+
 def command_line(argv=None):
     """The running script's command (``python -m benchmarks.<script>`` with ``argv``, default this process's arguments),
     quoted so that it can be pasted back into a shell (--search holds a ";")."""

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.machine import command_line, describe
+from benchmarks.machine import command_line, describe, load_average
 from benchmarks.variants import ROOT, parse_variant, preset_file
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.config import Config
@@ -80,6 +80,7 @@ def main():
         if variants[0] != "SASRec":
             raise UsageError("--variants must start with SASRec, the reference every ratio is taken to")
         models = {v: build(v, args.dataset, settings) for v in variants}
+    load_before = load_average()
     results = measure(models, args.rounds)
     reference = results["SASRec"]
     for v, r in results.items():
@@ -92,6 +93,7 @@ def main():
         "date": datetime.date.today().isoformat(),
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
+        "load_average": [load_before, load_average()],
         "results": results,
     }
     os.makedirs(args.out, exist_ok=True)
@@ -105,7 +107,8 @@ def main():
         f"# Serving cost on {args.dataset}: T2Diff configurations against SASRec",
         "",
         f"Command: `{entry['command']}`  ",
-        f"Machine: {entry['machine']}; {entry['threads']} torch thread(s); date {entry['date']}.  ",
+        f"Machine: {entry['machine']}; {entry['threads']} torch thread(s); date {entry['date']}; 1-minute load average "
+        f"{entry['load_average'][0]} before and {entry['load_average'][1]} after.  ",
         f"Untrained models (cost depends on the architecture, not the weights); {args.rounds} rounds, the models interleaved in each; "
         "medians. users/s: full-sort scoring of a 1,024-sequence batch; latency: one user's full-sort scoring.",
         "",

@@ -452,6 +452,9 @@ def test_serving_cost_is_measured_against_sasrec_and_kept_beside_the_other_infer
     t2diff = results["T2Diff"]
     assert t2diff["throughput_vs_sasrec"] == round(t2diff["users_per_s"] / results["SASRec"]["users_per_s"], 3) > 0
     assert "| T2Diff | — |" in (tmp_path / "serving_tiny.md").read_text()
+    load = everything["serving"]["tiny"]["load_average"]  # how busy the machine was, beside the timings
+    assert len(load) == 2 and all(isinstance(value, float) for value in load)
+    assert f"load average {load[0]} before and {load[1]} after" in (tmp_path / "serving_tiny.md").read_text()
     wrong = subprocess.run(command[:5] + ["--variants=T2Diff,SASRec", f"--out={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, env=SCRIPT_ENV)
     assert wrong.returncode == 1 and "must start with SASRec" in wrong.stderr
 
