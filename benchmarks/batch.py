@@ -28,7 +28,6 @@ import time
 
 from benchmarks.report import summarize
 from benchmarks.run_benchmark import Study, read_rows, say
-from benchmarks.variants import find_row
 from benchmarks.worker import environment, run_worker, threads
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.errors import UsageError
@@ -85,7 +84,7 @@ class Batch:
         for rank, study in enumerate(studies):
             if study.grid:
                 trials = [(t, study.seeds[0]) for v in study.trials for t in study.trials[v]]
-                self.waiting[rank] = {job for job in trials if find_row(study.rows, *job) is None}
+                self.waiting[rank] = {job for job in trials if study.finished(*job) is None}
                 self.push(rank, trials)
                 if not self.waiting[rank]:
                     self.search_done(rank)
@@ -94,7 +93,7 @@ class Batch:
 
     def push(self, rank, jobs):
         for variant, seed in jobs:
-            if find_row(self.studies[rank].rows, variant, seed) is None:
+            if self.studies[rank].finished(variant, seed) is None:
                 self.order += 1
                 heapq.heappush(self.ready, (rank, self.order, variant, seed))
 
@@ -186,13 +185,16 @@ class Batch:
 
 
 def check(studies):
-    """Builds the config of every variant (each search point too) of every study, in this process."""
+    """Builds the config of every variant (each search point too) of every study, in this process, and refuses a
+    finished row that no longer means what its variant's name means (``Study.finished``)."""
     count = 0
     for study in studies:
         variants = [t for trials in study.trials.values() for t in trials] if study.grid else []
         for variant in variants + study.variants:
             study.config(variant)
             count += 1
+            for seed in study.seeds:
+                study.finished(variant, seed)
     say(f"[batch] {count} configs of {len(studies)} studies checked")
 
 

@@ -46,6 +46,7 @@ import threading
 import time
 
 from benchmarks.cli import settings_of
+from benchmarks.knob_record import refuse_stale
 from benchmarks.report import summarize
 from benchmarks.variants import ROOT, find_row, parse_grid, parse_variant, pick, search_trials, split_models
 from benchmarks.worker import COLUMNS, command, environment, run_settings, run_worker, threads
@@ -140,6 +141,14 @@ class Study:
                 )
             return self.configs[variant]
 
+    def finished(self, variant, seed):
+        """The CSV row of (variant, seed), None when there is none; a row that no longer means what the variant's name
+        means (a default or preset changed since it ran) is a one-line UsageError, never silently reused."""
+        row = find_row(self.rows, variant, seed)
+        if row is not None:
+            refuse_stale(self.csv_path, row, variant, self.config(variant))
+        return row
+
     def command(self, variant, seed):
         """The worker process of one (variant, seed)."""
         a = self.args
@@ -225,7 +234,7 @@ def main(argv=None):
 
     def run_all(jobs):
         """Runs the (variant, seed) pairs not yet in the CSV, args.jobs at a time."""
-        todo = [(v, s) for v, s in jobs if find_row(study.rows, v, s) is None]
+        todo = [(v, s) for v, s in jobs if study.finished(v, s) is None]
         for variant, seed in sorted(set(jobs) - set(todo), key=jobs.index):
             say(f"[bench] {variant} seed {seed}: already in {study.csv_path}, skipped")
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks.knob_record import knob_values
 from benchmarks.machine import describe
 from benchmarks.resume import Resume
 from benchmarks.variants import ROOT, parse_variant
@@ -53,6 +54,7 @@ COLUMNS = [
     "reads",
     "xhat_noise_drop",
     *INDEX_COLUMNS,
+    "knobs",  # the property-file values the run read (benchmarks/knob_record.py; recorded since 2026-12-06)
 ]
 
 
@@ -223,6 +225,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     # What the run reads that RecBole's built-ins do not: T2Diff's time lag reads the request time.
     row["reads"] = "request time" if getattr(trainer.model, "lag_embedding", None) is not None else ""
     row.update(index_columns(trainer.model))
+    row["knobs"] = json.dumps(knob_values(trainer.config), sort_keys=True)
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
     return row
 

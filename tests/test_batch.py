@@ -15,11 +15,12 @@ import pytest
 
 from benchmarks import batch
 from benchmarks.run_benchmark import Study
+from benchmarks.variants import parse_variant
 from benchmarks.worker import COLUMNS
 
 FAKE_WORKER = r"""
 import json, sys, time
-log, spec, variant, seed = sys.argv[1:]
+log, spec, settings, variant, seed = sys.argv[1:]
 with open(log, "a") as f:
     f.write(f"{variant} {seed}\n")
 me = json.load(open(spec)).get(variant, {})
@@ -27,8 +28,8 @@ print("EPOCH " + json.dumps({"epoch": 1, "valid": 0.125, "best": 0.125, "best_ep
 time.sleep(me.get("sleep", 0))
 if me.get("fail"):
     sys.exit("fake failure of " + variant)
-row = {**dict.fromkeys(COLUMNS, 1), "xhat_rel_error": "", "xhat_hit@1": "", "xhat_hit@10": ""}
-row.update({"variant": variant, "seed": int(seed), "settings": "{}", "valid_ndcg@10": me.get("valid", 0.1),
+row = {**dict.fromkeys(COLUMNS, 1), "xhat_rel_error": "", "xhat_hit@1": "", "xhat_hit@10": "", "knobs": ""}
+row.update({"variant": variant, "seed": int(seed), "settings": settings, "valid_ndcg@10": me.get("valid", 0.1),
             "test_ndcg@10": me.get("test", 0.1), "valid_curve": "[0.1]", "machine": "fake", "date": "2024-01-01"})
 print("RESULT " + json.dumps(row), flush=True)
 """
@@ -48,7 +49,8 @@ class Fake:
             json.dump(spec, f)
 
     def command(self, study, variant, seed):
-        return [sys.executable, "-S", str(self.script), self.log, self.spec_path, variant, str(seed)]
+        settings = json.dumps(parse_variant(variant)[1], sort_keys=True)  # as the real worker records them
+        return [sys.executable, "-S", str(self.script), self.log, self.spec_path, settings, variant, str(seed)]
 
     def started(self):
         if not os.path.isfile(self.log):

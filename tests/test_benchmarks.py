@@ -201,6 +201,9 @@ def test_runner_writes_csv_table_and_margin(tmp_path, tiny_path):
     assert plot.ndim == 3 and min(plot.shape[:2]) > 100 and plot[..., :3].std() > 0.05
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
     assert again.stdout.count("already in") == 4  # resumable: finished runs are not repeated
+    knobs = json.loads(rows[0]["knobs"])  # what the run read of every setting the property files name
+    assert knobs["MAX_ITEM_LIST_LENGTH"] == TINY_MODEL["MAX_ITEM_LIST_LENGTH"] and "data_path" not in knobs
+    assert ("unet_levels" in knobs) == (rows[0]["variant"] == "T2Diff")
 
 
 def test_search_without_plain_t2diff_chooses_each_variant_and_ablations_need_it():
@@ -511,3 +514,31 @@ def test_compare_gives_each_pairs_means_difference_and_welch_p_over_the_chosen_s
         with pytest.raises(SystemExit):
             main([str(tmp_path / "rows.csv"), "--pair", pair])
         assert error in capsys.readouterr().err
+
+
+def test_a_finished_row_is_reused_only_while_it_means_what_its_variants_name_means(tmp_path):
+    from benchmarks.knob_record import knob_values
+    from benchmarks.run_benchmark import Study
+    from benchmarks.worker import COLUMNS
+
+    study = Study(["--models=T2Diff-copyLast", "--dataset=ml-100k", "--seeds=2020", f"--out={tmp_path}", "--epochs=7"])
+    knobs = knob_values(study.config("T2Diff-copyLast"))
+    assert knobs["epochs"] == 7 and knobs["session_len"] == 10 and knobs["x_hat_source"] == "copy_last"  # the study's, the files', the name's
+    assert not {"data_path", "checkpoint_dir", "gpu_id", "state"} & set(knobs)  # machine and paths: never a result
+    row = {"variant": "T2Diff-copyLast", "seed": "2020", "settings": json.dumps({"x_hat_source": "copy_last"}), "knobs": json.dumps(knobs)}
+    study.rows.append(row)
+    assert study.finished("T2Diff-copyLast", 2020) is row and study.finished("T2Diff-copyLast", 2021) is None
+    older = {**knobs, "session_len": 5, "a_knob_added_since": 1}
+    del older["unet_levels"]  # a setting the files did not name then: taken to have kept the old behaviour
+    row["knobs"] = json.dumps(older)
+    with pytest.raises(UsageError) as info:
+        study.finished("T2Diff-copyLast", 2020)
+    message = str(info.value)
+    assert "\n" not in message and "it ran with session_len=5; the property files give session_len=10" in message
+    assert "T2Diff-copyLast seed 2020" in message and "in brackets" in message and "unet_levels" not in message
+    row["knobs"] = ""  # a row from before the column: its settings are still checked
+    assert study.finished("T2Diff-copyLast", 2020) is row
+    row["settings"] = json.dumps({"x_hat_source": "diffusion"})
+    with pytest.raises(UsageError, match="its settings were"):
+        study.finished("T2Diff-copyLast", 2020)
+    assert COLUMNS[-1] == "knobs"
