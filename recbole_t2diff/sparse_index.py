@@ -31,6 +31,7 @@ for ``score_mode: index``.
 
 import hashlib
 import json
+import weakref
 
 import numpy as np
 import torch
@@ -55,11 +56,19 @@ def fingerprint(model, settings):
     return digest.hexdigest()
 
 
+def weights_state(model):
+    """What identifies the current values of what posting lists depend on without reading the tensors: the score bias
+    and item count the fingerprint hashes, and each tensor's storage and version counter, which every in-place write
+    moves (optimiser steps, the codebooks' EMA, load_state_dict)."""
+    layout = model.code_layout()
+    return (layout["score_bias"], layout["n_items"], *((name, tensor.data_ptr(), tensor._version) for name, tensor in model.code_row_state()))
+
+
 def current_index(model):
     """The index of ``model``'s current weights with its ``index_settings`` (what ``score_mode: index`` scores
     with): kept on the model as ``sparse_index`` and rebuilt when stale."""
     settings = model.index_settings
-    if model.sparse_index is None or model.sparse_index.meta["fingerprint"] != fingerprint(model, settings):
+    if model.sparse_index is None or not model.sparse_index.built_from(model, settings):
         model.sparse_index = SparseIndex.build(model, **settings)
     return model.sparse_index
 
@@ -75,6 +84,19 @@ class SparseIndex:
 
     def __init__(self, indptr, indices, values, keys, meta):
         self.indptr, self.indices, self.values, self.keys, self.meta = indptr, indices, values, keys, meta
+        self._matched = None  # (the live model, its weights_state, the settings) the fingerprint last matched
+
+    def built_from(self, model, settings):
+        """Whether this index holds ``model``'s current weights with ``settings``. The weights are hashed (the
+        fingerprint) only when they may have changed since they last matched: another model object, or a tensor
+        written in place or replaced since; a one-user query no longer pays a hash of every weight (a third of it)."""
+        state = weights_state(model)
+        if self._matched is not None and self._matched[0]() is model and self._matched[1:] == (state, settings):
+            return True
+        if self.meta["fingerprint"] != fingerprint(model, settings):
+            return False
+        self._matched = (weakref.ref(model), state, dict(settings))
+        return True
 
     # ---- building -------------------------------------------------------------------------------
 
@@ -111,13 +133,15 @@ class SparseIndex:
             "n_items": layout["n_items"],
             "fingerprint": fingerprint(model, settings),
         }
-        return cls(
+        index = cls(
             np.concatenate(indptr),
             np.concatenate(indices) if indices else np.zeros(0, np.int32),
             np.concatenate(values) if values else np.zeros(0, DTYPES[dtype]),
             None if used is None else used.cpu().numpy(),
             meta,
         )
+        index._matched = (weakref.ref(model), weights_state(model), dict(settings))  # the weights its fingerprint hashed
+        return index
 
     def pruned(self, model, threshold=0.0, max_postings=None, dtype=None):
         """A smaller index from this one without re-running the network: entries > ``threshold``, at
@@ -178,7 +202,7 @@ class SparseIndex:
     def check(self, model):
         _check_model(model)
         settings = {name: self.meta[name] for name in ("keys", "miss", "threshold", "max_postings", "dtype")}
-        if self.meta["fingerprint"] != fingerprint(model, settings):
+        if not self.built_from(model, settings):
             raise UsageError("the sparse index is stale: it was built from other weights or settings; rebuild it with SparseIndex.build(model)")
 
     @torch.no_grad()

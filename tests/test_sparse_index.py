@@ -291,7 +291,9 @@ def test_loading_anything_but_a_saved_index_is_refused_in_one_line(sparcode_data
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_index_scoring_hashes_the_weights_once_per_batch(sparcode_data, monkeypatch):
+def test_index_scoring_hashes_the_weights_only_when_they_may_have_changed(sparcode_data, monkeypatch):
+    import copy
+
     from recbole_t2diff import sparse_index
 
     model, batch = trained_sparcode(sparcode_data), valid_batch(sparcode_data)
@@ -300,11 +302,21 @@ def test_index_scoring_hashes_the_weights_once_per_batch(sparcode_data, monkeypa
     real = sparse_index.fingerprint
     monkeypatch.setattr(sparse_index, "fingerprint", lambda *args: hashed.append(1) or real(*args))
     first = scores(model, batch)  # builds the index: one hash, stored with it
-    assert len(hashed) == 1
+    index = model.sparse_index
     for _ in range(2):
         torch.testing.assert_close(scores(model, batch), first)
-    assert len(hashed) == 3, "one staleness check per scored batch"
-    torch.testing.assert_close(model.sparse_index.scores(model, batch), first)
+    torch.testing.assert_close(index.scores(model, batch), first)
+    assert len(hashed) == 1, "weights unchanged since they were hashed are not hashed again"
+    with torch.no_grad():
+        model.mlp_tail[-1].weight.mul_(1.0)  # written in place (the same values): hashed again, still current
+    torch.testing.assert_close(scores(model, batch), first)
+    assert len(hashed) == 2 and model.sparse_index is index
+    # another model object on the very same tensors (as a new model could land on a freed one's memory): hashed
+    index.check(copy.copy(model))
+    assert len(hashed) == 3
+    twin = copy.deepcopy(model)  # another model with the same weights: hashed, and current
+    index.check(twin)
+    index.check(twin)
     assert len(hashed) == 4
 
 
