@@ -38,6 +38,7 @@ import torch
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.index_files import DTYPES, FORMAT_VERSION, index_settings, is_number, read_index_files, refuse_setting, write_index_files
+from recbole_t2diff.tensor_state import tensor_state
 
 # What the index calls on a model (SparCode's): its code rows, the keys of histories and of the training split, and
 # the layout and tensors the rows depend on.
@@ -58,10 +59,10 @@ def fingerprint(model, settings):
 
 def weights_state(model):
     """What identifies the current values of what posting lists depend on without reading the tensors: the score bias
-    and item count the fingerprint hashes, and each tensor's storage and version counter, which every in-place write
-    moves (optimiser steps, the codebooks' EMA, load_state_dict)."""
+    and item count the fingerprint hashes, and each tensor's storage and version (:mod:`recbole_t2diff.tensor_state`)."""
     layout = model.code_layout()
-    return (layout["score_bias"], layout["n_items"], *((name, tensor.data_ptr(), tensor._version) for name, tensor in model.code_row_state()))
+    names, tensors = zip(*model.code_row_state())
+    return layout["score_bias"], layout["n_items"], names, tensor_state(tensors)
 
 
 def current_index(model):

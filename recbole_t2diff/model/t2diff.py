@@ -28,6 +28,7 @@ from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.attention import SessionEncoder, TargetAttention, masked_mean
 from recbole_t2diff.model.generator import XHatGenerator
 from recbole_t2diff.model.t2diff_knobs import read_t2diff_knobs
+from recbole_t2diff.tensor_state import tensor_state
 
 LAG_BUCKETS = 24  # log2 buckets of the lag in minutes: the last one starts at 2^22 min (~8 years)
 
@@ -187,16 +188,14 @@ class T2Diff(XHatGenerator, SequentialRecommender):
     def item_vectors(self, ids=None):
         """Item tower output for ``ids``, or for every item id (padding 0 included) when None: without gradients,
         the one computed while the tensors it reads last stood as they are now (docs/T2DIFF.md §12)."""
-        if ids is not None:
+        every_item = ids is None
+        if every_item:
+            ids = torch.arange(self.n_items, device=self.item_embedding.weight.device)
+        if not every_item or torch.is_grad_enabled():
             return self.item_tower(self.tokens(ids, clip=False))
-        every_id = torch.arange(self.n_items, device=self.item_embedding.weight.device)
-        if torch.is_grad_enabled():
-            return self.item_tower(self.tokens(every_id, clip=False))
-        # A tensor's version counter moves with every in-place write (optimiser steps, load_state_dict)
-        # and a move to another device gives new storage, so an unchanged key means unchanged weights.
-        key = tuple((t.data_ptr(), t._version) for t in [*self.item_embedding.parameters(), *self.item_tower.parameters(), *self._category_tensors()])
+        key = tensor_state([*self.item_embedding.parameters(), *self.item_tower.parameters(), *self._category_tensors()])
         if self._all_item_vectors is None or self._all_item_vectors[0] != key:
-            self._all_item_vectors = (key, self.item_tower(self.tokens(every_id, clip=False)))
+            self._all_item_vectors = (key, self.item_tower(self.tokens(ids, clip=False)))
         return self._all_item_vectors[1]
 
     def _category_tensors(self):
