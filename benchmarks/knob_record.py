@@ -7,6 +7,7 @@ run read for every setting this package's property files name (column ``knobs``)
 row whose recorded values or settings differ from what the name gives now, in one line that says which.
 """
 
+import functools
 import json
 
 import yaml
@@ -17,16 +18,21 @@ from recbole_t2diff.errors import UsageError
 from recbole_t2diff.properties import property_files
 
 
-def knob_values(config):
-    """{key: value} for every setting this package's property files name for the config's model and dataset, as the
-    config resolved it (settings of the machine and its paths left out: they differ between machines and change no
-    result)."""
+@functools.lru_cache(maxsize=None)
+def named_keys(model, dataset):
+    """The settings this package's property files name for ``model`` on ``dataset``, machine and path settings left out
+    (they differ between machines and change no result). Read once per process: a plan checks every finished row."""
     keys = set()
-    for path in property_files(config["model"], config["dataset"], sequential=True):
+    for path in property_files(model, dataset, sequential=True):
         with open(path, encoding="utf-8") as f:
             keys |= set(yaml.safe_load(f) or {})
+    return tuple(sorted(keys - UNCHECKED_SETTINGS))
+
+
+def knob_values(config):
+    """{key: value} for every setting of :func:`named_keys` for the config's model and dataset, as the config resolved it."""
     # as JSON reads it back, so that a recorded value and a current one compare alike (anything else as its text)
-    return {key: json.loads(json.dumps(config[key], default=str)) for key in sorted(keys - UNCHECKED_SETTINGS)}
+    return {key: json.loads(json.dumps(config[key], default=str)) for key in named_keys(config["model"], config["dataset"])}
 
 
 def stale_reason(row, variant, config):
