@@ -45,7 +45,7 @@ def compare(rows, pairs, seeds=None):
             (mean_a, std_a), (mean_b, std_b) = mean_std(a.values()), mean_std(b.values())
             p = welch_p(list(a.values()), list(b.values()))
             cells += [f"{mean_a:.4f} ± {std_a:.4f}", f"{mean_b:.4f} ± {std_b:.4f}", f"{mean_a - mean_b:+.4f}", "—" if p is None else f"{p:.3g}"]
-        a_seeds, b_seeds = sorted(seed_values(rows, credited, METRICS[0][0], seeds)), sorted(seed_values(rows, control, METRICS[0][0], seeds))
+        a_seeds, b_seeds = sorted(a), sorted(b)  # every metric is read from the same rows: the last one's seeds are every one's
         ran = ", ".join(map(str, a_seeds)) if a_seeds == b_seeds else f"{', '.join(map(str, a_seeds))} | {', '.join(map(str, b_seeds))}"
         lines.append(f"| {credited} | {control} | {ran} | " + " | ".join(cells) + " |")
     return lines
