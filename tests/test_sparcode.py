@@ -137,6 +137,39 @@ def test_uniform_dropout_replaces_every_dropout_and_only_when_asked(sparcode_dat
     assert model.state_dict().keys() == plain.state_dict().keys()
 
 
+@pytest.mark.parametrize("act, fused", [("gelu", F.gelu), ("swish", F.silu), ("relu", F.relu)])
+def test_the_tokenizer_computes_recboles_activation_with_torchs_kernel(sparcode_data, act, fused):
+    """The same function as RecBole's FeedForward (forward and gradients, to float rounding), by torch's kernel."""
+    import copy
+
+    from recbole.model.layers import FeedForward
+
+    model = make_model(sparcode_data, hidden_act=act, n_layers=2)
+    assert [layer.feed_forward.intermediate_act_fn for layer in model.trm_encoder.layer] == [fused, fused]
+    recbole = copy.deepcopy(model.trm_encoder)
+    for layer in recbole.layer:
+        layer.feed_forward.intermediate_act_fn = FeedForward.get_hidden_act(layer.feed_forward, act)
+    z = torch.linspace(-8, 8, 4001, requires_grad=True)
+    for layer, plain in zip(model.trm_encoder.layer, recbole.layer):
+        (value, slope), (plain_value, plain_slope) = (
+            (y, torch.autograd.grad(y.sum(), z)[0]) for y in (layer.feed_forward.intermediate_act_fn(z), plain.feed_forward.intermediate_act_fn(z))
+        )
+        torch.testing.assert_close(value, plain_value, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(slope, plain_slope, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)  # and wired as RecBole's: the whole encoder, forward and backward
+    x, mask = torch.randn(8, 12, model.trm_encoder.layer[0].feed_forward.dense_1.in_features) * 3, torch.zeros(8, 1, 12, 12)
+    outputs = []
+    for encoder in (model.trm_encoder.eval(), recbole.eval()):
+        encoder.zero_grad()
+        out = encoder(x, mask)[-1]
+        out.pow(2).sum().backward()
+        outputs.append((out, [w.grad for w in encoder.parameters()]))
+    (fused_out, fused_grads), (plain_out, plain_grads) = outputs
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_the_dnn_tokenizer_pools_the_real_items_of_each_history(sparcode_data):
     model, batch = trained_sparcode(sparcode_data, tokenizer="dnn"), copy_batch(valid_batch(sparcode_data))
     seq = batch["item_id_list"].clone()

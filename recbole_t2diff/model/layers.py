@@ -1,8 +1,16 @@
-"""Layers of SparCode's tokenizer that RecBole's do not offer: a cheaper CPU dropout, and SASRec's encoder read at
-one position without running its last layer at every other."""
+"""Layers of SparCode's tokenizer that RecBole's do not offer: a cheaper CPU dropout, fused activations in SASRec's
+feed-forward layers, and SASRec's encoder read at one position without running its last layer at every other."""
 
 import torch
+import torch.nn.functional as F
+from recbole.model.layers import FeedForward
 from torch import nn
+
+# RecBole's FeedForward writes gelu as x·0.5·(1 + erf(x/√2)) and swish as x·sigmoid(x): five and two tensor passes
+# forward, more for autograd's backward. torch's kernels compute the same functions in one pass each way (gelu
+# within 1.2e-6 of RecBole's on unit-scale inputs): on SparCode's [512, 50, 256] feed-forward input, RecBole's gelu
+# took 96-174 ms forward and backward on one CPU thread, F.gelu 18 ms.
+FUSED_ACTIVATIONS = {FeedForward.gelu: F.gelu, FeedForward.swish: F.silu}
 
 
 class UniformDropout(nn.Dropout):
@@ -15,6 +23,16 @@ class UniformDropout(nn.Dropout):
             return super().forward(x)
         scaled_mask = torch.rand(x.shape).ge_(self.p).mul_(1 / (1 - self.p))  # 0 or 1/(1-p), in place: no extra tensor
         return x * scaled_mask.to(x.dtype)  # p < 1: check_config keeps every dropout in [0, 1)
+
+
+def fuse_activations(encoder):
+    """Every feed-forward layer of RecBole's TransformerEncoder ``encoder`` computes its gelu or swish with torch's
+    kernel (``FUSED_ACTIVATIONS``); relu, tanh and sigmoid are torch's already."""
+    for layer in encoder.layer:
+        feed_forward = layer.feed_forward
+        method = getattr(feed_forward.intermediate_act_fn, "__func__", None)
+        if method in FUSED_ACTIVATIONS:
+            feed_forward.intermediate_act_fn = FUSED_ACTIVATIONS[method]
 
 
 def encode_at_read_position(encoder, tokens, mask, read):

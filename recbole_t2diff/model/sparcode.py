@@ -30,7 +30,7 @@ from recbole.model.layers import TransformerEncoder
 
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.model.interaction import DEFAULT_CHUNK, CrossInteraction
-from recbole_t2diff.model.layers import UniformDropout, encode_at_read_position
+from recbole_t2diff.model.layers import UniformDropout, encode_at_read_position, fuse_activations
 from recbole_t2diff.model.quantizer import CodeTally, ProductQuantizer, describe_codes
 from recbole_t2diff.model.sparcode_knobs import read_sparcode_knobs
 from recbole_t2diff.sparse_index import current_index
@@ -90,6 +90,7 @@ class SparCode(CrossInteraction, SequentialRecommender):
                 hidden_act=knobs["hidden_act"],
                 layer_norm_eps=eps,
             )
+            fuse_activations(self.trm_encoder)  # the same activation in one kernel pass (layers.FUSED_ACTIVATIONS)
             self.input_norm = nn.LayerNorm(d, eps=eps)
             self.input_dropout = nn.Dropout(knobs["hidden_dropout_prob"])
         else:
