@@ -198,7 +198,7 @@ def check(studies):
     say(f"[batch] {count} configs of {len(studies)} studies checked")
 
 
-def summarize_all(batch, jobs):
+def summarize_all(batch):
     """One table per CSV: studies that share a CSV (same --out and --dataset) are summarized together."""
     groups = {}
     for rank, study in enumerate(batch.studies):
@@ -214,7 +214,7 @@ def summarize_all(batch, jobs):
             requested += study.variants if chosen is None else [chosen["chosen"][v] for v in study.variants]
             commands.append(study.command_line())
             search = search or chosen
-        summarize(first, rows, requested, commands, search, jobs=jobs)
+        summarize(first, rows, requested, commands, search)
 
 
 def main(argv=None):
@@ -235,10 +235,10 @@ def main(argv=None):
             return check(studies)
         batch = Batch(studies, args.jobs, args.stop_starting_after, args.abort_if_first_fail)
         if args.report:
-            return summarize_all(batch, args.jobs)
+            return summarize_all(batch)
     per_run = args.threads or threads(args.jobs)
     say(f"[batch] {len(batch.ready)} runs ready, {batch.left()} in all, {args.jobs} at a time, {per_run} torch thread(s) each")
-    env = environment(per_run)
+    env = environment(per_run, args.jobs)
     workers = [threading.Thread(target=batch.work, args=(env,), daemon=True) for _ in range(args.jobs)]
     for w in workers:
         w.start()
@@ -251,7 +251,7 @@ def main(argv=None):
         elif batch.stopping:  # a run whose process started as the others were stopped (or aborted) stops too
             batch.stop()
         time.sleep(1)
-    summarize_all(batch, args.jobs)
+    summarize_all(batch)
     unfinished = batch.left() + len(batch.stopped)
     say(
         f"[batch] {batch.finished} runs finished, {len(batch.failed)} failed, {len(batch.stopped)} stopped unfinished, "

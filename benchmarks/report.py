@@ -25,6 +25,20 @@ def per_machine(rows, key):
     return f"{mean_std(r[key] for r in rows)[0]:.1f}"
 
 
+def sharing(rows):
+    """One line on what the rows' timings shared their machine with: the runs their batch ran at once and the 1-minute
+    load average at their validations (``worker.COLUMNS``), or that older rows did not record it."""
+    recorded = [r for r in rows if r.get("runs_at_once")]
+    parts = []
+    for at_once in sorted({int(r["runs_at_once"]) for r in recorded}):
+        loads = [float(r["load_average"]) for r in recorded if int(r["runs_at_once"]) == at_once and r.get("load_average") not in (None, "")]
+        load = f", 1-minute load average {min(loads):g}–{max(loads):g} at their validations" if loads else ""
+        parts.append(f"{sum(int(r['runs_at_once']) == at_once for r in recorded)} row(s) ran {at_once} at once{load}")
+    if len(recorded) < len(rows):
+        parts.append(f"{len(rows) - len(recorded)} row(s) from before 2026-12-07 did not record it")
+    return "Sharing: " + "; ".join(parts) + " (the load counts work from outside the batch too)."
+
+
 def welch_p(a, b):
     """Welch's t-test p-value (two-sided) of two groups of seeds, or None when either has fewer than 2 values
     or both have no spread. Seeds are not paired across models, so the test is unpaired and unequal-variance."""
@@ -127,7 +141,7 @@ def order(variant, requested, rows):
     return place, next(i for i, r in enumerate(rows) if r["variant"] == variant)
 
 
-def summarize(study, rows, requested, commands, search=None, jobs=None):
+def summarize(study, rows, requested, commands, search=None):
     """Writes the table of ``rows`` (the study's CSV) to <out>/<dataset>.md with its plots, and prints it.
 
     ``study`` gives the options (``study.args``) and each variant's Config (``study.config``); ``requested`` are the
@@ -149,7 +163,8 @@ def summarize(study, rows, requested, commands, search=None, jobs=None):
         *[f"Command: `{c}`  " for c in commands],
         f"Machine: {'; '.join(sorted({r.get('machine') or describe() for r in rows if r['variant'] in variants}))}; "
         f"date {', '.join(sorted({r.get('date') or datetime.date.today().isoformat() for r in rows if r['variant'] in variants}))}"
-        f"{f'; {jobs} run(s) at a time' if jobs else ''}.  ",
+        ".  ",
+        sharing([r for r in rows if r["variant"] in variants]) + "  ",
         "Protocol: leave-one-out by time, full ranking over all items, MAX_ITEM_LIST_LENGTH 50, early stopping on",
         "validation NDCG@10; test metrics of the best-validation checkpoint. Mean ± std over the seeds listed.",
         *(

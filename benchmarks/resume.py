@@ -38,6 +38,7 @@ class Resume:
             "curve": list(self.curve),
             "train_s": list(self.timings["train"]),
             "valid_s": list(self.timings["valid"]),
+            "load": list(self.timings["load"]),
             "budget_epochs": self.budget.epochs,
             "elapsed": time.perf_counter() - self.clock["started"],
             "torch_rng": torch.get_rng_state(),
@@ -62,6 +63,7 @@ class Resume:
         trainer.start_epoch = trainer.epochs if stopped else state["epoch"] + 1
         self.curve[:] = state["curve"]
         self.timings["train"][:], self.timings["valid"][:] = state["train_s"], state["valid_s"]
+        self.timings["load"][:] = state.get("load", [])  # saved since 2026-12-07
         self.budget.epochs = state["budget_epochs"]
         self.clock["started"] = time.perf_counter() - state["elapsed"]
         torch.set_rng_state(state["torch_rng"].cpu())

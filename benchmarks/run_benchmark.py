@@ -201,9 +201,9 @@ class Study:
         """This study as the command a table states (where runs kept their resume state is no setting)."""
         return "python -m benchmarks.run_benchmark " + shlex.join(a for a in self.argv if not a.startswith("--resume_root="))
 
-    def summarize(self, search=None, jobs=None):
+    def summarize(self, search=None):
         chosen = self.variants if search is None else [search["chosen"][v] for v in self.variants]
-        summarize(self, self.rows, chosen, [self.command_line()], search, jobs=jobs)
+        summarize(self, self.rows, chosen, [self.command_line()], search)
 
 
 def main(argv=None):
@@ -213,7 +213,7 @@ def main(argv=None):
     started, failed = time.time(), []
     # Parallel runs split the cores between them (torch threads = cores // jobs), so that timings
     # of runs that shared the machine stay comparable with each other.
-    env = environment(threads(args.jobs))
+    env = environment(threads(args.jobs), args.jobs)
 
     def run_job(number, total, variant, seed):
         say(f"[bench] {number}/{total} {variant} seed {seed} started ({(time.time() - started) / 60:.1f} min so far)")
@@ -246,7 +246,7 @@ def main(argv=None):
         search = study.search()
     variants = study.variants if search is None else [search["chosen"][v] for v in study.variants]
     run_all([(v, s) for v in variants for s in study.seeds])
-    study.summarize(search, jobs=args.jobs)
+    study.summarize(search)
     if failed:  # the table holds what finished; the exit status says it is incomplete
         raise SystemExit(f"error: {len(failed)} run(s) failed ({', '.join(failed)}); their errors are above, and the same command re-runs only them")
 

@@ -55,7 +55,12 @@ COLUMNS = [
     "xhat_noise_drop",
     *INDEX_COLUMNS,
     "knobs",  # the property-file values the run read (benchmarks/knob_record.py; recorded since 2026-12-06)
+    # What the run's timings shared the machine with (recorded since 2026-12-07): the runs its batch ran at once, and
+    # the mean 1-minute load average at its validations, which also counts work from outside the batch.
+    "runs_at_once",
+    "load_average",
 ]
+RUNS_AT_ONCE = "BENCHMARK_RUNS_AT_ONCE"  # set by the runner in its workers' environment
 
 
 def run_settings(variant, seed):
@@ -136,7 +141,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     from recbole_t2diff.quick_start import run
 
     model, config_dict = run_settings(variant, seed)
-    timings, curve, clock = {"train": [], "valid": []}, [], {"started": time.perf_counter()}
+    timings, curve, clock = {"train": [], "valid": [], "load": []}, [], {"started": time.perf_counter()}
 
     def timed(method, bucket):
         def wrapper(*args, **kwargs):
@@ -170,6 +175,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
         def valid_epoch_reported(*args, **kwargs):
             score, result = valid_epoch(*args, **kwargs)
             curve.append(round(float(score), 5))
+            timings["load"].append(os.getloadavg()[0])
             # One line per validation, read live by the runner (progress) and kept as the run's curve.
             best = max(range(len(curve)), key=lambda i: (curve[i], -i))  # RecBole keeps the first of equal scores
             print(
@@ -217,6 +223,9 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
         "valid_curve": json.dumps(curve),
         "machine": describe(),
         "date": datetime.date.today().isoformat(),
+        "runs_at_once": os.environ.get(RUNS_AT_ONCE, ""),
+        # Validations resumed from a state saved before the load was recorded have none: the mean of those that do.
+        "load_average": round(statistics.mean(timings["load"]), 1) if timings["load"] else "",
     }
     for metric in METRICS:
         row[f"valid_{metric}"] = float(result["best_valid_result"][metric])
@@ -264,11 +273,12 @@ def threads(jobs):
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def environment(torch_threads):
-    """The environment of worker processes: ``torch_threads`` torch threads each, and this package importable from
-    any working folder (a run's relative paths, its data and RecBole's log/, are the runner's folder's)."""
+def environment(torch_threads, runs_at_once):
+    """The environment of worker processes: ``torch_threads`` torch threads each, ``runs_at_once`` of them at a time
+    (each row records it), and this package importable from any working folder (a run's relative paths, its data and
+    RecBole's log/, are the runner's folder's)."""
     path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "OMP_NUM_THREADS": str(torch_threads), "PYTHONPATH": path}
+    return {**os.environ, "OMP_NUM_THREADS": str(torch_threads), RUNS_AT_ONCE: str(runs_at_once), "PYTHONPATH": path}
 
 
 def run_worker(command, env, on_epoch=None, procs=None):
