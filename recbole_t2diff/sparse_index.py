@@ -9,9 +9,9 @@ and no missed keys, index scores equal exact scores up to summation order.
 Storage is CSR over rows = keys: ``indptr`` int64 [U+1], ``indices`` int32 [nnz] (item id − 1),
 ``values`` float32 or float16 [nnz] and, with ``keys: used``, the sorted int64 ``keys`` [U].
 ``save`` writes them to ``index.npz`` (plain arrays, read back with ``allow_pickle=False``; ``index_files.py``) and the
-settings to ``meta.json``. scipy.sparse is not used: it cannot hold float16 values, picks its own
-index dtypes (so the bytes stored would not be the ones chosen here), and the batched scatter-add
-below runs unchanged on a GPU.
+settings to ``meta.json``. scipy.sparse does not store them: it cannot hold float16 values and picks its own index
+dtypes (so the bytes stored would not be the ones chosen here). It sums the posting lists on the CPU, where its
+sparse product is faster than torch's scatter-add; other devices use the scatter-add.
 
 A fingerprint (sha256 of the weights the rows depend on and of the index settings) is stored with
 the index; scoring with a model whose weights have changed raises a one-line ``UsageError``.
@@ -86,6 +86,7 @@ class SparseIndex:
     def __init__(self, indptr, indices, values, keys, meta):
         self.indptr, self.indices, self.values, self.keys, self.meta = indptr, indices, values, keys, meta
         self._matched = None  # (the live model, its weights_state, the settings) the fingerprint last matched
+        self._csr = None  # the posting lists as a scipy matrix, for the CPU's sparse product (_sparse_product)
 
     def built_from(self, model, settings):
         """Whether this index holds ``model``'s current weights with ``settings``. The weights are hashed (the
@@ -228,21 +229,46 @@ class SparseIndex:
             stored = torch.as_tensor(self.keys, device=device)
             rows = torch.searchsorted(stored, flat).clamp(max=max(len(stored) - 1, 0))
             found = stored[rows] == flat if len(stored) else torch.zeros_like(flat, dtype=torch.bool)
-        indptr = torch.as_tensor(self.indptr, device=device)
-        starts, ends = indptr[rows[found]], indptr[rows[found] + 1]
-        lengths = ends - starts
-        # Positions of every posting of every found token, without a Python loop.
-        offsets = torch.arange(int(lengths.sum()), device=device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        positions = torch.repeat_interleave(starts, lengths) + offsets
-        items = torch.as_tensor(self.indices, device=device)[positions].long() + 1
-        values = torch.as_tensor(self.values, device=device)[positions].float()
-        scores = torch.zeros(batch, self.meta["n_items"], device=device)
-        scores.index_put_((torch.repeat_interleave(users[found], lengths), items), values, accumulate=True)
+        add_postings = self._sparse_product if device.type == "cpu" else self._scatter_add
+        scores = add_postings(users[found], rows[found], batch)
         missed = ~found
         if missed.any() and self.meta["miss"] == "compute":  # the rows a fresh build would have stored
             computed = torch.cat(list(model.code_row_scores(flat[missed])))
             scores[:, 1:].index_add_(0, users[missed], computed)
         return scores, int(missed.sum())
+
+    def _scatter_add(self, users, rows, batch):
+        """[batch, n_items] scores: user ``users[t]`` gets the posting list of row ``rows[t]``, gathered and scatter-added
+        by torch on the tensors' device (column 0, the padding item, stays 0)."""
+        device = rows.device
+        indptr = torch.as_tensor(self.indptr, device=device)
+        starts, ends = indptr[rows], indptr[rows + 1]
+        lengths = ends - starts
+        # Positions of every posting of every token, without a Python loop.
+        offsets = torch.arange(int(lengths.sum()), device=device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        positions = torch.repeat_interleave(starts, lengths) + offsets
+        items = torch.as_tensor(self.indices, device=device)[positions].long() + 1
+        values = torch.as_tensor(self.values, device=device)[positions].float()
+        scores = torch.zeros(batch, self.meta["n_items"], device=device)
+        scores.index_put_((torch.repeat_interleave(users, lengths), items), values, accumulate=True)
+        return scores
+
+    def _sparse_product(self, users, rows, batch):
+        """What :meth:`_scatter_add` computes, as scipy's sparse product C·R on the CPU: C [batch, keys] counts each user's
+        rows (a key a user holds twice adds twice), R is the index's CSR. On one thread it took 8-9 ms against the
+        scatter-add's 44 for 256 users at an unpruned index's density (0.69), 2.5 against 4 at 0.1, level at 0.01."""
+        import scipy.sparse
+
+        if self._csr is None:  # float32 (scipy holds no float16), kept: the index never changes
+            self._csr = scipy.sparse.csr_matrix(
+                (np.asarray(self.values, dtype=np.float32), self.indices, self.indptr), shape=(len(self.indptr) - 1, self.meta["n_items"] - 1)
+            )
+        counts = scipy.sparse.csr_matrix(
+            (np.ones(len(rows), dtype=np.float32), (users.numpy(), rows.numpy())), shape=(batch, self._csr.shape[0])
+        )
+        scores = torch.zeros(batch, self.meta["n_items"])
+        scores[:, 1:] = torch.from_numpy((counts @ self._csr).toarray())
+        return scores
 
     def scores(self, model, interaction):
         """[B, n_items] index scores for ``interaction``'s histories (what ``score_mode: index`` returns)."""

@@ -37,6 +37,19 @@ def test_index_at_threshold_zero_reproduces_exact_scores(sparcode_data):
     torch.testing.assert_close(twice, torch.stack([2 * exact_rows(model, torch.tensor([5]))[0], exact_rows(model, torch.tensor([5, 9])).sum(0)]))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_cpus_sparse_product_adds_the_posting_lists_as_the_scatter_add_does(sparcode_data, monkeypatch, dtype):
+    model = trained_sparcode(sparcode_data)
+    index = SparseIndex.build(model, dtype=dtype)
+    a, b, c, d = (int(row) for row in np.argsort(-np.diff(index.indptr), kind="stable")[:4])  # rows with postings
+    users, rows = torch.tensor([0, 0, 0, 2, 2, 3]), torch.tensor([a, a, b, c, d, b])  # user 1 has no rows, user 0 one twice
+    product, scattered = index._sparse_product(users, rows, 4), index._scatter_add(users, rows, 4)
+    torch.testing.assert_close(product, scattered)
+    assert product[1].abs().sum() == 0 and product[:, 0].abs().sum() == 0 and product[0].abs().sum() > 0
+    monkeypatch.setattr(SparseIndex, "_scatter_add", lambda *args: pytest.fail("the CPU sums by the sparse product"))
+    torch.testing.assert_close(index.accumulate(model, torch.tensor([[a, a, b], [c, d, b]]))[0][0], product[0])
+
+
 def test_threshold_and_posting_cap_prune_as_documented(sparcode_data):
     model = trained_sparcode(sparcode_data)
     keys = torch.arange(64)
