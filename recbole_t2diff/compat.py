@@ -60,7 +60,11 @@ def install():
        setuptools); Python 3.12+ reports the invalid escape sequences in RecBole's ``dien.py``
        docstrings (``\\p``) as a SyntaxWarning whenever it compiles the file, so every run without
        cached bytecode printed two warnings before its first line. Both are silenced (SyntaxWarnings
-       from RecBole's own files only).
+       from RecBole's own files only). RecBole's own calls of APIs that pandas >= 2.2 and torch >= 2.4
+       deprecate printed three FutureWarnings (twelve lines) in every run: ``Dataset._fill_nan``'s chained
+       ``feat[field].fillna(..., inplace=True)``, which fills as it always did on the pandas < 3 that
+       setup.cfg pins (pandas 3 would make it fill nothing), and the trainer's ``torch.cuda.amp.GradScaler``
+       (same behaviour). Nothing a user can change: those two messages, from RecBole's files only, are silenced.
     2. **numpy aliases** (numpy >= 1.24 removed ``np.float``, ``np.int``, ...; numpy >= 2 removed
        ``np.float_``, ``np.complex_``, ``np.unicode_``): RecBole 1.2.1's
        ``Config.compatibility_settings`` and its metrics use them (docs/RECBOLE.md §8.1): put back.
@@ -85,9 +89,7 @@ def install():
     global _installed
     if _installed:
         return
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-    # A compile-time warning's module is its file path without ".py": match RecBole's files only.
-    warnings.filterwarnings("ignore", category=SyntaxWarning, module=r".*[/\\]recbole[/\\]")
+    silence_recboles_warnings()
     with warnings.catch_warnings():  # asking numpy about np.object / np.str warns
         warnings.simplefilter("ignore", FutureWarning)
         for alias, value in _NUMPY_ALIASES.items():
@@ -100,6 +102,16 @@ def install():
     recbole_trainer.get_tensorboard = get_tensorboard
     recbole_data_utils.load_split_dataloaders = _no_cached_dataloaders
     _installed = True
+
+
+def silence_recboles_warnings():
+    """The warnings filters of :func:`install`'s patch 1 (adding them again changes nothing)."""
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    # A compile-time warning's module is its file path without ".py": match RecBole's files only.
+    warnings.filterwarnings("ignore", category=SyntaxWarning, module=r".*[/\\]recbole[/\\]")
+    # A runtime warning's module is the calling module's name: RecBole's own calls only.
+    warnings.filterwarnings("ignore", message="A value is trying to be set on a copy", category=FutureWarning, module=r"recbole\.")
+    warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.GradScaler", category=FutureWarning, module=r"recbole\.")
 
 
 def _ensure_dir(dir_path):

@@ -1,5 +1,5 @@
 """RecBole's patches (compat.py): anomaly mode off, a folder made by a parallel run, a log file and a tensorboard
-folder per run, RecBole's invalid escape sequences silenced."""
+folder per run, RecBole's invalid escape sequences and its calls of deprecated APIs silenced."""
 
 import logging
 import os
@@ -90,3 +90,22 @@ def test_recboles_invalid_escape_sequences_print_nothing():
     probe = "import recbole_t2diff, recbole.model.sequential_recommender.dien as dien\ncompile(open(dien.__file__).read(), dien.__file__, 'exec')\n"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "SyntaxWarning" not in done.stderr, done.stderr
+
+
+def test_recboles_calls_of_deprecated_apis_warn_nothing(tiny_path, workdir):
+    """RecBole's chained ``fillna(inplace=True)`` (pandas >= 2.2) and its ``torch.cuda.amp.GradScaler`` (torch >= 2.4)
+    printed three FutureWarnings in every run: compat silences those two, from RecBole's calls only."""
+    import warnings
+
+    import pandas as pd
+
+    from recbole_t2diff import compat
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # shown however often they came before in this process
+        compat.silence_recboles_warnings()
+        run("T2Diff", "tiny", config_dict={"data_path": tiny_path, **TINY_MODEL, "epochs": 1, "seed": 1})
+        frame = pd.DataFrame({"a": [1.0, None]})
+        frame["a"].fillna(value=0.0, inplace=True)  # the same call from outside RecBole still warns
+    from_recbole = [f"{w.filename}: {w.message}" for w in caught if "recbole" in w.filename and "recbole_t2diff" not in w.filename]
+    assert from_recbole == [] and any("A value is trying to be set on a copy" in str(w.message) for w in caught), from_recbole
