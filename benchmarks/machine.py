@@ -8,9 +8,26 @@ import sys
 import torch
 
 
+# glibc's malloc serves every block of 32 MiB or more (SASRec's and SparCode's activations at batch 512 to 2048) by a
+# fresh mmap and unmaps it when freed, so every training step faults those pages in again, in the kernel. Keeping
+# freed memory in the heap (no mmap, no trim) changes no number, only where memory comes from. Eight training steps
+# on one thread of the 2-core machine, 2026-12-07: SASRec at batch 2048 29.4 -> 22.1 s (kernel time 8.7 -> 0.1 s),
+# SparCode at 512 8.0 -> 5.5-6.2 s, NARM at 512 3.1 -> 2.5 s, T2Diff at 512 10.4 and 11.1 s (no gain); peak memory
+# 16-30 % higher (SASRec 3.3 -> 3.9 GiB). Benchmark workers run with it (worker.environment).
+HEAP_ONLY_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+
+
+def heap_only_malloc():
+    """Whether this process's malloc keeps freed memory (:data:`HEAP_ONLY_MALLOC` in GLIBC_TUNABLES, under glibc)."""
+    return platform.libc_ver()[0] == "glibc" and "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def describe():
+    """The machine a timing came from: timings are compared only between equal descriptions (report.per_machine), so
+    the allocator, which changes them, is part of it."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}"
+    allocator = ", heap-only malloc" if heap_only_malloc() else ""
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}{allocator}"
 
 
 def load_average():

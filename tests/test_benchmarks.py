@@ -564,3 +564,35 @@ def test_a_finished_row_is_reused_only_while_it_means_what_its_variants_name_mea
     with pytest.raises(UsageError, match="its settings were"):
         study.finished("T2Diff-copyLast", 2020)
     assert "knobs" in COLUMNS
+
+
+def test_workers_ask_for_a_malloc_that_keeps_freed_memory_and_rows_name_it(monkeypatch):
+    import platform
+
+    from benchmarks import machine
+    from benchmarks.worker import environment
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+    assert environment(1, 2)["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + machine.HEAP_ONLY_MALLOC  # the user's kept
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert not machine.describe().endswith("malloc")
+    monkeypatch.setenv("GLIBC_TUNABLES", machine.HEAP_ONLY_MALLOC)
+    assert machine.describe().endswith(", heap-only malloc")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # another C library ignores glibc's tunables
+    assert not machine.describe().endswith("malloc")
+
+
+@pytest.mark.spawns
+def test_a_worker_environment_stops_a_64_mib_tensor_from_faulting_its_pages_in_again():
+    """What HEAP_ONLY_MALLOC is for (benchmarks/machine.py): under glibc every freed block of 32 MiB or more went back
+    to the kernel, and the next one faulted all its pages in again."""
+    import platform
+
+    from benchmarks.worker import environment
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc tunables")
+    probe = "import resource, torch\nfor _ in range(20):\n    torch.empty(2**24).fill_(1.0)\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)\n"
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    faults = [int(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, check=True).stdout) for env in (plain, environment(1, 1))]
+    assert faults[1] < faults[0] - 20 * 16384 // 2, faults  # 16,384 pages a tensor: each again without, once with
