@@ -108,4 +108,6 @@ def test_recboles_calls_of_deprecated_apis_warn_nothing(tiny_path, workdir):
         frame = pd.DataFrame({"a": [1.0, None]})
         frame["a"].fillna(value=0.0, inplace=True)  # the same call from outside RecBole still warns
     from_recbole = [f"{w.filename}: {w.message}" for w in caught if "recbole" in w.filename and "recbole_t2diff" not in w.filename]
-    assert from_recbole == [] and any("A value is trying to be set on a copy" in str(w.message) for w in caught), from_recbole
+    assert from_recbole == []
+    if tuple(int(part) for part in pd.__version__.split(".")[:2]) >= (2, 2):  # the pandas that warns about the call at all
+        assert any("A value is trying to be set on a copy" in str(w.message) for w in caught)
