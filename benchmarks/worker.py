@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from benchmarks.knob_record import knob_values
-from benchmarks.machine import HEAP_ONLY_MALLOC, describe
+from benchmarks.machine import HEAP_ONLY_MALLOC, describe, load_average
 from benchmarks.resume import Resume
 from benchmarks.variants import ROOT, parse_variant
 from recbole_t2diff.cli import exit_on_usage_error
@@ -175,7 +175,8 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
         def valid_epoch_reported(*args, **kwargs):
             score, result = valid_epoch(*args, **kwargs)
             curve.append(round(float(score), 5))
-            timings["load"].append(os.getloadavg()[0])
+            if (load := load_average()) != "n/a":  # a system without a load average records none
+                timings["load"].append(load)
             # One line per validation, read live by the runner (progress) and kept as the run's curve.
             best = max(range(len(curve)), key=lambda i: (curve[i], -i))  # RecBole keeps the first of equal scores
             print(
