@@ -263,9 +263,7 @@ class SparseIndex:
             self._csr = scipy.sparse.csr_matrix(
                 (np.asarray(self.values, dtype=np.float32), self.indices, self.indptr), shape=(len(self.indptr) - 1, self.meta["n_items"] - 1)
             )
-        counts = scipy.sparse.csr_matrix(
-            (np.ones(len(rows), dtype=np.float32), (users.numpy(), rows.numpy())), shape=(batch, self._csr.shape[0])
-        )
+        counts = scipy.sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (users.numpy(), rows.numpy())), shape=(batch, self._csr.shape[0]))
         scores = torch.zeros(batch, self.meta["n_items"])
         scores[:, 1:] = torch.from_numpy((counts @ self._csr).toarray())
         return scores

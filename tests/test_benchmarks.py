@@ -594,5 +594,8 @@ def test_a_worker_environment_stops_a_64_mib_tensor_from_faulting_its_pages_in_a
         pytest.skip("glibc's malloc tunables")
     probe = "import resource, torch\nfor _ in range(20):\n    torch.empty(2**24).fill_(1.0)\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)\n"
     plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    faults = [int(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, check=True).stdout) for env in (plain, environment(1, 1))]
+    faults = [
+        int(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, check=True).stdout)
+        for env in (plain, environment(1, 1))
+    ]
     assert faults[1] < faults[0] - 20 * 16384 // 2, faults  # 16,384 pages a tensor: each again without, once with
