@@ -32,10 +32,13 @@ def sharing(rows):
     parts = []
     for at_once in sorted({int(r["runs_at_once"]) for r in recorded}):
         loads = [float(r["load_average"]) for r in recorded if int(r["runs_at_once"]) == at_once and r.get("load_average") not in (None, "")]
-        load = f", 1-minute load average {min(loads):g}–{max(loads):g} at their validations" if loads else ""
+        load = ""
+        if loads:
+            spread = f"{min(loads):g}" + (f"–{max(loads):g}" if max(loads) > min(loads) else "")
+            load = f", 1-minute load average {spread} at their validations"
         parts.append(f"{sum(int(r['runs_at_once']) == at_once for r in recorded)} row(s) ran {at_once} at once{load}")
     if len(recorded) < len(rows):
-        parts.append(f"{len(rows) - len(recorded)} row(s) from before 2026-12-07 did not record it")
+        parts.append(f"{len(rows) - len(recorded)} row(s) ran before rows recorded it (2026-12-07)")
     return "Sharing: " + "; ".join(parts) + " (the load counts work from outside the batch too)."
 
 

@@ -400,9 +400,11 @@ def test_the_table_says_what_its_rows_shared_the_machine_with():
     ]
     assert sharing(rows) == (
         "Sharing: 2 row(s) ran 2 at once, 1-minute load average 1.25–3.5 at their validations; 1 row(s) ran 15 at once; "
-        "1 row(s) from before 2026-12-07 did not record it (the load counts work from outside the batch too)."
+        "1 row(s) ran before rows recorded it (2026-12-07) (the load counts work from outside the batch too)."
     )
-    assert sharing([{"machine": "m"}]) == "Sharing: 1 row(s) from before 2026-12-07 did not record it (the load counts work from outside the batch too)."
+    assert sharing([{"machine": "m"}]) == "Sharing: 1 row(s) ran before rows recorded it (2026-12-07) (the load counts work from outside the batch too)."
+    one = sharing([{"runs_at_once": "1", "load_average": "3.1"}])
+    assert one == "Sharing: 1 row(s) ran 1 at once, 1-minute load average 3.1 at their validations (the load counts work from outside the batch too)."
 
 
 def test_timings_from_different_machines_are_never_averaged():
