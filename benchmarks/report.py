@@ -85,6 +85,15 @@ def margin(rows, variants):
     return lines + [""]
 
 
+def step_ratio(rows):
+    """The mean of the rows' ``step_ratio_sasrec`` (each run's training cost per sequence over SASRec's, interleaved in
+    its worker), with how many rows had one when not all did; "—" when none did."""
+    values = [float(r["step_ratio_sasrec"]) for r in rows if r.get("step_ratio_sasrec") not in (None, "")]
+    if not values:
+        return "—"
+    return f"{statistics.mean(values):.2f}" + ("" if len(values) == len(rows) else f" ({len(values)} of {len(rows)} runs)")
+
+
 def sasrec_ratio(rows, variant, variants):
     """s/epoch of ``variant`` over SASRec's, from runs on the same machine and day only (timings from different
     machines or days are never divided); None without such a pair. SASRec is the table's SASRec row."""
@@ -200,13 +209,15 @@ def summarize(study, rows, requested, commands, search=None):
             else []
         ),
         "s/epoch ÷ SASRec: against the table's SASRec runs on the same machine and day only (— where there are none); "
+        "step ÷ SASRec: training cost per sequence over RecBole's SASRec at its defaults, the two models' steps interleaved "
+        "in each run's process after its test, so that load hits both alike (recorded since 2026-12-07); "
         "min to stop: training minutes until early stopping (s/epoch × epochs); timings of seeds that ran on different "
         "machines are not averaged (*mixed machines*).",
         "",
         *margin(rows, variants),
         "| model | seeds | test NDCG@10 | test Recall@10 | test MRR@10 | test NDCG@20 | valid NDCG@10 | params | s/epoch | "
-        "s/epoch ÷ SASRec | eval s | epochs (best) | min to stop | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "s/epoch ÷ SASRec | step ÷ SASRec | eval s | epochs (best) | min to stop | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cap_mark(v):
@@ -223,7 +234,8 @@ def summarize(study, rows, requested, commands, search=None):
         lines.append(
             f"| {v} | {','.join(str(r['seed']) for r in mine)} | {cell('test_ndcg@10')} | {cell('test_recall@10')} | "
             f"{cell('test_mrr@10')} | {cell('test_ndcg@20')} | {cell('valid_ndcg@10')} | {mine[0]['params']} | "
-            f"{per_machine(mine, 'train_s_per_epoch')} | {'—' if ratio(v) is None else f'{ratio(v):.2f}'} | {per_machine(mine, 'eval_s')} | "
+            f"{per_machine(mine, 'train_s_per_epoch')} | {'—' if ratio(v) is None else f'{ratio(v):.2f}'} | {step_ratio(mine)} | "
+            f"{per_machine(mine, 'eval_s')} | "
             f"{mean_std(r['epochs_run'] for r in mine)[0]:.3g} ({mean_std(r['best_epoch'] for r in mine)[0]:.0f}){cap_mark(v)} | "
             f"{per_machine([{**r, 'train_min': float(r['train_s_per_epoch']) * float(r['epochs_run']) / 60} for r in mine], 'train_min')} | "
             f"{mean_std(r['peak_rss_mib'] for r in mine)[0]:.0f} |"

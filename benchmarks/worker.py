@@ -59,7 +59,11 @@ COLUMNS = [
     # the mean 1-minute load average at its validations, which also counts work from outside the batch.
     "runs_at_once",
     "load_average",
+    # The run's training cost per sequence as a ratio to RecBole's SASRec, their steps interleaved in the worker after the
+    # test (recorded since 2026-12-07; :func:`step_ratio_to_sasrec`).
+    "step_ratio_sasrec",
 ]
+REFERENCE_ROUNDS = 5  # interleaved training steps of each, after 2 warm-up steps each
 RUNS_AT_ONCE = "BENCHMARK_RUNS_AT_ONCE"  # set by the runner in its workers' environment
 
 
@@ -152,7 +156,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
 
         return wrapper
 
-    trainers, budget = [], Budget(time_budget)
+    trainers, budget, loaders = [], Budget(time_budget), {}
     # A private checkpoint folder: RecBole names checkpoints by the second, and parallel runs of
     # one model would otherwise overwrite each other's.
     checkpoints = resume_dir or tempfile.mkdtemp(prefix="bench-")
@@ -169,6 +173,13 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
                 return fit(train_data, valid_data, **kwargs)
 
             trainer.fit = fit_resuming
+        fit_to_time = trainer.fit
+
+        def fit_keeping_loader(train_data, valid_data=None, **kwargs):  # the SASRec reference steps train on it too
+            loaders["train"] = train_data
+            return fit_to_time(train_data, valid_data, **kwargs)
+
+        trainer.fit = fit_keeping_loader
         trainer._train_epoch = timed(trainer._train_epoch, "train")
         valid_epoch = timed(trainer._valid_epoch, "valid")
 
@@ -235,9 +246,56 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     # What the run reads that RecBole's built-ins do not: T2Diff's time lag reads the request time.
     row["reads"] = "request time" if getattr(trainer.model, "lag_embedding", None) is not None else ""
     row.update(index_columns(trainer.model))
+    row["step_ratio_sasrec"] = step_ratio_to_sasrec(trainer.model, trainer.config, loaders["train"])
     row["knobs"] = json.dumps(knob_values(trainer.config), sort_keys=True)
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
     return row
+
+
+def step_ratio_to_sasrec(model, config, train_data, rounds=REFERENCE_ROUNDS):
+    """The run's training cost per sequence as a ratio to RecBole's SASRec at its property-file defaults on the same data,
+    measured in this process once the run's numbers are taken: after 2 warm-up steps each, ``rounds`` rounds of one
+    training step of the run's model (every loss it returns, and its optimiser) and one of SASRec, so that the load of
+    the machine hits both alike (the project's speed rule; ``../shared/tools/step_ratio.py`` measures the same way). The
+    model trains on from its tested weights, which nothing reads afterwards."""
+    import itertools
+    import logging
+
+    import torch
+    from recbole.data import data_preparation
+
+    from recbole_t2diff.config import Config
+    from recbole_t2diff.data import create_dataset
+    from recbole_t2diff.quick_start import build_model
+
+    # RecBole's Config joins the dataset's name onto data_path: the reference reads the folder the run was given.
+    data_path = os.path.dirname(os.path.normpath(config["data_path"]))
+    settings = {"data_path": data_path, "seed": config["seed"], "show_progress": False, "state": "ERROR"}
+    reference_config = Config(model="SASRec", dataset=config["dataset"], config_dict=settings)
+    logging.disable(logging.INFO)  # RecBole logs the reference's data at INFO: not into the run's log
+    try:
+        reference_train, _, _ = data_preparation(reference_config, create_dataset(reference_config))
+    finally:
+        logging.disable(logging.NOTSET)
+    reference = build_model(reference_config, reference_train)
+    steps = {
+        "run": (model, torch.optim.Adam(model.parameters(), lr=config["learning_rate"]), itertools.cycle(train_data)),
+        "SASRec": (reference, torch.optim.Adam(reference.parameters(), lr=reference_config["learning_rate"]), itertools.cycle(reference_train)),
+    }
+    seconds, sequences = {name: 0.0 for name in steps}, {name: 0 for name in steps}
+    for round_ in range(2 + rounds):
+        for name, (trained, optimizer, batches) in steps.items():
+            trained.train()
+            batch = next(batches).to(config["device"])
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = trained.calculate_loss(batch)
+            (sum(loss) if isinstance(loss, tuple) else loss).backward()
+            optimizer.step()
+            if round_ >= 2:
+                seconds[name] += time.perf_counter() - start
+                sequences[name] += len(batch)
+    return round((seconds["run"] / sequences["run"]) / (seconds["SASRec"] / sequences["SASRec"]), 3)
 
 
 def index_columns(model):

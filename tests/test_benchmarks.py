@@ -364,6 +364,7 @@ def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_as_an_uninterr
     for key in ("test_ndcg@10", "test_recall@10", "valid_ndcg@10", "epochs_run", "best_epoch", "xhat_rel_error", "runs_at_once", "load_average"):
         assert resumed[key] == straight[key], key
     assert (straight["runs_at_once"], straight["load_average"]) == ("3", 2.5)  # the loads before the interruption count too
+    assert straight["step_ratio_sasrec"] > 0 and resumed["step_ratio_sasrec"] > 0  # timed afresh by each process
 
 
 def test_a_run_stopped_early_at_its_last_saved_epoch_is_not_trained_further(tiny_path, workdir, monkeypatch):
@@ -405,6 +406,14 @@ def test_the_table_says_what_its_rows_shared_the_machine_with():
     assert sharing([{"machine": "m"}]) == "Sharing: 1 row(s) ran before rows recorded it (2026-12-07) (the load counts work from outside the batch too)."
     one = sharing([{"runs_at_once": "1", "load_average": "3.1"}])
     assert one == "Sharing: 1 row(s) ran 1 at once, 1-minute load average 3.1 at their validations (the load counts work from outside the batch too)."
+
+
+def test_the_step_ratio_column_averages_the_runs_that_measured_it():
+    from benchmarks.report import step_ratio
+
+    assert step_ratio([{"step_ratio_sasrec": "0.25"}, {"step_ratio_sasrec": 0.35}]) == "0.30"
+    assert step_ratio([{"step_ratio_sasrec": "0.3"}, {"step_ratio_sasrec": ""}, {}]) == "0.30 (1 of 3 runs)"
+    assert step_ratio([{"step_ratio_sasrec": ""}]) == "—"
 
 
 def test_timings_from_different_machines_are_never_averaged():
