@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from benchmarks.machine import command_line, describe
+from benchmarks.worker import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,10 +57,7 @@ def worker(variant, dataset, data_path, batches):
         if i > batches:
             break
         start = time.perf_counter()
-        trainer.optimizer.zero_grad()
-        loss = model.calculate_loss(batch)
-        (sum(loss) if isinstance(loss, tuple) else loss).backward()
-        trainer.optimizer.step()
+        train_step(model, trainer.optimizer, batch)
         if i:  # the first batch warms up
             times.append((time.perf_counter() - start) / len(batch))
     model.eval()

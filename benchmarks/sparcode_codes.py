@@ -13,6 +13,7 @@ import itertools
 import torch
 
 from benchmarks.cli import one_thread_config
+from benchmarks.worker import train_step
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.quick_start import build_model, prepare
 
@@ -44,9 +45,7 @@ def main(argv=None):
 
         model.quantizer.update = traced
         for batch in batches:
-            optimizer.zero_grad()
-            sum(model.calculate_loss(batch)).backward()
-            optimizer.step()
+            train_step(model, optimizer, batch)
         steps = [step for step in SHOWN if step <= len(used)]
         print(
             f"{rule}: codes used per batch (of {model.quantizer.codebook_size}, per codebook) at step "

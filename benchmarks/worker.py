@@ -252,6 +252,15 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     return row
 
 
+def train_step(model, optimizer, batch):
+    """One training step of a RecBole model: every loss ``calculate_loss`` returns (T2Diff's and SparCode's return several)
+    backpropagated, then the optimiser's step."""
+    optimizer.zero_grad()
+    loss = model.calculate_loss(batch)
+    (sum(loss) if isinstance(loss, tuple) else loss).backward()
+    optimizer.step()
+
+
 def step_ratio_to_sasrec(model, config, train_data, rounds=REFERENCE_ROUNDS):
     """The run's training cost per sequence as a ratio to RecBole's SASRec at its property-file defaults on the same data,
     measured in this process once the run's numbers are taken: after 2 warm-up steps each, ``rounds`` rounds of one
@@ -288,10 +297,7 @@ def step_ratio_to_sasrec(model, config, train_data, rounds=REFERENCE_ROUNDS):
             trained.train()
             batch = next(batches).to(config["device"])
             start = time.perf_counter()
-            optimizer.zero_grad()
-            loss = trained.calculate_loss(batch)
-            (sum(loss) if isinstance(loss, tuple) else loss).backward()
-            optimizer.step()
+            train_step(trained, optimizer, batch)
             if round_ >= 2:
                 seconds[name] += time.perf_counter() - start
                 sequences[name] += len(batch)
