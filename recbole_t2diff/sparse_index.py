@@ -29,6 +29,7 @@ for ``score_mode: index``.
     scores, items = index.search(model, next(iter(test))[0], k=10)   # item ids, best first
 """
 
+import functools
 import hashlib
 import json
 import weakref
@@ -86,7 +87,6 @@ class SparseIndex:
     def __init__(self, indptr, indices, values, keys, meta):
         self.indptr, self.indices, self.values, self.keys, self.meta = indptr, indices, values, keys, meta
         self._matched = None  # (the live model, its weights_state, the settings) the fingerprint last matched
-        self._csr = None  # the posting lists as a scipy matrix, for the CPU's sparse product (_sparse_product)
 
     def built_from(self, model, settings):
         """Whether this index holds ``model``'s current weights with ``settings``. The weights are hashed (the
@@ -259,14 +259,18 @@ class SparseIndex:
         scatter-add's 44 for 256 users at an unpruned index's density (0.69), 2.5 against 4 at 0.1, level at 0.01."""
         import scipy.sparse
 
-        if self._csr is None:  # float32 (scipy holds no float16), kept: the index never changes
-            self._csr = scipy.sparse.csr_matrix(
-                (np.asarray(self.values, dtype=np.float32), self.indices, self.indptr), shape=(len(self.indptr) - 1, self.meta["n_items"] - 1)
-            )
-        counts = scipy.sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (users.numpy(), rows.numpy())), shape=(batch, self._csr.shape[0]))
+        counts = scipy.sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (users.numpy(), rows.numpy())), shape=(batch, self.n_rows))
         scores = torch.zeros(batch, self.meta["n_items"])
-        scores[:, 1:] = torch.from_numpy((counts @ self._csr).toarray())
+        scores[:, 1:] = torch.from_numpy((counts @ self._posting_matrix).toarray())
         return scores
+
+    @functools.cached_property
+    def _posting_matrix(self):
+        """The posting lists as a float32 scipy CSR matrix [keys, items] (scipy holds no float16), built on the first CPU
+        query and kept: an index never changes."""
+        import scipy.sparse
+
+        return scipy.sparse.csr_matrix((np.asarray(self.values, dtype=np.float32), self.indices, self.indptr), shape=(self.n_rows, self.meta["n_items"] - 1))
 
     def scores(self, model, interaction):
         """[B, n_items] index scores for ``interaction``'s histories (what ``score_mode: index`` returns)."""
