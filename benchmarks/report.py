@@ -28,17 +28,20 @@ def per_machine(rows, key):
 def sharing(rows):
     """One line on what the rows' timings shared their machine with: the runs their batch ran at once and the 1-minute
     load average at their validations (``worker.COLUMNS``), or that older rows did not record it."""
-    recorded = [r for r in rows if r.get("runs_at_once")]
+    groups = {}
+    for r in rows:
+        if r.get("runs_at_once"):
+            groups.setdefault(int(r["runs_at_once"]), []).append(r)
     parts = []
-    for at_once in sorted({int(r["runs_at_once"]) for r in recorded}):
-        loads = [float(r["load_average"]) for r in recorded if int(r["runs_at_once"]) == at_once and r.get("load_average") not in (None, "")]
+    for at_once, group in sorted(groups.items()):
+        loads = [float(r["load_average"]) for r in group if r.get("load_average") not in (None, "")]
         load = ""
         if loads:
             spread = f"{min(loads):g}" + (f"–{max(loads):g}" if max(loads) > min(loads) else "")
             load = f", 1-minute load average {spread} at their validations"
-        parts.append(f"{sum(int(r['runs_at_once']) == at_once for r in recorded)} row(s) ran {at_once} at once{load}")
-    if len(recorded) < len(rows):
-        parts.append(f"{len(rows) - len(recorded)} row(s) ran before rows recorded it (2026-12-07)")
+        parts.append(f"{len(group)} row(s) ran {at_once} at once{load}")
+    if unrecorded := len(rows) - sum(map(len, groups.values())):
+        parts.append(f"{unrecorded} row(s) ran before rows recorded it (2026-12-07)")
     return "Sharing: " + "; ".join(parts) + " (the load counts work from outside the batch too)."
 
 
