@@ -1,11 +1,11 @@
 """Run several benchmark studies through one pool of workers, in order of priority.
 
-    python -m benchmarks.batch PLAN [--jobs=N] [--stop_starting_after=MIN] [--stop_after=MIN]
+    python -m benchmarks.batch PLAN [PLAN ...] [--jobs=N] [--stop_starting_after=MIN] [--stop_after=MIN]
 
-PLAN has one study per line: the arguments benchmarks.run_benchmark would take for it (--models, --dataset,
---seeds, --search, --out, --key=value ...); '#' starts a comment. Every (variant, seed) of every study
-runs in its own process, --jobs at a time, earlier lines first (a study's search runs before its seeds;
-the seeds of a searched model become ready once all the study's search runs have ended). Rows go to
+A PLAN has one study per line: the arguments benchmarks.run_benchmark would take for it (--models, --dataset,
+--seeds, --search, --out, --key=value ...); '#' starts a comment. Several PLANs run as one, in the order given. Every
+(variant, seed) of every study runs in its own process, --jobs at a time, earlier lines first (a study's search runs
+before its seeds; the seeds of a searched model become ready once all the study's search runs have ended). Rows go to
 each study's <out>/<dataset>.csv exactly as benchmarks.run_benchmark writes them, and runs already there are
 skipped, so a plan resumes where it stopped and `benchmarks.run_benchmark` with a study's line completes or
 summarizes that study alone. Progress: one line per validation of every run and one per finished run,
@@ -219,7 +219,7 @@ def summarize_all(batch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("plan")
+    parser.add_argument("plans", nargs="+", metavar="plan")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--stop_starting_after", type=float, default=None, help="minutes after which no run starts")
     parser.add_argument("--stop_after", type=float, default=None, help="minutes after which running runs are stopped")
@@ -230,7 +230,7 @@ def main(argv=None):
     parser.add_argument("--resume_root", default=None, help="where interrupted runs keep their state (default <out>/.resume of each study)")
     args = parser.parse_args(argv)
     with exit_on_usage_error():  # a bad plan line or knob is one line, as everywhere else
-        studies = read_plan(args.plan, args.resume_root)
+        studies = [study for plan in args.plans for study in read_plan(plan, args.resume_root)]
         if args.check:
             return check(studies)
         batch = Batch(studies, args.jobs, args.stop_starting_after, args.abort_if_first_fail)

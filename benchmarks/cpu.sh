@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # (Re)start the converged table's CPU batch in the background and return at once.
 #
-#   bash benchmarks/cpu.sh [PLAN]       # default benchmarks/plans/cpu.plan; RUNS=/work/runs/NAME JOBS=1 for another plan beside it
+#   bash benchmarks/cpu.sh [PLAN ...]   # default benchmarks/plans/cpu.plan; RUNS=/work/runs/NAME JOBS=1 for other plans beside it
+#                                       # (several PLANs run one after another in one pool, as benchmarks.batch reads them)
 #   tail -f "$RUNS/batch.log"           # one line per validation and per finished run, with an estimate of the time left
 #
 # Two runs at a time (JOBS), one torch thread each, at nice 15, so that tests and other work keep the CPU they need.
@@ -10,16 +11,16 @@
 # Started while the batch is running, it says so and starts nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-plan=${1:-benchmarks/plans/cpu.plan}
+plans=("${@:-benchmarks/plans/cpu.plan}")
 runs=${RUNS:-/work/runs/converged}
 mkdir -p "$runs"
 if [ -f "$runs/batch.pid" ] && kill -0 "$(cat "$runs/batch.pid")" 2>/dev/null; then
   echo "the batch is already running (pid $(cat "$runs/batch.pid")): tail -f $runs/batch.log"
   exit 0
 fi
-python -m benchmarks.batch "$plan" --check  # a misspelt setting fails here, in one line
-echo "[cpu.sh] $(date -u '+%F %T') UTC: $plan started in $PWD" >> "$runs/batch.log"
-PYTHONUNBUFFERED=1 nohup setsid nice -n 15 python -m benchmarks.batch "$plan" --jobs="${JOBS:-2}" --threads=1 --resume_root="$runs/resume" \
+python -m benchmarks.batch "${plans[@]}" --check  # a misspelt setting fails here, in one line
+echo "[cpu.sh] $(date -u '+%F %T') UTC: ${plans[*]} started in $PWD" >> "$runs/batch.log"
+PYTHONUNBUFFERED=1 nohup setsid nice -n 15 python -m benchmarks.batch "${plans[@]}" --jobs="${JOBS:-2}" --threads=1 --resume_root="$runs/resume" \
   >> "$runs/batch.log" 2>&1 < /dev/null &
 # setsid gives the batch its own scheduler autogroup, inside which nice alone has no effect against other sessions:
 # the group's own nice value is what makes it yield to tests and foreground work.

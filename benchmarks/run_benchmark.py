@@ -51,6 +51,7 @@ from benchmarks.report import summarize
 from benchmarks.variants import ROOT, find_row, parse_grid, parse_variant, pick, search_trials, split_models
 from benchmarks.worker import COLUMNS, command, environment, run_settings, run_worker, threads
 from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.errors import UsageError
 
 
 def say(line):
@@ -100,6 +101,14 @@ def csv_lock(path):
 CONFIG_LOCK = threading.Lock()  # a batch's worker threads ask for configs at once; RecBole builds one at a time
 
 
+def read_seeds(text):
+    """The seeds of --seeds=2020,2021 as ints; anything else is a UsageError that says how to write them."""
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise UsageError(f"cannot read --seeds={text}: write whole numbers separated by commas, e.g. --seeds=2020,2021,2022") from None
+
+
 class Study:
     """One command line of this script: its variants, seeds, search grid, CSV and the rows already in it."""
 
@@ -111,7 +120,7 @@ class Study:
         settings_of(extra)  # a misspelt argument fails now, in one line
         self.config_files = self.args.config_files.split() if self.args.config_files else None
         self.csv_path = os.path.join(self.args.out, f"{self.args.dataset}.csv")
-        self.seeds = [int(s) for s in self.args.seeds.split(",")]
+        self.seeds = read_seeds(self.args.seeds)
         self.variants = split_models(self.args.models)
         for v in self.variants:
             parse_variant(v)  # a misspelt variant fails now, not after hours of other runs

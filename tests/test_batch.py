@@ -58,8 +58,8 @@ class Fake:
         with open(self.log) as f:
             return [tuple(line.rsplit(" ", 1)) for line in f.read().splitlines()]
 
-    def plan(self, *lines):
-        path = self.folder / "plan.txt"
+    def plan(self, *lines, name="plan.txt"):
+        path = self.folder / name
         path.write_text("# a comment line\n" + "\n".join(lines) + "\n")
         return str(path)
 
@@ -243,6 +243,23 @@ def test_check_passes_a_good_plan(fake, tmp_path, monkeypatch, capsys):
     batch.main(argv)
     # 4 search points + the 3 variants themselves, then GRU4Rec; no run started.
     assert "[batch] 8 configs of 2 studies checked" in capsys.readouterr().out and fake.started() == []
+
+
+def test_several_plans_run_as_one_pool_in_the_order_given(fake, tmp_path, capsys):
+    first = fake.plan(f"--models=GRU4Rec --dataset=fake --seeds=1 --out={tmp_path}", name="first.plan")
+    second = fake.plan(f"--models=SASRec,NARM --dataset=fake --seeds=1 --out={tmp_path}", name="second.plan")
+    batch.main([second, first, "--jobs=1"])
+    assert fake.started() == [("SASRec", "1"), ("NARM", "1"), ("GRU4Rec", "1")]
+    assert rows(tmp_path / "fake.csv") == [("SASRec", 1), ("NARM", 1), ("GRU4Rec", 1)]
+
+
+def test_check_of_several_plans_names_the_plan_of_a_bad_line(fake, tmp_path, capsys):
+    good = fake.plan(f"--models=GRU4Rec --dataset=ml-100k --seeds=1 --out={tmp_path}", name="good.plan")
+    bad = fake.plan(f"--models=SASRec --dataset=ml-100k --seeds=one --out={tmp_path}", name="bad.plan")
+    with pytest.raises(SystemExit):
+        batch.main([good, bad, "--check"])
+    error = capsys.readouterr().err
+    assert "bad.plan, line 2" in error and error.count("\n") == 1 and fake.started() == []
 
 
 @pytest.mark.slow
