@@ -72,13 +72,14 @@ def test_valid_padding_mirrors_the_edge_rows_as_numpy_symmetric():
     left_padded = np.pad(u.transpose(1, 2).numpy(), ((0, 0), (0, 0), (geometry.padded_length - 5, 0)))
     expected = np.pad(left_padded, ((0, 0), (0, 0), (geometry.mirror, geometry.mirror)), mode="symmetric")
     assert geometry.mirror > 1
-    np.testing.assert_allclose(seen[0].numpy(), expected, rtol=0, atol=0)
+    np.testing.assert_allclose(seen[0].squeeze(2).numpy(), expected, rtol=0, atol=0)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)  # each row's channels together: norms read in place
 
 
 def test_film_scales_and_shifts_every_channel_by_the_condition():
     film = torch.nn.Linear(2, 6)
-    x, condition = torch.randn(4, 3, 7), torch.randn(4, 2)
-    gamma, beta = film(condition)[:, :3, None], film(condition)[:, 3:, None]
+    x, condition = torch.randn(4, 3, 1, 7), torch.randn(4, 2)  # the U-Net's [B, C, 1, L] layout
+    gamma, beta = film(condition)[:, :3, None, None], film(condition)[:, 3:, None, None]
     torch.testing.assert_close(UNet1d._modulate(x, film, condition), x * (1 + gamma) + beta)
     assert UNet1d._modulate(x, None, condition) is x
 
@@ -129,13 +130,14 @@ def test_the_denoisers_knobs_reach_its_parts_and_its_defaults_are_the_property_f
 
 
 def test_every_unet_block_is_conv_silu_layernorm_and_the_defaults_are_the_property_files():
-    from recbole_t2diff.model.unet import ChannelLayerNorm
+    from recbole_t2diff.model.unet import ChannelLayerNorm, RowConv, RowUpsample
 
     net = UNet1d(6, [4, 8])
     for block in [*net.down, *net.merge]:
-        assert [type(m) for m in block] == [torch.nn.Conv1d, torch.nn.SiLU, ChannelLayerNorm] and block[2].eps == 1e-8
+        assert [type(m) for m in block] == [RowConv, torch.nn.SiLU, ChannelLayerNorm] and block[2].eps == 1e-8
     assert net.down[0][0].padding == (0,) and net.padding == "valid"  # valid convs, mirror padding outside
-    assert [type(m) for m in net.up[0]] == [torch.nn.Upsample, torch.nn.Conv1d, torch.nn.SiLU]
+    assert [type(m) for m in net.up[0]] == [RowUpsample, RowConv, torch.nn.SiLU]
+    assert isinstance(net.down[0][0], torch.nn.Conv1d) and net.down[0][0].weight.shape == (4, 6, 3)  # a Conv1d's parameters: checkpoints load
     film = UNet1d(6, [4, 8, 16], film_dim=5)  # FiLM on every down block and every merge, each sized for its level
     assert [layer.out_features for layer in film.film_down] == [8, 16, 32]
     assert [layer.out_features for layer in film.film_merge] == [8, 16]
@@ -210,8 +212,9 @@ def test_film_conditions_every_level_on_the_step_and_starts_as_the_plain_unet(st
 
 
 def whole_sequence_unet(net, u, condition=None):
-    """The U-Net as docs/T2DIFF.md §8 states it, written out plainly: every row of every level, the
-    convolutions padded by themselves, skips cropped on both sides, the last L rows kept."""
+    """The U-Net as docs/T2DIFF.md §8 states it, written out plainly on [B, C, L] tensors with torch's functions
+    and the net's parameters (not its channels-last modules): every row of every level, the convolutions padded by
+    themselves, skips cropped on both sides, the last L rows kept."""
     length, pad = u.size(1), net.conv_pad
     geometry = unet_geometry(length, net.levels, net.padding)
     x = F.pad(u.transpose(1, 2), (geometry.padded_length - length, 0))
@@ -220,7 +223,11 @@ def whole_sequence_unet(net, u, condition=None):
         x = torch.cat([x[..., :m].flip(-1), x, x[..., -m:].flip(-1)], dim=-1)
 
     def block(layers, x):
-        return layers[2](layers[1](F.conv1d(x, layers[0].weight, layers[0].bias, padding=pad)))
+        x, norm = F.silu(F.conv1d(x, layers[0].weight, layers[0].bias, padding=pad)), layers[2]
+        return F.layer_norm(x.transpose(1, 2), norm.normalized_shape, norm.weight, norm.bias, norm.eps).transpose(1, 2)
+
+    def up(layers, x):
+        return F.silu(F.conv1d(F.interpolate(x, scale_factor=2, mode="nearest"), layers[1].weight, layers[1].bias))
 
     def modulate(x, film):
         if film is None:
@@ -235,9 +242,9 @@ def whole_sequence_unet(net, u, condition=None):
     for i in reversed(range(net.levels - 1)):
         crop = geometry.crops[i]
         skip = skips[i][..., crop : skips[i].size(-1) - crop]
-        x = modulate(block(net.merge[i], torch.cat([net.up[i](x), skip], dim=1)), net.film_merge and net.film_merge[i])
+        x = modulate(block(net.merge[i], torch.cat([up(net.up[i], x), skip], dim=1)), net.film_merge and net.film_merge[i])
     if net.out_proj is not None:
-        x = net.out_proj(x)
+        x = F.conv1d(x, net.out_proj.weight, net.out_proj.bias)
     return x[..., -length:].transpose(1, 2)
 
 
@@ -254,10 +261,9 @@ def test_the_last_rows_alone_are_the_whole_sequences_last_rows(padding, levels, 
     u, condition = torch.randn(3, length, 6), torch.randn(3, 4) if film else None
     with torch.no_grad():
         whole = whole_sequence_unet(net, u, condition)
-        if padding == "valid":  # every row computed: the very operations of the plain U-Net, bit for bit
-            assert torch.equal(net(u, condition), whole)
-        else:  # "same" pads the rows it hands each convolution instead of the convolution padding them: rounding
-            torch.testing.assert_close(net(u, condition), whole, rtol=1e-5, atol=1e-6)
+        # Every row computed, in the channels-last layout (and for "same" padded by the U-Net, not the convolution):
+        # the plain U-Net's function up to rounding.
+        torch.testing.assert_close(net(u, condition), whole, rtol=1e-5, atol=1e-6)
         for rows in sorted({1, 2, length}):
             torch.testing.assert_close(net(u, condition, rows=rows), whole[:, -rows:], rtol=1e-5, atol=1e-6)
 

@@ -52,14 +52,35 @@ def unet_geometry(length, levels, padding="valid"):
 
 
 class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of a [B, C, L] tensor."""
+    """LayerNorm over the channel axis (dim 1) of a [B, C, 1, L] tensor: in the U-Net's channels-last layout each
+    row's channels are contiguous, so the norm reads them in place."""
 
     def forward(self, x):
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class RowConv(nn.Conv1d):
+    """A Conv1d along the sequence, applied to the U-Net's [B, C, 1, L] channels-last layout as the equal 1 x k
+    Conv2d. The parameters (and so checkpoints) are a Conv1d's; the layout lets the norms and activations around
+    it read rows in place: a training step's blocks ran 29% faster than with [B, C, L] tensors transposed around
+    every norm (docs/T2DIFF.md §8). Never pads: the U-Net pads the rows it hands it."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight.unsqueeze(2), self.bias)
+
+
+class RowUpsample(nn.Module):
+    """Nearest-neighbour x2 upsampling along the sequence of a [B, C, 1, L] tensor (row j becomes rows 2j, 2j + 1)."""
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=(1.0, 2.0), mode="nearest")
 
 
 class UNet1d(nn.Module):
     """Conv1d U-Net on [B, L, in_channels] -> [B, L, channels[0]] (or ``out_channels`` with a projection).
+
+    Inside, a sequence is a [B, C, 1, L] tensor in channels-last memory, the very memory of [B, L, C], so no
+    transpose copies anything on the way in or out (:class:`RowConv`).
 
     With ``film_dim``, every block's output is modulated as x·(1 + γ) + β, with (γ, β) a linear map of
     a per-sample conditioning vector (the step embedding): conditioning that every level sees, rather
@@ -82,15 +103,13 @@ class UNet1d(nn.Module):
         self.conv_pad = 1 if padding == "same" else 0
         widths = [in_channels] + list(channels)
         self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(widths[i], widths[i + 1], 3), nn.SiLU(), ChannelLayerNorm(widths[i + 1], eps)) for i in range(self.levels)
+            nn.Sequential(RowConv(widths[i], widths[i + 1], 3), nn.SiLU(), ChannelLayerNorm(widths[i + 1], eps)) for i in range(self.levels)
         )
-        self.up = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(channels[i + 1], channels[i], 1), nn.SiLU()) for i in range(self.levels - 1)
-        )
+        self.up = nn.ModuleList(nn.Sequential(RowUpsample(), RowConv(channels[i + 1], channels[i], 1), nn.SiLU()) for i in range(self.levels - 1))
         self.merge = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(2 * channels[i], channels[i], 3), nn.SiLU(), ChannelLayerNorm(channels[i], eps)) for i in range(self.levels - 1)
+            nn.Sequential(RowConv(2 * channels[i], channels[i], 3), nn.SiLU(), ChannelLayerNorm(channels[i], eps)) for i in range(self.levels - 1)
         )
-        self.out_proj = nn.Conv1d(channels[0], out_channels, 1) if out_channels is not None else None
+        self.out_proj = RowConv(channels[0], out_channels, 1) if out_channels is not None else None
         self.film_down = self.film_merge = None
         if film_dim is not None:
             self.film_down = nn.ModuleList(nn.Linear(film_dim, 2 * c) for c in channels)
@@ -107,7 +126,7 @@ class UNet1d(nn.Module):
     def _modulate(x, film, condition):
         if film is None:
             return x
-        gamma, beta = film(condition).unsqueeze(-1).chunk(2, dim=1)
+        gamma, beta = film(condition)[..., None, None].chunk(2, dim=1)
         return x * (1.0 + gamma) + beta
 
     def _first_input_row(self, first):
@@ -156,10 +175,11 @@ class UNet1d(nn.Module):
         """
         length = u.size(1)
         geometry = unet_geometry(length, self.levels, self.padding)
-        x = F.pad(u.transpose(1, 2), (geometry.padded_length - length, 0))
+        x = F.pad(u, (0, 0, geometry.padded_length - length, 0))
         if geometry.mirror:  # NumPy "symmetric": the edge row is repeated, as in the official code
             m = geometry.mirror
-            x = torch.cat([x[..., :m].flip(-1), x, x[..., -m:].flip(-1)], dim=-1)
+            x = torch.cat([x[:, :m].flip(1), x, x[:, -m:].flip(1)], dim=1)
+        x = x.transpose(1, 2).unsqueeze(2)  # [B, C, 1, L*], channels-last: the same memory as [B, L*, C]
         # Without ``rows`` every row is computed (the zero rows prepended up to padded_length too), so
         # training runs the very operations the whole sequence always ran.
         down_in, down_first, merge_in, merge_first = self._first_rows(x.size(-1), geometry.crops, rows or geometry.padded_length)
@@ -168,7 +188,7 @@ class UNet1d(nn.Module):
             if i:
                 below, below_start = skips[i - 1]
                 start = self._first_input_row(down_first[i])
-                x = F.max_pool1d(below[..., 2 * start - below_start :], 2)  # an odd last row is dropped, as in the whole sequence
+                x = F.max_pool2d(below[..., 2 * start - below_start :], (1, 2))  # an odd last row is dropped, as in the whole sequence
             x = self._modulate(self._block(block, x, start, down_first[i]), self.film_down and self.film_down[i], condition)
             skips.append((x, down_first[i]))
         x, start = skips[-1]
@@ -182,7 +202,7 @@ class UNet1d(nn.Module):
             start = merge_first[i]
         if self.out_proj is not None:
             x = self.out_proj(x)
-        return x[..., -(rows or length) :].transpose(1, 2)
+        return x[..., -(rows or length) :].squeeze(2).transpose(1, 2)
 
 
 def step_table(kind, n_steps, width):
