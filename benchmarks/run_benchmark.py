@@ -12,7 +12,8 @@ a few seconds, count too): the epoch in progress when it runs out ends at that b
 the run is tested at its best-validation epoch as usual. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
 T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log, the control T2Diff-copyLast
-(x̂ := x_L) and T2Diff-positions (order in the user tower); an ablation takes settings in brackets too,
+(x̂ := x_L), T2Diff-positions (order in the user tower) and T2Diff-amp (RecBole's enable_amp: the training
+steps in bfloat16 on a CPU); an ablation takes settings in brackets too,
 e.g. "T2Diff-copyLast[position_embedding=learned]". A preset's name (T2Diff-fast, T2Diff-paper: the file
 properties/presets/<name>.yaml) is a configuration users run: it is searched like a model.
 For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from benchmarks.machine import command_line, describe
-from benchmarks.worker import train_step
+from benchmarks.steps import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,7 @@ import itertools
 import torch
 
 from benchmarks.cli import one_thread_config
-from benchmarks.worker import train_step
+from benchmarks.steps import train_step
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.quick_start import build_model, prepare
 

@@ -21,6 +21,7 @@ ABLATIONS = {
     "T2Diff-noDiff": {"use_diffusion": False},
     "T2Diff-copyLast": {"x_hat_source": "copy_last"},
     "T2Diff-positions": {"position_embedding": "learned"},
+    "T2Diff-amp": {"enable_amp": True},  # RecBole's mixed precision (bfloat16 on a CPU): the same model, faster steps
     "T2Diff-noDP": {"use_drift": False},
     "T2Diff-noTA": {"use_target_attention": False},
     "T2Diff-linear": {"beta_schedule": "linear"},

@@ -252,26 +252,17 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     return row
 
 
-def train_step(model, optimizer, batch):
-    """One training step of a RecBole model: every loss ``calculate_loss`` returns (T2Diff's and SparCode's return several)
-    backpropagated, then the optimiser's step."""
-    optimizer.zero_grad()
-    loss = model.calculate_loss(batch)
-    (sum(loss) if isinstance(loss, tuple) else loss).backward()
-    optimizer.step()
-
-
 def step_ratio_to_sasrec(model, config, train_data, rounds=REFERENCE_ROUNDS):
     """The run's training cost per sequence as a ratio to RecBole's SASRec at its property-file defaults on the same data,
     measured in this process once the run's numbers are taken: after 2 warm-up steps each, ``rounds`` rounds of one
-    training step of the run's model (every loss it returns, and its optimiser) and one of SASRec, so that the load of
-    the machine hits both alike (the project's speed rule; ``../shared/tools/step_ratio.py`` measures the same way). The
-    model trains on from its tested weights, which nothing reads afterwards."""
-    import itertools
+    training step of the run's model as RecBole's trainer takes it (under autocast with ``enable_amp``, every loss it
+    returns, its optimiser) and one of SASRec, so that the load of the machine hits both alike (``benchmarks.steps``).
+    The model trains on from its tested weights, which nothing reads afterwards."""
     import logging
 
-    import torch
     from recbole.data import data_preparation
+
+    from benchmarks.steps import Stepper, seconds_per_sequence
 
     from recbole_t2diff.config import Config
     from recbole_t2diff.data import create_dataset
@@ -287,21 +278,9 @@ def step_ratio_to_sasrec(model, config, train_data, rounds=REFERENCE_ROUNDS):
     finally:
         logging.disable(logging.NOTSET)
     reference = build_model(reference_config, reference_train)
-    steps = {
-        "run": (model, torch.optim.Adam(model.parameters(), lr=config["learning_rate"]), itertools.cycle(train_data)),
-        "SASRec": (reference, torch.optim.Adam(reference.parameters(), lr=reference_config["learning_rate"]), itertools.cycle(reference_train)),
-    }
-    seconds, sequences = {name: 0.0 for name in steps}, {name: 0 for name in steps}
-    for round_ in range(2 + rounds):
-        for name, (trained, optimizer, batches) in steps.items():
-            trained.train()
-            batch = next(batches).to(config["device"])
-            start = time.perf_counter()
-            train_step(trained, optimizer, batch)
-            if round_ >= 2:
-                seconds[name] += time.perf_counter() - start
-                sequences[name] += len(batch)
-    return round((seconds["run"] / sequences["run"]) / (seconds["SASRec"] / sequences["SASRec"]), 3)
+    steppers = {"run": Stepper.of(model, config, train_data), "SASRec": Stepper.of(reference, reference_config, reference_train)}
+    cost = seconds_per_sequence(steppers, rounds)
+    return round(cost["run"] / cost["SASRec"], 3)
 
 
 def index_columns(model):

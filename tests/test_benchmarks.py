@@ -610,3 +610,35 @@ def test_a_worker_environment_stops_a_64_mib_tensor_from_faulting_its_pages_in_a
         for env in (plain, environment(1, 1))
     ]
     assert faults[1] < faults[0] - 20 * 16384 // 2, faults  # 16,384 pages a tensor: each again without, once with
+
+
+def test_a_step_with_enable_amp_runs_the_loss_under_bfloat16_autocast_as_recboles_trainer_does(tiny_data):
+    from benchmarks.steps import Stepper
+
+    from helpers import make_model
+
+    config, train, _, _ = tiny_data
+    dtypes = {}
+    for amp in (False, True):
+        model = make_model(tiny_data)
+        model.denoiser.unet.down[0][0].register_forward_hook(lambda module, args, out, amp=amp: dtypes.__setitem__(amp, out.dtype))
+        stepper = Stepper.of(model, config, train)
+        stepper.amp = amp
+        seconds, sequences = stepper.step()
+        assert seconds > 0 and sequences == len(next(iter(train)))
+    assert dtypes == {False: torch.float32, True: torch.bfloat16}
+    assert Stepper.of(make_model(tiny_data), config, train).amp is False  # the config's enable_amp, off by default
+
+
+def test_step_ratio_writes_each_variants_cost_as_a_ratio_to_sasrec(tiny_path, workdir):
+    from benchmarks import step_ratio
+
+    out = workdir / "ratio.md"
+    argv = ["--dataset=tiny", f"--data_path={tiny_path}", "--variants=SASRec,T2Diff[enable_amp=true,unet_levels=2]", "--rounds=1", f"--out={out}"]
+    step_ratio.main(argv)
+    text = out.read_text()
+    rows = dict(re.findall(r"^\| (\S+) \| [\d.]+ \| ([\d.]+) \|$", text, flags=re.M))
+    assert rows.keys() == {"SASRec", "T2Diff[enable_amp=true,unet_levels=2]"} and rows["SASRec"] == "1.00"
+    assert "Command: `python -m benchmarks." in text and "Machine: " in text and "load average" in text
+    with pytest.raises(SystemExit):
+        step_ratio.main(["--variants=T2Diff", f"--out={out}"])  # the reference comes first

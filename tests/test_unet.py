@@ -285,3 +285,29 @@ def test_the_last_row_of_the_official_unet_reads_a_quarter_of_its_rows():
         net(torch.randn(2, 50, 4), rows=1)
     assert [widths[("down", i)] for i in range(4)] == [[92, 44], [44, 20], [20, 8], [8, 2]]
     assert [widths[("merge", i)] for i in range(3)] == [[50, 1], [26, 2], [14, 2]]
+
+
+@pytest.mark.parametrize("knobs", [{}, {"diffusion_scale": "rms", "train_xhat": "chain"}])
+def test_recboles_enable_amp_runs_the_unet_in_bfloat16_and_keeps_the_losses_float32(tiny_data, knobs):
+    """RecBole's ``enable_amp`` wraps a training step's calculate_loss in torch.autocast, bfloat16 on a CPU: the U-Net's
+    convolutions then run in bfloat16 (2.1x a published T2Diff step on an AMX CPU, docs/T2DIFF.md §8), and the losses
+    and the model's state stay float32 and close to the float32 step's."""
+    from helpers import QUIET, first_batch, make_model
+
+    batch = first_batch(tiny_data[1])
+    reference, model = make_model(tiny_data, **knobs, **QUIET), make_model(tiny_data, **knobs, **QUIET)
+    convolutions = []
+    model.denoiser.unet.down[0][0].register_forward_hook(lambda module, args, out: convolutions.append(out.dtype))
+    reference.train(), model.train()
+    torch.manual_seed(3)
+    expected = reference.calculate_loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(3)
+        losses = model.calculate_loss(batch)
+    sum(losses).backward()
+    assert convolutions and set(convolutions) == {torch.bfloat16}  # the chain of train_xhat: chain runs it again
+    assert all(loss.dtype == torch.float32 for loss in losses)
+    assert all(t.dtype == torch.float32 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    for loss, reference_loss in zip(losses, expected):
+        torch.testing.assert_close(loss, reference_loss, rtol=0.05, atol=1e-3)

@@ -1,0 +1,81 @@
+"""Training cost per sequence of model variants as ratios to SASRec, measured in one process with their steps interleaved.
+
+    python -m benchmarks.step_ratio --dataset=ml-100k --variants=SASRec,T2Diff,T2Diff[enable_amp=true] [--rounds=20] \
+        --out=results/t2diff/step_ratio_amp_ml-100k.md
+
+A variant is written as in a benchmark study (``benchmarks.variants``): a model, ``T2Diff[key=value,...]``, a named
+ablation or a preset; each is built at its property-file defaults plus those settings, and steps as RecBole's trainer
+would (``benchmarks.steps``: with ``enable_amp`` under torch.autocast, bfloat16 on a CPU). After 2 warm-up steps each,
+``--rounds`` rounds of one training step of every variant in turn, on ``--threads`` torch threads (default 1), so a
+change of the machine's load hits them alike. Writes a table with the command, machine, date and load average to --out.
+"""
+
+import argparse
+import datetime
+import os
+
+import torch
+
+from benchmarks.machine import command_line, describe, load_average
+from benchmarks.steps import Stepper, seconds_per_sequence
+from benchmarks.variants import parse_variant, split_models
+from recbole_t2diff.cli import exit_on_usage_error
+from recbole_t2diff.config import Config
+from recbole_t2diff.errors import UsageError
+from recbole_t2diff.quick_start import build_model, prepare
+
+
+def stepper(variant, dataset, settings):
+    """A :class:`Stepper` of ``variant`` on ``dataset``, its settings read as a benchmark run reads them."""
+    model, variant_settings = parse_variant(variant)
+    config = Config(model=model, dataset=dataset, config_dict={**variant_settings, **settings, "state": "ERROR", "show_progress": False})
+    _, train, _, _ = prepare(config)
+    return Stepper.of(build_model(config, train), config, train)
+
+
+def table(args, command, cost, load_before, load_after):
+    """The Markdown report of ``cost`` ({variant: seconds per sequence}, SASRec's first)."""
+    lines = [
+        f"# Training cost per sequence on {args.dataset}, as ratios to SASRec",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {describe()}; {args.threads} torch thread(s); date {datetime.date.today().isoformat()}; 1-minute load "
+        f"average {load_before} before and {load_after} after.  ",
+        f"Each variant at its property-file defaults plus the settings named; {args.rounds} rounds after 2 warm-up steps "
+        "each, one training step of every variant per round (as RecBole's trainer steps it: every loss, the optimiser, "
+        "autocast with `enable_amp`).",
+        "",
+        "| variant | s per 1,000 sequences | x SASRec |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {v} | {1000 * s:.3f} | {s / cost['SASRec']:.2f} |" for v, s in cost.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--data_path", default=None)
+    parser.add_argument("--variants", default="SASRec,T2Diff")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, help="the Markdown file to write")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = split_models(args.variants)
+    settings = {"data_path": args.data_path} if args.data_path else {}
+    with exit_on_usage_error():
+        if variants[0] != "SASRec":
+            raise UsageError("--variants must start with SASRec, the reference every ratio is taken to")
+        steppers = {v: stepper(v, args.dataset, settings) for v in variants}
+    load_before = load_average()
+    cost = seconds_per_sequence(steppers, args.rounds)
+    report = table(args, command_line(argv), cost, load_before, load_average())
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(report)
+    print(report, end="")
+
+
+if __name__ == "__main__":
+    main()
