@@ -21,10 +21,9 @@ import time
 import torch
 
 from benchmarks.machine import command_line, describe, load_average
-from benchmarks.variants import ROOT, parse_variant, preset_file
+from benchmarks.variants import ROOT, against_sasrec, parse_variant, preset_file
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.config import Config
-from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import build_model, prepare
 
 
@@ -74,12 +73,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(ROOT, "results"))
     args = parser.parse_args()
-    variants = args.variants.split(",")
     settings = {"data_path": args.data_path} if args.data_path else {}
-    with exit_on_usage_error():
-        if variants[0] != "SASRec":
-            raise UsageError("--variants must start with SASRec, the reference every ratio is taken to")
-        models = {v: build(v, args.dataset, settings) for v in variants}
+    with exit_on_usage_error():  # variants with settings in brackets keep their commas
+        models = {v: build(v, args.dataset, settings) for v in against_sasrec(args.variants)}
     load_before = load_average()
     results = measure(models, args.rounds)
     reference = results["SASRec"]

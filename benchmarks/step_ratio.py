@@ -18,10 +18,9 @@ import torch
 
 from benchmarks.machine import command_line, describe, load_average
 from benchmarks.steps import Stepper, seconds_per_sequence
-from benchmarks.variants import parse_variant, split_models
+from benchmarks.variants import against_sasrec, parse_variant
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.config import Config
-from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import build_model, prepare
 
 
@@ -62,12 +61,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="the Markdown file to write")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = split_models(args.variants)
     settings = {"data_path": args.data_path} if args.data_path else {}
     with exit_on_usage_error():
-        if variants[0] != "SASRec":
-            raise UsageError("--variants must start with SASRec, the reference every ratio is taken to")
-        steppers = {v: stepper(v, args.dataset, settings) for v in variants}
+        steppers = {v: stepper(v, args.dataset, settings) for v in against_sasrec(args.variants)}
     load_before = load_average()
     cost = seconds_per_sequence(steppers, args.rounds)
     report = table(args, command_line(argv), cost, load_before, load_average())

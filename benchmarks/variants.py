@@ -35,6 +35,14 @@ def split_models(text):
     return re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", text)
 
 
+def against_sasrec(text):
+    """The variants of a cost benchmark's --variants, SASRec first: the reference every ratio is taken to."""
+    variants = split_models(text)
+    if not variants or variants[0] != "SASRec":
+        raise UsageError("--variants must start with SASRec, the reference every ratio is taken to")
+    return variants
+
+
 def base_name(variant):
     """The name before any brackets: "T2Diff-noDP[n_steps=20]" -> "T2Diff-noDP"."""
     return variant.partition("[")[0]

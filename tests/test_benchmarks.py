@@ -642,3 +642,12 @@ def test_step_ratio_writes_each_variants_cost_as_a_ratio_to_sasrec(tiny_path, wo
     assert "Command: `python -m benchmarks." in text and "Machine: " in text and "load average" in text
     with pytest.raises(SystemExit):
         step_ratio.main(["--variants=T2Diff", f"--out={out}"])  # the reference comes first
+
+
+def test_cost_benchmarks_read_variants_with_settings_whole_and_sasrec_first():
+    from benchmarks.variants import against_sasrec
+
+    assert against_sasrec("SASRec,T2Diff[enable_amp=true,unet_levels=2],T2Diff-fast") == ["SASRec", "T2Diff[enable_amp=true,unet_levels=2]", "T2Diff-fast"]
+    for text in ("T2Diff,SASRec", ""):
+        with pytest.raises(UsageError, match="must start with SASRec"):
+            against_sasrec(text)
