@@ -72,14 +72,13 @@ def test_valid_padding_mirrors_the_edge_rows_as_numpy_symmetric():
     left_padded = np.pad(u.transpose(1, 2).numpy(), ((0, 0), (0, 0), (geometry.padded_length - 5, 0)))
     expected = np.pad(left_padded, ((0, 0), (0, 0), (geometry.mirror, geometry.mirror)), mode="symmetric")
     assert geometry.mirror > 1
-    np.testing.assert_allclose(seen[0].squeeze(2).numpy(), expected, rtol=0, atol=0)
-    assert seen[0].is_contiguous(memory_format=torch.channels_last)  # each row's channels together: norms read in place
+    np.testing.assert_allclose(seen[0].transpose(1, 2).numpy(), expected, rtol=0, atol=0)  # the U-Net reads rows, [B, L, C]
 
 
 def test_film_scales_and_shifts_every_channel_by_the_condition():
     film = torch.nn.Linear(2, 6)
-    x, condition = torch.randn(4, 3, 1, 7), torch.randn(4, 2)  # the U-Net's [B, C, 1, L] layout
-    gamma, beta = film(condition)[:, :3, None, None], film(condition)[:, 3:, None, None]
+    x, condition = torch.randn(4, 7, 3), torch.randn(4, 2)  # rows: [B, L, C]
+    gamma, beta = film(condition)[:, None, :3], film(condition)[:, None, 3:]
     torch.testing.assert_close(UNet1d._modulate(x, film, condition), x * (1 + gamma) + beta)
     assert UNet1d._modulate(x, None, condition) is x
 
@@ -130,11 +129,11 @@ def test_the_denoisers_knobs_reach_its_parts_and_its_defaults_are_the_property_f
 
 
 def test_every_unet_block_is_conv_silu_layernorm_and_the_defaults_are_the_property_files():
-    from recbole_t2diff.model.unet import ChannelLayerNorm, RowConv, RowUpsample
+    from recbole_t2diff.model.unet import RowConv, RowUpsample
 
     net = UNet1d(6, [4, 8])
     for block in [*net.down, *net.merge]:
-        assert [type(m) for m in block] == [RowConv, torch.nn.SiLU, ChannelLayerNorm] and block[2].eps == 1e-8
+        assert [type(m) for m in block] == [RowConv, torch.nn.SiLU, torch.nn.LayerNorm] and block[2].eps == 1e-8
     assert net.down[0][0].padding == (0,) and net.padding == "valid"  # valid convs, mirror padding outside
     assert [type(m) for m in net.up[0]] == [RowUpsample, RowConv, torch.nn.SiLU]
     assert isinstance(net.down[0][0], torch.nn.Conv1d) and net.down[0][0].weight.shape == (4, 6, 3)  # a Conv1d's parameters: checkpoints load
@@ -279,7 +278,7 @@ def test_the_last_row_of_the_official_unet_reads_a_quarter_of_its_rows():
     widths = {}
     for name, layers in [("down", net.down), ("merge", net.merge)]:
         for i, layer in enumerate(layers):
-            layer.register_forward_hook(lambda module, args, out, key=(name, i): widths.setdefault(key, []).append(out.size(-1)))
+            layer.register_forward_hook(lambda module, args, out, key=(name, i): widths.setdefault(key, []).append(out.size(1)))
     with torch.no_grad():
         net(torch.randn(2, 50, 4))
         net(torch.randn(2, 50, 4), rows=1)

@@ -51,43 +51,41 @@ def unet_geometry(length, levels, padding="valid"):
     return UNetGeometry(padded, mirror, crops)
 
 
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis (dim 1) of a [B, C, 1, L] tensor: in the U-Net's channels-last layout each
-    row's channels are contiguous, so the norm reads them in place."""
-
-    def forward(self, x):
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
-
-
 class RowConv(nn.Conv1d):
-    """A Conv1d along the sequence, applied to the U-Net's [B, C, 1, L] channels-last layout as the equal 1 x k
-    Conv2d. The parameters (and so checkpoints) are a Conv1d's; the layout lets the norms and activations around
-    it read rows in place: a training step's blocks ran 29% faster than with [B, C, L] tensors transposed around
-    every norm (docs/T2DIFF.md §8). Never pads: the U-Net pads the rows it hands it."""
+    """A Conv1d along the sequence of [B, L, C] rows, giving [B, L - k + 1, C_out] rows; it never pads (the U-Net pads
+    the rows it hands it). The parameters, and so checkpoints, are a Conv1d's.
 
-    def forward(self, x):
-        if len(x) == 1:
-            # One sequence (serving one user): torch would take its im2col path, which copies the whole weight into
-            # channels-last order on every call; a matmul over the rows' windows reads the weight as it lies, and
-            # took a third of the time (docs/T2DIFF.md §8).
-            rows = x.squeeze(2).transpose(1, 2)  # [1, L, C]: a view
+    A batch runs as the equal 1 x k Conv2d on the rows' channels-last view ([B, C, 1, L], the same memory), so no
+    transpose copies anything and the norms read each row's channels in place: a training step's blocks ran 29%
+    faster than a Conv1d U-Net's, which transposes around every norm (docs/T2DIFF.md §8). One sequence alone
+    (serving one user) is a matmul over its rows' windows instead: there torch's convolution copies the whole
+    weight on every call, and the matmul took a third of its time."""
+
+    def forward(self, rows):
+        if len(rows) == 1:
             windows = rows.unfold(1, self.kernel_size[0], 1).flatten(2)  # [1, L - k + 1, C * k], the weight's order
-            return F.linear(windows, self.weight.flatten(1), self.bias).transpose(1, 2).unsqueeze(2)
-        return F.conv2d(x, self.weight.unsqueeze(2), self.bias)
+            return F.linear(windows, self.weight.flatten(1), self.bias)
+        out = F.conv2d(rows.transpose(1, 2).unsqueeze(2), self.weight.unsqueeze(2), self.bias)
+        return out.squeeze(2).transpose(1, 2)
 
 
 class RowUpsample(nn.Module):
-    """Nearest-neighbour x2 upsampling along the sequence of a [B, C, 1, L] tensor (row j becomes rows 2j, 2j + 1)."""
+    """Nearest-neighbour x2 upsampling of [B, L, C] rows: row j becomes rows 2j and 2j + 1."""
 
-    def forward(self, x):
-        return F.interpolate(x, scale_factor=(1.0, 2.0), mode="nearest")
+    def forward(self, rows):
+        return rows.repeat_interleave(2, dim=1)
+
+
+def pool_rows(rows):
+    """Pairwise max-pooling of [B, L, C] rows (an odd last row is dropped), on their channels-last view."""
+    return F.max_pool2d(rows.transpose(1, 2).unsqueeze(2), (1, 2)).squeeze(2).transpose(1, 2)
 
 
 class UNet1d(nn.Module):
     """Conv1d U-Net on [B, L, in_channels] -> [B, L, channels[0]] (or ``out_channels`` with a projection).
 
-    Inside, a sequence is a [B, C, 1, L] tensor in channels-last memory, the very memory of [B, L, C], so no
-    transpose copies anything on the way in or out (:class:`RowConv`).
+    Every layer reads and writes rows, [B, L, C] (:class:`RowConv`): the norms are plain LayerNorms over each
+    row's channels, and nothing is transposed on the way in or out.
 
     With ``film_dim``, every block's output is modulated as x·(1 + γ) + β, with (γ, β) a linear map of
     a per-sample conditioning vector (the step embedding): conditioning that every level sees, rather
@@ -109,12 +107,10 @@ class UNet1d(nn.Module):
         # sequence's edges for "same"), so a slice of the sequence is convolved as the whole one is.
         self.conv_pad = 1 if padding == "same" else 0
         widths = [in_channels] + list(channels)
-        self.down = nn.ModuleList(
-            nn.Sequential(RowConv(widths[i], widths[i + 1], 3), nn.SiLU(), ChannelLayerNorm(widths[i + 1], eps)) for i in range(self.levels)
-        )
+        self.down = nn.ModuleList(nn.Sequential(RowConv(widths[i], widths[i + 1], 3), nn.SiLU(), nn.LayerNorm(widths[i + 1], eps)) for i in range(self.levels))
         self.up = nn.ModuleList(nn.Sequential(RowUpsample(), RowConv(channels[i + 1], channels[i], 1), nn.SiLU()) for i in range(self.levels - 1))
         self.merge = nn.ModuleList(
-            nn.Sequential(RowConv(2 * channels[i], channels[i], 3), nn.SiLU(), ChannelLayerNorm(channels[i], eps)) for i in range(self.levels - 1)
+            nn.Sequential(RowConv(2 * channels[i], channels[i], 3), nn.SiLU(), nn.LayerNorm(channels[i], eps)) for i in range(self.levels - 1)
         )
         self.out_proj = RowConv(channels[0], out_channels, 1) if out_channels is not None else None
         self.film_down = self.film_merge = None
@@ -133,7 +129,7 @@ class UNet1d(nn.Module):
     def _modulate(x, film, condition):
         if film is None:
             return x
-        gamma, beta = film(condition)[..., None, None].chunk(2, dim=1)
+        gamma, beta = film(condition).unsqueeze(1).chunk(2, dim=-1)
         return x * (1.0 + gamma) + beta
 
     def _first_input_row(self, first):
@@ -144,9 +140,9 @@ class UNet1d(nn.Module):
     def _block(self, block, x, start, first):
         """``block``'s output rows from ``first`` to the end, from ``x``: its input's rows from ``start`` to the
         end, zero-padded past the input's edges for "same"."""
-        x = x[..., self._first_input_row(first) - start :]
+        x = x[:, self._first_input_row(first) - start :]
         if self.conv_pad:
-            x = F.pad(x, (max(self.conv_pad - first, 0), self.conv_pad))
+            x = F.pad(x, (0, 0, max(self.conv_pad - first, 0), self.conv_pad))
         return block(x)
 
     def _first_rows(self, length, crops, rows):
@@ -186,30 +182,29 @@ class UNet1d(nn.Module):
         if geometry.mirror:  # NumPy "symmetric": the edge row is repeated, as in the official code
             m = geometry.mirror
             x = torch.cat([x[:, :m].flip(1), x, x[:, -m:].flip(1)], dim=1)
-        x = x.transpose(1, 2).unsqueeze(2)  # [B, C, 1, L*], channels-last: the same memory as [B, L*, C]
         # Without ``rows`` every row is computed (the zero rows prepended up to padded_length too), so
         # training runs the very operations the whole sequence always ran.
-        down_in, down_first, merge_in, merge_first = self._first_rows(x.size(-1), geometry.crops, rows or geometry.padded_length)
+        down_in, down_first, merge_in, merge_first = self._first_rows(x.size(1), geometry.crops, rows or geometry.padded_length)
         skips, start = [], 0  # skips[i]: (level i's rows from its first computed one to the end, that row's number)
         for i, block in enumerate(self.down):
             if i:
                 below, below_start = skips[i - 1]
                 start = self._first_input_row(down_first[i])
-                x = F.max_pool2d(below[..., 2 * start - below_start :], (1, 2))  # an odd last row is dropped, as in the whole sequence
+                x = pool_rows(below[:, 2 * start - below_start :])  # an odd last row is dropped, as in the whole sequence
             x = self._modulate(self._block(block, x, start, down_first[i]), self.film_down and self.film_down[i], condition)
             skips.append((x, down_first[i]))
         x, start = skips[-1]
         for i in reversed(range(self.levels - 1)):
             first = self._first_input_row(merge_first[i])
-            up = self.up[i](x[..., first // 2 - start :])[..., first % 2 :]
+            up = self.up[i](x[:, first // 2 - start :])[:, first % 2 :]
             skip, skip_start = skips[i]
-            skip = skip[..., first + geometry.crops[i] - skip_start : skip.size(-1) - geometry.crops[i]]
-            x = self._block(self.merge[i], torch.cat([up, skip], dim=1), first, merge_first[i])
+            skip = skip[:, first + geometry.crops[i] - skip_start : skip.size(1) - geometry.crops[i]]
+            x = self._block(self.merge[i], torch.cat([up, skip], dim=-1), first, merge_first[i])
             x = self._modulate(x, self.film_merge and self.film_merge[i], condition)
             start = merge_first[i]
         if self.out_proj is not None:
             x = self.out_proj(x)
-        return x[..., -(rows or length) :].squeeze(2).transpose(1, 2)
+        return x[:, -(rows or length) :]
 
 
 def step_table(kind, n_steps, width):
