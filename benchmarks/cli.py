@@ -30,3 +30,17 @@ def one_thread_config(parser, argv=None, model=None):
     torch.set_num_threads(1)
     config = Config(model=model or args.model, dataset=args.dataset, config_dict={"show_progress": False, "state": "WARNING", **settings})
     return args, settings, config
+
+
+def untrained(variant, dataset, settings):
+    """(config, model, train, test) of ``variant`` on ``dataset``, untrained: its settings read as a benchmark run reads
+    them (``variants.parse_variant``), ``settings`` (e.g. data_path) on top, RecBole's logging quiet. The cost
+    benchmarks (``serving``, ``step_ratio``) build their models here."""
+    from benchmarks.variants import parse_variant
+    from recbole_t2diff.config import Config
+    from recbole_t2diff.quick_start import build_model, prepare
+
+    name, variant_settings = parse_variant(variant)
+    config = Config(model=name, dataset=dataset, config_dict={**variant_settings, **settings, "state": "ERROR", "show_progress": False})
+    _, train, _, test = prepare(config)
+    return config, build_model(config, train), train, test

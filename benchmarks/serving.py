@@ -20,20 +20,17 @@ import time
 
 import torch
 
+from benchmarks.cli import untrained
 from benchmarks.machine import command_line, describe, load_average
-from benchmarks.variants import ROOT, against_sasrec, parse_variant, preset_file
+from benchmarks.variants import ROOT, against_sasrec, preset_file
 from recbole_t2diff.cli import exit_on_usage_error
-from recbole_t2diff.config import Config
-from recbole_t2diff.quick_start import build_model, prepare
 
 
 def build(variant, dataset, settings):
     """(model in eval mode, a 1,024-sequence test batch, a one-sequence batch) for ``variant`` on ``dataset``, its
     settings read as a benchmark run reads them (``variants.parse_variant``)."""
-    model, variant_settings = parse_variant(variant)
-    config = Config(model=model, dataset=dataset, config_dict={**variant_settings, **settings, "state": "ERROR", "show_progress": False})
-    _, train, _, test = prepare(config)
-    model = build_model(config, train).eval()
+    _, model, _, test = untrained(variant, dataset, settings)
+    model.eval()
     interaction = next(iter(test))[0]
     big = interaction[torch.arange(1024) % len(interaction)]
     return model, big, interaction[torch.arange(1)]

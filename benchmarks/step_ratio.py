@@ -16,20 +16,17 @@ import os
 
 import torch
 
+from benchmarks.cli import untrained
 from benchmarks.machine import command_line, describe, load_average
 from benchmarks.steps import Stepper, seconds_per_sequence
-from benchmarks.variants import against_sasrec, parse_variant
+from benchmarks.variants import against_sasrec
 from recbole_t2diff.cli import exit_on_usage_error
-from recbole_t2diff.config import Config
-from recbole_t2diff.quick_start import build_model, prepare
 
 
 def stepper(variant, dataset, settings):
     """A :class:`Stepper` of ``variant`` on ``dataset``, its settings read as a benchmark run reads them."""
-    model, variant_settings = parse_variant(variant)
-    config = Config(model=model, dataset=dataset, config_dict={**variant_settings, **settings, "state": "ERROR", "show_progress": False})
-    _, train, _, _ = prepare(config)
-    return Stepper.of(build_model(config, train), config, train)
+    config, model, train, _ = untrained(variant, dataset, settings)
+    return Stepper.of(model, config, train)
 
 
 def table(args, command, cost, load_before, load_after):
