@@ -651,3 +651,41 @@ def test_cost_benchmarks_read_variants_with_settings_whole_and_sasrec_first():
     for text in ("T2Diff,SASRec", ""):
         with pytest.raises(UsageError, match="must start with SASRec"):
             against_sasrec(text)
+
+
+def test_code_curves_join_a_resumed_runs_logs_and_name_each_run_by_the_settings_that_differ(sparcode_data, tmp_path, caplog):
+    from benchmarks.code_curves import main as code_curves
+    from helpers import make_model
+
+    model = make_model(sparcode_data)  # the code line as SparCode logs it
+    model.train()
+    model.calculate_loss(next(iter(sparcode_data[1])))
+    with caplog.at_level("INFO"):
+        model.eval()
+    code_line = next(line for line in caplog.text.splitlines() if "SparCode codes in training" in line)
+    code_line = code_line[code_line.index("SparCode codes") : code_line.rindex(", ")]  # without its restarts
+
+    def log(name, run, threshold, epochs, restarts):
+        text = ["Mon 07 Dec 2026 08:22:11 INFO  ", "General Hyper Parameters:", "seed = 2020", f"checkpoint_dir = {run}", f"dead_code_threshold = {threshold}"]
+        for epoch, ndcg in epochs:
+            text += [
+                f"Mon 07 Dec 2026 08:23:06 INFO  epoch {epoch} training [time: 1.00s, train_loss1: 1.0]",
+                f"Mon 07 Dec 2026 08:23:06 INFO  {code_line}, {restarts} restarts",
+                "Mon 07 Dec 2026 08:23:06 INFO  valid result: ",
+                f"recall@10 : 0.1    ndcg@10 : {ndcg}    hit@10 : 0.1",
+            ]
+        (tmp_path / "log" / name).write_text("\n".join(text) + "\n")
+
+    (tmp_path / "log").mkdir()
+    root = tmp_path / "resume"
+    log("SparCode-ml-100k-a.log", root / "ml-100k" / "run1", 0.01, [(0, 0.01), (1, 0.03)], 7)
+    time.sleep(0.01)  # files are joined in the order they were written
+    log("SparCode-ml-100k-b.log", root / "ml-100k" / "run1", 0.01, [(2, 0.05)], 14)  # resumed, logged the loaded 7 + 7
+    log("SparCode-ml-100k-c.log", root / "ml-100k" / "run2", 0, [(0, 0.02)], 0)
+    log("SparCode-ml-100k-d.log", tmp_path / "elsewhere" / "run3", 0, [(0, 0.09)], 0)  # another batch's run
+    out = tmp_path / "curves.md"
+    code_curves([f"--resume_root={root}", f"--log_dir={tmp_path / 'log'}", f"--out={out}"])
+    text = out.read_text()
+    assert "| SparCode | 2020 | 3 | 0.0500 (3) | 14 | 3 |" in text, "7 restarts in each of epochs 1 and 2; epoch 3 (resumed) logged their 14 as its own"
+    assert "| SparCode[dead_code_threshold=0] | 2020 | 1 | 0.0200 (1) | 0 | 1 |" in text
+    assert "0.09" not in text and (tmp_path / "curves.png").exists()

@@ -205,6 +205,22 @@ def test_each_epoch_logs_its_code_usage_and_restarts(sparcode_data, caplog):
     assert "SparCode codes" not in caplog.text, "an epoch without training batches logs nothing"
 
 
+def test_the_first_epoch_after_a_reload_logs_its_own_restarts(sparcode_data, caplog):
+    # A resumed run loads the quantizer's restart count, every restart before the interruption: the first epoch's
+    # line counted all of them as its own (9,926 in one converged run's log).
+    trained = make_model(sparcode_data)
+    trained.quantizer.restarts.fill_(1000)
+    model = make_model(sparcode_data)
+    model.load_state_dict(trained.state_dict())
+    model.train()
+    model.calculate_loss(next(iter(sparcode_data[1])))
+    epoch_restarts = int(model.quantizer.restarts) - 1000
+    with caplog.at_level("INFO"):
+        model.eval()
+    line = next(line for line in caplog.text.splitlines() if "SparCode codes in training" in line)
+    assert line.endswith(f", {epoch_restarts} restarts"), line
+
+
 def test_the_quantizer_learns_from_bfloat16_tokens_in_float32():
     quantizer = ProductQuantizer(8, 2, 16)
     tokens = torch.randn(64, 8).to(torch.bfloat16)

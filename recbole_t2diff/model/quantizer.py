@@ -143,6 +143,9 @@ class CodeTally:
         self.keys = []  # distinct keys per batch, merged now and then to bound the memory
         self.squared_error = self.squared_norm = 0.0  # tensors once added to: no device sync per batch
         self.tokens = 0
+        # The quantizer's restart count when the first batch came: the epoch's restarts are the count's growth since,
+        # also in the first epoch of a resumed run, whose loaded count holds every restart before it.
+        self.restarts_before = None
 
     @torch.no_grad()
     def add(self, tokens, codes, quantized):
@@ -150,6 +153,7 @@ class CodeTally:
         flat = codes.reshape(-1, self.quantizer.n_codebooks).t()
         if self.counts is None:
             self.counts = torch.zeros(self.quantizer.n_codebooks, self.quantizer.codebook_size, dtype=torch.long, device=flat.device)
+            self.restarts_before = self.quantizer.restarts.clone()
         self.counts.scatter_add_(1, flat, torch.ones_like(flat))
         self.keys.append(torch.unique(self.quantizer.keys(flat.t())))
         if len(self.keys) >= 64:

@@ -114,7 +114,6 @@ class SparCode(CrossInteraction, SequentialRecommender):
         self.item_heads = nn.Linear(d, self.n_item_tokens * d_t)
         # The training batches' code usage since the last eval(), logged there (not saved).
         self.epoch_codes = None if self.quantizer is None else CodeTally(self.quantizer)
-        self.restarts_logged = 0
 
         self.apply(self._init_weights)
         self.build_interaction(knobs)
@@ -258,11 +257,9 @@ class SparCode(CrossInteraction, SequentialRecommender):
             logging.getLogger().info(f"SparCode: {dead / seen:.1%} of training positives had every token score <= -score_bias (no gradient)")
             self.dead_positives.zero_()
         if not mode and self.epoch_codes is not None and self.epoch_codes.tokens > 0:
-            restarts = int(self.quantizer.restarts)
-            logging.getLogger().info(
-                f"SparCode codes in training: {describe_codes(self.epoch_codes.stats(), self.quantizer)}, {restarts - self.restarts_logged} restarts"
-            )
-            self.epoch_codes, self.restarts_logged = CodeTally(self.quantizer), restarts
+            restarts = int(self.quantizer.restarts - self.epoch_codes.restarts_before)
+            logging.getLogger().info(f"SparCode codes in training: {describe_codes(self.epoch_codes.stats(), self.quantizer)}, {restarts} restarts")
+            self.epoch_codes = CodeTally(self.quantizer)
         return super().train(mode)
 
     @torch.no_grad()
