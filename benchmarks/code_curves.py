@@ -22,7 +22,8 @@ import re
 import yaml
 
 from benchmarks.machine import command_line
-from benchmarks.variants import ROOT
+from benchmarks.variants import ROOT, with_settings
+from recbole_t2diff.settings import parse_setting
 
 CODES = re.compile(
     r"SparCode codes in training: usage (?P<usage>[\d%/]+) of \d+ codes per codebook, perplexity (?P<perplexity>[\d./]+), "
@@ -84,30 +85,24 @@ def collect(log_dir, resume_root, dataset):
     return runs
 
 
-def normalise(value):
-    """A setting as RecBole logs it or YAML reads it, in one form: None, a bool, a number or the text."""
-    text = str(value).strip()
-    if text in ("None", "~", "null"):
-        return None
-    if text in ("True", "False", "true", "false"):
-        return text.lower() == "true"
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def logged_value(key, text):
+    """A setting's value as the run's log shows it, read as RecBole reads a setting (``parse_setting``: 0, True,
+    [128, 128], 'gelu'), so that it compares with the property file's."""
+    return parse_setting(key, text, "a run's log")
 
 
 def run_name(settings, defaults, varying):
     """The run's name and seed: SparCode with those of the ``varying`` settings (the ones the runs read differ in)
-    whose value is not the property file's."""
-    changed = [f"{key}={settings[key]}" for key in varying if normalise(settings[key]) != normalise(defaults[key])]
-    return f"SparCode[{','.join(changed)}]" if changed else "SparCode", settings.get("seed", "?")
+    whose value is not the property file's, written as the batch writes a variant (``with_settings``)."""
+    changed = {key: logged_value(key, settings[key]) for key in varying}
+    return with_settings("SparCode", {key: value for key, value in changed.items() if value != defaults[key]}), settings.get("seed", "?")
 
 
 def summary_row(name, seed, epochs):
     ndcg = {e: v["ndcg"] for e, v in epochs.items() if "ndcg" in v}
     best = max(ndcg, key=lambda e: (ndcg[e], -e)) if ndcg else None
-    quiet = next((e for e in sorted(epochs) if epochs[e]["restarts"] == 0 and all(epochs[f]["restarts"] == 0 for f in epochs if f > e)), None)
+    last_restart = max((e for e, v in epochs.items() if v["restarts"]), default=0)
+    quiet = next((e for e in sorted(epochs) if e > last_restart), None)
     total = sum(v["restarts"] for v in epochs.values())
     best_cell = f"{ndcg[best]:.4f} ({best})" if best else "—"
     return f"| {name} | {seed} | {len(epochs)} | {best_cell} | {total:,} | {quiet if quiet is not None else '—'} |"
@@ -122,8 +117,8 @@ def plot(runs, path):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True)
     for (name, seed), epochs in runs:
         xs = sorted(epochs)
-        label = f"{name} seed {seed}"
-        (line,) = top.plot([e for e in xs if "ndcg" in epochs[e]], [epochs[e]["ndcg"] for e in xs if "ndcg" in epochs[e]], label=label)
+        validated = [e for e in xs if "ndcg" in epochs[e]]
+        (line,) = top.plot(validated, [epochs[e]["ndcg"] for e in validated], label=f"{name} seed {seed}")
         bottom.plot(xs, [epochs[e]["restarts"] for e in xs], color=line.get_color())
     top.set(ylabel="validation NDCG@10", title="SparCode: validation and dead-code restarts per epoch")
     bottom.set(xlabel="epoch", ylabel="restarts in the epoch")
@@ -148,7 +143,7 @@ def main(argv=None):
     if not runs:
         parser.exit(1, f"error: no SparCode log in {args.log_dir} has a checkpoint_dir under {args.resume_root}: pass the batch's --resume_root\n")
     logged = [settings for settings, _, _ in runs.values()]
-    varying = [k for k in defaults if all(k in s for s in logged) and len({repr(normalise(s[k])) for s in logged}) > 1]
+    varying = [k for k in defaults if all(k in s for s in logged) and len({repr(logged_value(k, s[k])) for s in logged}) > 1]
     named = sorted(((run_name(settings, defaults, varying), epochs) for settings, epochs, _ in runs.values()), key=lambda r: r[0])
     lines = [
         f"# SparCode's codes over training on {args.dataset}, per epoch (issue 27)",
