@@ -495,6 +495,27 @@ def test_serving_cost_is_measured_against_sasrec_and_kept_beside_the_other_infer
     assert wrong.returncode == 1 and "must start with SASRec" in wrong.stderr
 
 
+@pytest.mark.spawns
+@pytest.mark.slow
+def test_compiled_serving_times_a_compiled_copy_of_every_model_against_the_compiled_sasrec_apart_from_the_eager_entry(tmp_path, tiny_path):
+    with open(tmp_path / "inference.json", "w") as f:
+        json.dump({"serving": {"tiny": {"eager": True}}}, f)
+    command = [sys.executable, "-m", "benchmarks.serving", "--dataset=tiny", f"--data_path={tiny_path}", "--variants=SASRec,T2Diff-fast"]
+    done = subprocess.run(command + ["--rounds=1", f"--out={tmp_path}", "--compile"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
+    assert done.returncode == 0, done.stdout + done.stderr
+    everything = json.load(open(tmp_path / "inference.json"))
+    assert everything["serving"] == {"tiny": {"eager": True}}
+    entry = everything["serving_compiled"]["tiny"]
+    results = entry["results"]
+    assert entry["compiled"] is True and list(results) == ["SASRec", "T2Diff-fast", "SASRec (compiled)", "T2Diff-fast (compiled)"]
+    assert results["SASRec (compiled)"]["latency_vs_sasrec"] == 1.0  # a compiled model is measured against the compiled SASRec
+    fast = results["T2Diff-fast (compiled)"]
+    assert fast["latency_vs_sasrec"] == round(fast["single_user_ms"] / results["SASRec (compiled)"]["single_user_ms"], 3)
+    assert fast["preset"] == "properties/presets/T2Diff-fast.yaml"
+    assert "| T2Diff-fast (compiled) |" in (tmp_path / "serving_tiny_compiled.md").read_text()
+    assert not (tmp_path / "serving_tiny.md").exists()
+
+
 def test_a_quantized_sparcodes_row_records_the_size_of_its_exact_index(sparcode_data, tiny_data):
     from benchmarks.worker import index_columns
     from helpers import make_model, trained_sparcode
