@@ -94,9 +94,10 @@ def main():
     args = parser.parse_args()
     settings = {"data_path": args.data_path} if args.data_path else {}
     with exit_on_usage_error():  # variants with settings in brackets keep their commas
-        models = {v: build(v, args.dataset, settings) for v in against_sasrec(args.variants)}
-        if args.compile:  # measure's warm-up compiles them, outside the timings
-            models.update(compiled({v: build(v, args.dataset, settings) for v in against_sasrec(args.variants)}))
+        variants = against_sasrec(args.variants)
+        models = {v: build(v, args.dataset, settings) for v in variants}
+        if args.compile:  # copies of their own, so the eager ones stay eager; measure's warm-up compiles them, untimed
+            models.update(compiled({v: build(v, args.dataset, settings) for v in variants}))
     load_before = load_average()
     results = measure(models, args.rounds)
     for v, r in results.items():
