@@ -121,6 +121,54 @@ def timed(function, runs=100, warmups=10, max_seconds=30.0):
     return {"median_ms": round(1000 * float(np.median(times)), 3), "p99_ms": round(1000 * float(np.percentile(times, 99)), 3), "runs": len(times)}
 
 
+def dense_table(index, n_items):
+    """The index's posting lists as a dense float32 table [stored keys, items] (item 1 in column 0): what serving
+    without posting lists would keep."""
+    import scipy.sparse
+
+    postings = scipy.sparse.csr_matrix((np.asarray(index.values, dtype=np.float32), index.indices, index.indptr), shape=(index.n_rows, n_items - 1))
+    return torch.from_numpy(postings.toarray())
+
+
+@torch.no_grad()
+def time_against_dense(model, index, interaction, batch=256, k=10, rounds=30):
+    """Median time of one top-``k`` query batch through ``index`` (its posting lists summed per history) over the
+    median time of the same query through the dense table of the same scores (every stored key's row over all items,
+    float32, gathered and summed), the two timed alternately in this process so that the machine's load hits both
+    alike; below 1 the posting lists are the faster. ``batch`` histories of ``interaction`` whose keys all have a
+    posting list, so that neither path scores a row on the fly. Returns "" when there are none."""
+    model.eval()
+    keys = index.query_keys(model, interaction)
+    stored = torch.as_tensor(index.keys)
+    if not len(stored):
+        return ""
+    rows = torch.searchsorted(stored, keys).clamp(max=len(stored) - 1)
+    whole = (stored[rows] == keys).all(1).nonzero().flatten()[:batch]
+    if not len(whole):
+        return ""
+    keys, rows = keys[whole], rows[whole]
+    table = dense_table(index, model.n_items)
+
+    def via_index():
+        scores = index.accumulate(model, keys)[0][:, 1:]  # column 0 is the padding item
+        return scores.topk(k)
+
+    def via_table():
+        return table[rows].sum(1).topk(k)
+
+    # Like for like: both paths must give the same top-k scores (the table is the index's own entries).
+    if not torch.allclose(via_index().values, via_table().values, rtol=1e-5, atol=1e-6):
+        raise RuntimeError("the dense table does not score as the index does: the timing would compare different functions")
+    times = {via_index: [], via_table: []}
+    for round_ in range(rounds + 3):
+        for path, spent in times.items():
+            begin = time.perf_counter()
+            path()
+            if round_ >= 3:  # warm-up rounds are not counted
+                spent.append(time.perf_counter() - begin)
+    return round(float(np.median(times[via_index]) / np.median(times[via_table])), 3)
+
+
 @torch.no_grad()
 def latency(model, index, test, k=10):
     model.eval()

@@ -32,6 +32,9 @@ XHAT_NOISE_DROP = "xhat_noise_drop"  # recorded since 2026-12-06: older rows lea
 # A quantized SparCode's exact sparse index (the keys its training split uses, threshold 0) at the tested weights: the
 # share of (key, item) entries it stores and its size (recorded since 2026-12-06; the trade-off of docs/SPARCODE.md §10).
 INDEX_COLUMNS = ["index_density", "index_mib"]
+# Its query time as a ratio to the dense table of the same scores, timed in the same rounds (recorded since 2026-12-07;
+# :func:`benchmarks.sparcode_index.time_against_dense`): below 1 the posting lists are the faster way to serve.
+INDEX_TIME = "index_time_vs_dense"
 COLUMNS = [
     "variant",
     "seed",
@@ -62,6 +65,7 @@ COLUMNS = [
     # The run's training cost per sequence as a ratio to RecBole's SASRec, their steps interleaved in the worker after the
     # test (recorded since 2026-12-07; :func:`step_ratio_to_sasrec`).
     "step_ratio_sasrec",
+    INDEX_TIME,
 ]
 REFERENCE_ROUNDS = 5  # interleaved training steps of each, after 2 warm-up steps each
 RUNS_AT_ONCE = "BENCHMARK_RUNS_AT_ONCE"  # set by the runner in its workers' environment
@@ -176,7 +180,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
         fit_to_time = trainer.fit
 
         def fit_keeping_loader(train_data, valid_data=None, **kwargs):  # the SASRec reference steps train on it too
-            loaders["train"] = train_data
+            loaders["train"], loaders["valid"] = train_data, valid_data  # the index is timed on validation histories
             return fit_to_time(train_data, valid_data, **kwargs)
 
         trainer.fit = fit_keeping_loader
@@ -245,7 +249,7 @@ def worker(variant, seed, dataset, config_files, time_budget=None, resume_dir=No
     row.update(result.get("xhat_quality") or dict.fromkeys([*XHAT_COLUMNS, XHAT_NOISE_DROP], ""))
     # What the run reads that RecBole's built-ins do not: T2Diff's time lag reads the request time.
     row["reads"] = "request time" if getattr(trainer.model, "lag_embedding", None) is not None else ""
-    row.update(index_columns(trainer.model))
+    row.update(index_columns(trainer.model, loaders["valid"]))
     row["step_ratio_sasrec"] = step_ratio_to_sasrec(trainer.model, trainer.config, loaders["train"])
     row["knobs"] = json.dumps(knob_values(trainer.config), sort_keys=True)
     shutil.rmtree(checkpoints)  # a benchmark keeps numbers, not checkpoints
@@ -283,16 +287,22 @@ def step_ratio_to_sasrec(model, config, train_data, rounds=REFERENCE_ROUNDS):
     return round(cost["run"] / cost["SASRec"], 3)
 
 
-def index_columns(model):
-    """:data:`INDEX_COLUMNS` of a quantized SparCode (its exact index over the keys the training split uses); empty
-    for any other model. At threshold 0 the index scores exactly as the model, so the row's test metrics are the
-    index's: what a smaller index costs in accuracy is read across rows (score_bias, sparsity_weight)."""
+def index_columns(model, queries):
+    """:data:`INDEX_COLUMNS` and :data:`INDEX_TIME` of a quantized SparCode (its exact index over the keys the training
+    split uses; timed on the first batch of ``queries``, a full-sort loader); empty for any other model. At threshold 0
+    the index scores exactly as the model, so the row's test metrics are the index's: what a smaller index costs in
+    accuracy is read across rows (score_bias, sparsity_weight)."""
+    from benchmarks.sparcode_index import time_against_dense
     from recbole_t2diff.sparse_index import SparseIndex, indexable
 
     if not indexable(model):
-        return dict.fromkeys(INDEX_COLUMNS, "")
+        return dict.fromkeys([*INDEX_COLUMNS, INDEX_TIME], "")
     index = SparseIndex.build(model, keys="used", threshold=0.0)
-    return {"index_density": round(index.nnz / max(index.n_rows * (model.n_items - 1), 1), 4), "index_mib": round(index.nbytes() / 2**20, 3)}
+    return {
+        "index_density": round(index.nnz / max(index.n_rows * (model.n_items - 1), 1), 4),
+        "index_mib": round(index.nbytes() / 2**20, 3),
+        INDEX_TIME: time_against_dense(model, index, next(iter(queries))[0]),
+    }
 
 
 def command(variant, seed, dataset, config_files=None, time_budget=None, resume_dir=None, overrides=()):

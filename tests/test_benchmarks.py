@@ -408,12 +408,13 @@ def test_the_table_says_what_its_rows_shared_the_machine_with():
     assert one == "Sharing: 1 row(s) ran 1 at once, 1-minute load average 3.1 at their validations (the load counts work from outside the batch too)."
 
 
-def test_the_step_ratio_column_averages_the_runs_that_measured_it():
-    from benchmarks.report import step_ratio
+def test_an_in_process_ratio_column_averages_the_runs_that_measured_it():
+    from benchmarks.report import in_process_ratio
 
-    assert step_ratio([{"step_ratio_sasrec": "0.25"}, {"step_ratio_sasrec": 0.35}]) == "0.30"
-    assert step_ratio([{"step_ratio_sasrec": "0.3"}, {"step_ratio_sasrec": ""}, {}]) == "0.30 (1 of 3 runs)"
-    assert step_ratio([{"step_ratio_sasrec": ""}]) == "—"
+    assert in_process_ratio([{"step_ratio_sasrec": "0.25"}, {"step_ratio_sasrec": 0.35}]) == "0.30"
+    assert in_process_ratio([{"step_ratio_sasrec": "0.3"}, {"step_ratio_sasrec": ""}, {}]) == "0.30 (1 of 3 runs)"
+    assert in_process_ratio([{"step_ratio_sasrec": ""}]) == "—"
+    assert in_process_ratio([{"index_time_vs_dense": "0.5", "step_ratio_sasrec": "9"}], "index_time_vs_dense") == "0.50"
 
 
 def test_timings_from_different_machines_are_never_averaged():
@@ -523,13 +524,38 @@ def test_a_quantized_sparcodes_row_records_the_size_of_its_exact_index(sparcode_
 
     model = trained_sparcode(sparcode_data)
     index = SparseIndex.build(model, keys="used", threshold=0.0)
-    recorded = index_columns(model)
+    queries = sparcode_data[2]
+    recorded = index_columns(model, queries)
+    time_ratio = recorded.pop("index_time_vs_dense")
     assert recorded == {"index_density": round(index.nnz / (index.n_rows * (model.n_items - 1)), 4), "index_mib": round(index.nbytes() / 2**20, 3)}
-    assert 0 < recorded["index_density"] <= 1
+    assert 0 < recorded["index_density"] <= 1 and isinstance(time_ratio, float) and time_ratio > 0
     model.score_bias = -1e6  # no entry survives ReLU(s + b) > 0: the index keeps nothing
-    assert index_columns(model)["index_density"] == 0.0
-    empty = {"index_density": "", "index_mib": ""}
-    assert index_columns(trained_sparcode(sparcode_data, quantize=False)) == empty and index_columns(make_model(tiny_data)) == empty
+    assert index_columns(model, queries)["index_density"] == 0.0
+    empty = {"index_density": "", "index_mib": "", "index_time_vs_dense": ""}
+    assert index_columns(trained_sparcode(sparcode_data, quantize=False), queries) == empty and index_columns(make_model(tiny_data), queries) == empty
+
+
+def test_the_index_is_timed_against_a_dense_table_that_scores_as_it_does(sparcode_data, monkeypatch):
+    import benchmarks.sparcode_index as sparcode_index
+    from helpers import trained_sparcode
+    from recbole_t2diff.sparse_index import SparseIndex
+
+    model = trained_sparcode(sparcode_data)
+    index = SparseIndex.build(model, keys="used", threshold=0.0)
+    interaction = next(iter(sparcode_data[2]))[0]
+    clock = iter(range(10**6))  # every path call takes one tick: the ratio of the medians is 1
+    monkeypatch.setattr(sparcode_index.time, "perf_counter", lambda: next(clock))
+    assert sparcode_index.time_against_dense(model, index, interaction) == 1.0
+    monkeypatch.undo()
+    # A table that is not the index's is refused rather than timed.
+    real_table = sparcode_index.dense_table
+    monkeypatch.setattr(sparcode_index, "dense_table", lambda index, n_items: 2 * real_table(index, n_items))
+    with pytest.raises(RuntimeError, match="does not score as the index does"):
+        sparcode_index.time_against_dense(model, index, interaction)
+    # Histories with a key that has no posting list are left out; with none left there is nothing to time.
+    no_keys = SparseIndex.build(model, keys="used", threshold=0.0)
+    no_keys.keys = no_keys.keys[:0]
+    assert sparcode_index.time_against_dense(model, no_keys, interaction) == ""
 
 
 def test_the_table_lists_the_index_of_every_sparcode_row_and_no_other(tmp_path):
@@ -538,11 +564,11 @@ def test_the_table_lists_the_index_of_every_sparcode_row_and_no_other(tmp_path):
     study = Study(["--models=SparCode,SASRec", "--dataset=ml-100k", "--seeds=1,2", f"--out={tmp_path}"])
     for seed, density in (("1", "0.25"), ("2", "0.35")):
         base = {**dict.fromkeys(COLUMNS, "1"), "seed": seed, "valid_curve": "[0.1]", "machine": "m", "date": "d"}
-        study.record({**base, "variant": "SparCode", "index_density": density, "index_mib": "2.0"})
+        study.record({**base, "variant": "SparCode", "index_density": density, "index_mib": "2.0", "index_time_vs_dense": "0.5"})
         study.record({**base, "variant": "SASRec", "index_density": "", "index_mib": ""})
     study.summarize()
     section = (tmp_path / "ml-100k.md").read_text().split("## SparCode's sparse index")[1]
-    assert "| SparCode | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 0.3000 ± 0.0707 | 2.0000 ± 0.0000 |" in section
+    assert "| SparCode | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 0.3000 ± 0.0707 | 2.0000 ± 0.0000 | 0.50 |" in section
     assert "SASRec" not in section and (tmp_path / "ml-100k_index.png").stat().st_size > 0
 
 
