@@ -22,12 +22,18 @@ def heap_only_malloc():
     return platform.libc_ver()[0] == "glibc" and "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "")
 
 
+# oneDNN's and ATen's switches that keep their kernels to an older instruction set than the CPU has.
+KERNEL_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
 def describe():
     """The machine a timing came from: timings are compared only between equal descriptions (report.per_machine), so
     the allocator, which changes them, is part of it."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     allocator = ", heap-only malloc" if heap_only_malloc() else ""
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}{allocator}"
+    # Kernels held below what the CPU offers (to time what a CPU without, e.g., bfloat16 units would do) are named too.
+    limits = " ".join(f"{name}={os.environ[name]}" for name in KERNEL_LIMITS if os.environ.get(name))
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}{allocator}" + (f", kernels limited: {limits}" if limits else "")
 
 
 def load_average():

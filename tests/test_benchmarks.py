@@ -630,6 +630,8 @@ def test_workers_ask_for_a_malloc_that_keeps_freed_memory_and_rows_name_it(monke
     from benchmarks import machine
     from benchmarks.worker import environment
 
+    for name in machine.KERNEL_LIMITS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
     assert environment(1, 2)["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + machine.HEAP_ONLY_MALLOC  # the user's kept
     monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
@@ -638,6 +640,17 @@ def test_workers_ask_for_a_malloc_that_keeps_freed_memory_and_rows_name_it(monke
     assert machine.describe().endswith(", heap-only malloc")
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # another C library ignores glibc's tunables
     assert not machine.describe().endswith("malloc")
+
+
+def test_a_timing_taken_with_kernels_held_to_an_older_instruction_set_says_so(monkeypatch):
+    from benchmarks import machine
+
+    for name in machine.KERNEL_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert "kernels limited" not in machine.describe()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert machine.describe().endswith(", kernels limited: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2")
 
 
 @pytest.mark.spawns
