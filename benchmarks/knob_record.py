@@ -62,5 +62,6 @@ def refuse_stale(csv_path, row, variant, config):
     if reason is not None:
         raise UsageError(
             f"{csv_path}: the row of {variant} seed {row['seed']} no longer means what that name means: {reason}; a plan would "
-            "reuse it as current: give the row's variant the old values in brackets (or delete the row to run it again)"
+            "reuse it as current: give the row's variant the old values in brackets (python -m benchmarks.rename_rows CSV OLD NEW "
+            "with the plan line's --key=value settings), or delete the row to run it again"
         )

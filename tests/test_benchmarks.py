@@ -749,3 +749,52 @@ def test_code_curves_join_a_resumed_runs_logs_and_name_each_run_by_the_settings_
     assert "| SparCode | 2020 | 3 | 0.0500 (3) | 14 | 3 |" in text, "7 restarts in each of epochs 1 and 2; epoch 3 (resumed) logged their 14 as its own"
     assert "| SparCode[dead_code_threshold=0] | 2020 | 1 | 0.0200 (1) | 0 | 1 |" in text
     assert "0.09" not in text and (tmp_path / "curves.png").exists()
+
+
+def test_rename_rows_spells_out_an_old_default_and_refuses_a_name_that_means_something_else(tmp_path, capsys):
+    from benchmarks.knob_record import knob_values
+    from benchmarks.rename_rows import main
+    from benchmarks.worker import COLUMNS
+
+    study = Study(["--models=SparCode", "--dataset=ml-100k", "--seeds=1,2", f"--out={tmp_path}"])
+    knobs = knob_values(study.config("SparCode"))
+    old_default = knobs["softmax_negatives"] + 7  # the rows ran before the default changed to today's
+    base = {**dict.fromkeys(COLUMNS, "1"), "valid_curve": "[0.1]", "machine": "m", "date": "d"}
+    for seed in ("1", "2"):
+        study.record({**base, "variant": "SparCode", "seed": seed, "settings": "{}", "knobs": json.dumps({**knobs, "softmax_negatives": old_default})})
+    beta = knobs["vq_beta"] + 1.0  # a row that named a value of its own
+    own = {"variant": f"SparCode[vq_beta={beta}]", "seed": "2", "settings": json.dumps({"vq_beta": beta})}
+    study.record({**base, **own, "knobs": json.dumps({**knobs, "vq_beta": beta})})
+    csv_path = str(tmp_path / "ml-100k.csv")
+    before = open(csv_path).read()
+    with pytest.raises(UsageError, match="no longer means what that name means"):
+        Study(["--models=SparCode", "--dataset=ml-100k", "--seeds=1", f"--out={tmp_path}"]).finished("SparCode", 1)
+
+    refusals = [
+        (["Caser", "SparCode"], "has no rows of 'Caser'"),
+        (["SparCode", f"SparCode[softmax_negatives={old_default + 1}]"], f"it ran with softmax_negatives={old_default}"),
+        ([f"SparCode[vq_beta={beta}]", "SparCode[softmax_negatives=3]"], f"vq_beta={beta}, SparCode[softmax_negatives=3] gives {knobs['vq_beta']}"),
+        ([f"SparCode[vq_beta={beta}]", f"SparCode[vq_beta={beta},softmax_negatives=3]"], "it ran with softmax_negatives"),
+        ([f"SparCode[vq_beta={beta}]", "SparCode"], "already has a row of 'SparCode' seed 2"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(SystemExit):
+            main([csv_path, *args])
+        assert message in capsys.readouterr().err
+        assert open(csv_path).read() == before  # nothing renamed
+
+    main([csv_path, "SparCode", f"SparCode[softmax_negatives={old_default}]"])
+    assert "renamed 2 row(s)" in capsys.readouterr().out
+    now = Study([f"--models=SparCode[softmax_negatives={old_default}]", "--dataset=ml-100k", "--seeds=1,2", f"--out={tmp_path}"])
+    for seed in (1, 2):
+        row = now.finished(f"SparCode[softmax_negatives={old_default}]", seed)  # reused, not refused as stale
+        assert row["settings"] == json.dumps({"softmax_negatives": old_default}) and row["knobs"]
+    assert [r["variant"] for r in read_csv_rows(csv_path)][-1] == f"SparCode[vq_beta={beta}]"  # other rows untouched
+    with pytest.raises(SystemExit):  # the same name again: two rows would share a key
+        main([csv_path, f"SparCode[vq_beta={beta}]", f"SparCode[softmax_negatives={old_default}]"])
+    assert "already has a row" in capsys.readouterr().err
+
+
+def read_csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
