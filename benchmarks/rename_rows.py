@@ -14,12 +14,11 @@ first: a running batch keeps its own copy of the rows.
 """
 
 import argparse
-import csv
 import json
 import os
 
 from benchmarks.knob_record import stale_reason
-from benchmarks.run_benchmark import Study, find_row, read_header, read_rows
+from benchmarks.run_benchmark import Study, find_row, read_header, read_rows, rewrite_rows
 from benchmarks.variants import parse_variant
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.errors import UsageError
@@ -81,12 +80,7 @@ def main(argv=None):
         if not os.path.isfile(args.csv):
             raise UsageError(f"no CSV at {args.csv}: give a study's results CSV, e.g. results/sparcode_levers/ml-100k.csv")
         rows, count = renamed_rows(args.csv, args.old, args.new, study_args)
-        fields = read_header(args.csv)
-        with open(args.csv + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(args.csv + ".tmp", args.csv)  # whole or not at all
+        rewrite_rows(args.csv, read_header(args.csv), rows)
     print(f"renamed {count} row(s) of {args.old} to {args.new} in {args.csv}")
 
 

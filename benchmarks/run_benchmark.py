@@ -73,6 +73,16 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+def rewrite_rows(path, fields, rows):
+    """Writes ``rows`` under the header ``fields`` over the CSV at ``path``, whole or not at all (a file beside it,
+    then renamed over it)."""
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="T2Diff,SASRec,GRU4Rec,BERT4Rec")
@@ -185,11 +195,7 @@ class Study:
             fields = COLUMNS if new_file else read_header(self.csv_path)
             if missing := [c for c in COLUMNS if c not in fields]:
                 fields = fields + missing
-                with open(self.csv_path + ".tmp", "w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=fields)
-                    writer.writeheader()
-                    writer.writerows(read_rows(self.csv_path))
-                os.replace(self.csv_path + ".tmp", self.csv_path)
+                rewrite_rows(self.csv_path, fields, read_rows(self.csv_path))
             with open(self.csv_path, "a", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
                 if new_file:

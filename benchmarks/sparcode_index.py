@@ -139,11 +139,8 @@ def time_against_dense(model, index, interaction, batch=256, k=10, rounds=30):
     posting list, so that neither path scores a row on the fly. Returns "" when there are none."""
     model.eval()
     keys = index.query_keys(model, interaction)
-    stored = torch.as_tensor(index.keys)
-    if not len(stored):
-        return ""
-    rows = torch.searchsorted(stored, keys).clamp(max=len(stored) - 1)
-    whole = (stored[rows] == keys).all(1).nonzero().flatten()[:batch]
+    rows, found = index.rows_of(keys)
+    whole = found.all(1).nonzero().flatten()[:batch]
     if not len(whole):
         return ""
     keys, rows = keys[whole], rows[whole]

@@ -223,12 +223,7 @@ class SparseIndex:
         batch, n_tokens = keys.shape
         flat = keys.reshape(-1)
         users = torch.arange(batch, device=device).repeat_interleave(n_tokens)
-        if self.keys is None:
-            rows, found = flat, torch.ones_like(flat, dtype=torch.bool)
-        else:
-            stored = torch.as_tensor(self.keys, device=device)
-            rows = torch.searchsorted(stored, flat).clamp(max=max(len(stored) - 1, 0))
-            found = stored[rows] == flat if len(stored) else torch.zeros_like(flat, dtype=torch.bool)
+        rows, found = self.rows_of(flat)
         add_postings = self._sparse_product if device.type == "cpu" else self._scatter_add
         scores = add_postings(users[found], rows[found], batch)
         missed = ~found
@@ -236,6 +231,17 @@ class SparseIndex:
             computed = torch.cat(list(model.code_row_scores(flat[missed])))
             scores[:, 1:].index_add_(0, users[missed], computed)
         return scores, int(missed.sum())
+
+    def rows_of(self, keys):
+        """(rows, found), both shaped like ``keys``: the posting-list row of each key and whether it has one (with
+        ``keys: used`` a key the training split never produced has none; its row is then meaningless)."""
+        if self.keys is None:
+            return keys, torch.ones_like(keys, dtype=torch.bool)
+        stored = torch.as_tensor(self.keys, device=keys.device)
+        if not len(stored):
+            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
+        rows = torch.searchsorted(stored, keys.contiguous()).clamp(max=len(stored) - 1)
+        return rows, stored[rows] == keys
 
     def _scatter_add(self, users, rows, batch):
         """[batch, n_items] scores: user ``users[t]`` gets the posting list of row ``rows[t]``, gathered and scatter-added

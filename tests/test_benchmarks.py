@@ -754,6 +754,7 @@ def test_code_curves_join_a_resumed_runs_logs_and_name_each_run_by_the_settings_
 def test_rename_rows_spells_out_an_old_default_and_refuses_a_name_that_means_something_else(tmp_path, capsys):
     from benchmarks.knob_record import knob_values
     from benchmarks.rename_rows import main
+    from benchmarks.run_benchmark import read_rows
     from benchmarks.worker import COLUMNS
 
     study = Study(["--models=SparCode", "--dataset=ml-100k", "--seeds=1,2", f"--out={tmp_path}"])
@@ -789,12 +790,7 @@ def test_rename_rows_spells_out_an_old_default_and_refuses_a_name_that_means_som
     for seed in (1, 2):
         row = now.finished(f"SparCode[softmax_negatives={old_default}]", seed)  # reused, not refused as stale
         assert row["settings"] == json.dumps({"softmax_negatives": old_default}) and row["knobs"]
-    assert [r["variant"] for r in read_csv_rows(csv_path)][-1] == f"SparCode[vq_beta={beta}]"  # other rows untouched
+    assert [r["variant"] for r in read_rows(csv_path)][-1] == f"SparCode[vq_beta={beta}]"  # other rows untouched
     with pytest.raises(SystemExit):  # the same name again: two rows would share a key
         main([csv_path, f"SparCode[vq_beta={beta}]", f"SparCode[softmax_negatives={old_default}]"])
     assert "already has a row" in capsys.readouterr().err
-
-
-def read_csv_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
