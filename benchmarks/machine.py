@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import shlex
 import sys
 
@@ -26,14 +27,36 @@ def heap_only_malloc():
 KERNEL_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
+# CPU features that change which matmul kernels run, widest first: bfloat16 steps cost 7x more without the first two
+# (results/sparcode/step_ratio_avx2_ml-100k.md).
+MATRIX_UNITS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+
+
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name and its widest matrix unit (:data:`MATRIX_UNITS`), e.g. "AMD EPYC, AVX512-BF16": two
+    sessions' machines of the same core count differed only there, and their timings may not be divided (2026-12-07:
+    an AMX Xeon, then an EPYC). ``platform.processor()`` where there is no ``cpuinfo`` to read."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    units = set(flags.group(1).split()) if flags else set()
+    widest = next((label for flag, label in MATRIX_UNITS if flag in units), None)
+    return ", ".join(part for part in ((name.group(1).strip() if name else platform.processor()), widest) if part) or "unknown CPU"
+
+
 def describe():
     """The machine a timing came from: timings are compared only between equal descriptions (report.per_machine), so
-    the allocator, which changes them, is part of it."""
+    the CPU and the allocator, which change them, are part of it."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     allocator = ", heap-only malloc" if heap_only_malloc() else ""
     # Kernels held below what the CPU offers (to time what a CPU without, e.g., bfloat16 units would do) are named too.
     limits = " ".join(f"{name}={os.environ[name]}" for name in KERNEL_LIMITS if os.environ.get(name))
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}{allocator}" + (f", kernels limited: {limits}" if limits else "")
+    kernels = f", kernels limited: {limits}" if limits else ""
+    return f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {device}{allocator}{kernels}"
 
 
 def load_average():

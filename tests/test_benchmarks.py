@@ -653,6 +653,30 @@ def test_a_timing_taken_with_kernels_held_to_an_older_instruction_set_says_so(mo
     assert machine.describe().endswith(", kernels limited: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2")
 
 
+def test_a_timing_names_the_cpu_model_and_its_widest_matrix_unit(tmp_path, monkeypatch):
+    """Two sessions' 2-core machines differed only in their CPUs (an AMX Xeon, then an EPYC): a description without
+    the CPU would let report.per_machine divide one's timings by the other's."""
+    import platform
+
+    from benchmarks import machine
+
+    def cpuinfo(flags, name="model name\t: AMD EPYC\n"):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\n{name}flags\t\t: fpu {flags} sse2\n\nprocessor\t: 1\n")
+        return str(path)
+
+    assert machine.cpu_model(cpuinfo("avx2 avx512f avx512_bf16 amx_bf16")) == "AMD EPYC, AMX"
+    assert machine.cpu_model(cpuinfo("avx2 avx512f avx512_bf16")) == "AMD EPYC, AVX512-BF16"
+    assert machine.cpu_model(cpuinfo("avx2 avx512f")) == "AMD EPYC, AVX512"
+    assert machine.cpu_model(cpuinfo("avx2")) == "AMD EPYC, AVX2"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert machine.cpu_model(cpuinfo("neon", name="")) == "unknown CPU"  # nothing to name: said, not left blank
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert machine.cpu_model(str(tmp_path / "missing")) == "arm"
+    monkeypatch.setattr(machine, "cpu_model", lambda: "Some CPU, AVX2")
+    assert ", Some CPU, AVX2, " in machine.describe()
+
+
 @pytest.mark.spawns
 def test_a_worker_environment_stops_a_64_mib_tensor_from_faulting_its_pages_in_again():
     """What HEAP_ONLY_MALLOC is for (benchmarks/machine.py): under glibc every freed block of 32 MiB or more went back
