@@ -98,6 +98,26 @@ def run_name(settings, defaults, varying):
     return with_settings("SparCode", {key: value for key, value in changed.items() if value != defaults[key]}), settings.get("seed", "?")
 
 
+def is_default(value, default):
+    """Whether a logged value is the property file's: RecBole logs ``train_neg_sample_args: ~`` expanded, as a dict whose
+    distribution is 'none'."""
+    return value == default or (default is None and isinstance(value, dict) and value.get("distribution") == "none")
+
+
+def shared_changes(logged, defaults, varying):
+    """``key=value`` of the settings every run read alike and not as the property file has them: they are left out of
+    the runs' names (which name only what the runs differ in), so the table says them once, or a plain "SparCode"
+    there would read as the shipped model."""
+    changes = []
+    for key in defaults:
+        if key in varying or not all(key in s for s in logged):
+            continue
+        value = logged_value(key, logged[0][key])
+        if not is_default(value, defaults[key]):
+            changes.append(f"{key}={value} (SparCode.yaml: {defaults[key]})")
+    return changes
+
+
 def summary_row(name, seed, epochs):
     ndcg = {e: v["ndcg"] for e, v in epochs.items() if "ndcg" in v}
     best = max(ndcg, key=lambda e: (ndcg[e], -e)) if ndcg else None
@@ -145,6 +165,7 @@ def main(argv=None):
     logged = [settings for settings, _, _ in runs.values()]
     varying = [k for k in defaults if all(k in s for s in logged) and len({repr(logged_value(k, s[k])) for s in logged}) > 1]
     named = sorted(((run_name(settings, defaults, varying), epochs) for settings, epochs, _ in runs.values()), key=lambda r: r[0])
+    shared = shared_changes(logged, defaults, varying)
     lines = [
         f"# SparCode's codes over training on {args.dataset}, per epoch (issue 27)",
         "",
@@ -153,6 +174,7 @@ def main(argv=None):
         "Codes used, perplexity (per codebook), distinct keys and the relative quantization error are over the epoch's "
         "training batches (dropout on); restarts are the dead-code restarts during the epoch. *Quiet from*: the epoch "
         "from which no restart fired to the end of the run.",
+        *(["", f"Every run here read {', '.join(shared)}: a run's name leaves these out."] if shared else []),
         "",
         "| run | seed | epochs | best valid NDCG@10 (epoch) | restarts in all | quiet from |",
         "|---|---|---|---|---|---|",

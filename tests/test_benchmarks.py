@@ -751,6 +751,7 @@ def test_code_curves_join_a_resumed_runs_logs_and_name_each_run_by_the_settings_
 
     def log(name, run, threshold, epochs, restarts):
         text = ["Mon 07 Dec 2026 08:22:11 INFO  ", "General Hyper Parameters:", "seed = 2020", f"checkpoint_dir = {run}", f"dead_code_threshold = {threshold}"]
+        text += ["softmax_negatives = 20", "epochs = 100", "train_neg_sample_args = {'distribution': 'none', 'sample_num': 'none'}"]
         for epoch, ndcg in epochs:
             text += [
                 f"Mon 07 Dec 2026 08:23:06 INFO  epoch {epoch} training [time: 1.00s, train_loss1: 1.0]",
@@ -772,6 +773,8 @@ def test_code_curves_join_a_resumed_runs_logs_and_name_each_run_by_the_settings_
     text = out.read_text()
     assert "| SparCode | 2020 | 3 | 0.0500 (3) | 14 | 3 |" in text, "7 restarts in each of epochs 1 and 2; epoch 3 (resumed) logged their 14 as its own"
     assert "| SparCode[dead_code_threshold=0] | 2020 | 1 | 0.0200 (1) | 0 | 1 |" in text
+    # what every run read unlike SparCode.yaml is said once (RecBole's expansion of train_neg_sample_args: ~ is not)
+    assert "Every run here read softmax_negatives=20 (SparCode.yaml: 100): a run's name leaves these out." in text
     assert "0.09" not in text and (tmp_path / "curves.png").exists()
 
 
