@@ -91,31 +91,34 @@ def logged_value(key, text):
     return parse_setting(key, text, "a run's log")
 
 
-def run_name(settings, defaults, varying):
-    """The run's name and seed: SparCode with those of the ``varying`` settings (the ones the runs read differ in)
-    whose value is not the property file's, written as the batch writes a variant (``with_settings``)."""
-    changed = {key: logged_value(key, settings[key]) for key in varying}
-    return with_settings("SparCode", {key: value for key, value in changed.items() if value != defaults[key]}), settings.get("seed", "?")
-
-
 def is_default(value, default):
     """Whether a logged value is the property file's: RecBole logs ``train_neg_sample_args: ~`` expanded, as a dict whose
     distribution is 'none'."""
     return value == default or (default is None and isinstance(value, dict) and value.get("distribution") == "none")
 
 
-def shared_changes(logged, defaults, varying):
-    """``key=value`` of the settings every run read alike and not as the property file has them: they are left out of
-    the runs' names (which name only what the runs differ in), so the table says them once, or a plain "SparCode"
-    there would read as the shipped model."""
-    changes = []
+def run_name(settings, defaults, varying):
+    """The run's name and seed: SparCode with those of the ``varying`` settings (the ones the runs read differ in)
+    whose value is not the property file's, written as the batch writes a variant (``with_settings``)."""
+    changed = {key: logged_value(key, settings[key]) for key in varying}
+    return with_settings("SparCode", {key: value for key, value in changed.items() if not is_default(value, defaults[key])}), settings.get("seed", "?")
+
+
+def split_settings(logged, defaults):
+    """(varying, shared) over the property file's settings that every run logged: ``varying`` the keys the runs read
+    differently (they name the runs), ``shared`` ``key=value`` of those every run read alike and not as the property
+    file has them. Names leave the shared ones out, so the table says them once, or a plain "SparCode" there would
+    read as the shipped model."""
+    varying, shared = [], []
     for key in defaults:
-        if key in varying or not all(key in s for s in logged):
+        if not all(key in s for s in logged):
             continue
-        value = logged_value(key, logged[0][key])
-        if not is_default(value, defaults[key]):
-            changes.append(f"{key}={value} (SparCode.yaml: {defaults[key]})")
-    return changes
+        values = [logged_value(key, s[key]) for s in logged]
+        if len({repr(v) for v in values}) > 1:
+            varying.append(key)
+        elif not is_default(values[0], defaults[key]):
+            shared.append(f"{key}={values[0]} (SparCode.yaml: {defaults[key]})")
+    return varying, shared
 
 
 def summary_row(name, seed, epochs):
@@ -163,9 +166,8 @@ def main(argv=None):
     if not runs:
         parser.exit(1, f"error: no SparCode log in {args.log_dir} has a checkpoint_dir under {args.resume_root}: pass the batch's --resume_root\n")
     logged = [settings for settings, _, _ in runs.values()]
-    varying = [k for k in defaults if all(k in s for s in logged) and len({repr(logged_value(k, s[k])) for s in logged}) > 1]
+    varying, shared = split_settings(logged, defaults)
     named = sorted(((run_name(settings, defaults, varying), epochs) for settings, epochs, _ in runs.values()), key=lambda r: r[0])
-    shared = shared_changes(logged, defaults, varying)
     lines = [
         f"# SparCode's codes over training on {args.dataset}, per epoch (issue 27)",
         "",

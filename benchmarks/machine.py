@@ -35,7 +35,7 @@ MATRIX_UNITS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f",
 def cpu_model(cpuinfo="/proc/cpuinfo"):
     """The CPU's model name and its widest matrix unit (:data:`MATRIX_UNITS`), e.g. "AMD EPYC, AVX512-BF16": two
     sessions' machines of the same core count differed only there, and their timings may not be divided (2026-12-07:
-    an AMX Xeon, then an EPYC). ``platform.processor()`` where there is no ``cpuinfo`` to read."""
+    a CPU with AMX, then an EPYC without). ``platform.processor()`` where there is no ``cpuinfo`` to read."""
     try:
         with open(cpuinfo) as f:
             text = f.read()

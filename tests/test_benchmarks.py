@@ -654,7 +654,7 @@ def test_a_timing_taken_with_kernels_held_to_an_older_instruction_set_says_so(mo
 
 
 def test_a_timing_names_the_cpu_model_and_its_widest_matrix_unit(tmp_path, monkeypatch):
-    """Two sessions' 2-core machines differed only in their CPUs (an AMX Xeon, then an EPYC): a description without
+    """Two sessions' 2-core machines differed only in their CPUs (a CPU with AMX, then an EPYC without): a description without
     the CPU would let report.per_machine divide one's timings by the other's."""
     import platform
 
