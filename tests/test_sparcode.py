@@ -624,3 +624,41 @@ def test_runner_trains_sparcode_on_ml100k(tmp_path):
     index = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert index.returncode == 0, index.stderr[-3000:]
     assert float(re.search(r"NDCG ([0-9.]+)", index.stdout).group(1)) == float(logged.group(1))
+
+
+def rec_loss_gradients(model, batch, by_key):
+    """Gradients of the sampled-softmax loss (the sparsity term added) w.r.t. the tokens and every parameter, its
+    negatives scored per distinct code key (``by_key``) or per token; the same negatives either way."""
+    model.zero_grad()
+    tokens = model.query_tokens(batch).detach().requires_grad_()
+    codes = model.quantizer.assign(tokens)
+    query = tokens + (model.quantizer.lookup(codes) - tokens).detach()
+    torch.manual_seed(7)
+    loss, unscored = model.rec_loss(model.query_side(query), batch, model.quantizer.keys(codes) if by_key else None)
+    (loss + unscored).backward()
+    named = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), tokens.grad, named, model.quantizer.keys(codes)
+
+
+@pytest.mark.parametrize("mlp_hidden", [[16, 16], [16], [16, 8, 4]])
+def test_negatives_scored_once_per_code_key_give_per_token_values_and_gradients(sparcode_data, mlp_hidden):
+    # Tokens of one code share a value, so their negatives' scores are computed once (SharedRowScores), yet each
+    # token must still get its own gradient: the straight-through estimator hands it to the tokenizer.
+    model = trained_sparcode(sparcode_data, mlp_hidden=mlp_hidden, score_bias=0.5, **QUIET).train()
+    batch = first_batch(sparcode_data[1])
+    loss, token_grad, grads, keys = rec_loss_gradients(model, batch, by_key=True)
+    reference_loss, reference_token_grad, reference, _ = rec_loss_gradients(model, batch, by_key=False)
+    assert len(torch.unique(keys)) < keys.numel()  # some tokens share a code: the case being tested
+    assert model.shares_rows() and sorted(grads) == sorted(reference)
+    torch.testing.assert_close(loss, reference_loss)
+    assert token_grad.abs().sum() > 0
+    torch.testing.assert_close(token_grad, reference_token_grad, rtol=1e-4, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_negatives_are_scored_per_token_where_tokens_of_one_code_can_differ(sparcode_data):
+    # Dropout in the interaction MLP draws a mask per token; continuous tokens have no code.
+    assert not trained_sparcode(sparcode_data, steps=1, mlp_dropout=0.1).shares_rows()
+    assert not trained_sparcode(sparcode_data, steps=1, quantize=False).shares_rows()
+    assert not trained_sparcode(sparcode_data, steps=1, interaction="dot", score_relu=False).shares_rows()

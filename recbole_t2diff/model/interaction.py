@@ -71,6 +71,25 @@ class CrossInteraction:
         # and one pass fewer, the same values and gradients (ReLU's backward reads its output either way).
         return self.mlp_tail((query_side + item_side).relu_()).squeeze(-1)
 
+    def shares_rows(self):
+        """Whether :meth:`shared_row_scores` applies: an MLP with no dropout in its tail (a mask per token would make
+        tokens of one code score differently), over quantized tokens (only a code fixes a token's value)."""
+        return self.quantizer is not None and self.interaction == "mlp" and all(getattr(layer, "p", 0) == 0 for layer in self.mlp_tail)
+
+    def shared_row_scores(self, query_side, keys, item_side):
+        """s [T, n] of every token against items shared by all of them, the MLP run once per distinct code key.
+
+        ``query_side`` [T, H_1] holds W_q q̃ of T training tokens whose values are fixed by their ``keys`` [T] (the
+        straight-through q̃ equals its codeword up to float rounding); ``item_side`` [n, H_1]. A batch of 1,024 ml-100k
+        tokens has 150 to 500 distinct keys after the first epoch, so this is the tail's work at U/T of the cost, with
+        the same values, and the same gradients up to float rounding: see :class:`SharedRowScores`."""
+        rows, token_row = torch.unique(keys, return_inverse=True)
+        first = torch.full((len(rows),), len(keys), dtype=torch.long, device=keys.device)
+        first.scatter_reduce_(0, token_row, torch.arange(len(keys), device=keys.device), "amin")
+        linears = [layer for layer in self.mlp_tail if isinstance(layer, nn.Linear)]
+        params = [tensor for layer in linears for tensor in (layer.weight, layer.bias)]
+        return SharedRowScores.apply(query_side, item_side, token_row, first, *params)
+
     def activate(self, scores, leaky=False, relu=None):
         """φ(s + b): ReLU (leaky by ``relu_leak`` for training positives), or the identity with score_relu: false;
         ``relu`` overrides score_relu (the index always stores the ReLU'd scores)."""
@@ -122,3 +141,61 @@ class CrossInteraction:
         """y [B, I] = Σ_k r[row of token k]: a code used twice by a user adds twice, as Σ_k requires."""
         users = torch.arange(n_users, device=token_row.device).repeat_interleave(len(token_row) // n_users)
         return row_values.new_zeros(n_users, row_values.size(1)).index_add_(0, users, row_values[token_row])
+
+
+class SharedRowScores(torch.autograd.Function):
+    """Pair scores of T tokens against n shared items through the MLP tail, computed for U distinct token values.
+
+    Tokens of one code key have one value, so their scores are the key's, but each token needs its own gradient
+    (the straight-through estimator hands it to the tokenizer token by token). Each score is a scalar function of
+    its row's pre-activation p = W_q q̃ + W_v v + b_1, so with J = ∂s/∂p (one [U, n, H_1] tensor, the MLP's
+    backward for a unit output gradient) and G = the gradients of the tokens of each key summed: token t gets
+    Σ_n g[t, n] J[row(t), n], item n gets Σ_u G[u, n] J[u, n], and each tail weight gets autograd's own formula
+    with the output gradient G. The forward, J and the weight gradients each cost one pass of the tail over U·n
+    rows where per-token scoring costs three over T·n (docs/SPARCODE.md §6).
+
+    The tail is Linear layers with a ReLU after each but the last (its Dropouts have p = 0: shares_rows);
+    ``params`` are their weights and biases in order. Under autocast the backward runs under it too.
+    """
+
+    @staticmethod
+    def forward(ctx, query_side, item_side, token_row, first, *params):
+        pre = query_side[first][:, None] + item_side[None]  # [U, n, H_1]
+        x = pre.relu()
+        inputs, positive = [x], [pre > 0]
+        weights, biases = params[0::2], params[1::2]
+        for i, (weight, bias) in enumerate(zip(weights, biases)):
+            x = F.linear(x, weight, bias)
+            if i < len(weights) - 1:
+                positive.append(x > 0)
+                x = x.relu_()
+                inputs.append(x)
+        ctx.save_for_backward(token_row, *inputs, *positive, *params)
+        ctx.n_layers = len(weights)
+        ctx.dtypes = (query_side.dtype, item_side.dtype)
+        ctx.autocast = (torch.is_autocast_enabled(query_side.device.type), torch.get_autocast_dtype(query_side.device.type), query_side.device.type)
+        return x.squeeze(-1)[token_row]  # [T, n]
+
+    @staticmethod
+    def backward(ctx, grad):
+        token_row, *saved = ctx.saved_tensors
+        n = ctx.n_layers
+        inputs, positive, params = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        weights = params[0::2]
+        enabled, dtype, device = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            grad = grad.to(inputs[0].dtype)
+            per_row = grad.new_zeros(inputs[0].shape[:2]).index_add_(0, token_row, grad)  # G [U, n]
+            param_grads = []
+            unit = per_row.new_ones(*per_row.shape, 1)  # ∂s/∂(the last layer's output)
+            for i in reversed(range(n)):
+                out_grad = (per_row.unsqueeze(-1) * unit).flatten(0, 1)  # the loss's gradient at layer i's output
+                param_grads[:0] = [out_grad.t() @ inputs[i].flatten(0, 1), out_grad.sum(0)]
+                unit = unit @ weights[i].to(unit.dtype)  # ∂s/∂(layer i's input)
+                if i:
+                    unit = unit * positive[i]  # that input is the ReLU of layer i - 1's output
+            jacobian = unit * positive[0]  # J = ∂s/∂p [U, n, H_1]
+            item_grad = torch.einsum("un,unh->nh", per_row, jacobian)
+            query_grad = torch.einsum("tn,tnh->th", grad, jacobian[token_row])
+        param_grads = [g.to(p.dtype).reshape(p.shape) for g, p in zip(param_grads, params)]
+        return query_grad.to(ctx.dtypes[0]), item_grad.to(ctx.dtypes[1]), None, None, *param_grads

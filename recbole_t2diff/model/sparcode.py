@@ -202,7 +202,7 @@ class SparCode(CrossInteraction, SequentialRecommender):
         else:
             query = tokens
         with self.training_autocast():
-            rec_loss, unscored = self.rec_loss(self.query_side(query), interaction)
+            rec_loss, unscored = self.rec_loss(self.query_side(query), interaction, None if self.quantizer is None else self.quantizer.keys(codes))
         losses.append(rec_loss)
         if self.quantizer is not None:
             losses.append(self.vq_beta * commitment)
@@ -211,8 +211,11 @@ class SparCode(CrossInteraction, SequentialRecommender):
             losses.append(self.sparsity_weight * unscored)
         return tuple(losses) if len(losses) > 1 else losses[0]
 
-    def rec_loss(self, query_side, interaction):
+    def rec_loss(self, query_side, interaction, keys=None):
         """(L_rec, L_sparse): the recommendation loss and the mean φ(s + b) over the non-target pairs it scored.
+
+        With the tokens' code ``keys`` [B, K_u], sampled negatives are scored once per distinct key
+        (:meth:`shared_row_scores`, where it applies): the same values and gradients, at a fraction of the work.
 
         Only the positives take the leaky ReLU (``relu_leak``), so a positive whose every token
         scores ≤ −b still gets a gradient. Negatives keep the plain ReLU: leaky, nothing would stop
@@ -236,7 +239,12 @@ class SparCode(CrossInteraction, SequentialRecommender):
         # Sampled softmax: uniform negatives shared by the batch; a negative equal to a row's target
         # (an accidental hit) is masked out of that row.
         negatives = torch.randint(1, self.n_items, (self.softmax_negatives,), device=target.device)
-        negative_values = self.activate(self.interact(query_side[:, :, None], self.item_side(negatives)[None, None]))  # [B, K, n]
+        negative_side = self.item_side(negatives)
+        if keys is not None and self.shares_rows():
+            scores = self.shared_row_scores(query_side.flatten(0, 1), keys.flatten(), negative_side).view(*keys.shape, -1)
+        else:
+            scores = self.interact(query_side[:, :, None], negative_side[None, None])
+        negative_values = self.activate(scores)  # [B, K, n]
         hits = negatives[None, :] == target[:, None]  # [B, n]
         logits = torch.cat([positive[:, None], negative_values.sum(1).masked_fill(hits, -1e9)], dim=1).float()
         kept = (~hits).unsqueeze(1).float()
