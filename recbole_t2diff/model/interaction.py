@@ -143,6 +143,17 @@ class CrossInteraction:
         return row_values.new_zeros(n_users, row_values.size(1)).index_add_(0, users, row_values[token_row])
 
 
+def per_token_sum(grad, token_row, jacobian):
+    """[T, H]: Σ_n grad[t, n] · jacobian[token_row[t], n] for grad [T, n] and jacobian [U, n, H], as one sparse [T, U·n]
+    by dense [U·n, H] product: gathering jacobian[token_row] first writes a [T, n, H] tensor, 10x slower on a CPU."""
+    tokens, n = grad.shape
+    rows = torch.arange(tokens, device=grad.device).repeat_interleave(n)
+    columns = (token_row[:, None] * n + torch.arange(n, device=grad.device)).flatten()
+    # Row-major with each row's columns ascending and none repeated: coalesced as built, so nothing sorts them again.
+    picks = torch.sparse_coo_tensor(torch.stack([rows, columns]), grad.flatten(), (tokens, jacobian.size(0) * n), is_coalesced=True, check_invariants=False)
+    return torch.sparse.mm(picks, jacobian.flatten(0, 1))
+
+
 class SharedRowScores(torch.autograd.Function):
     """Pair scores of T tokens against n shared items through the MLP tail, computed for U distinct token values.
 
@@ -161,13 +172,15 @@ class SharedRowScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query_side, item_side, token_row, first, *params):
         pre = query_side[first][:, None] + item_side[None]  # [U, n, H_1]
-        x = pre.relu()
-        inputs, positive = [x], [pre > 0]
+        # ReLU's derivative as 0/1 in the activations' dtype: multiplying by it is 2-3x faster than by a bool mask
+        positive = [(pre > 0).to(pre.dtype)]
+        x = pre.relu_()
+        inputs = [x]
         weights, biases = params[0::2], params[1::2]
         for i, (weight, bias) in enumerate(zip(weights, biases)):
             x = F.linear(x, weight, bias)
             if i < len(weights) - 1:
-                positive.append(x > 0)
+                positive.append((x > 0).to(x.dtype))
                 x = x.relu_()
                 inputs.append(x)
         ctx.save_for_backward(token_row, *inputs, *positive, *params)
@@ -196,6 +209,6 @@ class SharedRowScores(torch.autograd.Function):
                     unit = unit * positive[i]  # that input is the ReLU of layer i - 1's output
             jacobian = unit * positive[0]  # J = ∂s/∂p [U, n, H_1]
             item_grad = torch.einsum("un,unh->nh", per_row, jacobian)
-            query_grad = torch.einsum("tn,tnh->th", grad, jacobian[token_row])
+        query_grad = per_token_sum(grad.float(), token_row, jacobian.float())
         param_grads = [g.to(p.dtype).reshape(p.shape) for g, p in zip(param_grads, params)]
         return query_grad.to(ctx.dtypes[0]), item_grad.to(ctx.dtypes[1]), None, None, *param_grads
