@@ -50,8 +50,10 @@ def main(argv=None):
         reference_config, reference, reference_train, _ = untrained("SASRec", args.dataset, {"data_path": data_path})
     model = build_model(config, train)
     trainer = make_trainer(config, model)
+    shares = []  # after each epoch, on the first --rounds batches of a fresh shuffle
     for epoch in range(args.epochs):
         trainer._train_epoch(train, epoch)
+        shares.append(distinct_key_share(model, itertools.islice(iter(train), args.rounds)))
     per_token = copy.deepcopy(model)
     per_token.shares_rows = lambda: False  # this copy alone scores its negatives token by token
     steppers = {
@@ -71,7 +73,8 @@ def main(argv=None):
         f"SparCode at its property-file defaults{' plus ' + str(settings) if settings else ''}, trained {args.epochs} "
         f"epoch(s) with RecBole's trainer, then copied; SASRec at its defaults. {args.rounds} rounds after 2 warm-up steps "
         "each, one training step of every model per round. Distinct code keys per token in "
-        f"{args.rounds} training batches after the timing: {share:.2f}.",
+        f"{args.rounds} training batches after the timing: {share:.2f}"
+        + (f"; after each training epoch: {', '.join(f'{e + 1}: {x:.2f}' for e, x in enumerate(shares))}." if shares else "."),
         "",
         "| model | s per 1,000 sequences | x SASRec |",
         "|---|---|---|",

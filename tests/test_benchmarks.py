@@ -21,7 +21,7 @@ from recbole_t2diff.config import Config
 from recbole_t2diff.errors import UsageError
 from recbole_t2diff.quick_start import prepare
 
-from helpers import REPO, TINY_MODEL
+from helpers import REPO, TINY_MODEL, TINY_SPARCODE
 
 # The scripts run as `python -m benchmarks.<name>` from the project root; a test's child process runs elsewhere.
 SCRIPT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
@@ -726,6 +726,18 @@ def test_step_ratio_writes_each_variants_cost_as_a_ratio_to_sasrec(tiny_path, wo
     assert "Command: `python -m benchmarks." in text and "Machine: " in text and "load average" in text
     with pytest.raises(SystemExit):
         step_ratio.main(["--variants=T2Diff", f"--out={out}"])  # the reference comes first
+
+
+def test_shared_rows_times_sparcode_per_code_key_and_per_token_against_sasrec(tiny_path, workdir):
+    from benchmarks import shared_rows
+
+    out = workdir / "shared.md"
+    tiny = [f"--{key}={value}" for key, value in TINY_SPARCODE.items()]
+    shared_rows.main(["--dataset=tiny", f"--data_path={tiny_path}", "--epochs=1", "--rounds=1", f"--out={out}", *tiny])
+    text = out.read_text()
+    rows = dict(re.findall(r"^\| ([^|]+) \| [\d.]+ \| ([\d.]+) \|$", text, flags=re.M))
+    assert rows.keys() == {"SASRec", "SparCode, negatives per code key", "SparCode, negatives per token"} and rows["SASRec"] == "1.00"
+    assert re.search(r"after each training epoch: 1: [01]\.\d\d\.", text) and "Machine: " in text
 
 
 def test_cost_benchmarks_read_variants_with_settings_whole_and_sasrec_first():
