@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.cli import one_thread_config, untrained
 from benchmarks.machine import command_line, describe, load_average
-from benchmarks.steps import Stepper, seconds_per_sequence
+from benchmarks.steps import Stepper, cost_table, seconds_per_sequence, write_report
 from recbole_t2diff.cli import exit_on_usage_error
 from recbole_t2diff.quick_start import build_model, make_trainer, prepare
 
@@ -76,15 +76,8 @@ def main(argv=None):
         f"{args.rounds} training batches after the timing: {share:.2f}"
         + (f"; after each training epoch: {', '.join(f'{e + 1}: {x:.2f}' for e, x in enumerate(shares))}." if shares else "."),
         "",
-        "| model | s per 1,000 sequences | x SASRec |",
-        "|---|---|---|",
     ]
-    lines += [f"| {name} | {1000 * s:.3f} | {s / cost['SASRec']:.2f} |" for name, s in cost.items()]
-    report = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report)
-    print(report, end="")
+    write_report(args.out, lines + cost_table(cost))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ change of the machine's load hits them alike. Writes a table with the command, m
 
 import argparse
 import datetime
-import os
 
 import torch
 
 from benchmarks.cli import untrained
 from benchmarks.machine import command_line, describe, load_average
-from benchmarks.steps import Stepper, seconds_per_sequence
+from benchmarks.steps import Stepper, cost_table, seconds_per_sequence, write_report
 from benchmarks.variants import against_sasrec
 from recbole_t2diff.cli import exit_on_usage_error
 
@@ -30,7 +29,7 @@ def stepper(variant, dataset, settings):
 
 
 def table(args, command, cost, load_before, load_after):
-    """The Markdown report of ``cost`` ({variant: seconds per sequence}, SASRec's first)."""
+    """The Markdown report's lines of ``cost`` ({variant: seconds per sequence}, SASRec's first)."""
     lines = [
         f"# Training cost per sequence on {args.dataset}, as ratios to SASRec",
         "",
@@ -41,11 +40,8 @@ def table(args, command, cost, load_before, load_after):
         "each, one training step of every variant per round (as RecBole's trainer steps it: every loss, the optimiser, "
         "autocast with `enable_amp`).",
         "",
-        "| variant | s per 1,000 sequences | x SASRec |",
-        "|---|---|---|",
     ]
-    lines += [f"| {v} | {1000 * s:.3f} | {s / cost['SASRec']:.2f} |" for v, s in cost.items()]
-    return "\n".join(lines) + "\n"
+    return lines + cost_table(cost)
 
 
 def main(argv=None):
@@ -63,11 +59,7 @@ def main(argv=None):
         steppers = {v: stepper(v, args.dataset, settings) for v in against_sasrec(args.variants)}
     load_before = load_average()
     cost = seconds_per_sequence(steppers, args.rounds)
-    report = table(args, command_line(argv), cost, load_before, load_average())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report)
-    print(report, end="")
+    write_report(args.out, table(args, command_line(argv), cost, load_before, load_average()))
 
 
 if __name__ == "__main__":

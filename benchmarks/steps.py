@@ -4,6 +4,7 @@ alike). The worker's SASRec reference (:func:`benchmarks.worker.step_ratio_to_sa
 ``benchmarks.scaling`` and ``benchmarks.sparcode_codes`` all step through here."""
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 
@@ -57,3 +58,19 @@ def seconds_per_sequence(steppers, rounds, warm_up=2):
                 seconds[name] += took
                 sequences[name] += size
     return {name: seconds[name] / sequences[name] for name in steppers}
+
+
+def cost_table(cost):
+    """Markdown table lines of ``cost`` ({name: training seconds per sequence}, SASRec's among them): seconds per 1,000
+    sequences and the ratio to SASRec."""
+    lines = ["| model | s per 1,000 sequences | x SASRec |", "|---|---|---|"]
+    return lines + [f"| {name} | {1000 * s:.3f} | {s / cost['SASRec']:.2f} |" for name, s in cost.items()]
+
+
+def write_report(path, lines):
+    """Writes the Markdown ``lines`` to ``path`` (its folder made if missing) and prints them."""
+    report = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(report)
+    print(report, end="")
