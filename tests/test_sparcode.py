@@ -633,11 +633,12 @@ def rec_loss_gradients(model, batch, by_key):
     tokens = model.query_tokens(batch).detach().requires_grad_()
     codes = model.quantizer.assign(tokens)
     query = tokens + (model.quantizer.lookup(codes) - tokens).detach()
+    keys = model.quantizer.keys(codes)
     torch.manual_seed(7)
-    loss, unscored = model.rec_loss(model.query_side(query), batch, model.quantizer.keys(codes) if by_key else None)
+    loss, unscored = model.rec_loss(model.query_side(query), batch, keys if by_key else None)
     (loss + unscored).backward()
     named = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), tokens.grad, named, model.quantizer.keys(codes)
+    return loss.detach(), tokens.grad, named, keys
 
 
 @pytest.mark.parametrize("mlp_hidden", [[16, 16], [16], [16, 8, 4]])
