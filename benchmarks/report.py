@@ -198,7 +198,7 @@ def summarize(study, rows, requested, commands, search=None):
                 f"Search: every model trained once with seed {search['seed']} at each of the {len(search['grid'])} settings below, "
                 f"{'with the same budget per run' if args.time_budget else 'under the same stopping rule'}; the one with the best validation "
                 f"NDCG@10 ran all seeds (its seed-{search['seed']} row is that search run). "
-                "Ablations use T2Diff's chosen settings."
+                "Ablations use their model's chosen settings."
             ]
             if search
             else []

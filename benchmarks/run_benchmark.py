@@ -13,7 +13,8 @@ the run is tested at its best-validation epoch as usual. Models may carry
 settings in brackets, e.g. "T2Diff[lambda_diff=0.1]", and the paper's ablations have names:
 T2Diff-noDiff, T2Diff-noDP, T2Diff-noTA, T2Diff-linear, T2Diff-log, the control T2Diff-copyLast
 (x̂ := x_L), T2Diff-positions (order in the user tower) and T2Diff-amp (RecBole's enable_amp: the training
-steps in bfloat16 on a CPU); an ablation takes settings in brackets too,
+steps in bfloat16 on a CPU), and SparCode's SparCode-noVQ, SparCode-dot, SparCode-dotVQ (its two-tower
+reduction) and SparCode-noReLU (docs/SPARCODE.md §14); an ablation takes settings in brackets too,
 e.g. "T2Diff-copyLast[position_embedding=learned]". A preset's name (T2Diff-fast, T2Diff-paper: the file
 properties/presets/<name>.yaml) is a configuration users run: it is searched like a model.
 For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best epoch
@@ -21,8 +22,8 @@ For a T2Diff with x̂, the row also gets x̂'s quality on validation at the best
 
 --search gives every model the same hyperparameter search: each point of the grid (keys separated by
 ";", values by ",") trains once with the first seed, and the point with the best validation NDCG@10 runs
-all seeds (its first-seed run is the search run itself). The ablations take T2Diff's chosen point, so
-each differs from T2Diff's row by its one switch. Test metrics play no part in any choice.
+all seeds (its first-seed run is the search run itself). An ablation takes its model's chosen point
+(T2Diff-noDiff T2Diff's, SparCode-dotVQ SparCode's), so each differs from its model's row by its one switch. Test metrics play no part in any choice.
 
 Every (model, seed) runs in its own process and is appended to results/<dataset>.csv as soon as it
 ends (rows already there for the same settings are skipped, so an interrupted run resumes). The

@@ -1,7 +1,7 @@
 """The variant mini-language of ``--models`` and ``--search``, and the search's choice.
 
-A variant is a model with settings in brackets ("T2Diff[lambda_diff=0.1,n_steps=20]"), one of the paper's
-ablations ("T2Diff-noDP", also with brackets) or a preset ("T2Diff-fast": the settings of
+A variant is a model with settings in brackets ("T2Diff[lambda_diff=0.1,n_steps=20]"), a named ablation
+("T2Diff-noDP", also with brackets: its model's name, a dash, the part it removes) or a preset ("T2Diff-fast": the settings of
 properties/presets/T2Diff-fast.yaml, a configuration users run, searched like a model). A variant's name
 is its identity: the CSV keys rows by variant and seed, so names must read back to the same settings.
 """
@@ -26,6 +26,11 @@ ABLATIONS = {
     "T2Diff-noTA": {"use_target_attention": False},
     "T2Diff-linear": {"beta_schedule": "linear"},
     "T2Diff-log": {"beta_schedule": "log"},
+    # SparCode's ablations, named as in docs/SPARCODE.md §14; SparCode-dotVQ is its two-tower reduction (§11)
+    "SparCode-noVQ": {"quantize": False},
+    "SparCode-dot": {"interaction": "dot", "quantize": False, "score_relu": False},
+    "SparCode-dotVQ": {"interaction": "dot", "score_relu": False},
+    "SparCode-noReLU": {"score_relu": False},
 }
 OURS = ("T2Diff", "SparCode")  # the package's models; every other model is a RecBole built-in
 
@@ -43,6 +48,11 @@ def against_sasrec(text):
     return variants
 
 
+def ablated_model(name):
+    """The model a named ablation removes a part of: "SparCode-dotVQ" -> "SparCode"."""
+    return name.partition("-")[0]
+
+
 def base_name(variant):
     """The name before any brackets: "T2Diff-noDP[n_steps=20]" -> "T2Diff-noDP"."""
     return variant.partition("[")[0]
@@ -58,7 +68,7 @@ def parse_variant(variant):
         )
     name, settings = match.group(1), {}
     if name in ABLATIONS:
-        name, settings = "T2Diff", dict(ABLATIONS[name])
+        name, settings = ablated_model(name), dict(ABLATIONS[name])
     elif "-" in name:  # a preset: a configuration users run, searched like a model
         name, settings = name.partition("-")[0], preset_settings(name)
     for pair in filter(None, (match.group(2) or "").split(",")):
@@ -109,13 +119,14 @@ def parse_grid(text):
 def search_trials(variants, grid):
     """{variant: its variant at every grid point} for the variants a search trains (not the ablations)."""
     searched = [v for v in variants if base_name(v) not in ABLATIONS]
-    if len(searched) < len(variants) and "T2Diff" not in searched:
-        raise UsageError("with --search the ablations take T2Diff's chosen settings: add T2Diff to --models")
+    for model in dict.fromkeys(ablated_model(base_name(v)) for v in variants if v not in searched):
+        if model not in searched:
+            raise UsageError(f"with --search the ablations take {model}'s chosen settings: add {model} to --models")
     return {v: [with_settings(v, point) for point in grid] for v in searched}
 
 
 def pick(variants, grid, seed, rows, trials):
-    """{variant: chosen variant}: the trial with the best validation NDCG@10; an ablation takes T2Diff's point.
+    """{variant: chosen variant}: the trial with the best validation NDCG@10; an ablation takes its model's point.
 
     ``rows`` are the CSV's rows; a trial without a row failed. Raises SystemExit when every trial of a variant failed.
     """
@@ -127,8 +138,8 @@ def pick(variants, grid, seed, rows, trials):
         best = max(scores, key=lambda score: score[0])[1]  # a tie goes to the earlier point
         chosen[v], points[v] = mine[best], grid[best]
     for v in variants:
-        if v not in chosen:  # an ablation (search_trials makes sure T2Diff was searched)
-            chosen[v] = with_settings(v, points["T2Diff"])
+        if v not in chosen:  # an ablation (search_trials makes sure its model was searched)
+            chosen[v] = with_settings(v, points[ablated_model(base_name(v))])
     return chosen
 
 

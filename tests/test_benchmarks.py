@@ -225,6 +225,21 @@ def test_search_without_plain_t2diff_chooses_each_variant_and_ablations_need_it(
     assert len(rows) == 4 and {r["seed"] for r in rows} == {7}
     with pytest.raises(UsageError, match="add T2Diff to --models"):
         choose(["T2Diff[unet_levels=2]", "T2Diff-noDiff"], grid, 7, run_all, rows)
+    with pytest.raises(UsageError, match="add SparCode to --models"):
+        choose(["T2Diff", "SparCode-dotVQ"], grid, 7, run_all, rows)
+
+
+def test_an_ablation_takes_its_own_models_chosen_point():
+    """SparCode's two-tower reduction runs at SparCode's chosen point, T2Diff's ablation at T2Diff's, each not searched."""
+    grid = parse_grid("train_batch_size=512,2048")
+    best = {"T2Diff": 512, "SparCode": 2048}
+    variants = ["T2Diff", "SparCode", "T2Diff-noDiff", "SparCode-dotVQ"]
+    trials = search_trials(variants, grid)
+    assert set(trials) == {"T2Diff", "SparCode"}
+    rows = [{"variant": t, "seed": 7, "valid_ndcg@10": 0.2 if parse_variant(t)[1]["train_batch_size"] == best[m] else 0.1} for m in trials for t in trials[m]]
+    chosen = pick(variants, grid, 7, rows, trials)
+    assert chosen["SparCode-dotVQ"] == "SparCode-dotVQ[train_batch_size=2048]" and chosen["T2Diff-noDiff"] == "T2Diff-noDiff[train_batch_size=512]"
+    assert parse_variant(chosen["SparCode-dotVQ"]) == ("SparCode", {"interaction": "dot", "score_relu": False, "train_batch_size": 2048})
 
 
 @pytest.mark.slow
