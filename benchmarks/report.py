@@ -45,6 +45,21 @@ def sharing(rows):
     return "Sharing: " + "; ".join(parts) + " (the load counts work from outside the batch too)."
 
 
+def compute_spent(rows):
+    """One line on the run-hours the CSV's rows took (search points a table hides included): each run's wall-clock
+    from its start to its test (``run_s``), summed per kind of machine; runs that shared a machine each count theirs."""
+    hours = {}
+    for r in rows:
+        if r.get("run_s") not in (None, ""):
+            kind = "GPU" if "NVIDIA" in (r.get("machine") or "") else "CPU"
+            hours[kind] = hours.get(kind, 0.0) + float(r["run_s"]) / 3600
+    if not hours:
+        return "Compute: no row recorded its run time."
+    counted = sum(r.get("run_s") not in (None, "") for r in rows)
+    spent = " and ".join(f"{h:.1f} run-hours on {kind}" for kind, h in sorted(hours.items()))
+    return f"Compute: the CSV's {counted} runs took {spent} (each run's wall-clock to its test, summed; runs that shared a machine each count theirs)."
+
+
 def welch_p(a, b):
     """Welch's t-test p-value (two-sided) of two groups of seeds, or None when either has fewer than 2 values
     or both have no spread. Seeds are not paired across models, so the test is unpaired and unequal-variance."""
@@ -182,6 +197,7 @@ def summarize(study, rows, requested, commands, search=None):
         f"date {', '.join(sorted({r.get('date') or datetime.date.today().isoformat() for r in rows if r['variant'] in variants}))}"
         ".  ",
         sharing([r for r in rows if r["variant"] in variants]) + "  ",
+        compute_spent(rows) + "  ",
         "Protocol: leave-one-out by time, full ranking over all items, MAX_ITEM_LIST_LENGTH 50, early stopping on",
         "validation NDCG@10; test metrics of the best-validation checkpoint. Mean ± std over the seeds listed.",
         *(

@@ -423,6 +423,22 @@ def test_the_table_says_what_its_rows_shared_the_machine_with():
     assert one == "Sharing: 1 row(s) ran 1 at once, 1-minute load average 3.1 at their validations (the load counts work from outside the batch too)."
 
 
+def test_the_table_says_how_many_run_hours_its_csv_took_per_kind_of_machine():
+    from benchmarks.report import compute_spent
+
+    rows = [
+        {"run_s": "3600", "machine": "x86_64, 2 cores, torch 2.13.0+cpu, CPU"},
+        {"run_s": "1800", "machine": "x86_64, AMD EPYC, 2 cores, torch 2.13.0+cpu, CPU, heap-only malloc"},
+        {"run_s": "720", "machine": "x86_64, 16 cores, torch 2.11.0+cu130, NVIDIA H200"},
+        {"run_s": "", "machine": "m"},
+    ]
+    assert compute_spent(rows) == (
+        "Compute: the CSV's 3 runs took 1.5 run-hours on CPU and 0.2 run-hours on GPU (each run's wall-clock to its test, "
+        "summed; runs that shared a machine each count theirs)."
+    )
+    assert compute_spent([{"machine": "m"}]) == "Compute: no row recorded its run time."
+
+
 def test_an_in_process_ratio_column_averages_the_runs_that_measured_it():
     from benchmarks.report import in_process_ratio
 
