@@ -48,16 +48,15 @@ def sharing(rows):
 def compute_spent(rows):
     """One line on the run-hours the CSV's rows took (search points a table hides included): each run's wall-clock
     from its start to its test (``run_s``), summed per kind of machine; runs that shared a machine each count theirs."""
-    hours = {}
-    for r in rows:
-        if r.get("run_s") not in (None, ""):
-            kind = "GPU" if "NVIDIA" in (r.get("machine") or "") else "CPU"
-            hours[kind] = hours.get(kind, 0.0) + float(r["run_s"]) / 3600
-    if not hours:
+    timed = [r for r in rows if r.get("run_s") not in (None, "")]
+    if not timed:
         return "Compute: no row recorded its run time."
-    counted = sum(r.get("run_s") not in (None, "") for r in rows)
+    hours = {}
+    for r in timed:
+        kind = "GPU" if "NVIDIA" in (r.get("machine") or "") else "CPU"
+        hours[kind] = hours.get(kind, 0.0) + float(r["run_s"]) / 3600
     spent = " and ".join(f"{h:.1f} run-hours on {kind}" for kind, h in sorted(hours.items()))
-    return f"Compute: the CSV's {counted} runs took {spent} (each run's wall-clock to its test, summed; runs that shared a machine each count theirs)."
+    return f"Compute: the CSV's {len(timed)} runs took {spent} (each run's wall-clock to its test, summed; runs that shared a machine each count theirs)."
 
 
 def welch_p(a, b):

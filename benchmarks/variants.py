@@ -48,8 +48,8 @@ def against_sasrec(text):
     return variants
 
 
-def ablated_model(name):
-    """The model a named ablation removes a part of: "SparCode-dotVQ" -> "SparCode"."""
+def model_of(name):
+    """The model a named ablation or preset is a variant of: "SparCode-dotVQ" -> "SparCode", "T2Diff-fast" -> "T2Diff"."""
     return name.partition("-")[0]
 
 
@@ -68,9 +68,9 @@ def parse_variant(variant):
         )
     name, settings = match.group(1), {}
     if name in ABLATIONS:
-        name, settings = ablated_model(name), dict(ABLATIONS[name])
+        name, settings = model_of(name), dict(ABLATIONS[name])
     elif "-" in name:  # a preset: a configuration users run, searched like a model
-        name, settings = name.partition("-")[0], preset_settings(name)
+        name, settings = model_of(name), preset_settings(name)
     for pair in filter(None, (match.group(2) or "").split(",")):
         key, _, value = pair.partition("=")
         settings[key.strip()] = parse_setting(key.strip(), value.strip(), f"in the variant {variant}")
@@ -119,7 +119,7 @@ def parse_grid(text):
 def search_trials(variants, grid):
     """{variant: its variant at every grid point} for the variants a search trains (not the ablations)."""
     searched = [v for v in variants if base_name(v) not in ABLATIONS]
-    for model in dict.fromkeys(ablated_model(base_name(v)) for v in variants if v not in searched):
+    for model in dict.fromkeys(model_of(base_name(v)) for v in variants if v not in searched):
         if model not in searched:
             raise UsageError(f"with --search the ablations take {model}'s chosen settings: add {model} to --models")
     return {v: [with_settings(v, point) for point in grid] for v in searched}
@@ -139,7 +139,7 @@ def pick(variants, grid, seed, rows, trials):
         chosen[v], points[v] = mine[best], grid[best]
     for v in variants:
         if v not in chosen:  # an ablation (search_trials makes sure its model was searched)
-            chosen[v] = with_settings(v, points[ablated_model(base_name(v))])
+            chosen[v] = with_settings(v, points[model_of(base_name(v))])
     return chosen
 
 
