@@ -139,7 +139,7 @@ class Batch:
     def work(self, env):
         while (job := self.take()) is not None:
             rank, _, variant, seed = job
-            study, begun = self.studies[rank], time.time()
+            study = self.studies[rank]
             name = f"{study.args.dataset} {variant} seed {seed}"
             say(f"[batch] started {name} ({self.minutes():.1f} min so far)")
 
@@ -160,7 +160,8 @@ class Batch:
                         self._stop_holding_lock()
                 else:
                     study.record(row)
-                    self.durations.append(time.time() - begun)
+                    # the row's run_s spans every start of a resumed run; time since this batch started it would not
+                    self.durations.append(float(row["run_s"]))
                     self.finished += 1
                     say(
                         f"[batch] finished {name}: test NDCG@10 {row['test_ndcg@10']:.4f}, valid {row['valid_ndcg@10']:.4f}, "

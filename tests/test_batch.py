@@ -30,7 +30,8 @@ if me.get("fail"):
     sys.exit("fake failure of " + variant)
 row = {**dict.fromkeys(COLUMNS, 1), "xhat_rel_error": "", "xhat_hit@1": "", "xhat_hit@10": "", "knobs": ""}
 row.update({"variant": variant, "seed": int(seed), "settings": settings, "valid_ndcg@10": me.get("valid", 0.1),
-            "test_ndcg@10": me.get("test", 0.1), "valid_curve": "[0.1]", "machine": "fake", "date": "2024-01-01"})
+            "test_ndcg@10": me.get("test", 0.1), "valid_curve": "[0.1]", "machine": "fake", "date": "2024-01-01",
+            "run_s": me.get("run_s", 1)})
 print("RESULT " + json.dumps(row), flush=True)
 """
 
@@ -251,6 +252,16 @@ def test_several_plans_run_as_one_pool_in_the_order_given(fake, tmp_path, capsys
     batch.main([second, first, "--jobs=1"])
     assert fake.started() == [("SASRec", "1"), ("NARM", "1"), ("GRU4Rec", "1")]
     assert rows(tmp_path / "fake.csv") == [("SASRec", 1), ("NARM", 1), ("GRU4Rec", 1)]
+
+
+def test_the_estimate_counts_a_resumed_runs_whole_time(fake, tmp_path, capsys):
+    """A run resumed by this batch took its row's run_s (every start together), not the seconds since this batch began it:
+    the time left is estimated from that, else a restart of the batch would make every run look minutes long."""
+    fake.set({"GRU4Rec": {"run_s": 600.0}, "SASRec": {"run_s": 1200.0}})
+    run_batch(fake.plan(f"--models=GRU4Rec,SASRec,NARM --dataset=fake --seeds=1 --out={tmp_path}"))
+    finished = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[batch] finished")]
+    assert "1 done, about 20 min left at 10.0 min per run" in finished[0]  # SASRec and NARM left, one at a time
+    assert "2 done, about 15 min left at 15.0 min per run" in finished[1]
 
 
 def test_check_of_several_plans_names_the_plan_of_a_bad_line(fake, tmp_path, capsys):
